@@ -1,0 +1,173 @@
+"""Configuration: small dataclasses, YAML recipes, and ``--set a.b=value`` overrides.
+
+A recipe YAML is one of these dataclasses written out. Every field is documented once, here,
+in the field's docstring comment. Unknown keys are errors with a suggestion, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from memgen_cli.errors import MemgenError, did_you_mean
+
+
+@dataclass
+class ModelConfig:
+    base: str = "smollm2-135m"
+    """Reasoner: a hub id, a local model directory, or the embedded alias ``smollm2-135m``."""
+    revision: str | None = None
+    """Hub revision of the base model (branch, tag or commit)."""
+    weaver_base: str | None = None
+    """Weaver backbone; ``None`` shares the reasoner's weights (one copy in memory)."""
+    device: str = "auto"
+    """auto | cpu | cuda[:i]. auto picks CUDA when a GPU is visible."""
+    dtype: str = "auto"
+    """auto | float32 | bfloat16 | float16. auto is bfloat16 on CUDA and float32 on CPU."""
+
+
+@dataclass
+class MemoryConfig:
+    prompt_latents: int = 8
+    """K for the prompt insertion (latents woven once where the assistant turn starts)."""
+    inference_latents: int = 8
+    """K for each insertion inside the response."""
+    max_inference_insertions: int = 5
+    """Cap on insertions inside one response (the official recipes use 3 to 5)."""
+    delimiters: list[str] = field(default_factory=lambda: [",", ".", "\n"])
+    """A token whose text ends with one of these is a clause boundary (an insertion point)."""
+    lora_r: int = 16
+    """LoRA rank of the weaver adapter."""
+    lora_alpha: int = 32
+    """LoRA alpha of the weaver adapter."""
+    lora_dropout: float = 0.1
+    """LoRA dropout of the weaver adapter (training only)."""
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names the weaver's LoRA attaches to."""
+    projection_init: str = "identity"
+    """identity | random. How reasoner_to_weaver / weaver_to_reasoner start (see weaver.py)."""
+    trigger_hidden: int = 256
+    """Hidden width of the trigger head over the reasoner's hidden state."""
+    trigger_threshold: float = 0.5
+    """A trained trigger invokes the weaver when its probability is at least this."""
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    """Most tokens generated per answer."""
+    temperature: float = 0.0
+    """0 is greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (only when temperature > 0)."""
+    seed: int = 0
+    """Seed for sampling."""
+    memory: str = "weaver"
+    """off (plain reasoner) | weaver (insert at every eligible point) | full (trigger decides)."""
+
+
+MEMORY_MODES = ("off", "weaver", "full")
+
+
+def _field_type(cls, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value, tp, where: str):
+    """Turn a YAML/CLI value into the field's declared type, or explain why it can't."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise MemgenError(f"{where} must be a mapping, got {value!r}.")
+        return from_dict(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise MemgenError(f"{where} must be a list, got {value!r}.")
+        return [_coerce(v, item, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise MemgenError(f"{where} must be a mapping, got {value!r}.")
+        return dict(value)
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if tp in (int, float, str):
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return tp(value)
+    except (TypeError, ValueError) as exc:
+        raise MemgenError(f"{where} must be {tp.__name__}, got {value!r}.") from exc
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass ``cls`` from ``data``; unknown keys are errors with a suggestion."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in (data or {}).items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise MemgenError(f'Unknown config key "{path}".{did_you_mean(key, names)}')
+        kwargs[key] = _coerce(value, _field_type(cls, key), path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """Apply ``a.b=value`` strings (from ``--set``) to a dataclass config, returning a new one."""
+    data = to_dict(cfg)
+    for item in overrides or []:
+        if "=" not in item:
+            raise MemgenError(f'--set expects key=value, got "{item}".')
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise MemgenError(f'Unknown config key "{key}".{did_you_mean(part, node)}')
+            node = node[part]
+        if parts[-1] not in node:
+            raise MemgenError(f'Unknown config key "{key}".{did_you_mean(parts[-1], node)}')
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else raw
+    return from_dict(type(cfg), data)
+
+
+def load_recipe(cls, path: str | Path | None, overrides: list[str] | None = None):
+    """Read a recipe YAML into ``cls`` (defaults where absent), then apply ``--set`` overrides."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise MemgenError(f"Recipe {path} does not exist.")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise MemgenError(f"Recipe {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise MemgenError(f"Recipe {path} must be a mapping of config keys.")
+    cfg = from_dict(cls, data)
+    return apply_overrides(cfg, overrides or [])
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

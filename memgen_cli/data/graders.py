@@ -1,0 +1,401 @@
+"""Answer extraction and grading as pure functions of strings.
+
+Families: numbers (GSM8K-style), LaTeX answers (MATH), short-answer QA (TriviaQA),
+multiple choice (GPQA), and the generic graders ``exact``, ``numeric``, ``boxed`` and
+``contains`` that the ``jsonl`` task offers. ``math_accuracy_reward`` is the same check in
+the TRL reward-function form. Nothing here touches a model, a file or the network.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections.abc import Callable
+
+# --------------------------------------------------------------------------- extraction
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])\s*")
+
+
+def _balanced(text: str, open_at: int) -> tuple[str, int] | None:
+    """Contents of the brace group opening at ``open_at`` and the index after it."""
+    depth = 0
+    for i in range(open_at, len(text)):
+        if text[i] == "{" and text[i - 1] != "\\":
+            depth += 1
+        elif text[i] == "}" and text[i - 1] != "\\":
+            depth -= 1
+            if depth == 0:
+                return text[open_at + 1 : i], i + 1
+    return None  # unbalanced: a completion cut off inside the box
+
+
+def _all_boxed(text: str) -> list[str]:
+    """Contents of every top-level ``\\boxed{..}`` / ``\\fbox{..}`` / ``\\boxed 5``."""
+    found, end = [], 0
+    for m in _BOX_RE.finditer(text):
+        if m.start() < end:
+            continue  # nested inside the previous box
+        i = m.end()
+        if i < len(text) and text[i] == "{":
+            group = _balanced(text, i)
+            if group is None:
+                continue
+            content, end = group
+        elif m.group(0)[-1].isspace():  # "\boxed 5", seen in MATH solutions
+            token = re.match(r"[^\s$]+", text[i:])
+            if token is None:
+                continue
+            content, end = token.group(0), i + token.end()
+        else:
+            continue
+        found.append(_unwrap_box(content.strip()))
+    return found
+
+
+def _unwrap_box(content: str) -> str:
+    """``\\boxed{\\boxed{5}}`` → ``5``."""
+    inner = _all_boxed(content)
+    if len(inner) == 1 and re.fullmatch(r"\\(?:boxed|fbox)\s*\{.*\}", content, re.S):
+        return inner[0]
+    return content
+
+
+def extract_boxed(text: str | None, which: str = "last") -> str | None:
+    """The contents of the first or last ``\\boxed{}``/``\\fbox{}``, nested braces kept.
+
+    >>> extract_boxed(r"so \\boxed{\\frac{1}{2}} and \\boxed{3}")
+    '3'
+    >>> extract_boxed(r"so \\boxed{\\frac{1}{2}} and \\boxed{3}", which="first")
+    '\\\\frac{1}{2}'
+    """
+    if which not in ("first", "last"):
+        raise ValueError(f"which must be 'first' or 'last', got {which!r}")
+    boxes = _all_boxed(text or "")
+    if not boxes:
+        return None
+    return boxes[0] if which == "first" else boxes[-1]
+
+
+def extract_hash_answer(text: str | None) -> str | None:
+    """The text after the last ``####`` (GSM8K's gold format), up to the end of that line."""
+    if not text or "####" not in text:
+        return None
+    tail = text.rsplit("####", 1)[1].strip()
+    return tail.splitlines()[0].strip() if tail else None
+
+
+_DEC = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
+_NUMBER_RE = re.compile(rf"(?<![\d.,/])-?(?:{_DEC})(?:\s*/\s*(?:{_DEC}))?")
+
+
+def extract_last_number(text: str | None) -> str | None:
+    """The last number in ``text`` (sign, thousands commas and simple fractions kept).
+
+    >>> extract_last_number("She pays 3 * $1,250 = $3,750 in total.")
+    '3,750'
+    """
+    if not text:
+        return None
+    text = text.replace("\u2212", "-")  # unicode minus
+    numbers = _NUMBER_RE.findall(text)
+    return numbers[-1].strip() if numbers else None
+
+
+def extract_math_answer(text: str | None, which: str = "last") -> str | None:
+    """A completion's final answer: a box, else ``#### N``, else the last number.
+
+    We take the LAST box by default. The official MemGen code takes the first; but the
+    reference MATH grader (Hendrycks et al.) and most evaluation harnesses take the last,
+    and a model that corrects itself ("\\boxed{12} ... wait, ... \\boxed{14}") or boxes
+    intermediate results ends with its final answer. Restating the same box at the end
+    gives the same value either way. Pass ``which="first"`` to reproduce the official code.
+    """
+    boxed = extract_boxed(text, which)
+    if boxed is not None:
+        return boxed
+    return extract_hash_answer(text) or extract_last_number(text)
+
+
+# --------------------------------------------------------------------------- numbers
+
+_TEXT_CMD = r"\\(?:text|textbf|textrm|mathrm|mbox|mathbf)\s*\{([^{}]*)\}"
+_SIGNED = rf"-?\s*(?:{_DEC})"
+_LATEX_FRAC = re.compile(
+    rf"^(-?)\\[dt]?frac\s*(?:\{{\s*({_SIGNED})\s*\}}|(\d))\s*(?:\{{\s*({_SIGNED})\s*\}}|(\d))$"
+)
+_SLASH_FRAC = re.compile(rf"^({_SIGNED})\s*/\s*({_SIGNED})$")
+_NUMBER_WITH_UNITS = re.compile(rf"^(.*?\d\}}?)\s*([A-Za-z][A-Za-z\s.'/-]*?(?:\^\{{?\d\}}?)?)?$")
+
+
+def _clean_number_text(s: str) -> str:
+    t = s.strip().replace("\u2212", "-").replace("\u2013", "-")
+    t = re.sub(_TEXT_CMD, r" \1 ", t)
+    for junk in ("\\$", "$", "\\%", "%", "\\!", "\\,", "\\;", "\\left", "\\right", "°"):
+        t = t.replace(junk, "")
+    t = re.sub(r"\^\s*\{?\\circ\}?", "", t)
+    t = re.split(r"=|:", t)[-1]  # "x = 5", "Answer: 5"
+    t = t.strip().rstrip(".,;!").strip()
+    if t.startswith("{") and t.endswith("}"):
+        t = t[1:-1].strip()
+    return t
+
+
+def _to_float(s: str) -> float:
+    return float(s.replace(",", "").replace(" ", ""))
+
+
+def to_number(s: str | float | int | None) -> float | None:
+    """Parse an answer as a number, or None: ``$1,000.``, ``-3``, ``75%``, ``3/4``,
+    ``\\frac{3}{4}``, ``\\dfrac34``, ``18 dollars`` (trailing unit words are dropped).
+
+    >>> to_number("\\\\dfrac{-3}{4}"), to_number("$1,250.00"), to_number("12 apples")
+    (-0.75, 1250.0, 12.0)
+    """
+    if s is None:
+        return None
+    if isinstance(s, int | float):
+        return float(s)
+    t = _clean_number_text(s)
+    m = _NUMBER_WITH_UNITS.match(t)
+    if m is None:
+        return None
+    t = m.group(1).strip()
+    try:
+        if frac := _LATEX_FRAC.match(t):
+            sign, num_a, num_b, den_a, den_b = frac.groups()
+            value = _to_float(num_a or num_b) / _to_float(den_a or den_b)
+            return -value if sign else value
+        if frac := _SLASH_FRAC.match(t):
+            return _to_float(frac.group(1)) / _to_float(frac.group(2))
+        if re.fullmatch(_SIGNED, t):
+            return _to_float(t)
+    except (ZeroDivisionError, ValueError):
+        return None
+    return None
+
+
+def normalize_number(s: str | None) -> str | None:
+    """A canonical string for a number (``"18.0"`` → ``"18"``, ``"3/4"`` → ``"0.75"``).
+
+    >>> normalize_number("$18.00"), normalize_number("\\\\frac{3}{4}"), normalize_number("n/a")
+    ('18', '0.75', None)
+    """
+    value = to_number(s)
+    if value is None or math.isnan(value) or math.isinf(value):
+        return None
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.10g}"
+
+
+def numeric_equal(a: str | float | None, b: str | float | None, rel_tol: float = 1e-6) -> bool:
+    """True when both parse as numbers that agree within ``rel_tol``."""
+    x, y = to_number(a), to_number(b)
+    if x is None or y is None:
+        return False
+    return math.isclose(x, y, rel_tol=rel_tol, abs_tol=1e-9)
+
+
+# --------------------------------------------------------------------------- MATH (LaTeX)
+
+
+def _brace_fracs(t: str) -> str:
+    """``\\frac12`` → ``\\frac{1}{2}``, ``\\frac1{2}`` and ``\\frac{1}2`` likewise."""
+    t = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", t)
+    t = re.sub(r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{", t)
+    return re.sub(r"\\frac\s*(\{[^{}]*\})\s*(\d)", r"\\frac\1{\2}", t)
+
+
+def _strip_text_commands(t: str) -> str:
+    """Trailing ``\\text{ units}`` after a value are dropped; other ``\\text{X}`` become X."""
+    units = re.sub(rf"^(.*\S)\s*{_TEXT_CMD}\s*(\^\{{?\d\}}?)?$", r"\1", t)
+    if units != t and re.search(r"[\d}]$", units):
+        t = units
+    return re.sub(_TEXT_CMD, r"\1", t)
+
+
+def normalize_latex_answer(s: str | None) -> str:
+    """Canonical form of a MATH answer, so that equal answers compare equal as strings.
+
+    >>> normalize_latex_answer("\\\\left( \\\\dfrac12, 3 \\\\right)")
+    '(\\\\frac{1}{2},3)'
+    """
+    if s is None:
+        return ""
+    t = s.strip().replace("\n", " ").replace("\\\\", "\\")
+    t = re.sub(r"\\[dt]frac", r"\\frac", t)
+    for cmd in ("\\left", "\\right", "\\displaystyle"):
+        t = t.replace(cmd, "")
+    for space in ("\\!", "\\,", "\\;", "\\:", "\\quad", "\\qquad", "\\ ", "~"):
+        t = t.replace(space, " ")
+    t = re.sub(r"\^\s*\{?\\circ\}?|°", "", t)
+    t = t.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
+    t = _strip_text_commands(t.strip())
+    if t.count("=") == 1 and len(t.split("=")[0].strip()) <= 2:
+        t = t.split("=")[1]  # "x = 5" → "5"; longer left sides are part of the answer
+    t = re.sub(r"\\sqrt\s*(\w)", r"\\sqrt{\1}", t)
+    t = t.replace(" ", "").rstrip(".")
+    t = _brace_fracs(t)
+    if m := re.fullmatch(r"(-?\d+)/(\d+)", t):
+        t = f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}"
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", t):
+        t = t.replace(",", "")
+    t = re.sub(r"(?<![\d.])\.(\d)", r"0.\1", t)
+    return re.sub(r"^(-?\d+)\.0*$", r"\1", t)
+
+
+def math_equal(pred: str | None, gold: str | None) -> bool:
+    """MATH-style equality: equal normalised strings, or equal numbers (``0.5`` = ``\\frac12``)."""
+    if pred is None or gold is None:
+        return False
+    a, b = normalize_latex_answer(pred), normalize_latex_answer(gold)
+    if a and a == b:
+        return True
+    return numeric_equal(a, b)
+
+
+# --------------------------------------------------------------------------- QA
+
+
+def normalize_qa(s: str | None) -> str:
+    """SQuAD/TriviaQA normalisation: lowercase, no punctuation or articles, single spaces."""
+    t = (s or "").lower()
+    t = "".join(ch for ch in t if ch not in set(string.punctuation) | {"\u2018", "\u2019"})
+    t = re.sub(r"\b(a|an|the)\b", " ", t)
+    return " ".join(t.split())
+
+
+def qa_exact_match(pred: str | None, aliases: list[str] | str) -> bool:
+    """True when the normalised prediction equals a normalised alias."""
+    if pred is None:
+        return False
+    aliases = [aliases] if isinstance(aliases, str) else aliases
+    p = normalize_qa(pred)
+    return bool(p) and any(p == normalize_qa(a) for a in aliases)
+
+
+_ANSWER_IS = re.compile(r"(?i:answer\s*(?:is|:))\s*:?\s*(.+?)(?:\.\s|\.?$|\n)", re.M)
+
+
+def extract_final_answer(text: str | None) -> str | None:
+    """A short free-text answer: a box, else "the answer is X" / "Answer: X", else the
+    last non-empty line. Markdown bold and a trailing period are removed."""
+    if not text:
+        return None
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        answer = re.sub(_TEXT_CMD, r"\1", boxed)
+    elif found := _ANSWER_IS.findall(text):
+        answer = found[-1]
+    else:
+        lines = [line for line in text.splitlines() if line.strip()]
+        answer = lines[-1] if lines else ""
+    answer = answer.replace("**", "").strip().rstrip(".").strip()
+    return answer or None
+
+
+# --------------------------------------------------------------------------- choices
+
+
+def extract_choice_letter(text: str | None, letters: str = "ABCD") -> str | None:
+    """The chosen option letter: a boxed letter, "the answer is (B)", a line that is only
+    a letter, else the last "(B)" in the text.
+
+    >>> extract_choice_letter("Comparing the options, the answer is (C).")
+    'C'
+    """
+    if not text:
+        return None
+    cls = f"[{letters}]"
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        inner = re.sub(_TEXT_CMD, r"\1", boxed).strip().strip("()[]. ")
+        if re.fullmatch(cls, inner):
+            return inner
+    stated = re.findall(
+        rf"(?i:answer|option|choice)\s*(?i:is|:)?\s*(?i:option\s*)?:?\s*\(?\**({cls})\**\)?(?![A-Za-z])",
+        text,
+    )
+    if stated:
+        return stated[-1]
+    alone = re.findall(rf"^\s*\(?\**({cls})\**\)?[.:)]?\s*$", text, re.M)
+    if alone:
+        return alone[-1]
+    parens = re.findall(rf"\(({cls})\)", text)
+    return parens[-1] if parens else None
+
+
+# --------------------------------------------------------------------------- generic
+
+
+def _exact_key(s: str | None) -> str:
+    return " ".join((s or "").split()).casefold().rstrip(".")
+
+
+def grade_exact(completion: str, gold: str) -> float:
+    """Extracted final answer equals gold, ignoring case, spacing and a final period."""
+    pred = extract_final_answer(completion)
+    return float(pred is not None and _exact_key(pred) == _exact_key(gold))
+
+
+def _gold_number(gold: str) -> str:
+    return extract_hash_answer(gold) or gold
+
+
+def grade_numeric(completion: str, gold: str) -> float:
+    """Extracted number (box → ``####`` → last number) equals the gold number."""
+    return float(numeric_equal(extract_math_answer(completion), _gold_number(gold)))
+
+
+def grade_boxed(completion: str, gold: str) -> float:
+    """The last box is MATH-equal to gold; no box scores 0."""
+    return float(math_equal(extract_boxed(completion), _gold_number(gold)))
+
+
+def grade_contains(completion: str, gold: str) -> float:
+    """The normalised gold appears as whole words in the normalised completion."""
+    g = normalize_qa(gold)
+    return float(bool(g) and f" {g} " in f" {normalize_qa(completion)} ")
+
+
+GRADERS: dict[str, Callable[[str, str], float]] = {
+    "exact": grade_exact,
+    "numeric": grade_numeric,
+    "boxed": grade_boxed,
+    "contains": grade_contains,
+}
+EXTRACTORS: dict[str, Callable[[str], str | None]] = {
+    "exact": extract_final_answer,
+    "numeric": extract_math_answer,
+    "boxed": extract_boxed,
+    "contains": extract_final_answer,
+}
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+def completion_text(completion: str | list[dict]) -> str:
+    """The text of a TRL completion: a string, or the last message of a conversation."""
+    if isinstance(completion, str):
+        return completion
+    return str(completion[-1]["content"]) if completion else ""
+
+
+def math_accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
+    """TRL reward: 1.0 where the completion's final answer is MATH-equal to ``answer``.
+
+    ``answer`` is the dataset column TRL passes by name; GSM8K-style gold (``... #### 18``)
+    is reduced to its number.
+
+    >>> math_accuracy_reward(["So she makes \\\\boxed{18}.", "I get 17."], answer=["18", "18"])
+    [1.0, 0.0]
+    >>> math_accuracy_reward([[{"role": "assistant", "content": "#### 1,000"}]], answer=["1000"])
+    [1.0]
+    """
+    return [
+        float(math_equal(extract_math_answer(completion_text(c)), _gold_number(str(a))))
+        for c, a in zip(completions, answer, strict=True)
+    ]

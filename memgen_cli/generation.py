@@ -1,0 +1,303 @@
+"""Weave-aware generation: a batched state machine over tensors that keeps every KV cache.
+
+Per step, for all rows at once (see ``_Run``):
+  1. choose the next token from the current logits (greedy, or temperature + top-p);
+  2. feed it to the reasoner (one cached position) and remember it as weaver context;
+  3. rows whose token ends a clause, with insertions left, ask the trigger;
+  4. if any row invokes, the weaver reads its new context (its own cache) and writes K latents;
+     they are appended to the reasoner's cache as one K-position chunk, masked for the rows
+     that did not invoke, so the batch stays rectangular; invoking rows take the logits after
+     their latents, and their text positions shift by K.
+Prompt latents are woven once, right after the prompt (where the assistant turn begins).
+
+``reference_generate`` is the slow path the official code takes: one row at a time, and the
+reasoner and the weaver recompute the whole sequence at every step. Tests check that both
+paths give identical greedy tokens and next-token logits within 1e-4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from memgen_cli.config import MEMORY_MODES, GenerationConfig
+from memgen_cli.models.latents import chunk_mask, latent_positions, positions_from_mask
+from memgen_cli.models.memgen import MemGenModel
+
+
+@dataclass
+class Insertion:
+    """One weaving event: where, what kind, how likely, and the vectors inserted."""
+
+    row: int
+    token_index: int  # completion tokens before the latents (0 = prompt insertion)
+    kind: str  # "prompt" | "inference"
+    trigger_prob: float | None  # None: inserted unconditionally (prompt, or untrained trigger)
+    latents: torch.Tensor  # (K, D_reasoner), after weaver_to_reasoner
+    weaver_states: torch.Tensor  # (K, D_weaver), before the projection
+
+    def summary(self) -> dict:
+        return {
+            "token_index": self.token_index,
+            "kind": self.kind,
+            "trigger_prob": self.trigger_prob,
+            "num_latents": int(self.latents.shape[0]),
+        }
+
+
+@dataclass
+class MemoryTrace:
+    insertions: list[Insertion] = field(default_factory=list)
+
+    def for_row(self, row: int) -> list[Insertion]:
+        return [ins for ins in self.insertions if ins.row == row]
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # completion token ids per row, EOS excluded
+    trace: MemoryTrace
+    finished: list[bool]  # stopped at EOS (vs. ran out of max_new_tokens)
+    step_logits: list[torch.Tensor] | None = None  # per step (B, V), if asked for
+
+
+@dataclass
+class StepEvent:
+    """What one step produced, for streaming: the tokens chosen and the rows that wove."""
+
+    tokens: torch.Tensor  # (B,)
+    active: torch.Tensor  # (B,) rows still generating before this token
+    insertions: list[Insertion]
+
+
+def check_mode(model: MemGenModel | None, mode: str) -> None:
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"memory mode must be one of {MEMORY_MODES}, not {mode}")
+
+
+def _pick(logits: torch.Tensor, cfg: GenerationConfig, generator) -> torch.Tensor:
+    if cfg.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p  # always keeps the top token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _eos_ids(tokenizer) -> torch.Tensor:
+    ids = {tokenizer.eos_token_id}
+    extra = getattr(getattr(tokenizer, "generation_config", None), "eos_token_id", None)
+    if isinstance(extra, int):
+        ids.add(extra)
+    return torch.tensor(sorted(i for i in ids if i is not None))
+
+
+def encode_prompts(tokenizer, prompts: list[list[dict]] | list[str], device) -> dict:
+    """Chat-format prompts with the tokenizer's own template, left-padded into a batch."""
+    texts = [
+        p
+        if isinstance(p, str)
+        else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+class _Run:
+    """State of one batched generation (the numbered steps are in the module docstring)."""
+
+    def __init__(self, model: MemGenModel, input_ids, attention_mask, cfg: GenerationConfig):
+        self.model, self.cfg = model, cfg
+        self.memory = cfg.memory != "off"
+        self.batch = input_ids.shape[0]
+        device = input_ids.device
+        self.cache = DynamicCache(config=model.reasoner.config)
+        self.mask = attention_mask
+        self.next_pos = positions_from_mask(attention_mask)[:, -1] + 1
+        self.left = torch.full((self.batch,), model.cfg.max_inference_insertions, device=device)
+        self.active = torch.ones(self.batch, dtype=torch.bool, device=device)
+        self.emitted = 0  # completion tokens fed so far (the same for every active row)
+        self.weaver_cache = model.new_weaver_cache() if self.memory else None
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.eos = _eos_ids(model.tokenizer).to(device)
+        embeds = model.embed(input_ids)
+        positions = positions_from_mask(attention_mask)
+        hidden = model.reasoner_hidden(embeds, attention_mask, positions, self.cache)
+        self.logits = model.lm_head(hidden[:, -1])
+        self._remember(embeds, attention_mask, positions)
+
+    def _remember(self, embeds, mask, positions) -> None:
+        if self.memory:
+            self.pending.append((embeds, mask, positions))
+
+    def _feed(self, embeds, chunk, positions) -> torch.Tensor:
+        """Append a chunk to the reasoner's cache; return its last hidden state (B, D)."""
+        self.mask = torch.cat([self.mask, chunk], dim=1)
+        hidden = self.model.reasoner_hidden(embeds, self.mask, positions, self.cache)
+        self._remember(embeds, chunk, positions)
+        return hidden[:, -1]
+
+    def weave(self, kind: str, rows: torch.Tensor, probs: torch.Tensor | None) -> list[Insertion]:
+        """Weave K latents for ``rows`` and append them to the reasoner's cache."""
+        ctx, ctx_mask, ctx_pos = (torch.cat(parts, dim=1) for parts in zip(*self.pending))
+        self.pending.clear()
+        latents, states = self.model.weave(
+            kind, ctx, ctx_mask, ctx_pos, self.weaver_cache, self.next_pos
+        )
+        k = latents.shape[1]
+        positions = latent_positions(self.next_pos, k)
+        hidden = self._feed(latents, chunk_mask(rows, k), positions)
+        self.logits = torch.where(rows[:, None], self.model.lm_head(hidden), self.logits)
+        self.next_pos = self.next_pos + rows.long() * k
+        return [
+            Insertion(
+                row=int(r),
+                token_index=self.emitted,
+                kind=kind,
+                trigger_prob=None if probs is None else float(probs[r]),
+                latents=latents[r].detach().float().cpu(),
+                weaver_states=states[r].detach().float().cpu(),
+            )
+            for r in rows.nonzero().flatten().tolist()
+        ]
+
+    def step(self, token: torch.Tensor) -> list[Insertion]:
+        """Feed the chosen tokens; weave where a row ends a clause and its trigger invokes."""
+        self.emitted += 1
+        hidden = self._feed(
+            self.model.embed(token[:, None]),
+            torch.ones_like(token)[:, None],
+            self.next_pos[:, None],
+        )
+        self.next_pos = self.next_pos + 1
+        self.logits = self.model.lm_head(hidden)
+        if not self.memory:
+            return []
+        eligible = self.active & self.model.delimiters[token] & (self.left > 0)
+        if not eligible.any():
+            return []
+        trigger = self.model.trigger
+        probs = trigger.probability(hidden) if trigger.is_trained else None
+        invoke = eligible
+        if self.cfg.memory == "full" and probs is not None:
+            invoke = eligible & (probs >= self.model.cfg.trigger_threshold)
+        if not invoke.any():
+            return []
+        self.left = self.left - invoke.long()
+        return self.weave("inference", invoke, probs)
+
+
+@torch.no_grad()
+def iter_generate(
+    model: MemGenModel, input_ids, attention_mask, cfg: GenerationConfig, keep_logits=False
+) -> Iterator[StepEvent | GenerationOutput]:
+    """Yield a StepEvent per generated token, then the GenerationOutput."""
+    check_mode(model, cfg.memory)
+    model.eval()
+    generator = torch.Generator(device=input_ids.device).manual_seed(cfg.seed)
+    run = _Run(model, input_ids, attention_mask, cfg)
+    trace = MemoryTrace()
+    if run.memory:
+        trace.insertions += run.weave("prompt", run.active.clone(), None)
+    tokens, step_logits = [], []
+    for step in range(cfg.max_new_tokens):
+        if keep_logits:
+            step_logits.append(run.logits.clone())
+        token = _pick(run.logits, cfg, generator)
+        token = torch.where(run.active, token, run.eos[0])
+        was_active = run.active.clone()
+        tokens.append(token)
+        run.active = run.active & ~torch.isin(token, run.eos)
+        inserted = []
+        if run.active.any() and step + 1 < cfg.max_new_tokens:
+            inserted = run.step(token)
+            trace.insertions += inserted
+        yield StepEvent(token, was_active, inserted)
+        if not run.active.any():
+            break
+    yield _collect(tokens, run, trace, step_logits if keep_logits else None)
+
+
+def _collect(tokens, run: _Run, trace: MemoryTrace, step_logits) -> GenerationOutput:
+    grid = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in range(run.batch)]
+    eos = set(run.eos.tolist())
+    out, finished = [], []
+    for row in grid:
+        cut = next((i for i, t in enumerate(row) if t in eos), None)
+        out.append(row if cut is None else row[:cut])
+        finished.append(cut is not None)
+    return GenerationOutput(out, trace, finished, step_logits)
+
+
+def generate(model: MemGenModel, input_ids, attention_mask, cfg: GenerationConfig, keep_logits=False):
+    """Run ``iter_generate`` to the end and return its GenerationOutput."""
+    result = None
+    for result in iter_generate(model, input_ids, attention_mask, cfg, keep_logits):
+        pass
+    return result
+
+
+# ------------------------------------------------------------------------- reference path
+@torch.no_grad()
+def reference_generate(model: MemGenModel, input_ids, attention_mask, cfg: GenerationConfig):
+    """The slow path: per row, no caches, everything recomputed at every step (greedy only)."""
+    check_mode(model, cfg.memory)
+    if cfg.temperature > 0:
+        raise ValueError("the reference path is greedy only")
+    model.eval()
+    eos = set(_eos_ids(model.tokenizer).tolist())
+    tokens, finished, logits_rows, trace = [], [], [], MemoryTrace()
+    for row in range(input_ids.shape[0]):
+        ids = input_ids[row, attention_mask[row].bool()][None]
+        row_tokens, row_logits, done = _reference_row(model, ids, cfg, eos, row, trace)
+        tokens.append(row_tokens)
+        finished.append(done)
+        logits_rows.append(row_logits)
+    return GenerationOutput(tokens, trace, finished, logits_rows)
+
+
+def _reference_row(model: MemGenModel, ids, cfg, eos, row, trace):
+    stream = model.embed(ids)  # (1, T, D): every input embedding so far, latents included
+
+    def forward(x):
+        mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+        pos = torch.arange(x.shape[1], device=x.device)[None]
+        return model.reasoner_hidden(x, mask, pos)[:, -1]
+
+    def weave(x, kind, index, prob):
+        empty = model.new_weaver_cache()  # the weaver re-reads the whole prefix every time
+        mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+        pos = torch.arange(x.shape[1], device=x.device)[None]
+        start = torch.tensor([x.shape[1]], device=x.device)
+        latents, states = model.weave(kind, x, mask, pos, empty, start)
+        trace.insertions.append(Insertion(row, index, kind, prob, latents[0].float().cpu(), states[0].cpu()))
+        return torch.cat([x, latents], dim=1)
+
+    memory = cfg.memory != "off"
+    if memory:
+        stream = weave(stream, "prompt", 0, None)
+    left = model.cfg.max_inference_insertions
+    out, logits_per_step = [], []
+    for step in range(cfg.max_new_tokens):
+        hidden = forward(stream)
+        logits = model.lm_head(hidden)[0]
+        logits_per_step.append(logits)
+        token = int(logits.argmax())
+        out.append(token)
+        if token in eos:
+            return out[:-1], logits_per_step, True
+        stream = torch.cat([stream, model.embed(torch.tensor([[token]], device=stream.device))], 1)
+        if memory and step + 1 < cfg.max_new_tokens and model.delimiters[token] and left > 0:
+            trig = model.trigger
+            prob = float(trig.probability(forward(stream))[0]) if trig.is_trained else None
+            if cfg.memory == "weaver" or prob is None or prob >= model.cfg.trigger_threshold:
+                left -= 1
+                stream = weave(stream, "inference", len(out), prob)
+    return out, logits_per_step, False

@@ -1,0 +1,1 @@
+"""Model building blocks: base loading, latent bookkeeping, weaver, trigger, composition."""

@@ -1,0 +1,75 @@
+"""The memory weaver's own tensors: query latents, their norms and scales, and projections.
+
+The weaver's backbone (a causal LM carrying the ``weaver`` LoRA adapter) is *not* a submodule
+here: with the default shared backbone it is the reasoner's model, and its weights must never
+be saved with the weaver. ``memgen.py`` runs the backbone; this module only prepares its inputs
+and reads its outputs, so ``state_dict()`` holds exactly what ``weaver.safetensors`` stores.
+
+Projection initialisation (``projection_init``):
+- ``identity`` (default): ``reasoner_to_weaver`` is the identity when the hidden sizes match (the
+  weaver then reads the very embeddings the reasoner reads), and ``weaver_to_reasoner`` is the
+  identity scaled so a final-layer hidden state lands at the RMS of the reasoner's token
+  embeddings. Untrained latents therefore look like token embeddings in scale, instead of
+  random vectors far outside the embedding distribution.
+- ``random``: both projections start as ``nn.Linear``'s default, as the official code does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+KINDS = ("prompt", "inference")
+
+
+class Weaver(nn.Module):
+    def __init__(
+        self,
+        reasoner_hidden: int,
+        weaver_hidden: int,
+        prompt_latents: int,
+        inference_latents: int,
+        projection_init: str = "identity",
+        embedding_rms: float = 1.0,
+        hidden_rms: float = 1.0,
+    ):
+        super().__init__()
+        self.queries = nn.ParameterDict(
+            {
+                "prompt": nn.Parameter(torch.randn(prompt_latents, weaver_hidden)),
+                "inference": nn.Parameter(torch.randn(inference_latents, weaver_hidden)),
+            }
+        )
+        self.norms = nn.ModuleDict({kind: nn.LayerNorm(weaver_hidden) for kind in KINDS})
+        # LayerNorm output has unit RMS; start the scale at the weaver's token-embedding RMS so
+        # the queries enter the backbone looking like ordinary inputs.
+        self.scales = nn.ParameterDict(
+            {kind: nn.Parameter(torch.tensor(float(embedding_rms))) for kind in KINDS}
+        )
+        self.reasoner_to_weaver = nn.Linear(reasoner_hidden, weaver_hidden)
+        self.weaver_to_reasoner = nn.Linear(weaver_hidden, reasoner_hidden)
+        if projection_init == "identity":
+            _identity_(self.reasoner_to_weaver, 1.0)
+            _identity_(self.weaver_to_reasoner, embedding_rms / max(hidden_rms, 1e-6))
+        elif projection_init != "random":
+            raise ValueError(f"projection_init must be identity or random, not {projection_init}")
+
+    def num_latents(self, kind: str) -> int:
+        return self.queries[kind].shape[0]
+
+    def query_embeds(self, kind: str, batch: int) -> torch.Tensor:
+        """The K query latents of ``kind`` after LayerNorm and scale: (batch, K, weaver_hidden)."""
+        q = self.norms[kind](self.queries[kind]) * self.scales[kind]
+        return q.unsqueeze(0).expand(batch, -1, -1)
+
+
+@torch.no_grad()
+def _identity_(linear: nn.Linear, scale: float) -> None:
+    """Scaled (rectangular) identity; for unequal sizes an orthogonal map of the same scale."""
+    out_dim, in_dim = linear.weight.shape
+    if out_dim == in_dim:
+        linear.weight.copy_(torch.eye(out_dim) * scale)
+    else:
+        nn.init.orthogonal_(linear.weight)
+        linear.weight.mul_(scale)
+    linear.bias.zero_()

@@ -1,0 +1,98 @@
+"""Hermetic fixtures: a byte-level tokenizer with a ChatML template and tiny models from config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from memgen_cli.config import MemoryConfig
+from memgen_cli.models.base import prepare_tokenizer
+from memgen_cli.models.memgen import MemGenModel
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A real byte-level BPE tokenizer (no merges): every byte is a token, plus chat specials."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIALS,
+    )
+    tok.chat_template = CHATML
+    prepare_tokenizer(tok)
+    return tok
+
+
+def tiny_config(kind: str, vocab: int, hidden: int = 32):
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        initializer_range=0.2,  # large weights: outputs depend strongly on the input
+    )
+    return LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
+
+
+def make_model(kind: str = "llama", hidden: int = 32, seed: int = 0):
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    cls = LlamaForCausalLM if kind == "llama" else Qwen2ForCausalLM
+    model = cls(tiny_config(kind, len(tok), hidden)).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+# Many delimiters, so random tiny models hit clause boundaries often, at different steps per row.
+TEST_DELIMITERS = [",", ".", "\n", "a", "e", "o", "t", "s", "1", "2"]
+
+
+def make_memgen(kind="llama", weaver_kind=None, seed=0, **memory) -> MemGenModel:
+    model, tok = make_model(kind, seed=seed)
+    weaver = make_model(weaver_kind, hidden=48, seed=seed + 1)[0] if weaver_kind else None
+    cfg = MemoryConfig(
+        prompt_latents=3,
+        inference_latents=2,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        delimiters=TEST_DELIMITERS,
+        trigger_hidden=16,
+        **memory,
+    )
+    torch.manual_seed(seed + 2)
+    mg = MemGenModel(model, tok, cfg, weaver_backbone=weaver).eval()
+    # LoRA B starts at zero; give it values so the adapter really changes the backbone.
+    with torch.no_grad():
+        for name, p in mg.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return mg
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def memgen(request):
+    return make_memgen(request.param)
