@@ -87,7 +87,7 @@ def extract_hash_answer(text: str | None) -> str | None:
 
 
 _DEC = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
-_NUMBER_RE = re.compile(rf"(?<![\d.,/])-?(?:{_DEC})(?:\s*/\s*(?:{_DEC}))?")
+_NUMBER_RE = re.compile(rf"(?<![\d.])-?(?:{_DEC})(?:\s*/\s*(?:{_DEC}))?")
 
 
 def extract_last_number(text: str | None) -> str | None:
@@ -126,7 +126,8 @@ _LATEX_FRAC = re.compile(
     rf"^(-?)\\[dt]?frac\s*(?:\{{\s*({_SIGNED})\s*\}}|(\d))\s*(?:\{{\s*({_SIGNED})\s*\}}|(\d))$"
 )
 _SLASH_FRAC = re.compile(rf"^({_SIGNED})\s*/\s*({_SIGNED})$")
-_NUMBER_WITH_UNITS = re.compile(rf"^(.*?\d\}}?)\s*([A-Za-z][A-Za-z\s.'/-]*?(?:\^\{{?\d\}}?)?)?$")
+# Unit words must be set off by a space, so that "2x" is not read as 2 (with unit "x").
+_NUMBER_WITH_UNITS = re.compile(rf"^(.*?\d\}}?)(?:\s+[A-Za-z][A-Za-z\s.'/-]*?(?:\^\{{?\d\}}?)?)?$")
 
 
 def _clean_number_text(s: str) -> str:
@@ -135,7 +136,7 @@ def _clean_number_text(s: str) -> str:
     for junk in ("\\$", "$", "\\%", "%", "\\!", "\\,", "\\;", "\\left", "\\right", "°"):
         t = t.replace(junk, "")
     t = re.sub(r"\^\s*\{?\\circ\}?", "", t)
-    t = re.split(r"=|:", t)[-1]  # "x = 5", "Answer: 5"
+    t = re.split(r"=|(?<=[A-Za-z])\s*:", t)[-1]  # "x = 5", "Answer: 5" (but not "3:4")
     t = t.strip().rstrip(".,;!").strip()
     if t.startswith("{") and t.endswith("}"):
         t = t[1:-1].strip()
@@ -253,16 +254,21 @@ def math_equal(pred: str | None, gold: str | None) -> bool:
     a, b = normalize_latex_answer(pred), normalize_latex_answer(gold)
     if a and a == b:
         return True
-    return numeric_equal(a, b)
+    # Numbers are compared on the raw strings: normalising removes the spaces that tell
+    # "18 dollars" (a unit) from "2x" (not a number).
+    return numeric_equal(pred, gold)
 
 
 # --------------------------------------------------------------------------- QA
 
 
+_PUNCT = set(string.punctuation) | {"\u2018", "\u2019", "\u201c", "\u201d"}
+
+
 def normalize_qa(s: str | None) -> str:
     """SQuAD/TriviaQA normalisation: lowercase, no punctuation or articles, single spaces."""
     t = (s or "").lower()
-    t = "".join(ch for ch in t if ch not in set(string.punctuation) | {"\u2018", "\u2019"})
+    t = "".join(ch for ch in t if ch not in _PUNCT)
     t = re.sub(r"\b(a|an|the)\b", " ", t)
     return " ".join(t.split())
 

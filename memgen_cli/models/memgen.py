@@ -62,6 +62,7 @@ class MemGenModel(nn.Module):
             self.reasoner = reasoner
             self.peft = get_peft_model(weaver_backbone, lora, adapter_name=ADAPTER)
         self.weaver_lm = self.peft.base_model.model
+        self._weaver_trainable = True
         self._adapter_on = True
         self._set_adapter(False)
         r_hidden = reasoner.get_input_embeddings().weight.shape[1]
@@ -76,6 +77,7 @@ class MemGenModel(nn.Module):
             hidden_rms=self._final_hidden_rms(),
         ).to(reasoner.device)
         self.trigger = Trigger(r_hidden, cfg.trigger_hidden).to(reasoner.device)
+        self.trigger.requires_grad_(False)  # trained only by train-trigger, with the weaver frozen
         self.register_buffer(
             "delimiters", delimiter_table(tokenizer, cfg.delimiters).to(reasoner.device),
             persistent=False,
@@ -90,6 +92,11 @@ class MemGenModel(nn.Module):
         else:
             self.peft.base_model.disable_adapter_layers()
         self._adapter_on = on
+        # PEFT's toggles also flip requires_grad on the LoRA weights; the weaver's trainability
+        # is ours to decide, and autograd must still reach LoRA after a reasoner pass.
+        for name, p in self.peft.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(self._weaver_trainable)
 
     @contextmanager
     def weaver_adapter(self):
@@ -173,6 +180,18 @@ class MemGenModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def weaver_parameters(self) -> dict[str, nn.Parameter]:
+        """Everything the weaver learns: its LoRA adapter and its own tensors."""
+        lora = {n: p for n, p in self.peft.named_parameters() if "lora_" in n}
+        own = {f"weaver.{n}": p for n, p in self.weaver.named_parameters()}
+        return {**lora, **own}
+
+    def set_trainable(self, weaver: bool, trigger: bool) -> None:
+        self._weaver_trainable = weaver
+        for p in self.weaver_parameters().values():
+            p.requires_grad_(weaver)
+        self.trigger.requires_grad_(trigger)
 
     @torch.no_grad()
     def _final_hidden_rms(self) -> float:

@@ -1,0 +1,247 @@
+"""Self-describing artifacts: save and load a weaver (and trigger) as safetensors + manifest.
+
+Layout (a directory, written atomically: temporary directory, then rename)::
+
+    memgen.json                      manifest (format, base fingerprint, settings, lineage)
+    weaver/adapter_config.json       PEFT adapter, loadable with PeftModel.from_pretrained
+    weaver/adapter_model.safetensors
+    weaver.safetensors               query latents, norms, scales, projections
+    trigger.safetensors              only when a trigger has been trained
+    recipe.yaml                      the resolved configuration that produced it
+    metrics.jsonl                    the training log, when there is one
+
+Nothing is pickled. Loading validates the manifest, the file set, every tensor's shape and the
+base model's fingerprint, and says precisely what differs and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from memgen_cli import __version__
+from memgen_cli.config import MemoryConfig, from_dict, to_dict
+from memgen_cli.errors import MemgenError
+from memgen_cli.models.base import LoadedBase, load_base
+from memgen_cli.models.memgen import ADAPTER, MemGenModel
+
+FORMAT_VERSION = 1
+MANIFEST = "memgen.json"
+WEAVER_FILES = ("weaver/adapter_config.json", "weaver/adapter_model.safetensors", "weaver.safetensors")
+TRIGGER_FILE = "trigger.safetensors"
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path):
+    """Yield a temporary directory that replaces ``target`` only if the block succeeds.
+
+    A crash or Ctrl-C inside the block leaves ``target`` exactly as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def artifact_digest(path: str | Path) -> str:
+    """sha256 over the artifact's tensors and manifest (its identity as a parent)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for name in (MANIFEST, *WEAVER_FILES, TRIGGER_FILE):
+        if (path / name).exists():
+            h.update(name.encode())
+            h.update((path / name).read_bytes())
+    return h.hexdigest()
+
+
+def save_artifact(
+    model: MemGenModel,
+    base: LoadedBase,
+    out: str | Path,
+    *,
+    prompt: dict | None = None,
+    recipe_yaml: str | None = None,
+    training: dict | None = None,
+    parent: str | Path | None = None,
+    metrics_file: str | Path | None = None,
+    weaver_base: LoadedBase | None = None,
+) -> Path:
+    """Write the artifact directory atomically and return its path."""
+    out = Path(out)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "kind": "memgen" if model.trigger.is_trained else "weaver",
+        "memgen_version": __version__,
+        "reasoner": {
+            "name": base.name,
+            "source": base.source,
+            "fingerprint": base.fingerprint,
+        },
+        "weaver_backbone": {
+            "shared": model.shared,
+            "name": base.name if model.shared else weaver_base.name,
+            "fingerprint": base.fingerprint if model.shared else weaver_base.fingerprint,
+        },
+        "memory": to_dict(model.cfg),
+        "prompt": {"chat_template": model.tokenizer.chat_template, **(prompt or {})},
+        "trigger": {"trained": model.trigger.is_trained},
+        "tensors": {
+            "weaver": {k: list(v.shape) for k, v in model.weaver.state_dict().items()},
+            "trigger": {k: list(v.shape) for k, v in model.trigger.state_dict().items()},
+        },
+        "parent": _parent(parent),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "training": training or {},
+    }
+    with atomic_dir(out) as tmp:
+        scratch = tmp / ".peft"
+        model.peft.save_pretrained(scratch, selected_adapters=[ADAPTER])
+        os.replace(scratch / ADAPTER, tmp / "weaver")
+        shutil.rmtree(scratch)
+        save_file(_contiguous(model.weaver.state_dict()), tmp / "weaver.safetensors")
+        if model.trigger.is_trained:
+            save_file(_contiguous(model.trigger.state_dict()), tmp / TRIGGER_FILE)
+        if recipe_yaml is not None:
+            (tmp / "recipe.yaml").write_text(recipe_yaml)
+        if metrics_file is not None and Path(metrics_file).exists():
+            shutil.copyfile(metrics_file, tmp / "metrics.jsonl")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def _contiguous(state: dict) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def _parent(parent) -> dict | None:
+    if parent is None:
+        return None
+    return {"name": str(parent), "sha256": artifact_digest(parent)}
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Read and validate ``memgen.json`` and the file set; return the manifest."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MemgenError(f"Artifact {path} does not exist (expected a directory with {MANIFEST}).")
+    file = path / MANIFEST
+    if not file.exists():
+        raise MemgenError(f"{path} is not a memgen artifact: {MANIFEST} is missing.")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise MemgenError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}).") from exc
+    if not isinstance(manifest, dict):
+        raise MemgenError(f"{file} must hold a JSON object.")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise MemgenError(
+            f"{file} has format_version {version!r}; this memgen ({__version__}) reads version "
+            f"{FORMAT_VERSION}. Re-create the artifact with this version of memgen."
+        )
+    for key in ("reasoner", "weaver_backbone", "memory", "tensors", "trigger"):
+        if not isinstance(manifest.get(key), dict):
+            raise MemgenError(f'{file} is missing the "{key}" section; the manifest is damaged.')
+    needed = list(WEAVER_FILES) + ([TRIGGER_FILE] if manifest["trigger"].get("trained") else [])
+    missing = [name for name in needed if not (path / name).exists()]
+    if missing:
+        raise MemgenError(f"Artifact {path} is incomplete: missing {', '.join(missing)}.")
+    return manifest
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise MemgenError(
+            f"{file} is not a readable safetensors file ({exc}); it may be truncated. "
+            "Re-create the artifact."
+        ) from exc
+
+
+def _check_shapes(file: Path, tensors: dict, expected: dict) -> None:
+    got = {k: list(v.shape) for k, v in tensors.items()}
+    if got != expected:
+        diff = _shape_diff(got, expected)
+        raise MemgenError(f"{file} does not match its manifest: {'; '.join(diff)}.")
+
+
+def _shape_diff(got: dict, expected: dict) -> list[str]:
+    out = [f"{k} missing" for k in expected if k not in got]
+    out += [f"{k} unexpected" for k in got if k not in expected]
+    out += [f"{k} has shape {got[k]}, manifest says {expected[k]}" for k in got if k in expected and got[k] != expected[k]]
+    return out
+
+
+def check_base(manifest: dict, base: LoadedBase, allow_mismatch: bool) -> None:
+    want = manifest["reasoner"]
+    if want.get("fingerprint") == base.fingerprint or allow_mismatch:
+        return
+    raise MemgenError(
+        f'This artifact was trained on base "{want.get("name")}" (fingerprint '
+        f'{str(want.get("fingerprint"))[:12]}); you passed "{base.name}" (fingerprint '
+        f"{base.fingerprint[:12]}). Pass --base {want.get('name')}, or --allow-base-mismatch if "
+        "you know the two share architecture and tokenizer."
+    )
+
+
+def load_artifact(
+    path: str | Path,
+    base: LoadedBase | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    allow_base_mismatch: bool = False,
+    weaver_base: LoadedBase | None = None,
+) -> tuple[MemGenModel, dict, LoadedBase]:
+    """Rebuild the MemGen model an artifact describes; returns (model, manifest, base)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if base is None:
+        base = load_base(manifest["reasoner"]["name"], device=device, dtype=dtype)
+    check_base(manifest, base, allow_base_mismatch)
+    backbone = None
+    if not manifest["weaver_backbone"].get("shared", True):
+        if weaver_base is None:
+            weaver_base = load_base(manifest["weaver_backbone"]["name"], device=device, dtype=dtype)
+        backbone = weaver_base.model
+    cfg = from_dict(MemoryConfig, manifest["memory"], "memory")
+    model = MemGenModel(base.model, base.tokenizer, cfg, weaver_backbone=backbone)
+    weaver = _load_tensors(path / "weaver.safetensors")
+    _check_shapes(path / "weaver.safetensors", weaver, manifest["tensors"]["weaver"])
+    model.weaver.load_state_dict(weaver)
+    adapter = _load_tensors(path / "weaver" / "adapter_model.safetensors")
+    result = set_peft_model_state_dict(model.peft, adapter, adapter_name=ADAPTER)
+    missing = [k for k in result.missing_keys if ADAPTER in k and "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise MemgenError(
+            f"{path / 'weaver'} does not fit the weaver backbone "
+            f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected tensors)."
+        )
+    if manifest["trigger"].get("trained"):
+        trig = _load_tensors(path / TRIGGER_FILE)
+        _check_shapes(path / TRIGGER_FILE, trig, manifest["tensors"]["trigger"])
+        model.trigger.load_state_dict(trig)
+    model.to(base.model.device).eval()
+    return model, manifest, base

@@ -1,0 +1,86 @@
+"""GPQA (diamond): graduate-level multiple choice, graded by the chosen letter.
+
+From the hub (``Idavidrein/gpqa``, config ``gpqa_diamond``; gated: accept its terms and log
+in) or from local JSONL with the hub's columns ``Question``, ``Correct Answer`` and
+``Incorrect Answer 1`` .. ``3``. The four options are shuffled deterministically from the
+seed and the record, and listed as A) .. D) under the question.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from memgen_cli.data.base import (
+    Example,
+    Task,
+    load_hub,
+    local_split_file,
+    read_jsonl,
+    require_columns,
+    select,
+)
+from memgen_cli.data.graders import extract_choice_letter
+
+HUB_ID, HUB_CONFIG = "Idavidrein/gpqa", "gpqa_diamond"
+LETTERS = "ABCD"
+COLUMNS = ["Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"]
+
+
+class GPQATask(Task):
+    """GPQA diamond. The hub has one split, ``train`` (198 questions), used for evaluation.
+
+    ``seed`` (default ``eval_seed``) sets the option order only; examples keep file order
+    and ``limit`` takes the first ones.
+    """
+
+    name = "gpqa"
+    default_split = "train"
+    eval_seed = 0
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else None
+
+    def load(
+        self, split: str | None = None, limit: int | None = None, seed: int | None = None
+    ) -> list[Example]:
+        split = split or self.default_split
+        rows, source = self._rows(split)
+        require_columns(rows, COLUMNS, source)
+        seed = self.eval_seed if seed is None else seed
+        return select([self._example(row, i, seed) for i, row in enumerate(rows)], limit, None)
+
+    def _rows(self, split: str) -> tuple[list[dict], str]:
+        if self.path is not None:
+            file = local_split_file(self.path, split)
+            return read_jsonl(file), str(file)
+        hint = (
+            "Or use a local copy: --data path/to/gpqa.jsonl with the columns "
+            + ", ".join(COLUMNS)
+            + "."
+        )
+        return load_hub(HUB_ID, HUB_CONFIG, split, hint), f"{HUB_ID}:{split}"
+
+    @staticmethod
+    def _example(row: dict, index: int, seed: int) -> Example:
+        record = str(row.get("Record ID") or index)
+        options = [str(row[c]).strip() for c in COLUMNS[1:]]
+        order = list(range(4))
+        # A string seed is hashed stably (unlike hash()), so the order survives restarts.
+        random.Random(f"{seed}:{record}").shuffle(order)
+        shuffled = [options[i] for i in order]
+        letter = LETTERS[order.index(0)]
+        listing = "\n".join(f"{LETTERS[i]}) {text}" for i, text in enumerate(shuffled))
+        return Example(
+            id=f"gpqa/{record}",
+            question=f"{str(row['Question']).strip()}\n\n{listing}",
+            answer=letter,
+            solution=None,
+            meta={"choices": shuffled, "correct": options[0], "seed": seed},
+        )
+
+    def extract(self, completion: str) -> str | None:
+        return extract_choice_letter(completion, LETTERS)
+
+    def grade(self, completion: str, example: Example) -> float:
+        return float(self.extract(completion) == example.answer)

@@ -1,0 +1,202 @@
+"""Procedurally generated tasks from ``reasoning_gym``: offline, seeded, verifiable.
+
+``gsm_symbolic`` (the default offline task) gives GSM8K-style word problems with a worked
+solution; ``gym:<name>`` gives any of reasoning_gym's datasets (``gym:chain_sum``,
+``gym:basic_arithmetic``, ...). The split picks the generator seed: ``train`` uses
+``TRAIN_SEED`` and every evaluation split uses ``EVAL_SEED``, unless the caller passes one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any
+
+from memgen_cli.data.base import Example, Task
+from memgen_cli.data.graders import (
+    extract_boxed,
+    extract_math_answer,
+    numeric_equal,
+)
+from memgen_cli.errors import MemgenError
+
+TRAIN_SEED = 42
+# reasoning_gym seeds item i of a dataset with Random(seed + i), so a train set of n items
+# uses generator states 42 .. 42+n-1. An evaluation seed of 4242 would collide with train
+# item 4200 onwards; 1_000_000 keeps the two ranges apart for any train set below ~1e6.
+EVAL_SEED = 1_000_000
+EVAL_SPLITS = ("test", "validation", "eval")
+DEFAULT_SIZE = {"train": 5000, "eval": 500}
+
+
+def gym_names() -> list[str]:
+    """Names of every dataset that the installed reasoning_gym registers."""
+    from reasoning_gym.factory import DATASETS
+
+    return sorted(DATASETS)
+
+
+def _check_name(name: str) -> None:
+    names = gym_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5) or names[:5]
+        raise MemgenError(
+            f"reasoning_gym has no dataset {name!r}. Close names: "
+            f"{', '.join('gym:' + n for n in close)} ({len(names)} datasets in all; "
+            "list them with: python -c 'import reasoning_gym.factory as f; print(*f.DATASETS)')."
+        )
+
+
+def extract_gym_answer(completion: str) -> str | None:
+    """A box, else the last ``<answer>..</answer>`` (reasoning_gym's own format), else
+    the last non-empty line."""
+    boxed = extract_boxed(completion)
+    if boxed is not None:
+        return boxed
+    tagged = re.findall(r"<answer>\s*(.*?)\s*</answer>", completion or "", re.S)
+    if tagged:
+        return tagged[-1]
+    lines = [line.strip() for line in (completion or "").splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+class GymTask(Task):
+    """A reasoning_gym dataset, ``gym:<name>``.
+
+    The example's ``solution`` is the dataset's worked solution when it has one
+    (``metadata["answer_cot"]``) and otherwise the bare answer: SFT on such a task trains
+    answer-only targets. Grading uses the dataset's own ``score_answer`` on the extracted
+    answer, so it may give fractional partial credit where that scorer does.
+
+    Options: ``size`` (items generated when no limit is given), ``config`` (keyword
+    arguments for the dataset's config, e.g. ``{"min_terms": 2}``), and ``exclude_train``:
+    evaluation splits skip any question that also appears among the first
+    ``exclude_train`` train-seed items (generated seeds differ, but small templates can
+    still produce the same text).
+    """
+
+    default_split = "test"
+    train_seed = TRAIN_SEED
+    eval_seed = EVAL_SEED
+
+    def __init__(
+        self,
+        name: str,
+        size: int | None = None,
+        config: dict[str, Any] | None = None,
+        exclude_train: int = 0,
+    ):
+        _check_name(name)
+        self.gym_name = name
+        self.name = f"gym:{name}"
+        self.size = size
+        self.config = dict(config or {})
+        self.exclude_train = exclude_train
+        self._scorer = None
+        self._train_cache: set[str] | None = None
+
+    def _dataset(self, seed: int, size: int):
+        import reasoning_gym
+
+        try:
+            return reasoning_gym.create_dataset(self.gym_name, seed=seed, size=size, **self.config)
+        except (TypeError, ValueError, AssertionError) as e:
+            raise MemgenError(
+                f"cannot build reasoning_gym dataset {self.gym_name!r} with config "
+                f"{self.config}: {e}"
+            ) from None
+
+    def seed_for(self, split: str) -> int:
+        if split == "train":
+            return self.train_seed
+        if split in EVAL_SPLITS:
+            return self.eval_seed
+        raise MemgenError(f"{self.name} has splits train, {', '.join(EVAL_SPLITS)}; got {split!r}.")
+
+    def load(
+        self, split: str | None = None, limit: int | None = None, seed: int | None = None
+    ) -> list[Example]:
+        split = split or self.default_split
+        default_seed = self.seed_for(split)  # also rejects unknown splits
+        seed = default_seed if seed is None else seed
+        want = limit if limit is not None else self.size or DEFAULT_SIZE[_kind(split)]
+        exclude = self._train_questions() if split != "train" and seed != self.train_seed else set()
+        # A few spare items make up for the ones dropped as duplicates of train questions.
+        dataset = self._dataset(seed, want + (want // 10 + 16 if exclude else 0))
+        examples = []
+        for index in range(len(dataset)):
+            if len(examples) == want:
+                break
+            entry = dataset[index]
+            if entry["question"] not in exclude:
+                examples.append(self._example(entry, seed, index))
+        return examples
+
+    def _train_questions(self) -> set[str]:
+        if self.exclude_train <= 0:
+            return set()
+        if self._train_cache is None:
+            dataset = self._dataset(self.train_seed, self.exclude_train)
+            self._train_cache = {dataset[i]["question"] for i in range(len(dataset))}
+        return self._train_cache
+
+    def _example(self, entry: dict, seed: int, index: int) -> Example:
+        metadata = entry.get("metadata", {})
+        return Example(
+            id=f"{self.name}/{seed}/{index}",
+            question=entry["question"],
+            answer=str(entry["answer"]),
+            solution=metadata.get("answer_cot") or str(entry["answer"]),
+            meta={"seed": seed, "index": index, "metadata": metadata},
+        )
+
+    def extract(self, completion: str) -> str | None:
+        return extract_gym_answer(completion)
+
+    def grade(self, completion: str, example: Example) -> float:
+        if self._scorer is None:
+            self._scorer = self._dataset(self.train_seed, 1).score_answer
+        entry = {
+            "question": example.question,
+            "answer": example.answer,
+            "metadata": example.meta.get("metadata", {}),
+        }
+        try:
+            score = float(self._scorer(self.extract(completion), entry))
+        except Exception:  # a scorer choking on odd model output is a wrong answer
+            return 0.0
+        return min(max(score, 0.0), 1.0)
+
+
+class GSMSymbolicTask(GymTask):
+    """``gsm_symbolic``: GSM8K-style problems with a worked solution ending in ``#### N``.
+
+    Graded like GSM8K (1.0 or 0.0 on the final number), not by reasoning_gym's scorer: that
+    one reads the *first* number of the answer and gives 0.01 for any wrong number, which
+    would inflate accuracy and misread "1,250". Evaluation splits exclude questions that
+    occur among the first 10,000 train-seed items.
+    """
+
+    def __init__(
+        self,
+        size: int | None = None,
+        config: dict[str, Any] | None = None,
+        exclude_train: int = 10_000,
+    ):
+        super().__init__("gsm_symbolic", size=size, config=config, exclude_train=exclude_train)
+        self.name = "gsm_symbolic"
+
+    def _example(self, entry: dict, seed: int, index: int) -> Example:
+        example = super()._example(entry, seed, index)
+        example.id = f"gsm_symbolic/{seed}/{index}"
+        return example
+
+    def extract(self, completion: str) -> str | None:
+        return extract_math_answer(completion)
+
+    def grade(self, completion: str, example: Example) -> float:
+        return float(numeric_equal(self.extract(completion), example.answer))
+
+
+def _kind(split: str) -> str:
+    return "train" if split == "train" else "eval"

@@ -1,0 +1,156 @@
+"""The composed model: one copy of weights, reasoner untouched, fast paths equal the reference."""
+
+import pytest
+import torch
+
+from conftest import make_memgen, make_model
+from memgen_cli.config import GenerationConfig
+from memgen_cli.generation import encode_prompts, generate, reference_generate
+from memgen_cli.models.training import Points, reference_weave_forward, weave_forward
+
+PROMPTS = [
+    [{"role": "user", "content": "Hi there, what is 2+2?"}],
+    [{"role": "user", "content": "x"}],
+    [{"role": "user", "content": "Tell me a story about cats."}],
+    [{"role": "user", "content": "List three primes."}],
+]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_reasoner_pass_with_adapter_equals_plain_model(kind):
+    plain, tok = make_model(kind)
+    mg = make_memgen(kind)  # same seed: same base weights, plus a non-zero LoRA adapter
+    enc = encode_prompts(tok, PROMPTS, "cpu")
+    ref = plain(**enc).logits
+    from memgen_cli.models.latents import positions_from_mask
+
+    pos = positions_from_mask(enc["attention_mask"])
+    hidden = mg.reasoner_hidden(mg.embed(enc["input_ids"]), enc["attention_mask"], pos)
+    torch.testing.assert_close(mg.lm_head(hidden), ref, atol=1e-5, rtol=0)
+    # ... and the adapter really is there: with it on, the backbone computes something else.
+    with mg.weaver_adapter():
+        on = mg.reasoner.get_decoder()(inputs_embeds=mg.embed(enc["input_ids"])).last_hidden_state
+    assert (on - hidden).abs().max() > 1e-3
+
+
+def test_one_copy_of_the_weights():
+    mg = make_memgen("llama")
+    assert mg.weaver_lm is mg.reasoner  # the weaver's backbone is the reasoner's own model
+    base = {id(p) for n, p in mg.reasoner.named_parameters() if "lora_" not in n}
+    peft_base = {id(p) for n, p in mg.peft.named_parameters() if "lora_" not in n}
+    assert base == peft_base
+
+
+def _diverse(mg):
+    """Random clause table (25% of the vocab) so rows weave at different steps."""
+    g = torch.Generator().manual_seed(1)
+    mg.delimiters = torch.rand(len(mg.delimiters), generator=g) < 0.25
+    return mg
+
+
+def _compare(mg, cfg):
+    enc = encode_prompts(mg.tokenizer, PROMPTS, "cpu")
+    fast = generate(mg, enc["input_ids"], enc["attention_mask"], cfg, keep_logits=True)
+    ref = reference_generate(mg, enc["input_ids"], enc["attention_mask"], cfg)
+    assert fast.tokens == ref.tokens
+    assert fast.finished == ref.finished
+    for row in range(len(PROMPTS)):
+        for step, logits in enumerate(ref.step_logits[row]):
+            torch.testing.assert_close(fast.step_logits[step][row], logits, atol=1e-4, rtol=0)
+    key = lambda i: (i.row, i.token_index, i.kind)  # noqa: E731
+    assert sorted(map(key, fast.trace.insertions)) == sorted(map(key, ref.trace.insertions))
+    for a, b in zip(sorted(fast.trace.insertions, key=key), sorted(ref.trace.insertions, key=key), strict=True):
+        torch.testing.assert_close(a.latents, b.latents, atol=1e-4, rtol=0)
+    return fast
+
+
+@pytest.mark.parametrize("kind,weaver_kind", [("llama", None), ("qwen2", None), ("llama", "qwen2")])
+def test_cached_generation_equals_reference(kind, weaver_kind):
+    mg = _diverse(make_memgen(kind, weaver_kind))
+    cfg = GenerationConfig(max_new_tokens=40, memory="weaver")
+    enc = encode_prompts(mg.tokenizer, PROMPTS, "cpu")
+    # Make one row finish early: its 5th token becomes EOS (stopping only, logits unchanged).
+    probe = generate(mg, enc["input_ids"], enc["attention_mask"], cfg)
+    mg.tokenizer.eos_token = mg.tokenizer.convert_ids_to_tokens(probe.tokens[1][4])
+    out = _compare(mg, cfg)
+    steps = {(i.row, i.token_index) for i in out.trace.insertions if i.kind == "inference"}
+    per_row = [sorted(t for r, t in steps if r == row) for row in range(len(PROMPTS))]
+    assert any(out.finished) and not all(out.finished), "some rows must finish early"
+    assert len({tuple(p) for p in per_row}) > 1, "rows must weave at different steps"
+    assert max(len(p) for p in per_row) == mg.cfg.max_inference_insertions  # the cap binds
+
+
+def test_cached_generation_with_trained_trigger_equals_reference():
+    mg = _diverse(make_memgen("llama"))
+    with torch.no_grad():
+        mg.trigger.trained.fill_(True)
+        mg.trigger.head[2].bias.fill_(0.0)
+    out = _compare(mg, GenerationConfig(max_new_tokens=24, memory="full"))
+    probs = [i.trigger_prob for i in out.trace.insertions if i.kind == "inference"]
+    assert probs and all(p >= 0.5 for p in probs)
+
+
+def test_memory_off_equals_hf_generate():
+    mg = make_memgen("llama")
+    plain, tok = make_model("llama")
+    enc = encode_prompts(tok, PROMPTS, "cpu")
+    ours = generate(mg, enc["input_ids"], enc["attention_mask"], GenerationConfig(max_new_tokens=12, memory="off"))
+    hf = plain.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=-1)
+    prompt_len = enc["input_ids"].shape[1]
+    assert ours.tokens == hf[:, prompt_len:].tolist()
+    assert ours.trace.insertions == []
+
+
+def test_sampling_is_seeded():
+    mg = make_memgen("llama")
+    enc = encode_prompts(mg.tokenizer, PROMPTS, "cpu")
+    cfg = GenerationConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3)
+    a = generate(mg, enc["input_ids"], enc["attention_mask"], cfg).tokens
+    b = generate(mg, enc["input_ids"], enc["attention_mask"], cfg).tokens
+    c = generate(mg, enc["input_ids"], enc["attention_mask"], GenerationConfig(max_new_tokens=10, temperature=1.0, seed=4)).tokens
+    assert a == b and a != c
+
+
+def _training_batch(mg):
+    tok = mg.tokenizer
+    tok.padding_side = "right"
+    prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "hello there"}]]
+    answers = ["ab, cd. ef, gh.", "x, y."]
+    heads = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    enc = tok([h + a + tok.eos_token for h, a in zip(heads, answers)], return_tensors="pt", padding=True, add_special_tokens=False)
+    plen = [len(tok(h, add_special_tokens=False)["input_ids"]) for h in heads]
+    labels = enc["input_ids"].clone()
+    labels[enc["attention_mask"] == 0] = -100
+    for b, p in enumerate(plen):
+        labels[b, :p] = -100
+    points = Points([p - 1 for p in plen], [[plen[0] + 2, plen[0] + 6, plen[0] + 10], [plen[1] + 1]])
+    return enc["input_ids"], enc["attention_mask"], labels, points
+
+
+@pytest.mark.parametrize("kind,weaver_kind", [("llama", None), ("qwen2", None), ("llama", "qwen2")])
+def test_training_forward_equals_reference(kind, weaver_kind):
+    mg = make_memgen(kind, weaver_kind)
+    ids, mask, labels, points = _training_batch(mg)
+    mg.set_trainable(weaver=True, trigger=False)
+
+    def run(fn):
+        mg.zero_grad()
+        out = fn(mg, ids, mask, labels, points, return_logits=True)
+        out.loss.backward()
+        return out, {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in mg.weaver_parameters().items()}
+
+    fast, g_fast = run(weave_forward)
+    ref, g_ref = run(reference_weave_forward)
+    assert abs(fast.loss.item() - ref.loss.item()) < 1e-4
+    torch.testing.assert_close(fast.logits[mask.bool()], ref.logits[mask.bool()], atol=1e-4, rtol=0)
+    for name, grad in g_ref.items():
+        assert grad.abs().max() > 0, f"{name} got no gradient"
+        torch.testing.assert_close(g_fast[name], grad, atol=1e-4, rtol=0, msg=name)
+
+
+def test_training_forward_without_points_equals_plain_loss():
+    mg = make_memgen("llama")
+    plain, _ = make_model("llama")
+    ids, mask, labels, _ = _training_batch(mg)
+    out = weave_forward(mg, ids, mask, labels, Points(None, [[], []]))
+    torch.testing.assert_close(out.loss, plain(input_ids=ids, attention_mask=mask, labels=labels).loss, atol=1e-5, rtol=0)
