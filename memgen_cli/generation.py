@@ -38,6 +38,7 @@ class Insertion:
     trigger_prob: float | None  # None: inserted unconditionally (prompt, or untrained trigger)
     latents: torch.Tensor  # (K, D_reasoner), after weaver_to_reasoner
     weaver_states: torch.Tensor  # (K, D_weaver), before the projection
+    inserted: bool = True  # False: woven, then suppressed by a ``keep`` filter (ablations)
 
     def summary(self) -> dict:
         return {
@@ -45,6 +46,7 @@ class Insertion:
             "kind": self.kind,
             "trigger_prob": self.trigger_prob,
             "num_latents": int(self.latents.shape[0]),
+            "inserted": self.inserted,
         }
 
 
@@ -52,8 +54,8 @@ class Insertion:
 class MemoryTrace:
     insertions: list[Insertion] = field(default_factory=list)
 
-    def for_row(self, row: int) -> list[Insertion]:
-        return [ins for ins in self.insertions if ins.row == row]
+    def for_row(self, row: int, include_dropped: bool = False) -> list[Insertion]:
+        return [i for i in self.insertions if i.row == row and (i.inserted or include_dropped)]
 
 
 @dataclass
@@ -113,8 +115,8 @@ def encode_prompts(tokenizer, prompts: list[list[dict]] | list[str], device) -> 
 class _Run:
     """State of one batched generation (the numbered steps are in the module docstring)."""
 
-    def __init__(self, model: MemGenModel, input_ids, attention_mask, cfg: GenerationConfig):
-        self.model, self.cfg = model, cfg
+    def __init__(self, model: MemGenModel, input_ids, attention_mask, cfg: GenerationConfig, keep=None):
+        self.model, self.cfg, self.keep = model, cfg, keep
         self.memory = cfg.memory != "off"
         self.batch = input_ids.shape[0]
         device = input_ids.device
@@ -151,12 +153,7 @@ class _Run:
         latents, states = self.model.weave(
             kind, ctx, ctx_mask, ctx_pos, self.weaver_cache, self.next_pos
         )
-        k = latents.shape[1]
-        positions = latent_positions(self.next_pos, k)
-        hidden = self._feed(latents, chunk_mask(rows, k), positions)
-        self.logits = torch.where(rows[:, None], self.model.lm_head(hidden), self.logits)
-        self.next_pos = self.next_pos + rows.long() * k
-        return [
+        events = [
             Insertion(
                 row=int(r),
                 token_index=self.emitted,
@@ -167,6 +164,17 @@ class _Run:
             )
             for r in rows.nonzero().flatten().tolist()
         ]
+        if self.keep is not None:
+            for ins in events:
+                ins.inserted = bool(self.keep(ins))
+                rows[ins.row] = ins.inserted
+        if rows.any():
+            k = latents.shape[1]
+            positions = latent_positions(self.next_pos, k)
+            hidden = self._feed(latents, chunk_mask(rows, k), positions)
+            self.logits = torch.where(rows[:, None], self.model.lm_head(hidden), self.logits)
+            self.next_pos = self.next_pos + rows.long() * k
+        return events
 
     def step(self, token: torch.Tensor) -> list[Insertion]:
         """Feed the chosen tokens; weave where a row ends a clause and its trigger invokes."""
@@ -196,13 +204,18 @@ class _Run:
 
 @torch.no_grad()
 def iter_generate(
-    model: MemGenModel, input_ids, attention_mask, cfg: GenerationConfig, keep_logits=False
+    model: MemGenModel, input_ids, attention_mask, cfg: GenerationConfig, keep_logits=False, keep=None
 ) -> Iterator[StepEvent | GenerationOutput]:
-    """Yield a StepEvent per generated token, then the GenerationOutput."""
+    """Yield a StepEvent per generated token, then the GenerationOutput.
+
+    ``keep(insertion) -> bool``, if given, may suppress a woven insertion before the reasoner
+    reads it (ablations, cluster interventions); a suppressed insertion still uses up one of
+    the row's insertions and is kept in the trace with ``inserted=False``.
+    """
     check_mode(model, cfg.memory)
     model.eval()
     generator = torch.Generator(device=input_ids.device).manual_seed(cfg.seed)
-    run = _Run(model, input_ids, attention_mask, cfg)
+    run = _Run(model, input_ids, attention_mask, cfg, keep)
     trace = MemoryTrace()
     if run.memory:
         trace.insertions += run.weave("prompt", run.active.clone(), None)
@@ -236,10 +249,10 @@ def _collect(tokens, run: _Run, trace: MemoryTrace, step_logits) -> GenerationOu
     return GenerationOutput(out, trace, finished, step_logits)
 
 
-def generate(model: MemGenModel, input_ids, attention_mask, cfg: GenerationConfig, keep_logits=False):
+def generate(model: MemGenModel, input_ids, attention_mask, cfg: GenerationConfig, keep_logits=False, keep=None):
     """Run ``iter_generate`` to the end and return its GenerationOutput."""
     result = None
-    for result in iter_generate(model, input_ids, attention_mask, cfg, keep_logits):
+    for result in iter_generate(model, input_ids, attention_mask, cfg, keep_logits, keep):
         pass
     return result
 

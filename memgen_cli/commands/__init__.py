@@ -1,0 +1,1 @@
+"""One thin Typer command per stage; registered in ``memgen_cli/cli.py``."""

@@ -1,0 +1,41 @@
+"""`memgen generate`: one answer, a file of answers, or an interactive chat."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from memgen_cli.commands import options as o
+from memgen_cli.config import GenerationConfig
+from memgen_cli.stages import generate as stage
+
+
+def command(
+    prompt: Annotated[str | None, typer.Argument(help="The question to answer.")] = None,
+    input: Annotated[Path | None, typer.Option("--input", help="JSONL of {\"prompt\": ...} lines.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="JSONL answers (with --input).")] = None,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Chat with history.")] = False,
+    artifact: o.Artifact = None,
+    base: o.Base = None,
+    memory: o.Memory = "weaver",
+    max_new_tokens: o.MaxNewTokens = 256,
+    temperature: o.Temperature = 0.0,
+    top_p: o.TopP = 1.0,
+    seed: o.Seed = 0,
+    prompt_suffix: o.PromptSuffix = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per batch (--input).")] = 8,
+    json: o.Json = False,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "auto",
+    allow_base_mismatch: o.AllowMismatch = False,
+) -> None:
+    """Answer with memory: inline ⟨mem K⟩ markers show where latents were woven."""
+    gen = GenerationConfig(max_new_tokens, temperature, top_p, seed, memory)
+    stage.run(
+        stage.GenerateOptions(
+            prompt, input, output, interactive, base, artifact, device, dtype,
+            allow_base_mismatch, prompt_suffix, batch_size, json, gen,
+        )
+    )

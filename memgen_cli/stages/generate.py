@@ -1,0 +1,227 @@
+"""``memgen generate``: answer one question, a JSONL file of them, or chat interactively.
+
+Every memory insertion is shown inline as a dim marker such as ``⟨mem 8⟩``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from memgen_cli.config import GenerationConfig
+from memgen_cli.errors import MemgenError
+from memgen_cli.generation import GenerationOutput, StepEvent, encode_prompts, generate, iter_generate
+from memgen_cli.stages.common import (
+    MARKER,
+    Session,
+    insertion_record,
+    open_session,
+    resolve_memory,
+    resolve_suffix,
+    segments,
+    user_message,
+)
+
+
+@dataclass
+class GenerateOptions:
+    prompt: str | None = None
+    input: Path | None = None
+    output: Path | None = None
+    interactive: bool = False
+    base: str | None = None
+    artifact: Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    allow_base_mismatch: bool = False
+    prompt_suffix: str | None = None
+    batch_size: int = 8
+    json: bool = False
+    gen: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+def run(opts: GenerateOptions, console: Console | None = None) -> object:
+    """Validate, build, then answer (one-shot, batch or interactive)."""
+    console = console or Console()
+    modes = sum([opts.prompt is not None, opts.input is not None, opts.interactive])
+    if modes != 1:
+        raise MemgenError("Give exactly one of: a PROMPT argument, --input FILE, or --interactive.")
+    if opts.input is not None:
+        prompts = read_prompts(opts.input)
+        if opts.output is None:
+            raise MemgenError("--input needs --output OUT.jsonl for the answers.")
+    session = open_session(opts.base, opts.artifact, opts.device, opts.dtype, opts.allow_base_mismatch)
+    note = None if opts.json else console
+    gen = replace(opts.gen, memory=resolve_memory(session, opts.gen.memory, note))
+    suffix = resolve_suffix(session, opts.prompt_suffix, note)
+    if opts.interactive:
+        return chat(session, gen, suffix, console)
+    if opts.input is not None:
+        return answer_file(session, gen, suffix, prompts, opts.output, opts.batch_size, console)
+    return answer_one(session, gen, suffix, opts.prompt, opts.json, console)
+
+
+def _run_batch(session: Session, gen: GenerationConfig, messages: list[list[dict]]) -> GenerationOutput:
+    enc = encode_prompts(session.model.tokenizer, messages, session.model.device)
+    return generate(session.model, enc["input_ids"], enc["attention_mask"], gen)
+
+
+def render(session: Session, tokens, insertions) -> Text:
+    text = Text()
+    for kind, piece in segments(session.model.tokenizer, tokens, insertions):
+        text.append(piece, style="dim cyan" if kind == "mem" else None)
+    return text
+
+
+def record(session: Session, question: str, out: GenerationOutput, row: int, gen: GenerationConfig) -> dict:
+    tok = session.model.tokenizer
+    ins = out.trace.for_row(row)
+    return {
+        "prompt": question,
+        "completion": tok.decode(out.tokens[row], skip_special_tokens=True),
+        "memory": gen.memory,
+        "num_tokens": len(out.tokens[row]),
+        "finished": out.finished[row],
+        "insertions": [insertion_record(i) for i in ins],
+    }
+
+
+def answer_one(session, gen, suffix, question, as_json, console) -> dict:
+    out = _run_batch(session, gen, [[user_message(question, suffix)]])
+    result = record(session, question, out, 0, gen)
+    if as_json:
+        console.print_json(json.dumps(result))
+    else:
+        console.print(render(session, out.tokens[0], out.trace.for_row(0)))
+        n = len(result["insertions"])
+        console.print(Text(f"\n[memory {gen.memory}: {n} insertion{'s' * (n != 1)}]", style="dim"))
+    return result
+
+
+def read_prompts(path: Path) -> list[str]:
+    """A JSONL file with one object per line holding "prompt" (or "question")."""
+    if not path.is_file():
+        raise MemgenError(f"--input {path} does not exist.")
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MemgenError(f"{path} line {number} is not valid JSON ({exc.msg}).") from exc
+        text = obj.get("prompt", obj.get("question")) if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise MemgenError(f'{path} line {number} needs a "prompt" (or "question") string field.')
+        prompts.append(text)
+    if not prompts:
+        raise MemgenError(f"{path} holds no prompts.")
+    return prompts
+
+
+def answer_file(session, gen, suffix, prompts, output: Path, batch_size, console) -> Path:
+    rows = []
+    columns = [TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("generate", total=len(prompts))
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            out = _run_batch(session, gen, [[user_message(q, suffix)] for q in chunk])
+            rows += [record(session, q, out, i, gen) for i, q in enumerate(chunk)]
+            progress.advance(task, len(chunk))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, output)  # atomic: an interrupted run never leaves half a file
+    console.print(f"wrote {len(rows)} answers to {output}")
+    return output
+
+
+# --------------------------------------------------------------------------- interactive
+HELP = "commands: /memory off|weaver|full, /trace, /clear, /exit (Ctrl-D also leaves)"
+
+
+def chat(session: Session, gen: GenerationConfig, suffix: str, console: Console) -> list[dict]:
+    """A multi-turn REPL with streamed answers and memory markers."""
+    history: list[dict] = []
+    last_trace: list = []
+    console.print(Text(f"memgen chat — memory {gen.memory}. {HELP}", style="dim"))
+    while True:
+        try:
+            line = console.input("[bold green]you>[/] ").strip()
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return history
+        if not line:
+            continue
+        if line.startswith("/"):
+            verb, *args = line.split()
+            if verb == "/exit":
+                return history
+            if verb == "/clear":
+                history.clear()
+                console.print(Text("history cleared", style="dim"))
+            elif verb == "/trace":
+                console.print(trace_table(last_trace))
+            elif verb == "/memory" and len(args) == 1:
+                try:
+                    gen = replace(gen, memory=resolve_memory(session, args[0], console))
+                    console.print(Text(f"memory {gen.memory}", style="dim"))
+                except MemgenError as exc:
+                    console.print(f"[red]{exc}[/]")
+            else:
+                console.print(Text(HELP, style="dim"))
+            continue
+        history.append(user_message(line, suffix))
+        try:
+            reply, last_trace = stream_reply(session, gen, history, console)
+        except KeyboardInterrupt:
+            console.print(Text("\n[interrupted]", style="dim"))
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": reply})
+
+
+def stream_reply(session: Session, gen: GenerationConfig, history, console: Console):
+    tok = session.model.tokenizer
+    enc = encode_prompts(tok, [history], session.model.device)
+    console.print("[bold blue]memgen>[/] ", end="")
+    tokens: list[int] = []
+    shown = ""
+    result = None
+    for event in iter_generate(session.model, enc["input_ids"], enc["attention_mask"], gen):
+        if not isinstance(event, StepEvent):
+            result = event
+            break
+        if event.active[0]:
+            tokens.append(int(event.tokens[0]))
+        text = tok.decode([t for t in tokens if t not in tok.all_special_ids], skip_special_tokens=True)
+        if text.startswith(shown) and not text.endswith("\ufffd"):
+            console.print(text[len(shown) :], end="", markup=False, highlight=False)
+            shown = text
+        for ins in event.insertions:
+            console.print(Text(MARKER.format(ins.latents.shape[0]), style="dim cyan"), end="")
+        if result is None and not tokens and gen.memory != "off":
+            pass
+    console.print()
+    trace = result.trace.for_row(0) if result else []
+    return tok.decode(result.tokens[0], skip_special_tokens=True), trace
+
+
+def trace_table(insertions) -> Table:
+    table = Table(title="insertions in the last answer")
+    for col in ("#", "kind", "after token", "trigger p", "K", "mean ‖latent‖"):
+        table.add_column(col)
+    for n, ins in enumerate(insertions):
+        rec = insertion_record(ins)
+        p = "always" if ins.trigger_prob is None else f"{ins.trigger_prob:.3f}"
+        mean = sum(rec["latent_norms"]) / len(rec["latent_norms"])
+        table.add_row(str(n), ins.kind, str(ins.token_index), p, str(rec["num_latents"]), f"{mean:.3f}")
+    return table
