@@ -24,7 +24,13 @@ from memgen_cli.data.graders import extract_choice_letter
 
 HUB_ID, HUB_CONFIG = "Idavidrein/gpqa", "gpqa_diamond"
 LETTERS = "ABCD"
-COLUMNS = ["Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"]
+COLUMNS = [
+    "Question",
+    "Correct Answer",
+    "Incorrect Answer 1",
+    "Incorrect Answer 2",
+    "Incorrect Answer 3",
+]
 
 
 class GPQATask(Task):

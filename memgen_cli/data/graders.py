@@ -87,7 +87,7 @@ def extract_hash_answer(text: str | None) -> str | None:
 
 
 _DEC = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
-_NUMBER_RE = re.compile(rf"(?<![\d.])-?(?:{_DEC})(?:\s*/\s*(?:{_DEC}))?")
+_NUMBER_RE = re.compile(rf"(?<![\d.])(?:-\$?)?(?:{_DEC})(?:\s*/\s*(?:{_DEC}))?")
 
 
 def extract_last_number(text: str | None) -> str | None:
@@ -127,7 +127,7 @@ _LATEX_FRAC = re.compile(
 )
 _SLASH_FRAC = re.compile(rf"^({_SIGNED})\s*/\s*({_SIGNED})$")
 # Unit words must be set off by a space, so that "2x" is not read as 2 (with unit "x").
-_NUMBER_WITH_UNITS = re.compile(rf"^(.*?\d\}}?)(?:\s+[A-Za-z][A-Za-z\s.'/-]*?(?:\^\{{?\d\}}?)?)?$")
+_NUMBER_WITH_UNITS = re.compile(r"^(.*?\d\}?)(?:\s+[A-Za-z][A-Za-z\s.'/-]*?(?:\^\{?\d\}?)?)?$")
 
 
 def _clean_number_text(s: str) -> str:
@@ -225,12 +225,12 @@ def normalize_latex_answer(s: str | None) -> str:
     """
     if s is None:
         return ""
-    t = s.strip().replace("\n", " ").replace("\\\\", "\\")
+    t = s.strip().replace("\n", " ")
     t = re.sub(r"\\[dt]frac", r"\\frac", t)
     for cmd in ("\\left", "\\right", "\\displaystyle"):
         t = t.replace(cmd, "")
-    for space in ("\\!", "\\,", "\\;", "\\:", "\\quad", "\\qquad", "\\ ", "~"):
-        t = t.replace(space, " ")
+    # Spacing commands such as "\," and "\ ", but not the matrix row break "\\".
+    t = re.sub(r"(?<!\\)\\[,;:! ]|\\q?quad|~", " ", t)
     t = re.sub(r"\^\s*\{?\\circ\}?|°", "", t)
     t = t.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
     t = _strip_text_commands(t.strip())
@@ -282,7 +282,9 @@ def qa_exact_match(pred: str | None, aliases: list[str] | str) -> bool:
     return bool(p) and any(p == normalize_qa(a) for a in aliases)
 
 
-_ANSWER_IS = re.compile(r"(?i:answer\s*(?:is|:))\s*:?\s*(.+?)(?:\.\s|\.?$|\n)", re.M)
+# The answer runs to the end of its sentence; a period after a lone capital is an initial
+# ("J. K. Rowling", "D.C."), not the end.
+_ANSWER_IS = re.compile(r"(?i:answer\s*(?:is|:))\s*:?\s*(.+?)(?:(?<!\b[A-Z])\.\s|\.?$|\n)", re.M)
 
 
 def extract_final_answer(text: str | None) -> str | None:
@@ -321,7 +323,8 @@ def extract_choice_letter(text: str | None, letters: str = "ABCD") -> str | None
         if re.fullmatch(cls, inner):
             return inner
     stated = re.findall(
-        rf"(?i:answer|option|choice)\s*(?i:is|:)?\s*(?i:option\s*)?:?\s*\(?\**({cls})\**\)?(?![A-Za-z])",
+        rf"(?i:answer|option|choice)\s*(?i:is|:|must be|would be|should be|will be)?\s*"
+        rf"(?i:option\s*)?:?\s*\(?\**({cls})\**\)?(?![A-Za-z])",
         text,
     )
     if stated:

@@ -119,7 +119,12 @@ class GymTask(Task):
         split = split or self.default_split
         default_seed = self.seed_for(split)  # also rejects unknown splits
         seed = default_seed if seed is None else seed
-        want = limit if limit is not None else self.size or DEFAULT_SIZE[_kind(split)]
+        kind = "train" if split == "train" else "eval"
+        want = limit if limit is not None else self.size or DEFAULT_SIZE[kind]
+        if want < 0:
+            raise MemgenError(f"limit must be >= 0, got {want}")
+        if want == 0:
+            return []
         exclude = self._train_questions() if split != "train" and seed != self.train_seed else set()
         # A few spare items make up for the ones dropped as duplicates of train questions.
         dataset = self._dataset(seed, want + (want // 10 + 16 if exclude else 0))
@@ -196,7 +201,3 @@ class GSMSymbolicTask(GymTask):
 
     def grade(self, completion: str, example: Example) -> float:
         return float(numeric_equal(self.extract(completion), example.answer))
-
-
-def _kind(split: str) -> str:
-    return "train" if split == "train" else "eval"

@@ -54,7 +54,9 @@ class KodCodeTask(Task):
     name = "kodcode"
     default_split = "test"
 
-    def __init__(self, path: str | Path | None = None, timeout: float = 10.0, memory_mb: int = 1024):
+    def __init__(
+        self, path: str | Path | None = None, timeout: float = 10.0, memory_mb: int = 1024
+    ):
         if importlib.util.find_spec("pytest") is None:
             raise MemgenError("grading kodcode runs pytest; install it: pip install pytest")
         self.path = Path(path) if path is not None else None

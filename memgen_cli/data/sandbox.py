@@ -46,7 +46,7 @@ def _unshare():
         return False
 
 _isolated = sys.argv[1] == "1" and _unshare()
-_INET = (socket.AF_INET, socket.AF_INET6)
+_INET = (socket.AF_INET, socket.AF_INET6, -1)  # -1: _socket.socket() default, IPv4
 _LOOKUPS = {"socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr",
             "socket.getnameinfo", "socket.sendto", "socket.sendmsg", "socket.connect"}
 _SPAWN = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
