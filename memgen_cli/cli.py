@@ -77,6 +77,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ):
     """memgen: weave generative latent memory into a frozen reasoner."""
+    quiet_libraries()
 
 
 def quiet_libraries() -> None:

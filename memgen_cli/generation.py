@@ -68,9 +68,12 @@ class GenerationOutput:
 
 @dataclass
 class StepEvent:
-    """What one step produced, for streaming: the tokens chosen and the rows that wove."""
+    """What one step produced, for streaming: the tokens chosen and the rows that wove.
 
-    tokens: torch.Tensor  # (B,)
+    The first event of a run with memory carries the prompt insertions and no tokens.
+    """
+
+    tokens: torch.Tensor | None  # (B,), None for the prompt-insertion event
     active: torch.Tensor  # (B,) rows still generating before this token
     insertions: list[Insertion]
 
@@ -218,7 +221,9 @@ def iter_generate(
     run = _Run(model, input_ids, attention_mask, cfg, keep)
     trace = MemoryTrace()
     if run.memory:
-        trace.insertions += run.weave("prompt", run.active.clone(), None)
+        woven = run.weave("prompt", run.active.clone(), None)
+        trace.insertions += woven
+        yield StepEvent(None, run.active.clone(), woven)
     tokens, step_logits = [], []
     for step in range(cfg.max_new_tokens):
         if keep_logits:

@@ -97,7 +97,7 @@ def answer_one(session, gen, suffix, question, as_json, console) -> dict:
     out = _run_batch(session, gen, [[user_message(question, suffix)]])
     result = record(session, question, out, 0, gen)
     if as_json:
-        console.print_json(json.dumps(result))
+        print(json.dumps(result, ensure_ascii=False))  # not rich: no wrapping, no markup
     else:
         console.print(render(session, out.tokens[0], out.trace.for_row(0)))
         n = len(result["insertions"])
@@ -200,7 +200,7 @@ def stream_reply(session: Session, gen: GenerationConfig, history, console: Cons
         if not isinstance(event, StepEvent):
             result = event
             break
-        if event.active[0]:
+        if event.tokens is not None and event.active[0]:
             tokens.append(int(event.tokens[0]))
         text = tok.decode([t for t in tokens if t not in tok.all_special_ids], skip_special_tokens=True)
         if text.startswith(shown) and not text.endswith("\ufffd"):
@@ -208,8 +208,6 @@ def stream_reply(session: Session, gen: GenerationConfig, history, console: Cons
             shown = text
         for ins in event.insertions:
             console.print(Text(MARKER.format(ins.latents.shape[0]), style="dim cyan"), end="")
-        if result is None and not tokens and gen.memory != "off":
-            pass
     console.print()
     trace = result.trace.for_row(0) if result else []
     return tok.decode(result.tokens[0], skip_special_tokens=True), trace

@@ -1,0 +1,39 @@
+"""Shared test builders: tiny models saved as real model directories and tiny artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from conftest import make_memgen, make_model
+from memgen_cli.artifacts import save_artifact
+from memgen_cli.models.base import LoadedBase, fingerprint, load_base
+
+
+def save_tiny_base(path: Path, kind: str = "llama", seed: int = 0) -> Path:
+    """A tiny model + tokenizer written with save_pretrained: usable as ``--base path``."""
+    model, tok = make_model(kind, seed=seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def tiny_artifact(tmp: Path, kind: str = "llama", trained_trigger: bool = False, **memory) -> tuple[Path, Path]:
+    """(base_dir, artifact_dir): a tiny base on disk and a weaver artifact trained on it."""
+    base_dir = save_tiny_base(tmp / f"base-{kind}", kind)
+    base = load_base(str(base_dir), device="cpu")
+    mg = make_memgen(kind, **memory)
+    mg.reasoner.load_state_dict(base.model.state_dict(), strict=False)
+    with torch.no_grad():
+        for p in mg.weaver.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+        if trained_trigger:
+            mg.trigger.trained.fill_(True)
+    loaded = LoadedBase(mg.reasoner, base.tokenizer, str(base_dir), str(base_dir), base.fingerprint)
+    art = save_artifact(
+        mg, loaded, tmp / f"artifact-{kind}", prompt={"prompt_suffix": "Answer briefly."},
+        recipe_yaml="memory: {}\n", training={"task": "test"},
+    )
+    assert base.fingerprint == fingerprint(mg.reasoner.config, base.tokenizer)
+    return base_dir, art
