@@ -1,0 +1,415 @@
+"""``memgen inspect-memory``: what the latent memory says, where it goes and what it does.
+
+    memgen inspect-memory --artifact DIR --prompt "A question"      # one answer, in depth
+    memgen inspect-memory --artifact DIR --data gsm_symbolic --limit 100 [--drop-cluster J]
+
+One answer (``--prompt``): every insertion gets its nearest tokens, a logit lens, norm
+percentiles, the attention later answer tokens pay it, and two ablations (the teacher-forced
+Δ log-prob of the same answer without it; a regeneration without it). Many answers
+(``--data``): every insertion gets nearest tokens and norms, the insertions are clustered
+(k-means over mean-pooled latents, PCA and t-SNE plots, per-cluster statistics), and
+``--drop-cluster J`` re-runs the evaluation with cluster J's insertions suppressed.
+
+validate -> load -> generate with the trace -> probe -> cluster -> write. The artifact is only
+read. The JSON layout is documented in docs/inspect-memory-schema.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from memgen_cli.artifacts import MANIFEST, WEAVER_FILES, artifact_digest
+from memgen_cli.config import GenerationConfig
+from memgen_cli.data import get_task, to_messages
+from memgen_cli.data.graders import extract_math_answer
+from memgen_cli.errors import MemgenError
+from memgen_cli.generation import encode_prompts, generate
+from memgen_cli.inspection import clusters as C
+from memgen_cli.inspection import probe as P
+from memgen_cli.inspection import report as R
+from memgen_cli.stages.common import open_session, resolve_suffix, segments, user_message
+
+SCHEMA_VERSION = 1
+DEFAULT_CLUSTERS = 4
+
+
+@dataclass
+class InspectOptions:
+    artifact: Path | None
+    prompt: str | None = None
+    data: str | None = None
+    limit: int = 100
+    split: str | None = None
+    top_k: int = 5
+    clusters: int | None = None  # None: 4 with --data, no clustering with --prompt
+    drop_cluster: int | None = None
+    layers: bool = False
+    html: Path | None = None
+    json: bool = False
+    output: Path | None = None
+    memory: str | None = None  # None: full when the artifact has a trained trigger, else weaver
+    max_new_tokens: int = 256
+    seed: int = 0
+    batch_size: int = 8
+    prompt_suffix: str | None = None
+    base: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    allow_base_mismatch: bool = False
+
+
+@dataclass
+class Job:
+    """What every step needs: the model, its vocabulary, settings, and the report so far."""
+
+    opts: InspectOptions
+    model: object
+    vocab: P.Vocab
+    gen: GenerationConfig
+    report: dict
+    console: Console
+    task: object = None
+    examples: list = field(default_factory=list)
+    messages: list = field(default_factory=list)
+    latents: list = field(default_factory=list)  # per insertion, in report order
+    clock: float = field(default_factory=time.perf_counter)
+
+    def lap(self, key: str) -> None:
+        now = time.perf_counter()
+        self.report["timings"][key] = round(now - self.clock, 2)
+        self.clock = now
+
+
+def run(opts: InspectOptions, console: Console | None = None) -> dict:
+    """Inspect, print (terminal view or JSON) and write the requested files; return the report."""
+    console = console or Console()
+    note = Console(stderr=True) if opts.json else console  # stdout stays pure JSON
+    k = validate(opts)
+    start = time.perf_counter()
+    session = open_session(
+        opts.base, opts.artifact, opts.device, opts.dtype, opts.allow_base_mismatch
+    )
+    memory = opts.memory or ("full" if session.has_trigger else "weaver")
+    if memory == "full" and not session.has_trigger:
+        raise MemgenError(
+            "--memory full needs a trained trigger, and this artifact has none; use --memory weaver."
+        )
+    gen = GenerationConfig(
+        max_new_tokens=opts.max_new_tokens, temperature=0.0, seed=opts.seed, memory=memory
+    )
+    suffix = resolve_suffix(session, opts.prompt_suffix, note)
+    vocab = P.vocab_of(session.model)
+    report = R.new_report(
+        SCHEMA_VERSION, opts, session, artifact_digest(opts.artifact), memory, suffix, vocab
+    )
+    job = Job(opts, session.model, vocab, gen, report, note, clock=start)
+    job.lap("load_s")
+    if opts.prompt is not None:
+        inspect_prompt(job, user_message(opts.prompt, suffix))
+    else:
+        job.task = get_task(opts.data)
+        job.examples = job.task.load(opts.split, opts.limit)
+        if not job.examples:
+            raise MemgenError(
+                f"--data {opts.data} gave no examples (split {opts.split or job.task.default_split})."
+            )
+        system = (session.manifest.get("prompt") or {}).get("system")
+        job.messages = [to_messages(ex, suffix, system) for ex in job.examples]
+        inspect_data(job)
+    if k is not None:
+        centroids = cluster(job, k)
+        if opts.drop_cluster is not None:
+            intervene(job, centroids)
+    figures = R.figures(report, vocab)
+    report["timings"]["total_s"] = round(time.perf_counter() - start, 2)
+    write_outputs(report, figures, opts, note)
+    if opts.json:
+        print(json.dumps(report, ensure_ascii=False))  # not rich: no wrapping, no markup
+    else:
+        R.print_terminal(console, report)
+    return report
+
+
+# ------------------------------------------------------------------------------ validate
+def validate(opts: InspectOptions) -> int | None:
+    """Check the options once; return the number of clusters to fit (None: no clustering)."""
+    if opts.artifact is None:
+        raise MemgenError(
+            "inspect-memory needs --artifact DIR: a weaver artifact from `memgen sft-weaver` or "
+            "`memgen grpo-weaver` (without one there is no memory to inspect)."
+        )
+    art = Path(opts.artifact)
+    if not art.is_dir():
+        raise MemgenError(f"Artifact {art} does not exist (expected a directory with {MANIFEST}).")
+    missing = [f for f in WEAVER_FILES if not (art / f).exists()]
+    if (art / MANIFEST).exists() and missing:
+        raise MemgenError(
+            f"Artifact {art} has no weaver (missing {', '.join(missing)}), so it has no memory to "
+            "inspect. Point --artifact at the output of `memgen sft-weaver` or `memgen grpo-weaver`."
+        )
+    if (opts.prompt is None) == (opts.data is None):
+        raise MemgenError(
+            "Give exactly one of --prompt TEXT (one answer) or --data TASK --limit N (many)."
+        )
+    if opts.prompt is not None and not opts.prompt.strip():
+        raise MemgenError("--prompt is empty; give the question to answer.")
+    if opts.memory not in (None, "weaver", "full"):
+        raise MemgenError(
+            f'--memory must be weaver or full (inspection needs memory on); got "{opts.memory}".'
+        )
+    for name in ("top_k", "limit", "max_new_tokens", "batch_size"):
+        if getattr(opts, name) < 1:
+            raise MemgenError(
+                f"--{name.replace('_', '-')} must be at least 1; got {getattr(opts, name)}."
+            )
+    k = opts.clusters if opts.clusters is not None else (DEFAULT_CLUSTERS if opts.data else None)
+    if k is not None and k < 2:
+        raise MemgenError(f"--clusters must be at least 2; got {k}.")
+    if opts.drop_cluster is not None:
+        if opts.data is None:
+            raise MemgenError(
+                "--drop-cluster re-runs an evaluation, so it needs --data TASK --limit N."
+            )
+        if not 0 <= opts.drop_cluster < k:
+            raise MemgenError(
+                f"--drop-cluster must name a cluster from 0 to {k - 1}; got {opts.drop_cluster}."
+            )
+    for target in (opts.html, opts.output):
+        if target is not None and art.resolve() in [
+            Path(target).resolve(),
+            *Path(target).resolve().parents,
+        ]:
+            raise MemgenError(
+                f"{target} lies inside the artifact {art}; inspect-memory never writes there."
+            )
+    return k
+
+
+def _require_insertions(found: list, what: str) -> None:
+    if not found:
+        raise MemgenError(
+            f"No memory was inserted for {what}: the weaver wove nothing (no prompt latents, and no "
+            "clause boundary where the trigger invoked it). Try a longer answer (--max-new-tokens), "
+            "--memory weaver, or a question whose answer has several clauses."
+        )
+
+
+# ------------------------------------------------------------------------------ one answer
+def inspect_prompt(job: Job, message: dict) -> None:
+    """Generate one answer with the trace, then probe every insertion in depth."""
+    model, vocab, report = job.model, job.vocab, job.report
+    enc = encode_prompts(model.tokenizer, [[message]], model.device)
+    prompt_ids = enc["input_ids"][0].tolist()
+    out = generate(model, enc["input_ids"], enc["attention_mask"], job.gen, keep_logits=True)
+    found = sorted(out.trace.for_row(0), key=lambda ins: ins.token_index)
+    _require_insertions(found, "this prompt")
+    tokens, eos = out.tokens[0], P.emitted_eos(out)
+    completion = model.tokenizer.decode(tokens, skip_special_tokens=True)
+    example = R.example_record(0, message["content"], completion, len(tokens), eos is not None)
+    example["answer"] = extract_math_answer(completion)
+    report["examples"].append(example)
+    job.latents = [ins.latents for ins in found]
+    job.lap("generate_s")
+
+    stream = P.build_stream(model, prompt_ids, tokens, eos, found)
+    with P.eager_attention(model) as implementation:
+        deep = P.deep_pass(model, stream, layers=job.opts.layers)
+    report["attention_implementation"] = implementation
+    for i, ins in enumerate(found):
+        rec = R.describe(model.tokenizer, vocab, ins, i, 0, tokens, prompt_ids, job.opts.top_k)
+        rows = torch.tensor(list(stream.chunk(i)), device=deep.hidden.device)
+        rec["logit_lens"] = P.logit_lens(model, vocab, deep.hidden[rows])
+        if deep.layers is not None:
+            rec["logit_lens_layers"] = [
+                [t[0] for t in P.logit_lens(model, vocab, h[rows], top=1)] for h in deep.layers
+            ]
+        rec["attention"] = P.attention_mass(deep.attention, stream, i)
+        report["insertions"].append(rec)
+    example["segments"] = R.answer_segments(
+        segments(model.tokenizer, tokens, found), report["insertions"]
+    )
+    job.lap("probe_s")
+
+    logp_with = float(P.continuation_logprobs(model, stream).sum())
+    regenerated = P.ablated_generations(model, prompt_ids, job.gen, found)
+    for i, rec in enumerate(report["insertions"]):
+        logp_without = float(P.continuation_logprobs(model, P.without(stream, model, i)).sum())
+        other = model.tokenizer.decode(regenerated.tokens[i], skip_special_tokens=True)
+        rec["ablation"] = R.ablation_record(
+            logp_with,
+            logp_without,
+            completion,
+            other,
+            example["answer"],
+            extract_math_answer(other),
+        )
+    job.lap("ablation_s")
+
+
+# ----------------------------------------------------------------------------- many answers
+def _generate_all(job: Job, label: str, keep=None):
+    """Yield (example index, prompt ids, output, row) for every prompt, batched, with progress."""
+    model, size = job.model, job.opts.batch_size
+    columns = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=job.console, transient=True) as progress:
+        bar = progress.add_task(label, total=len(job.messages))
+        for start in range(0, len(job.messages), size):
+            chunk = job.messages[start : start + size]
+            enc = encode_prompts(model.tokenizer, chunk, model.device)
+            out = generate(model, enc["input_ids"], enc["attention_mask"], job.gen, keep=keep)
+            for row in range(len(chunk)):
+                ids = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
+                yield start + row, ids, out, row
+            progress.advance(bar, len(chunk))
+
+
+def _grade(job: Job, out, row: int, e: int) -> tuple[str, float]:
+    completion = job.model.tokenizer.decode(out.tokens[row], skip_special_tokens=True)
+    return completion, float(job.task.grade(completion, job.examples[e]))
+
+
+def inspect_data(job: Job) -> None:
+    """Answer every example with the trace, grade it, and describe every insertion."""
+    model, report = job.model, job.report
+    for e, prompt_ids, out, row in _generate_all(job, "inspecting"):
+        tokens, ex = out.tokens[row], job.examples[e]
+        found = sorted(out.trace.for_row(row), key=lambda ins: ins.token_index)
+        completion, grade = _grade(job, out, row, e)
+        record = R.example_record(e, ex.question, completion, len(tokens), out.finished[row], ex.id)
+        record.update(answer=job.task.extract(completion), gold=ex.answer, correct=grade)
+        first = len(report["insertions"])
+        for ins in found:
+            rec = R.describe(
+                model.tokenizer,
+                job.vocab,
+                ins,
+                len(report["insertions"]),
+                e,
+                tokens,
+                prompt_ids,
+                job.opts.top_k,
+            )
+            rec["correct"] = grade
+            report["insertions"].append(rec)
+            job.latents.append(ins.latents)
+        pieces = segments(model.tokenizer, tokens, found)
+        record["segments"] = R.answer_segments(pieces, report["insertions"][first:])
+        report["examples"].append(record)
+    _require_insertions(report["insertions"], f"any of the {len(job.examples)} examples")
+    report["accuracy"] = round(
+        sum(ex["correct"] for ex in report["examples"]) / len(report["examples"]), 4
+    )
+    job.lap("generate_s")
+
+
+def cluster(job: Job, k: int):
+    """k-means over the mean-pooled latents of every insertion; PCA and t-SNE; statistics."""
+    recs, seed = job.report["insertions"], job.opts.seed
+    if k > len(recs):
+        raise MemgenError(
+            f"--clusters {k} is more than the {len(recs)} insertion{'s' * (len(recs) != 1)} found. "
+            + (f"Use --clusters {len(recs)} or fewer, or " if len(recs) >= 2 else "")
+            + "inspect more answers (--data TASK --limit N)."
+        )
+    points = C.mean_pool(job.latents)
+    fit = C.kmeans(points, k, seed)
+    proj = C.project(points, seed)
+    for rec, label in zip(recs, fit.labels, strict=True):
+        rec["cluster"] = int(label)
+    job.report["clusters"] = {
+        "k": k,
+        "seed": seed,
+        "method": "k-means (k-means++, 10 restarts) on mean-pooled latents; clusters numbered by size",
+        "inertia": round(fit.inertia, 4),
+        "pca_explained_variance": [round(v, 4) for v in proj.explained],
+        "tsne_perplexity": proj.perplexity,
+        "centroid_nearest_tokens": C.centroid_tokens(fit.centroids, job.vocab, job.opts.top_k),
+        "stats": C.cluster_stats(fit.labels, recs, k),
+        "points": {
+            "pca": proj.pca.round(4).tolist(),
+            "tsne": None if proj.tsne is None else proj.tsne.round(4).tolist(),
+        },
+    }
+    job.lap("cluster_s")
+    return fit.centroids
+
+
+def intervene(job: Job, centroids) -> None:
+    """Re-run the evaluation with every insertion in cluster J suppressed (the paper's rule).
+
+    The rule is applied to each insertion as it is woven in the re-run (latents woven after a
+    dropped one differ from the first run's). How the rule agrees with the first run's k-means
+    labels is reported too: the two need not coincide.
+    """
+    j = job.opts.drop_cluster
+    in_cluster = C.drop_rule(centroids, job.vocab, j)
+    counts = {"seen": 0, "dropped": 0}
+
+    def keep(ins) -> bool:
+        drop = in_cluster(ins.latents)
+        counts["seen"] += 1
+        counts["dropped"] += drop
+        return not drop
+
+    grades = [
+        _grade(job, out, row, e)[1]
+        for e, _, out, row in _generate_all(job, f"without cluster {j}", keep)
+    ]
+    baseline = [ex["correct"] for ex in job.report["examples"]]
+    first = [in_cluster(x) for x in job.latents]
+    labels = [r["cluster"] for r in job.report["insertions"]]
+    job.report["drop_cluster"] = {
+        "cluster": j,
+        "rule": f"drop an insertion when centroid {j} is among the top-{C.DROP_TOP} cosine neighbours "
+        "of its mean latent among vocabulary embeddings ∪ centroids",
+        "accuracy_with": round(sum(baseline) / len(baseline), 4),
+        "accuracy_without": round(sum(grades) / len(grades), 4),
+        "insertions_seen": counts["seen"],
+        "insertions_dropped": counts["dropped"],
+        "answers_changed": sum(a != b for a, b in zip(baseline, grades, strict=True)),
+        "first_run": {
+            "cluster_size": labels.count(j),
+            "rule_selects": sum(first),
+            "rule_selects_in_cluster": sum(
+                f and lab == j for f, lab in zip(first, labels, strict=True)
+            ),
+        },
+    }
+    job.lap("intervention_s")
+
+
+# ------------------------------------------------------------------------------------ write
+def write_outputs(
+    report: dict, figures: dict[str, bytes], opts: InspectOptions, console: Console
+) -> None:
+    """PNGs and inspect.json into --output; the self-contained page to --html (atomically)."""
+    if opts.output is not None:
+        out = Path(opts.output)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, png in figures.items():
+            _atomic_write(out / f"{name}.png", png)
+            report["plots"][name] = str(out / f"{name}.png")
+        _atomic_write(
+            out / "inspect.json", json.dumps(report, ensure_ascii=False, indent=1).encode()
+        )
+        console.print(f"wrote {len(figures)} plots and inspect.json to {out}", style="dim")
+    if opts.html is not None:
+        from memgen_cli.inspection.html import page
+
+        Path(opts.html).parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(Path(opts.html), page(report, figures).encode())
+        console.print(f"wrote {opts.html}", style="dim")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # an interrupted run never leaves half a file
