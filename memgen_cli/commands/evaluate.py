@@ -1,10 +1,96 @@
-"""`memgen eval` (not built yet: it says so and exits 2)."""
+"""`memgen eval`: memory off vs weaver vs weaver + trigger on the same problems."""
 
 from __future__ import annotations
 
-from memgen_cli.commands.options import not_available
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from memgen_cli.commands import options as o
+from memgen_cli.config import GenerationConfig
+from memgen_cli.stages import evaluate as stage
 
 
-def command() -> None:
-    """Not available yet in this version."""
-    not_available("eval")
+def command(
+    data: Annotated[
+        list[str],
+        typer.Option(
+            "--data",
+            help="Task(s): gsm8k, gsm_symbolic, gym:<name>, math, gpqa, triviaqa, "
+            "kodcode, jsonl, or a GSM8K-format .jsonl path. Repeat or comma-separate.",
+        ),
+    ],
+    artifact: o.Artifact = None,
+    memory: Annotated[
+        str | None,
+        typer.Option(
+            "--memory",
+            help="Modes to compare, comma-separated: off,weaver,full "
+            "(default: off plus every mode the artifact supports).",
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="First N problems of each task.")
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option("--split", help="Data split (default: the task's test split).")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Problems per generation batch.")
+    ] = 16,
+    max_new_tokens: o.MaxNewTokens = 512,
+    temperature: o.Temperature = 0.0,
+    top_p: o.TopP = 1.0,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            "--seed",
+            help="Data seed (gym tasks: default held out "
+            "from training; fixed datasets: shuffle) and sampling seed.",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            help="Directory for metrics.json and predictions.jsonl (default: runs/eval/<time>).",
+        ),
+    ] = None,
+    json: o.Json = False,
+    prompt_suffix: o.PromptSuffix = None,
+    task_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task-option",
+            help="KEY=VALUE for the task "
+            "(e.g. grader=numeric, columns.prompt=problem, path=file.jsonl). Repeatable.",
+        ),
+    ] = None,
+    base: o.Base = None,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "auto",
+    allow_base_mismatch: o.AllowMismatch = False,
+) -> None:
+    """Benchmark memory modes side by side: accuracy ± s.e., insertions, throughput."""
+    gen = GenerationConfig(max_new_tokens, temperature, top_p, 0, "off")
+    stage.run(
+        stage.EvalOptions(
+            data,
+            artifact,
+            base,
+            memory,
+            limit,
+            split,
+            batch_size,
+            gen,
+            seed,
+            output,
+            json,
+            prompt_suffix,
+            task_option or [],
+            device,
+            dtype,
+            allow_base_mismatch,
+        )
+    )

@@ -1,0 +1,424 @@
+"""``memgen eval``: the same reasoner with memory off, with the weaver, and with weaver +
+trigger, on exactly the same problems, in one run (one model load; the memory mode is a
+field of the GenerationConfig).
+
+Reads top to bottom: validate the request (modes, tasks, artifact) -> load the problems ->
+open the model -> per task, cut the problems into batches once; per mode, generate and
+grade them -> gather on rank 0 -> table, ``metrics.json`` and ``predictions.jsonl``.
+
+Under ``torchrun``/``accelerate launch`` whole *batches* are dealt round-robin to the
+ranks. A batch holds the same problems whatever the number of processes, so a multi-process
+run computes exactly what a single process computes, only spread out.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from memgen_cli import __version__, distributed
+from memgen_cli.artifacts import artifact_digest, read_manifest
+from memgen_cli.config import MEMORY_MODES, GenerationConfig
+from memgen_cli.data import Example, Task, get_task, to_messages
+from memgen_cli.errors import MemgenError, did_you_mean
+from memgen_cli.generation import encode_prompts, generate
+from memgen_cli.stages.common import Session, open_session, resolve_suffix
+
+# When the artifact records a train seed but not how many items it drew, assume this many
+# (reasoning_gym item i comes from Random(seed + i), so a seed names a range of generators).
+ASSUMED_GYM_RANGE = 100_000
+
+
+@dataclass
+class EvalOptions:
+    data: list[str]
+    """Tasks: names (gsm8k, gsm_symbolic, gym:<name>, ...) or GSM8K-format .jsonl paths;
+    several may be given, or one comma-separated string."""
+    artifact: Path | None = None
+    base: str | None = None
+    memory: str | None = None
+    """Comma-separated modes; None: off plus every mode the artifact supports."""
+    limit: int | None = None
+    split: str | None = None
+    batch_size: int = 16
+    gen: GenerationConfig = field(default_factory=lambda: GenerationConfig(512, memory="off"))
+    seed: int | None = None
+    """Data seed: the generator seed of gym tasks (default: held out from training) and a
+    shuffle seed for fixed datasets (default: file order). Also seeds sampling."""
+    output: Path | None = None
+    json: bool = False
+    prompt_suffix: str | None = None
+    task_options: list[str] = field(default_factory=list)
+    """``key=value`` (YAML value, dotted keys nest) passed to every task, e.g. grader=numeric."""
+    device: str = "auto"
+    dtype: str = "auto"
+    allow_base_mismatch: bool = False
+
+
+@dataclass
+class Problem:
+    index: int  # position in the task's problem list
+    example: Example
+    messages: list[dict]
+
+
+def run(opts: EvalOptions, console: Console | None = None) -> dict:
+    """Evaluate; return the metrics object (on rank 0; an empty dict on the other ranks)."""
+    dist = distributed.init()
+    console = console or Console()
+    notes = Console(stderr=True, quiet=not dist.is_main)
+    try:
+        return _evaluate(opts, dist, console, notes)
+    finally:
+        distributed.finish()
+
+
+def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict:
+    # 1. validate everything that is cheap, before the model is loaded
+    if opts.limit is not None and opts.limit < 1:
+        raise MemgenError(
+            f"--limit must be at least 1 (got {opts.limit}); leave it out for all problems."
+        )
+    if opts.batch_size < 1:
+        raise MemgenError(f"--batch-size must be at least 1 (got {opts.batch_size}).")
+    manifest = read_manifest(opts.artifact) if opts.artifact is not None else None
+    modes = parse_modes(opts.memory, manifest, notes)
+    options = parse_task_options(opts.task_options)
+    tasks = {label: get_task(label, **options) for label in parse_specs(opts.data)}
+    # 2. the problems (the same for every mode)
+    problems: dict[str, list[Example]] = {}
+    seeds: dict[str, int | None] = {}
+    for label, task in tasks.items():
+        seeds[label] = data_seed(task, opts.seed, opts.limit, manifest, notes)
+        problems[label] = task.load(opts.split, opts.limit, seeds[label])
+        if not problems[label]:
+            raise MemgenError(
+                f"task {label!r} gave no problems for split {opts.split or task.default_split!r}."
+            )
+    # 3. the model, once
+    device = distributed.device_for_rank(opts.device, dist.local_rank)
+    session = open_session(opts.base, opts.artifact, device, opts.dtype, opts.allow_base_mismatch)
+    suffix = resolve_suffix(session, opts.prompt_suffix, notes)
+    system = ((manifest or {}).get("prompt") or {}).get("system")
+    # 4. per task, per mode: generate, grade, gather
+    started = time.perf_counter()
+    results, predictions = [], []
+    for label, task in tasks.items():
+        items = [
+            Problem(i, ex, to_messages(ex, suffix, system)) for i, ex in enumerate(problems[label])
+        ]
+        batches = make_batches(session.model.tokenizer, items, opts.batch_size)
+        mine = distributed.shard(list(enumerate(batches)), dist.rank, dist.world_size)
+        for mode in modes:
+            gen = replace(
+                opts.gen, memory=mode, seed=opts.gen.seed if opts.seed is None else opts.seed
+            )
+            part = run_mode(session, task, label, mine, gen, notes, show=dist.is_main)
+            parts = distributed.gather_to_main(part)
+            if dist.is_main:
+                records = sorted((r for p in parts for r in p["records"]), key=lambda r: r["index"])
+                seconds = max(p["seconds"] for p in parts)
+                results.append(
+                    summarize(label, task, mode, records, seconds, sum(p["grade_s"] for p in parts))
+                )
+                predictions += records
+    if not dist.is_main:
+        return {}
+    # 5. report
+    metrics = {
+        "results": results,
+        "seconds": round(time.perf_counter() - started, 2),
+        "config": run_config(opts, session, modes, suffix, seeds, problems, dist.world_size),
+    }
+    out = opts.output or Path("runs") / "eval" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    write_outputs(out, metrics, predictions)
+    metrics["output"] = str(out)
+    if opts.json:
+        console.print(json.dumps(metrics), markup=False, highlight=False, soft_wrap=True)
+    else:
+        console.print(results_table(results, metrics["seconds"], out))
+    return metrics
+
+
+# --------------------------------------------------------------------------- validation
+def parse_specs(data: list[str]) -> list[str]:
+    """``--data a --data b,c`` -> [a, b, c], duplicates dropped, order kept."""
+    specs = [s.strip() for item in data for s in item.split(",") if s.strip()]
+    if not specs:
+        raise MemgenError(
+            "--data needs at least one task (e.g. --data gsm8k or --data path/to/test.jsonl)."
+        )
+    return list(dict.fromkeys(specs))
+
+
+def parse_modes(memory: str | None, manifest: dict | None, notes: Console) -> list[str]:
+    """The memory modes to compare. Default: off, plus weaver (and full when the artifact has
+    a trained trigger). Asking for weaver/full without an artifact is an error, not a silent
+    memory-off run that would be mistaken for the comparison that was asked for."""
+    has_trigger = bool(manifest and manifest["trigger"].get("trained"))
+    if memory is None:
+        if manifest is None:
+            notes.print(
+                "[yellow]No --artifact: only memory off (the plain reasoner) is evaluated.[/]"
+            )
+            return ["off"]
+        return ["off", "weaver"] + (["full"] if has_trigger else [])
+    modes = list(dict.fromkeys(m.strip() for m in memory.split(",") if m.strip()))
+    for mode in modes:
+        if mode not in MEMORY_MODES:
+            raise MemgenError(
+                f'unknown memory mode "{mode}"; use a comma-separated list of {", ".join(MEMORY_MODES)}.'
+                + did_you_mean(mode, MEMORY_MODES)
+            )
+    if not modes:
+        raise MemgenError(f"--memory needs at least one of {', '.join(MEMORY_MODES)}.")
+    wanted = [m for m in modes if m != "off"]
+    if wanted and manifest is None:
+        raise MemgenError(
+            f"--memory {','.join(wanted)} needs a trained weaver: pass --artifact DIR. "
+            "Without an artifact only off (the plain reasoner) is available."
+        )
+    if "full" in modes and not has_trigger:
+        raise MemgenError(
+            "--memory full needs a trained trigger, and this artifact has none. Compare "
+            "--memory off,weaver, or train one with `memgen train-trigger`."
+        )
+    return modes
+
+
+def parse_task_options(items: list[str]) -> dict:
+    """``["grader=numeric", "columns.prompt=problem"]`` -> {"grader": "numeric",
+    "columns": {"prompt": "problem"}}; values are read as YAML (numbers, lists, mappings)."""
+    options: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise MemgenError(f'--task-option expects key=value, got "{item}".')
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        *parents, leaf = key.strip().split(".")
+        node = options
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise MemgenError(f'--task-option "{item}" conflicts with an earlier option.')
+        node[leaf] = value
+    return options
+
+
+def _recorded_train_data(manifest: dict | None, task: Task) -> tuple[int, int | None] | None:
+    """(seed, items) the artifact was trained on for this task, if its manifest says so.
+
+    Reads ``training.data`` (a mapping, or a list of them, with ``task``, ``seed`` and
+    ``size``/``num_examples``), falling back to ``training`` itself.
+    """
+    training = (manifest or {}).get("training") or {}
+    data = training.get("data", training)
+    for entry in data if isinstance(data, list) else [data]:
+        if not isinstance(entry, dict) or entry.get("seed") is None:
+            continue
+        name = str(entry.get("task", ""))
+        if name in (task.name, f"gym:{task.name}") or name.removeprefix(
+            "gym:"
+        ) == task.name.removeprefix("gym:"):
+            size = entry.get("size", entry.get("num_examples"))
+            return int(entry["seed"]), None if size is None else int(size)
+    return None
+
+
+def data_seed(
+    task: Task, seed: int | None, limit: int | None, manifest: dict | None, notes: Console
+) -> int | None:
+    """The seed for ``task.load``: the user's, else (generated tasks) a held-out eval seed.
+
+    reasoning_gym item i is drawn from Random(seed + i), so train and eval overlap when their
+    seed ranges do. The task's default eval seed is moved past the artifact's recorded train
+    range when the two would meet; a user-given seed that meets it gets a warning.
+    """
+    if task.train_seed is None:  # fixed data: the seed shuffles (or orders options)
+        return task.eval_seed if seed is None else seed
+    recorded = _recorded_train_data(manifest, task)
+    if recorded is not None:
+        task.train_seed = recorded[0]  # the duplicate-question filter reads the real train set
+    start = task.eval_seed if seed is None else seed
+    if recorded is None:
+        return start
+    lo, hi = recorded[0], recorded[0] + (recorded[1] or ASSUMED_GYM_RANGE)
+    overlaps = start < hi and lo < start + (limit or ASSUMED_GYM_RANGE)
+    if overlaps and seed is not None:
+        notes.print(
+            f"[yellow]warning:[/] --seed {seed} draws {task.name} problems from the same "
+            f"generator range as the artifact's training data (seed {lo}); results may be inflated."
+        )
+    elif overlaps:
+        notes.print(
+            f"{task.name}: eval seed moved to {hi}, past the artifact's train range [{lo}, {hi})."
+        )
+        return hi
+    return start
+
+
+# --------------------------------------------------------------------------- generation
+def make_batches(tokenizer, items: list[Problem], batch_size: int) -> list[list[Problem]]:
+    """Batches of similar prompt length (less padding), longest first (a memory error shows
+    at once, and the time estimate errs on the safe side)."""
+
+    def length(item: Problem) -> int:
+        text = tokenizer.apply_chat_template(
+            item.messages, tokenize=False, add_generation_prompt=True
+        )
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    ordered = sorted(items, key=length, reverse=True)
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def run_mode(
+    session: Session, task: Task, label: str, batches, gen: GenerationConfig, notes, show: bool
+) -> dict:
+    """Generate and grade this rank's batches in one memory mode."""
+    total = sum(len(batch) for _, batch in batches)
+    model, tok = session.model, session.model.tokenizer
+    records, seconds, grade_s = [], 0.0, 0.0
+    columns = [
+        TextColumn(f"{label} · memory {gen.memory}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=notes, transient=True, disable=not show) as progress:
+        bar = progress.add_task("eval", total=total)
+        for number, batch in batches:
+            enc = encode_prompts(tok, [p.messages for p in batch], model.device)
+            tick = time.perf_counter()
+            # Seeded per batch, so sampling does not depend on how batches are spread.
+            out = generate(
+                model, enc["input_ids"], enc["attention_mask"], replace(gen, seed=gen.seed + number)
+            )
+            seconds += time.perf_counter() - tick
+            tick = time.perf_counter()
+            records += [
+                prediction(task, label, gen.memory, p, out, row, tok) for row, p in enumerate(batch)
+            ]
+            grade_s += time.perf_counter() - tick
+            progress.advance(bar, len(batch))
+    return {"records": records, "seconds": seconds, "grade_s": grade_s}
+
+
+def prediction(task: Task, label: str, mode: str, problem: Problem, out, row: int, tok) -> dict:
+    completion = tok.decode(out.tokens[row], skip_special_tokens=True)
+    score = float(task.grade(completion, problem.example))
+    return {
+        "task": label,
+        "mode": mode,
+        "index": problem.index,
+        "id": problem.example.id,
+        "prompt": problem.messages[-1]["content"],
+        "completion": completion,
+        "extracted": task.extract(completion),
+        "gold": problem.example.answer,
+        "score": score,
+        "correct": score >= 1.0,
+        "num_tokens": len(out.tokens[row]),
+        "finished": out.finished[row],
+        "insertions": [ins.summary() for ins in out.trace.for_row(row)],
+    }
+
+
+# --------------------------------------------------------------------------- reporting
+def summarize(
+    label: str, task: Task, mode: str, records: list[dict], seconds: float, grade_s: float
+) -> dict:
+    n = len(records)
+    scores = [r["score"] for r in records]
+    accuracy = sum(scores) / n
+    var = sum((s - accuracy) ** 2 for s in scores) / (n - 1) if n > 1 else 0.0
+    tokens = sum(r["num_tokens"] for r in records)
+    inference = sum(1 for r in records for i in r["insertions"] if i["kind"] == "inference")
+    return {
+        "task": label,
+        "task_family": task.name,
+        "mode": mode,
+        "accuracy": accuracy,
+        "stderr": math.sqrt(var / n),
+        "n": n,
+        "mean_insertions": sum(len(r["insertions"]) for r in records) / n,
+        "mean_inference_insertions": inference / n,
+        "mean_tokens": tokens / n,
+        "finished": sum(r["finished"] for r in records) / n,
+        "samples_per_s": n / seconds if seconds > 0 else None,
+        "tokens_per_s": tokens / seconds if seconds > 0 else None,
+        "generate_s": round(seconds, 3),
+        "grade_s": round(grade_s, 3),
+    }
+
+
+def run_config(
+    opts: EvalOptions, session: Session, modes, suffix, seeds, problems, world_size
+) -> dict:
+    return {
+        "memgen_version": __version__,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "base": {"name": session.base.name, "fingerprint": session.base.fingerprint},
+        "artifact": None
+        if opts.artifact is None
+        else {"path": str(opts.artifact), "sha256": artifact_digest(opts.artifact)},
+        "tasks": {
+            label: {"split": opts.split, "seed": seeds[label], "n": len(problems[label])}
+            for label in problems
+        },
+        "modes": modes,
+        "limit": opts.limit,
+        "prompt_suffix": suffix,
+        "generation": {k: v for k, v in vars(opts.gen).items() if k != "memory"},
+        "batch_size": opts.batch_size,
+        "task_options": parse_task_options(opts.task_options),
+        "device": str(session.model.device),
+        "dtype": str(session.base.model.dtype).removeprefix("torch."),
+        "world_size": world_size,
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)  # an interrupted run never leaves half a file
+
+
+def write_outputs(out: Path, metrics: dict, predictions: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+    _atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+
+def results_table(results: list[dict], seconds: float, out: Path) -> Table:
+    table = Table(title="memgen eval", caption=f"{seconds:.0f} s in all · written to {out}")
+    for name in ("task", "mode", "accuracy (%)", "n", "insertions/answer", "samples/s", "tokens/s"):
+        table.add_column(name, justify="left" if name in ("task", "mode") else "right")
+    for r in results:
+        table.add_row(
+            r["task"],
+            r["mode"],
+            f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}",
+            str(r["n"]),
+            f"{r['mean_insertions']:.2f}",
+            _rate(r["samples_per_s"], 2),
+            _rate(r["tokens_per_s"], 1),
+        )
+    return table
+
+
+def _rate(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

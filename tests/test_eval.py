@@ -1,0 +1,452 @@
+"""`memgen eval`: modes side by side on the same problems, outputs, held-out seeds, bad input,
+and a two-process run that reproduces the single-process one exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import save_tiny_base, tiny_artifact
+from rich.console import Console
+from typer.testing import CliRunner
+
+from memgen_cli.cli import app
+from memgen_cli.data import get_task
+from memgen_cli.data.graders import extract_final_answer
+from memgen_cli.errors import MemgenError
+from memgen_cli.stages import evaluate as ev
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = [
+    f"Sam has {i} apples and buys {i + 3} more, then eats one. How many are left?" for i in range(7)
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine two threads per
+    process slow each step down by orders of magnitude."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(base_dir, artifact_dir, gsm8k-format file) shared by the tests of this module."""
+    tmp = tmp_path_factory.mktemp("eval")
+    base, art = tiny_artifact(tmp)
+    return base, art, write_gsm8k(tmp / "gsm.jsonl", QUESTIONS)
+
+
+def write_gsm8k(path: Path, questions: list[str]) -> Path:
+    rows = [{"question": q, "answer": f"Work.\n#### {2 * i + 2}"} for i, q in enumerate(questions)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def invoke(*args):
+    return runner.invoke(app, ["eval", *map(str, args)], catch_exceptions=False)
+
+
+def eval_json(*args) -> dict:
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def read_predictions(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- parsing
+def test_specs_split_on_commas_keep_order_and_drop_repeats():
+    assert ev.parse_specs(["gsm8k,gym:chain_sum", "gsm8k", " math "]) == [
+        "gsm8k",
+        "gym:chain_sum",
+        "math",
+    ]
+    with pytest.raises(MemgenError, match="at least one task"):
+        ev.parse_specs([" , "])
+
+
+def test_default_modes_follow_the_artifact():
+    quiet = Console(file=open(os.devnull, "w"))
+    weaver = {"trigger": {"trained": False}}
+    memgen = {"trigger": {"trained": True}}
+    assert ev.parse_modes(None, None, quiet) == ["off"]
+    assert ev.parse_modes(None, weaver, quiet) == ["off", "weaver"]
+    assert ev.parse_modes(None, memgen, quiet) == ["off", "weaver", "full"]
+    assert ev.parse_modes("weaver, off,weaver", weaver, quiet) == ["weaver", "off"]
+    assert ev.parse_modes("off", None, quiet) == ["off"]
+
+
+@pytest.mark.parametrize(
+    "memory,manifest,message",
+    [
+        (
+            "off,wever",
+            {"trigger": {"trained": False}},
+            'unknown memory mode "wever".*Did you mean "weaver"',
+        ),
+        ("off,weaver", None, "--memory weaver needs a trained weaver: pass --artifact"),
+        ("full", {"trigger": {"trained": False}}, "needs a trained trigger"),
+        (",", None, "at least one of"),
+    ],
+)
+def test_bad_memory_modes(memory, manifest, message):
+    with pytest.raises(MemgenError, match=message):
+        ev.parse_modes(memory, manifest, Console(file=open(os.devnull, "w")))
+
+
+def test_task_options_nest_and_read_yaml_values():
+    got = ev.parse_task_options(
+        [
+            "grader=numeric",
+            "columns.prompt=problem",
+            "columns.answer=label",
+            "size=50",
+            "config={min_terms: 2}",
+        ]
+    )
+    assert got == {
+        "grader": "numeric",
+        "columns": {"prompt": "problem", "answer": "label"},
+        "size": 50,
+        "config": {"min_terms": 2},
+    }
+    with pytest.raises(MemgenError, match="key=value"):
+        ev.parse_task_options(["grader"])
+
+
+# --------------------------------------------------------------------------- held-out seeds
+def _notes():
+    console = Console(record=True, width=200, file=open(os.devnull, "w"))
+    return console, lambda: console.export_text()
+
+
+def test_gym_eval_seed_is_held_out_from_the_recorded_training_range():
+    task = get_task("gsm_symbolic")
+    console, text = _notes()
+    assert ev.data_seed(task, None, 10, None, console) == task.eval_seed  # nothing recorded
+    # Trained on generator seeds [999_990, 1_000_040): the default eval seed lies inside.
+    manifest = {"training": {"data": {"task": "gsm_symbolic", "seed": 999_990, "size": 50}}}
+    task = get_task("gsm_symbolic")
+    assert ev.data_seed(task, None, 10, manifest, console) == 1_000_040
+    assert task.train_seed == 999_990  # the duplicate filter now reads the real train set
+    assert "eval seed moved to 1000040" in text()
+    # Recorded elsewhere: the default is kept; a user seed inside the range is kept with a warning.
+    far = {"training": {"data": [{"task": "gym:gsm_symbolic", "seed": 42, "size": 5000}]}}
+    assert ev.data_seed(get_task("gsm_symbolic"), None, 10, far, console) == 1_000_000
+    assert ev.data_seed(get_task("gsm_symbolic"), 100, 10, far, console) == 100
+    assert "--seed 100 draws gsm_symbolic problems from the same generator range" in text()
+
+
+def test_fixed_datasets_take_the_seed_as_a_shuffle_seed(tiny):
+    task = get_task(str(tiny[2]))
+    assert ev.data_seed(task, None, 3, {"training": {"seed": 5}}, Console()) is None
+    assert ev.data_seed(task, 7, 3, None, Console()) == 7
+
+
+# --------------------------------------------------------------------------- metrics
+def test_summary_statistics():
+    recs = [
+        {"score": s, "num_tokens": t, "finished": f, "insertions": ins}
+        for s, t, f, ins in [
+            (1.0, 10, True, [{"kind": "prompt"}, {"kind": "inference"}]),
+            (0.0, 20, False, [{"kind": "prompt"}]),
+            (1.0, 30, True, [{"kind": "prompt"}, {"kind": "inference"}, {"kind": "inference"}]),
+            (1.0, 40, True, [{"kind": "prompt"}]),
+        ]
+    ]
+    task = get_task("gsm_symbolic")
+    got = ev.summarize("t", task, "weaver", recs, seconds=2.0, grade_s=0.1)
+    assert got["accuracy"] == 0.75 and got["n"] == 4
+    assert got["stderr"] == pytest.approx(0.25)  # sample sd 0.5 / sqrt(4)
+    assert got["mean_insertions"] == 1.75 and got["mean_inference_insertions"] == 0.75
+    assert got["samples_per_s"] == 2.0 and got["tokens_per_s"] == 50.0 and got["finished"] == 0.75
+
+
+# --------------------------------------------------------------------------- end to end
+def test_off_and_weaver_on_the_same_problems(tiny, tmp_path):
+    base, art, data = tiny
+    out = tmp_path / "out"
+    got = eval_json(
+        "--artifact",
+        art,
+        "--data",
+        data,
+        "--limit",
+        5,
+        "--max-new-tokens",
+        10,
+        "--batch-size",
+        2,
+        "--output",
+        out,
+    )
+    results = {r["mode"]: r for r in got["results"]}
+    assert list(results) == ["off", "weaver"]  # the default with an untriggered artifact
+    for r in got["results"]:
+        assert {
+            "task",
+            "mode",
+            "accuracy",
+            "n",
+            "mean_insertions",
+            "samples_per_s",
+            "tokens_per_s",
+        } <= set(r)
+        assert r["task"] == str(data) and r["n"] == 5 and 0.0 <= r["accuracy"] <= 1.0
+    assert results["off"]["mean_insertions"] == 0 and results["weaver"]["mean_insertions"] >= 1
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions.jsonl"]
+    assert json.loads((out / "metrics.json").read_text())["results"] == got["results"]
+    preds = read_predictions(out)
+    by_mode = {m: [p for p in preds if p["mode"] == m] for m in ("off", "weaver")}
+    assert (
+        [p["id"] for p in by_mode["off"]]
+        == [p["id"] for p in by_mode["weaver"]]
+        == [f"gsm8k/test/{i}" for i in range(5)]
+    )
+    task = get_task(str(data))
+    for p in preds:
+        assert p["prompt"] == f"{QUESTIONS[p['index']]}\nAnswer briefly."  # the artifact's suffix
+        assert p["extracted"] == task.extract(p["completion"])
+        assert p["score"] == task.grade(p["completion"], task.load(limit=5)[p["index"]])
+        assert p["gold"] == str(2 * p["index"] + 2) and p["num_tokens"] <= 10
+        positions = [i["token_index"] for i in p["insertions"]]
+        assert all(0 <= pos <= p["num_tokens"] for pos in positions)
+    assert all(p["insertions"] == [] for p in by_mode["off"])
+    assert all(
+        p["insertions"][0] == {**p["insertions"][0], "kind": "prompt", "token_index": 0}
+        for p in by_mode["weaver"]
+    )
+    for mode, r in results.items():
+        assert r["accuracy"] == sum(p["score"] for p in by_mode[mode]) / 5
+
+
+def test_accuracy_counts_what_the_grader_accepts(tiny, tmp_path):
+    """Gold answers copied from a first run: the second (greedy) run scores exactly those."""
+    base, _, _ = tiny
+    rows = [{"question": q, "answer": "never-said"} for q in QUESTIONS]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    opts = (
+        "--base",
+        base,
+        "--data",
+        "jsonl",
+        "--task-option",
+        f"path={data}",
+        "--task-option",
+        "grader=exact",
+        "--max-new-tokens",
+        8,
+    )
+    first = eval_json(*opts, "--output", tmp_path / "a")
+    assert first["results"][0]["accuracy"] == 0.0
+    answers = [extract_final_answer(p["completion"]) for p in read_predictions(tmp_path / "a")]
+    hits = [i for i, a in enumerate(answers) if a and i % 2 == 0]
+    assert hits, answers
+    for i in hits:
+        rows[i]["answer"] = answers[i]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    second = eval_json(*opts, "--output", tmp_path / "b")
+    assert second["results"][0]["accuracy"] == pytest.approx(len(hits) / len(rows))
+    assert [p["correct"] for p in read_predictions(tmp_path / "b")] == [
+        i in hits for i in range(len(rows))
+    ]
+
+
+def test_without_artifact_only_off_and_it_says_so(tiny, tmp_path):
+    base, _, data = tiny
+    result = invoke(
+        "--base",
+        base,
+        "--data",
+        data,
+        "--limit",
+        2,
+        "--max-new-tokens",
+        4,
+        "--output",
+        tmp_path / "o",
+    )
+    assert result.exit_code == 0, result.output
+    assert "only memory off (the plain reasoner) is evaluated" in result.stderr
+    assert (
+        "memgen eval" in result.stdout
+        and " off " in result.stdout
+        and "weaver" not in result.stdout
+    )
+
+
+def test_prompt_suffix_override_is_used_and_warned_about(tiny, tmp_path):
+    _, art, data = tiny
+    result = invoke(
+        "--artifact",
+        art,
+        "--data",
+        data,
+        "--limit",
+        2,
+        "--memory",
+        "off",
+        "--max-new-tokens",
+        4,
+        "--prompt-suffix",
+        "Box it.",
+        "--output",
+        tmp_path / "o",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    assert "differs from the artifact's training format" in result.stderr
+    assert all(p["prompt"].endswith("\nBox it.") for p in read_predictions(tmp_path / "o"))
+
+
+# --------------------------------------------------------------------------- bad input
+def _hub_error(message: str):
+    def fail(*args, **kwargs):
+        raise ConnectionError(message)
+
+    return fail
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("unknown_task", "unknown task 'gsm9k'. Known tasks: gsm8k, gsm_symbolic"),
+        ("missing_artifact", "does not exist (expected a directory with memgen.json)"),
+        ("not_an_artifact", "is not a memgen artifact: memgen.json is missing"),
+        ("limit_zero", "--limit must be at least 1"),
+        ("gated", "access to Idavidrein/gpqa is gated: accept its terms"),
+        ("offline", "the Hugging Face hub could not be reached"),
+        ("other_base", "This artifact was trained on base"),
+        ("weaver_without_artifact", "needs a trained weaver: pass --artifact DIR"),
+        ("full_without_trigger", "needs a trained trigger"),
+    ],
+)
+def test_bad_input_one_clear_message_exit_2(case, message, tiny, tmp_path, monkeypatch):
+    base, art, data = tiny
+    args = ["--data", data, "--base", base, "--max-new-tokens", 2]
+    if case == "unknown_task":
+        args[1] = "gsm9k"
+    elif case == "missing_artifact":
+        args += ["--artifact", tmp_path / "nope"]
+    elif case == "not_an_artifact":
+        args += ["--artifact", tmp_path]
+    elif case == "limit_zero":
+        args += ["--limit", 0]
+    elif case in ("gated", "offline"):
+        import datasets
+
+        text = "Dataset 'Idavidrein/gpqa' is a gated dataset on the Hub. You must be authenticated"
+        monkeypatch.setattr(
+            datasets, "load_dataset", _hub_error(text if case == "gated" else "offline")
+        )
+        args[1] = "gpqa" if case == "gated" else "gsm8k"
+    elif case == "other_base":
+        args[3] = save_tiny_base(tmp_path / "qwen", "qwen2")
+        args += ["--artifact", art]
+    elif case == "weaver_without_artifact":
+        args += ["--memory", "off,weaver"]
+    elif case == "full_without_trigger":
+        args += ["--artifact", art, "--memory", "full"]
+    result = invoke(*args, "--output", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+    if case == "unknown_task":
+        assert 'Did you mean "gsm8k"' in result.output
+
+
+# --------------------------------------------------------------------------- processes
+def _cli(args: list, *, nproc: int, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launch = (
+        [sys.executable, "-m", "memgen_cli"]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            "-m",
+            "memgen_cli",
+        ]
+    )
+    return subprocess.run(
+        [*launch, "eval", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_two_processes_give_exactly_the_single_process_results(tiny, tmp_path):
+    _, art, data = tiny
+    args = ["--artifact", art, "--data", data, "--max-new-tokens", 8, "--batch-size", 2, "--json"]
+    single = _cli([*args, "--output", tmp_path / "one"], nproc=1, cwd=tmp_path)
+    double = _cli([*args, "--output", tmp_path / "two"], nproc=2, cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = json.loads(single.stdout), json.loads(double.stdout)  # one JSON object: rank 0 only
+    assert two["config"]["world_size"] == 2 and one["config"]["world_size"] == 1
+    keep = ("task", "mode", "accuracy", "n", "mean_insertions", "mean_tokens")
+    assert [{k: r[k] for k in keep} for r in two["results"]] == [
+        {k: r[k] for k in keep} for r in one["results"]
+    ]
+    fields = ("mode", "id", "completion", "extracted", "score", "insertions")
+    a, b = read_predictions(tmp_path / "one"), read_predictions(tmp_path / "two")
+    assert len(a) == 2 * len(QUESTIONS)
+    assert [{k: p[k] for k in fields} for p in b] == [{k: p[k] for k in fields} for p in a]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "one") == [
+        "two"
+    ]  # one result set
+
+
+@pytest.mark.slow
+def test_embedded_model_off_mode_matches_plain_transformers_generate(tmp_path):
+    """Memory off through the CLI gives the tokens of HF ``model.generate`` (greedy, same batch)."""
+    from memgen_cli.generation import encode_prompts
+    from memgen_cli.models.base import load_base
+
+    questions = [
+        "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether?",
+        "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?",
+        "What is 3 + 4?",
+        "A baker makes 12 cakes a day. How many cakes does he make in 5 days?",
+    ]
+    data = write_gsm8k(tmp_path / "gsm.jsonl", questions)
+    got = eval_json(
+        "--data", data, "--max-new-tokens", 24, "--batch-size", 4, "--output", tmp_path / "o"
+    )
+    assert got["results"][0]["n"] == 4 and got["config"]["base"]["name"] == "smollm2-135m"
+    preds = read_predictions(tmp_path / "o")
+    base = load_base("smollm2-135m", device="cpu")
+    tok = base.tokenizer
+    messages = [[{"role": "user", "content": p["prompt"]}] for p in preds]
+    # The eval batches longest prompt first; one batch here, so padding is the same for all.
+    enc = encode_prompts(tok, messages, "cpu")
+    with torch.no_grad():
+        out = base.model.generate(
+            **enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    for row, p in enumerate(preds):
+        ids = out[row, enc["input_ids"].shape[1] :].tolist()
+        text = tok.decode(ids, skip_special_tokens=True)
+        assert p["completion"] == text
+        assert p["prompt"].endswith("Put your final answer within \\boxed{}.")
