@@ -232,7 +232,8 @@ def iter_generate(
         token = torch.where(run.active, token, run.eos[0])
         was_active = run.active.clone()
         tokens.append(token)
-        run.active = run.active & ~torch.isin(token, run.eos)
+        if not cfg.ignore_eos:
+            run.active = run.active & ~torch.isin(token, run.eos)
         inserted = []
         if run.active.any() and step + 1 < cfg.max_new_tokens:
             inserted = run.step(token)
@@ -245,7 +246,7 @@ def iter_generate(
 
 def _collect(tokens, run: _Run, trace: MemoryTrace, step_logits) -> GenerationOutput:
     grid = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in range(run.batch)]
-    eos = set(run.eos.tolist())
+    eos = set() if run.cfg.ignore_eos else set(run.eos.tolist())
     out, finished = [], []
     for row in grid:
         cut = next((i for i, t in enumerate(row) if t in eos), None)
@@ -270,7 +271,7 @@ def reference_generate(model: MemGenModel, input_ids, attention_mask, cfg: Gener
     if cfg.temperature > 0:
         raise ValueError("the reference path is greedy only")
     model.eval()
-    eos = set(_eos_ids(model.tokenizer).tolist())
+    eos = set() if cfg.ignore_eos else set(_eos_ids(model.tokenizer).tolist())
     tokens, finished, logits_rows, trace = [], [], [], MemoryTrace()
     for row in range(input_ids.shape[0]):
         ids = input_ids[row, attention_mask[row].bool()][None]
