@@ -69,6 +69,8 @@ class GenerationConfig:
     """Seed for sampling."""
     memory: str = "weaver"
     """off (plain reasoner) | weaver (insert at every eligible point) | full (trigger decides)."""
+    ignore_eos: bool = False
+    """Keep generating past EOS up to max_new_tokens (benchmarks: equal work for every path)."""
 
 
 MEMORY_MODES = ("off", "weaver", "full")
@@ -171,3 +173,78 @@ def load_recipe(cls, path: str | Path | None, overrides: list[str] | None = None
 
 def dump_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+@dataclass
+class DataConfig:
+    task: str = "gsm_symbolic"
+    """gsm_symbolic | gsm8k | gym:<name> | jsonl | math | ..., or a GSM8K-format .jsonl path."""
+    path: str | None = None
+    """Local data for tasks that read files (gsm8k, jsonl): a .jsonl file or a directory."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """jsonl task only: role -> column, roles prompt, solution (the target), answer, id."""
+    split: str = "train"
+    """Split to train on."""
+    size: int | None = 2000
+    """Training samples to take (generated tasks: how many to generate); null = all."""
+    heldout: int = 0
+    """Further samples, after the training ones, kept apart for a held-out loss at the end."""
+    seed: int | None = None
+    """Generator seed of generated tasks (null: the task's train seed, disjoint from its eval
+    seed), or the shuffle seed of file data (null: file order). Recorded in the artifact."""
+    prompt_suffix: str = ""
+    """Answer-format instruction appended to each question; recorded so eval/generate reuse it.
+    Empty by default: the targets themselves (e.g. '#### N') teach the format, and an
+    instruction that contradicts them (e.g. a \\boxed{} request) would be trained against."""
+    system: str | None = None
+    """Optional system message (null: the chat template's own default)."""
+    max_length: int = 1024
+    """Longest prompt + target in tokens; longer samples are dropped and counted."""
+
+
+@dataclass
+class SFTTrainingConfig:
+    learning_rate: float = 1e-5
+    """Peak learning rate (paper: 1e-5)."""
+    epochs: float = 2.0
+    """Passes over the training samples (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 = as many as epochs give."""
+    batch_size: int = 4
+    """Samples per device per micro-batch."""
+    grad_accumulation: int = 1
+    """Micro-batches per optimizer step."""
+    scheduler: str = "cosine"
+    """Learning-rate schedule (any transformers SchedulerType: cosine, linear, constant, ...)."""
+    warmup: float = 0.1
+    """Warm-up: a fraction of all steps if < 1, else a number of steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 = off)."""
+    schedule: str = "first"
+    """Insertion points in the target: first | random | all (see training_data.py)."""
+    prompt_insertion: bool = True
+    """Insert the prompt latents where the assistant turn begins."""
+    bf16: bool = False
+    """bfloat16 mixed precision (CUDA; on CPU it is slower)."""
+    seed: int = 42
+    """Seed of initialisation, shuffling, dropout and the random schedule."""
+    logging_steps: int = 1
+    """Log loss and learning rate every this many steps."""
+    save_steps: int = 50
+    """Write a resumable checkpoint every this many steps (and at the end)."""
+    save_total_limit: int | None = 2
+    """Most checkpoints kept (oldest removed first); null = all."""
+    report_to: str = "none"
+    """none | tensorboard | wandb (comma-separated for several)."""
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: SFTTrainingConfig = field(default_factory=SFTTrainingConfig)
+    output: str = "runs/sft-weaver"
+    """Artifact directory (written atomically); checkpoints go to <output>.checkpoints/."""

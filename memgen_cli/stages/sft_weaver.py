@@ -1,0 +1,432 @@
+"""``memgen sft-weaver``: train the memory weaver by supervised fine-tuning (paper Appendix B.1).
+
+The loss is the frozen reasoner's cross-entropy on the reference solution, with latents woven
+at the prompt boundary and at delimiters of the solution; gradients reach only the weaver (its
+LoRA, query latents, norms, scales and both projections). Reads top to bottom:
+
+1. validate: the config, the resume point, the task and its data (bad data fails here, before
+   any model is loaded);
+2. build: base model + MemGen composition, tokenised samples (too long ones dropped and
+   counted), the collator with the insertion schedule, a transformers ``Trainer``;
+3. loop: ``Trainer.train`` owns optimizer, scheduler, accumulation, mixed precision,
+   checkpoints, ``--resume``, ``--report-to`` and multi-process training (``torchrun``); our
+   callbacks draw the progress line, write ``metrics.jsonl`` and turn Ctrl-C into a checkpoint;
+4. save: the main process writes the artifact atomically; the other processes wait.
+
+Checkpoints (``<output>.checkpoints/checkpoint-N/``) are the Trainer's own: ``model.safetensors``
+holds only the weaver's tensors (``WeaverObjective.state_dict``), next to the optimizer,
+scheduler and RNG states that resuming needs. They exist while a run is unfinished and are
+removed once its artifact is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import SchedulerType, get_last_checkpoint
+
+from memgen_cli.artifacts import save_artifact
+from memgen_cli.config import SFTConfig, dump_yaml, load_recipe, to_dict
+from memgen_cli.data import Example, Task, get_task
+from memgen_cli.errors import MemgenError
+from memgen_cli.models.base import load_base
+from memgen_cli.models.memgen import MemGenModel
+from memgen_cli.models.training import Points, weave_forward
+from memgen_cli.trainer_callbacks import (
+    MetricsLog,
+    RichProgress,
+    SetEpoch,
+    StopOnSignal,
+    Throughput,
+    world_size,
+)
+from memgen_cli.training_data import SCHEDULES, Encoded, SFTCollator, encode_examples
+
+REPORTERS = ("none", "tensorboard", "wandb")
+FILE_TASKS = ("gsm8k", "jsonl", "math", "gpqa", "triviaqa", "kodcode")
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped training after writing a resumable checkpoint."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(str(checkpoint))
+        self.checkpoint = checkpoint
+
+
+class WeaverObjective(nn.Module):
+    """What the Trainer trains: the woven SFT loss of a MemGen model.
+
+    Its ``state_dict`` is the weaver's trainable tensors only (LoRA + weaver), so Trainer
+    checkpoints stay small and never copy the reasoner; ``load_state_dict`` takes them back.
+    """
+
+    def __init__(self, model: MemGenModel):
+        super().__init__()
+        self.memgen = model
+        self.samples_seen = 0  # per process: shows that every rank really trained
+
+    def forward(self, input_ids, attention_mask, labels, prompt_points=None, inference_points=None):
+        points = Points(prompt_points, inference_points)
+        out = weave_forward(self.memgen, input_ids, attention_mask, labels, points)
+        if self.training:
+            self.samples_seen += input_ids.shape[0]
+        return {"loss": out.loss}
+
+    def state_dict(self, *args, **kwargs):
+        return {n: p.detach().contiguous() for n, p in self.memgen.weaver_parameters().items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        params = self.memgen.weaver_parameters()
+        missing = [k for k in params if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in params]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"weaver state: missing {missing}, unexpected {unexpected}")
+        with torch.no_grad():
+            for name, p in params.items():
+                if name in state_dict:
+                    p.copy_(state_dict[name])
+        return _IncompatibleKeys(missing, unexpected)
+
+
+# ----------------------------------------------------------------------------- config
+def resolve_config(
+    recipe: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    base: str | None = None,
+    data: str | None = None,
+    columns: dict[str, str] | None = None,
+    output: str | Path | None = None,
+    report_to: str | None = None,
+) -> SFTConfig:
+    """Recipe, then ``--set`` overrides, then the command's own flags (which win)."""
+    cfg = load_recipe(SFTConfig, recipe, overrides)
+    d = cfg.data
+    if columns:
+        d = dataclasses.replace(d, columns=dict(columns))
+    if data is not None:
+        if data.endswith(".jsonl") or Path(data).exists():
+            task = d.task if d.task in FILE_TASKS else "gsm8k"
+            d = dataclasses.replace(d, path=data, task="jsonl" if d.columns else task)
+        else:
+            d = dataclasses.replace(d, task=data, path=None)
+    model = cfg.model if base is None else dataclasses.replace(cfg.model, base=base)
+    t = (
+        cfg.training
+        if report_to is None
+        else dataclasses.replace(cfg.training, report_to=report_to)
+    )
+    return dataclasses.replace(
+        cfg, model=model, data=d, training=t, output=str(output) if output else cfg.output
+    )
+
+
+def checkpoint_dir(cfg: SFTConfig) -> Path:
+    out = Path(cfg.output)
+    return out.with_name(out.name + ".checkpoints")
+
+
+def validate(cfg: SFTConfig, resume: str | None) -> Path | None:
+    """Check values the dataclass types cannot; return the checkpoint to resume from."""
+    t, d = cfg.training, cfg.data
+    if t.schedule not in SCHEDULES:
+        raise MemgenError(
+            f'training.schedule must be one of {", ".join(SCHEDULES)}; got "{t.schedule}".'
+        )
+    try:
+        SchedulerType(t.scheduler)
+    except ValueError:
+        names = ", ".join(s.value for s in SchedulerType)
+        raise MemgenError(
+            f'training.scheduler "{t.scheduler}" is unknown; use one of {names}.'
+        ) from None
+    for name in t.report_to.split(","):
+        if name.strip() not in REPORTERS:
+            raise MemgenError(f'--report-to must be none, tensorboard or wandb; got "{name}".')
+    checks = [
+        (t.learning_rate > 0, "training.learning_rate must be > 0"),
+        (
+            t.batch_size >= 1 and t.grad_accumulation >= 1,
+            "batch_size and grad_accumulation must be >= 1",
+        ),
+        (t.max_steps > 0 or t.epochs > 0, "set training.epochs > 0 or training.max_steps > 0"),
+        (d.max_length > 1, "data.max_length must be > 1"),
+        (d.size is None or d.size >= 1, "data.size must be >= 1 (or null for all)"),
+        (d.heldout >= 0, "data.heldout must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise MemgenError(message + ".")
+    return _resume_point(cfg, resume)
+
+
+def _resume_point(cfg: SFTConfig, resume: str | None) -> Path | None:
+    ckpts = checkpoint_dir(cfg)
+    last = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
+    if resume is None:
+        if last is not None:
+            raise MemgenError(
+                f"{ckpts} holds checkpoints of an unfinished run. Continue it with --resume auto, "
+                f"or delete that folder to start over."
+            )
+        return None
+    if resume == "auto":
+        point = Path(last) if last else None
+    else:
+        point = Path(resume)
+        if not (point / "trainer_state.json").is_file():
+            raise MemgenError(
+                f"--resume {resume}: not a checkpoint folder (no trainer_state.json)."
+            )
+    if point is not None:
+        _check_same_run(cfg, point.parent)
+    return point
+
+
+def _check_same_run(cfg: SFTConfig, ckpts: Path) -> None:
+    """Resuming with another model, memory or data would silently train something else."""
+    file = ckpts / "recipe.yaml"
+    if not file.exists():
+        return
+    before, now = yaml.safe_load(file.read_text()), to_dict(cfg)
+    diff = [
+        f"{section}.{key}"
+        for section in ("model", "memory", "data")
+        for key in now[section]
+        if before.get(section, {}).get(key) != now[section][key]
+    ]
+    if diff:
+        raise MemgenError(
+            f"The checkpoints in {ckpts} were made with different settings ({', '.join(diff)}). "
+            f"Resume with the same recipe, or delete {ckpts} to start over."
+        )
+
+
+# ------------------------------------------------------------------------------- data
+def load_examples(cfg: SFTConfig) -> tuple[Task, list[Example], list[Example], int | None]:
+    """The task, its training and held-out examples, and the data seed actually used."""
+    d = cfg.data
+    options = {}
+    if d.path is not None:
+        options["path"] = d.path
+    if d.columns:
+        options["columns"] = dict(d.columns)
+    task = get_task(d.task, **options)
+    want = None if d.size is None else d.size + d.heldout
+    examples = task.load(d.split, limit=want, seed=d.seed)
+    if len(examples) <= d.heldout:
+        raise MemgenError(
+            f"{d.path or d.task} gave {len(examples)} examples, not enough for training plus "
+            f"{d.heldout} held out."
+        )
+    cut = len(examples) - d.heldout
+    seed = d.seed if d.seed is not None else task.train_seed
+    return task, examples[:cut], examples[cut:], seed
+
+
+def heldout_loss(
+    model: MemGenModel, samples: list[Encoded], collate: SFTCollator, batch: int
+) -> float:
+    """Token-weighted loss over held-out samples, with the collator's insertion points."""
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(samples), batch):
+            b = collate(samples[i : i + batch])
+            b = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in b.items()}
+            points = Points(b["prompt_points"], b["inference_points"])
+            out = weave_forward(model, b["input_ids"], b["attention_mask"], b["labels"], points)
+            total += float(out.loss) * out.num_tokens
+            count += out.num_tokens
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------- trainer
+def training_args(cfg: SFTConfig, ckpts: Path, device: torch.device) -> TrainingArguments:
+    t = cfg.training
+    reporters = [r.strip() for r in t.report_to.split(",") if r.strip() != "none"]
+    return TrainingArguments(
+        output_dir=str(ckpts),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accumulation,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup if t.warmup < 1 else int(t.warmup),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        bf16=t.bf16,
+        report_to=reporters or "none",
+        disable_tqdm=True,  # RichProgress draws the progress line
+        remove_unused_columns=False,  # the collator's points are not model "columns"
+        dataloader_num_workers=0,
+        use_cpu=device.type == "cpu",
+        # Inference queries get no gradient in a batch without delimiters; buffers (the
+        # delimiter table) are constant, so there is nothing to broadcast.
+        ddp_find_unused_parameters=True,
+        ddp_broadcast_buffers=False,
+        log_level="passive",  # keep the CLI's quiet library logging
+    )
+
+
+def run(
+    cfg: SFTConfig,
+    resume: str | None = None,
+    console: Console | None = None,
+    callbacks: list | None = None,
+) -> Path:
+    """Train the weaver and write the artifact to ``cfg.output``; returns its path."""
+    console = console or Console()
+    # 1. validate
+    resume_from = validate(cfg, resume)
+    task, train_examples, held_examples, data_seed = load_examples(cfg)
+
+    # 2. build
+    set_seed(cfg.training.seed)
+    base = load_base(cfg.model.base, cfg.model.device, cfg.model.dtype, cfg.model.revision)
+    model = MemGenModel(base.model, base.tokenizer, cfg.memory)
+    model.set_trainable(weaver=True, trigger=False)
+    d, t = cfg.data, cfg.training
+    train, dropped = encode_examples(model, train_examples, d.prompt_suffix, d.system, d.max_length)
+    held, held_dropped = encode_examples(
+        model, held_examples, d.prompt_suffix, d.system, d.max_length
+    )
+    if not train:
+        raise MemgenError(
+            f"All {dropped} training samples are longer than data.max_length={d.max_length} "
+            "tokens; raise it with --set data.max_length=N."
+        )
+    cap = cfg.memory.max_inference_insertions
+    pad = base.tokenizer.pad_token_id
+    collate = SFTCollator(pad, t.schedule, cap, t.prompt_insertion, t.seed)
+    # Held-out points follow what generation does: the first `cap` delimiters.
+    held_collate = SFTCollator(pad, "first", cap, t.prompt_insertion, t.seed)
+    off_collate = SFTCollator(pad, memory=False)
+    ckpts = checkpoint_dir(cfg)
+    args = training_args(cfg, ckpts, model.device)
+    main = args.process_index == 0
+    say = console.print if main else (lambda *a, **k: None)
+    say(
+        f"sft-weaver: {len(train)} samples from {task.name} ({dropped} dropped as longer than "
+        f"{d.max_length} tokens), schedule {t.schedule}, {world_size()} process(es)"
+        + (f", resuming from {resume_from}" if resume_from else "")
+    )
+    losses: dict[str, float] = {}
+    if held and main and resume_from is None:
+        losses["weaver_initial"] = heldout_loss(model, held, held_collate, t.batch_size)
+    if main:
+        ckpts.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:
+            (ckpts / "recipe.yaml").write_text(dump_yaml(cfg))
+    objective = WeaverObjective(model)
+    clock = Throughput(t.batch_size * t.grad_accumulation * args.world_size)
+    stop = StopOnSignal()
+    trainer = Trainer(
+        model=objective,
+        args=args,
+        train_dataset=train,
+        data_collator=collate,
+        callbacks=[
+            RichProgress(clock, console),
+            MetricsLog(ckpts / "metrics.jsonl", clock),
+            stop,
+            SetEpoch(collate),
+            *(callbacks or []),
+        ],
+    )
+    trainer.remove_callback(PrinterCallback)  # RichProgress replaces the raw dict printer
+
+    # 3. loop
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    wall = time.perf_counter() - started
+    if stop.stopped_at is not None:
+        raise TrainingInterrupted(ckpts / f"checkpoint-{stop.stopped_at}")
+
+    # 4. save (main process; the others wait so that the run ends together)
+    per_rank = _gather(objective.samples_seen)
+    if main:
+        if held:
+            losses["memory_off"] = heldout_loss(model, held, off_collate, t.batch_size)
+            losses["weaver_final"] = heldout_loss(model, held, held_collate, t.batch_size)
+        logged = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+        summary = {
+            "stage": "sft-weaver",
+            "task": task.name,
+            "data": d.path or d.task,
+            "split": d.split,
+            "data_seed": data_seed,
+            "eval_seed": task.eval_seed,
+            "training_seed": t.seed,
+            "samples": len(train),
+            "dropped_too_long": dropped,
+            "heldout_samples": len(held),
+            "heldout_dropped_too_long": held_dropped,
+            "heldout_loss": {k: round(v, 5) for k, v in losses.items()},
+            "schedule": t.schedule,
+            "steps": trainer.state.global_step,
+            "epochs": round(trainer.state.epoch or 0.0, 4),
+            "final_loss": logged[-1] if logged else None,
+            "mean_loss": result.training_loss,
+            "samples_per_s": clock.rate(trainer.state.global_step),
+            "wall_s": round(wall, 1),
+            "world_size": args.world_size,
+            "samples_per_rank": per_rank,
+            "resumed_from": str(resume_from) if resume_from else None,
+        }
+        out = save_artifact(
+            model,
+            base,
+            cfg.output,
+            prompt={"prompt_suffix": d.prompt_suffix, "system": d.system},
+            recipe_yaml=dump_yaml(cfg),
+            training=summary,
+            metrics_file=ckpts / "metrics.jsonl",
+        )
+        shutil.rmtree(ckpts, ignore_errors=True)  # the run is finished: nothing to resume
+        console.print(summary_table(summary, out))
+    trainer.accelerator.wait_for_everyone()
+    return Path(cfg.output)
+
+
+def _gather(value: int) -> list[int]:
+    if world_size() == 1:
+        return [value]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def summary_table(s: dict, out: Path) -> Table:
+    table = Table(title=f"sft-weaver → {out}", show_header=False)
+    rows = [
+        ("task", f"{s['task']} ({s['samples']} samples, {s['dropped_too_long']} dropped)"),
+        ("steps / epochs", f"{s['steps']} / {s['epochs']}"),
+        ("final loss", f"{s['final_loss']:.4f}" if s["final_loss"] is not None else "-"),
+        ("samples/s", f"{s['samples_per_s']:.2f}" if s["samples_per_s"] else "-"),
+        ("wall time", f"{s['wall_s']:.0f} s on {s['world_size']} process(es)"),
+    ]
+    rows += [(f"held-out loss ({k})", f"{v:.4f}") for k, v in s["heldout_loss"].items()]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table

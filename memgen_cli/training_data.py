@@ -1,0 +1,126 @@
+"""SFT samples as tensors: chat-formatted prompt + target, the loss mask, the insertion schedule.
+
+Tokenisation (``encode_examples``): the prompt is the tokenizer's own chat template with the
+generation prompt, rendered exactly as ``generate`` renders it; the target is the reference
+solution followed by EOS. Labels are -100 everywhere except on the target, so the loss covers
+only the assistant's answer. A sample longer than ``max_length`` is dropped (and counted), never
+truncated mid-answer.
+
+Insertion schedule (``SFTCollator``): one prompt point per row (the last prompt token, so the
+prompt latents sit where the assistant turn begins) and inference points at delimiters of the
+*target* (paper Appendix B.1):
+
+- ``first``: the first ``cap`` delimiters, as the official code does, and as generation does
+  with an untrained trigger (it inserts at every clause boundary until the cap);
+- ``random``: a random subset of ``cap`` delimiters (the paper's description), drawn anew per
+  sample and epoch from ``(seed, epoch, sample index)`` so that a resumed run draws the same;
+- ``all``: every delimiter of the target, beyond the cap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memgen_cli.data import Example, to_messages
+from memgen_cli.models.memgen import MemGenModel
+from memgen_cli.models.training import IGNORE, delimiter_positions, select_points
+
+SCHEDULES = ("first", "random", "all")
+
+
+@dataclass
+class Encoded:
+    """One tokenised sample: ``input_ids[:prompt_len]`` is the prompt, the rest the target."""
+
+    input_ids: list[int]
+    prompt_len: int
+    candidates: list[int]  # token indices in the target that end a clause (insertion points)
+    index: int  # position in the training set (seeds the random schedule)
+
+
+def prompt_text(tokenizer, example: Example, prompt_suffix: str, system: str | None) -> str:
+    messages = to_messages(example, prompt_suffix, system)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def target_text(example: Example) -> str:
+    """The SFT target: the worked solution, or the bare answer for answer-only tasks."""
+    return example.solution if example.solution else example.answer
+
+
+def encode_examples(
+    model: MemGenModel,
+    examples: list[Example],
+    prompt_suffix: str,
+    system: str | None,
+    max_length: int,
+) -> tuple[list[Encoded], int]:
+    """Tokenise ``examples``; returns the kept samples and how many were too long."""
+    if not examples:
+        return [], 0
+    tok = model.tokenizer
+    prompts = [prompt_text(tok, ex, prompt_suffix, system) for ex in examples]
+    targets = [target_text(ex) for ex in examples]
+    prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    target_ids = tok(targets, add_special_tokens=False)["input_ids"]
+    kept: list[Encoded] = []
+    dropped = 0
+    for p, t in zip(prompt_ids, target_ids, strict=True):
+        ids = p + t + [tok.eos_token_id]
+        if len(ids) > max_length:
+            dropped += 1
+            continue
+        cands = delimiter_positions(model, torch.tensor(ids), len(p), len(ids))
+        kept.append(Encoded(ids, len(p), cands, len(kept)))
+    return kept, dropped
+
+
+class SFTCollator:
+    """Right-pads a list of ``Encoded`` into the keyword arguments of the training forward.
+
+    ``memory=False`` gives no insertion points at all (the plain reasoner's loss).
+    """
+
+    def __init__(
+        self,
+        pad_id: int,
+        schedule: str = "first",
+        cap: int = 5,
+        prompt_insertion: bool = True,
+        seed: int = 0,
+        memory: bool = True,
+    ):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, not {schedule!r}")
+        self.pad_id, self.schedule, self.cap = pad_id, schedule, cap
+        self.prompt_insertion, self.seed, self.memory = prompt_insertion, seed, memory
+        self.epoch = 0  # set by the trainer callback at each epoch start (random schedule)
+
+    def points(self, item: Encoded) -> list[int]:
+        if not self.memory:
+            return []
+        gen = None
+        if self.schedule == "random":
+            gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, item.index)) % 2**62)
+        return select_points(item.candidates, self.schedule, self.cap, gen)
+
+    def __call__(self, items: list[Encoded]) -> dict:
+        length = max(len(it.input_ids) for it in items)
+        ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, IGNORE)
+        for b, it in enumerate(items):
+            n = len(it.input_ids)
+            ids[b, :n] = torch.tensor(it.input_ids)
+            mask[b, :n] = 1
+            labels[b, it.prompt_len : n] = ids[b, it.prompt_len : n]
+        use_prompt = self.memory and self.prompt_insertion
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "prompt_points": [it.prompt_len - 1 for it in items] if use_prompt else None,
+            "inference_points": [self.points(it) for it in items],
+        }

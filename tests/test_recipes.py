@@ -1,0 +1,44 @@
+"""Every YAML under recipes/ loads into its stage's config class (unknown keys are errors).
+
+A recipe file is named ``<stage>.yaml`` (``recipes/<model>/<task>/<stage>.yaml``). A stage that
+adds recipes adds its config class to ``RECIPE_CONFIGS`` below.
+"""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from memgen_cli.config import SFTConfig, dump_yaml, from_dict, load_recipe
+from memgen_cli.errors import MemgenError
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPE_CONFIGS: dict[str, type] = {
+    "sft-weaver": SFTConfig,
+}
+ALL = sorted(RECIPES.rglob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert ALL, f"no recipes under {RECIPES}"
+
+
+@pytest.mark.parametrize("path", ALL, ids=[str(p.relative_to(RECIPES)) for p in ALL])
+def test_recipe_loads(path):
+    stage = path.stem
+    assert stage in RECIPE_CONFIGS, (
+        f"{path}: no config class registered for stage {stage!r} in RECIPE_CONFIGS"
+    )
+    cfg = load_recipe(RECIPE_CONFIGS[stage], path)
+
+    assert from_dict(type(cfg), yaml.safe_load(dump_yaml(cfg))) == cfg  # round-trips
+
+
+def test_unknown_recipe_key_is_an_error_with_a_suggestion(tmp_path):
+    bad = tmp_path / "sft-weaver.yaml"
+    bad.write_text("memory:\n  promt_latents: 4\n")
+    with pytest.raises(
+        MemgenError,
+        match='Unknown config key "memory.promt_latents". Did you mean "prompt_latents"',
+    ):
+        load_recipe(SFTConfig, bad)

@@ -1,0 +1,389 @@
+"""`memgen sft-weaver`: tokenisation, schedule, training behaviour, artifact, resume, errors.
+
+Fast tests train a 2-layer Llama saved to a temporary directory (``--base DIR``) on a small
+GSM8K-format JSONL; the slow ones use the embedded SmolLM2 model and torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model
+from safetensors.torch import load_file
+from transformers import TrainerCallback, set_seed
+from typer.testing import CliRunner
+
+from memgen_cli.artifacts import load_artifact
+from memgen_cli.cli import app
+from memgen_cli.config import MemoryConfig, SFTConfig, load_recipe
+from memgen_cli.data import Example
+from memgen_cli.generation import encode_prompts
+from memgen_cli.models.base import load_base
+from memgen_cli.models.memgen import MemGenModel
+from memgen_cli.models.training import IGNORE, Points, weave_forward
+from memgen_cli.stages import sft_weaver as stage
+from memgen_cli.training_data import SFTCollator, encode_examples
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny" / "sft-weaver.yaml"
+ARTIFACT_FILES = {
+    "memgen.json",
+    "recipe.yaml",
+    "metrics.jsonl",
+    "weaver.safetensors",
+    "weaver/adapter_config.json",
+    "weaver/adapter_model.safetensors",
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning costs ~4x."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    """A 2-layer Llama with the ChatML byte tokenizer, saved as a model directory."""
+    path = tmp_path_factory.mktemp("tiny-base")
+    model, tok = make_model("llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_problems(path: Path, n: int = 12) -> Path:
+    rows = [
+        {
+            "question": f"What is {a} + {a + 1}?",
+            "answer": f"Add {a}, then {a + 1}.\nSo {2 * a + 1}.\n#### {2 * a + 1}",
+        }
+        for a in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+class Capture(TrainerCallback):
+    """Keeps the trained objective, and optionally sends Ctrl-C at a given step."""
+
+    def __init__(self, interrupt_at: int | None = None):
+        self.interrupt_at, self.model = interrupt_at, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.interrupt_at:
+            signal.raise_signal(signal.SIGINT)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.model = model
+
+
+def tiny_cfg(tiny_base, tmp_path, *sets) -> SFTConfig:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = write_problems(tmp_path / "train.jsonl")
+    return stage.resolve_config(
+        TINY, list(sets), base=str(tiny_base), data=str(data), output=tmp_path / "out"
+    )
+
+
+def files(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+
+
+# ------------------------------------------------------------------------ data pieces
+def test_labels_cover_only_the_answer_and_prompt_matches_generation():
+    mg = make_memgen_default()
+    ex = Example("1", "What is 2+3?", "5", "2+3=5.\nSo, 5.\n#### 5")
+    (enc,), dropped = encode_examples(mg, [ex], "Be brief.", None, max_length=512)
+    assert dropped == 0
+    prompt = encode_prompts(
+        mg.tokenizer, [[{"role": "user", "content": "What is 2+3?\nBe brief."}]], "cpu"
+    )
+    assert enc.input_ids[: enc.prompt_len] == prompt["input_ids"][0].tolist()  # same as generate
+    batch = SFTCollator(mg.tokenizer.pad_token_id, "first", 5)([enc])
+    labels = batch["labels"][0]
+    assert (labels[: enc.prompt_len] == IGNORE).all()
+    target = mg.tokenizer.decode(labels[enc.prompt_len :])
+    assert target == ex.solution + mg.tokenizer.eos_token
+    assert batch["prompt_points"] == [enc.prompt_len - 1]
+    # Inference points are delimiters of the target, never the prompt and never the last token.
+    pts = batch["inference_points"][0]
+    assert pts and all(enc.prompt_len <= p < len(enc.input_ids) - 1 for p in pts)
+    assert all(mg.tokenizer.decode([enc.input_ids[p]])[-1] in ",.\n" for p in pts)
+
+
+def make_memgen_default():
+    model, tok = make_model("llama")
+    return MemGenModel(
+        model, tok, MemoryConfig(lora_r=4, lora_alpha=8, prompt_latents=2, inference_latents=2)
+    )
+
+
+def test_too_long_samples_are_dropped_and_counted():
+    mg = make_memgen_default()
+    short = Example("1", "Hi?", "1", "1.")
+    long = Example("2", "Hi?", "1", "word, " * 200)
+    kept, dropped = encode_examples(mg, [short, long, short], "", None, max_length=100)
+    assert dropped == 1 and len(kept) == 2
+    assert [k.index for k in kept] == [0, 1]
+
+
+def test_schedules():
+    from memgen_cli.training_data import Encoded
+
+    item = Encoded(list(range(30)), 5, [6, 9, 12, 15, 18, 21], 0)
+    first = SFTCollator(0, "first", 3)([item])["inference_points"][0]
+    every = SFTCollator(0, "all", 3)([item])["inference_points"][0]
+    rand = SFTCollator(0, "random", 3, seed=1)
+    a = rand([item])["inference_points"][0]
+    assert first == [6, 9, 12] and every == item.candidates
+    assert len(a) == 3 and set(a) <= set(item.candidates) and a == sorted(a)
+    assert rand([item])["inference_points"][0] == a  # same (seed, epoch, sample): same draw
+    draws = set()
+    for epoch in range(8):
+        rand.epoch = epoch
+        draws.add(tuple(rand([item])["inference_points"][0]))
+    assert len(draws) > 1  # a new subset per epoch
+    off = SFTCollator(0, memory=False)([item])
+    assert off["prompt_points"] is None and off["inference_points"] == [[]]
+
+
+def test_flags_map_onto_the_config(tmp_path):
+    data = write_problems(tmp_path / "d.jsonl")
+    cfg = stage.resolve_config(
+        TINY, ["training.learning_rate=0.5"], base="b", data=str(data), output="o"
+    )
+    assert (cfg.model.base, cfg.data.task, cfg.data.path, cfg.output) == (
+        "b",
+        "gsm8k",
+        str(data),
+        "o",
+    )
+    assert cfg.training.learning_rate == 0.5
+    cfg = stage.resolve_config(
+        None, [], data=str(data), columns={"prompt": "question", "answer": "answer"}
+    )
+    assert cfg.data.task == "jsonl" and cfg.data.columns == {
+        "prompt": "question",
+        "answer": "answer",
+    }
+    assert stage.resolve_config(None, [], data="gym:chain_sum").data.task == "gym:chain_sum"
+    assert (
+        stage.resolve_config(None, [], report_to="tensorboard").training.report_to == "tensorboard"
+    )
+
+
+# --------------------------------------------------------------------------- training
+def test_training_lowers_loss_changes_every_weaver_tensor_and_not_the_reasoner(tiny_base, tmp_path):
+    # 4 samples, batch 4: every step sees the same samples, so the loss must fall.
+    cfg = tiny_cfg(
+        tiny_base,
+        tmp_path,
+        "data.size=4",
+        "data.heldout=0",
+        "training.batch_size=4",
+        "training.max_steps=6",
+        "training.learning_rate=0.01",
+    )
+    capture = Capture()
+    out = stage.run(cfg, callbacks=[capture])
+    losses = [
+        r["loss"]
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
+    assert len(losses) == 6 and losses[-1] < losses[0] * 0.9, losses
+
+    set_seed(cfg.training.seed)  # the stage's seed, then the same construction: initial weights
+    fresh = load_base(str(tiny_base), "cpu")
+    initial = MemGenModel(fresh.model, fresh.tokenizer, cfg.memory)
+    trained = capture.model.memgen
+    before = initial.weaver_parameters()
+    for name, p in trained.weaver_parameters().items():
+        assert not torch.equal(p.detach(), before[name].detach()), f"{name} did not change"
+    plain = load_base(str(tiny_base), "cpu").model.state_dict()
+    reasoner = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in trained.peft.state_dict().items()
+        if "lora_" not in k
+    }
+    assert set(reasoner) == set(plain)
+    for name, value in plain.items():
+        assert torch.equal(reasoner[name], value), f"reasoner tensor {name} changed"
+
+
+def test_artifact_file_set_reload_and_summary(tiny_base, tmp_path):
+    cfg = tiny_cfg(tiny_base, tmp_path)
+    capture = Capture()
+    out = stage.run(cfg, callbacks=[capture])
+    assert files(out) == ARTIFACT_FILES
+    assert not stage.checkpoint_dir(cfg).exists()  # finished: nothing left to resume
+    assert load_recipe(SFTConfig, out / "recipe.yaml") == cfg
+    manifest = json.loads((out / "memgen.json").read_text())
+    s = manifest["training"]
+    assert (s["steps"], s["samples"], s["heldout_samples"], s["world_size"]) == (3, 6, 2, 1)
+    assert s["samples_per_rank"] == [6] and s["dropped_too_long"] == 0
+    assert set(s["heldout_loss"]) == {"weaver_initial", "memory_off", "weaver_final"}
+    assert manifest["prompt"]["prompt_suffix"] == cfg.data.prompt_suffix
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+
+    trained = capture.model.memgen.eval()
+    loaded, _, _ = load_artifact(out, device="cpu")
+    collate = SFTCollator(
+        trained.tokenizer.pad_token_id, "first", cfg.memory.max_inference_insertions
+    )
+    ex = [Example(str(i), f"What is {i}+1?", str(i + 1), f"{i}+1, so {i + 1}.") for i in range(3)]
+    batch = collate(encode_examples(trained, ex, "", None, 512)[0])
+    points = Points(batch["prompt_points"], batch["inference_points"])
+    args = (batch["input_ids"], batch["attention_mask"], batch["labels"], points)
+    a = weave_forward(trained, *args, return_logits=True).logits
+    b = weave_forward(loaded, *args, return_logits=True).logits
+    assert torch.equal(a, b)
+
+
+def test_resume_after_interruption_gives_the_same_weights(tiny_base, tmp_path):
+    sets = ["training.max_steps=5", "memory.lora_dropout=0.1"]
+    straight = stage.run(tiny_cfg(tiny_base, tmp_path / "a", *sets))
+
+    cfg = tiny_cfg(tiny_base, tmp_path / "b", *sets)
+    with pytest.raises(stage.TrainingInterrupted) as stop:
+        stage.run(cfg, callbacks=[Capture(interrupt_at=2)])
+    assert stop.value.checkpoint.name == "checkpoint-3"  # Ctrl-C at step 2: stops after step 3
+    assert not Path(cfg.output).exists()  # no artifact from an interrupted run
+    with pytest.raises(Exception, match="--resume auto"):
+        stage.run(cfg)  # a fresh start would silently abandon the unfinished run
+    resumed = stage.run(cfg, resume="auto")
+
+    a, b = load_file(straight / "weaver.safetensors"), load_file(resumed / "weaver.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    a = load_file(straight / "weaver/adapter_model.safetensors")
+    b = load_file(resumed / "weaver/adapter_model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5]
+    assert json.loads((resumed / "memgen.json").read_text())["training"]["resumed_from"].endswith(
+        "checkpoint-3"
+    )
+
+
+# ------------------------------------------------------------------------- bad inputs
+def cli(*args):
+    return CliRunner().invoke(app, ["sft-weaver", *map(str, args)])
+
+
+@pytest.mark.parametrize(
+    "lines,extra,message",
+    [
+        (
+            ['{"q": "a", "s": "b", "a": "c"}', '{"q": "a", "a": "c"}'],
+            ["--columns", "prompt=q,solution=s,answer=a"],
+            "record 2 has no column 's'",
+        ),
+        ([], [], "is empty"),
+        (
+            ['{"question": "a", "answer": "#### 1"}', "", '{"question": oops}'],
+            [],
+            "line 3 is not valid JSON",
+        ),
+    ],
+    ids=["missing-column", "empty-file", "bad-json-line"],
+)
+def test_bad_data_exits_2_with_its_message(tmp_path, lines, extra, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines))
+    result = cli("--recipe", TINY, "--data", path, "--output", tmp_path / "o", *extra)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and str(path) in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_config_exits_2_with_a_suggestion(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("training:\n  lerning_rate: 0.1\n")
+    result = cli("--recipe", recipe)
+    assert result.exit_code == 2 and 'Did you mean "learning_rate"' in result.output
+    result = cli("--recipe", TINY, "--set", "memory.inferense_latents=3")
+    assert result.exit_code == 2 and 'Did you mean "inference_latents"' in result.output
+    result = cli("--recipe", TINY, "--data", "gsm9k", "--output", tmp_path / "o")
+    assert result.exit_code == 2 and "unknown task 'gsm9k'" in result.output
+    result = cli("--recipe", TINY, "--set", "training.schedule=sometimes")
+    assert result.exit_code == 2 and "first, random, all" in result.output
+    result = cli("--recipe", TINY, "--resume", tmp_path)
+    assert result.exit_code == 2 and "not a checkpoint folder" in result.output
+
+
+# ------------------------------------------------------------------------------- slow
+@pytest.mark.slow
+def test_tiny_recipe_end_to_end_on_the_embedded_model(tmp_path):
+    result = cli("--recipe", TINY, "--output", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    assert files(out) == ARTIFACT_FILES
+    manifest = json.loads((out / "memgen.json").read_text())
+    assert manifest["reasoner"]["name"] == "smollm2-135m"
+    assert manifest["training"]["steps"] == 3 and manifest["training"]["task"] == "gsm_symbolic"
+    load_artifact(out, device="cpu")
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_writes_one_artifact(tiny_base, tmp_path):
+    data = write_problems(tmp_path / "train.jsonl")
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "memgen_cli",
+        "sft-weaver",
+        "--recipe",
+        str(TINY),
+        "--base",
+        str(tiny_base),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        log, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:  # never leave the two workers behind
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, log[-4000:]
+    assert files(out) == ARTIFACT_FILES
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == ["out"]
+    s = json.loads((out / "memgen.json").read_text())["training"]
+    # Both processes trained: 3 steps x batch 2 each, and the log knows it ran on 2.
+    assert s["world_size"] == 2 and s["samples_per_rank"] == [6, 6]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["world_size"] for r in rows} == {2}
