@@ -180,16 +180,19 @@ def test_clustering_is_deterministic_under_a_seed_and_finds_blobs():
     assert pa.tsne.shape == (60, 2) and sum(pa.explained) <= 1.0
 
 
-def test_drop_rule_uses_centroids_among_vocabulary_neighbours():
+def test_drop_rules():
     mg = make_memgen("llama")
     vocab = P.vocab_of(mg)
     weight = mg.reasoner.get_input_embeddings().weight.detach().float()
     centroids = torch.stack([weight[10] + weight[11], -weight[10]]).numpy()
-    rule0 = C.drop_rule(centroids, vocab, 0)
-    assert rule0(torch.from_numpy(centroids[:1]).repeat(2, 1))  # latents at the centroid itself
+    at_centroid0 = torch.from_numpy(centroids[:1]).repeat(2, 1)
+    assert C.drop_rule(centroids, vocab, 0)(at_centroid0)  # paper: centroid 0 is its top neighbour
     # A latent equal to token 50's embedding: with top=1 its nearest is token 50, not a centroid.
     assert not C.drop_rule(centroids, vocab, 0, top=1)(weight[50:51])
-    assert not C.drop_rule(centroids, vocab, 1, top=5)(torch.from_numpy(centroids[:1]))
+    assert not C.drop_rule(centroids, vocab, 1, top=5)(at_centroid0)
+    assert C.drop_rule(centroids, vocab, 0, "nearest")(at_centroid0)
+    assert not C.drop_rule(centroids, vocab, 1, "nearest")(at_centroid0)
+    assert C.drop_rule(centroids, vocab, 1, "nearest")(-weight[10:11] * 2)
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -275,6 +278,8 @@ DROP_KEYS = {
     "insertions_dropped",
     "answers_changed",
     "first_run",
+    "rule_name",
+    "warning",
 }
 TIMING_KEYS = {
     "load_s",
@@ -393,58 +398,36 @@ def test_terminal_view_shows_markers_and_one_table_per_insertion(artifact):
 
 def test_data_mode_clusters_and_drop_cluster(artifact, tmp_path):
     base, art = artifact
-    rows = [
-        {
-            "question": f"Ann has {i} pens, and gets {i + 1}. How many?",
-            "answer": f"#### {2 * i + 1}",
-        }
-        for i in range(6)
-    ]
+    rows = [{"question": f"Ann has {i} pens, and gets {i + 1}. How many?", "answer": f"#### {2 * i + 1}"} for i in range(6)]  # fmt: skip
     data_file = tmp_path / "mini.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = [
-        "--artifact",
-        art,
-        "--base",
-        base,
-        "--data",
-        data_file,
-        "--limit",
-        6,
-        "--max-new-tokens",
-        16,
-    ]
-    result = invoke(
-        *args,
-        "--clusters",
-        3,
-        "--drop-cluster",
-        0,
-        "--json",
-        "--output",
-        tmp_path / "out",
-        "--batch-size",
-        4,
+    args = f"--artifact {art} --base {base} --data {data_file} --limit 6 --max-new-tokens 16 --clusters 3 --json".split()  # fmt: skip
+    extra = (
+        f"--drop-cluster 0 --drop-rule nearest --output {tmp_path / 'out'} --batch-size 4".split()
     )
+    result = invoke(*args, *extra)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert set(data) == TOP_KEYS and data["mode"] == "data" and len(data["examples"]) == 6
     assert set(data["clusters"]) == CLUSTER_KEYS and set(data["drop_cluster"]) == DROP_KEYS
     labels = [r["cluster"] for r in data["insertions"]]
-    assert sorted(set(labels)) == [0, 1, 2] and sum(
-        s["size"] for s in data["clusters"]["stats"]
-    ) == len(labels)
+    assert sorted(set(labels)) == [0, 1, 2]
+    assert sum(s["size"] for s in data["clusters"]["stats"]) == len(labels)
     assert all(r["ablation"] is None and r["correct"] is not None for r in data["insertions"])
-    assert data["drop_cluster"]["insertions_dropped"] <= data["drop_cluster"]["insertions_seen"]
+    drop = data["drop_cluster"]
+    assert drop["insertions_dropped"] <= drop["insertions_seen"] and drop["rule_name"] == "nearest"
+    # the nearest-centroid rule selects exactly the k-means cluster on the first run
+    first = drop["first_run"]
+    assert (
+        first["rule_selects"]
+        == first["rule_selects_in_cluster"]
+        == first["cluster_size"]
+        == labels.count(0)
+    )
+    assert drop["warning"] is None
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == [
-        "cluster_stats.png",
-        "clusters_pca.png",
-        "clusters_tsne.png",
-        "inspect.json",
-        "latent_norms.png",
-    ]
-    again = json.loads(invoke(*args, "--clusters", 3, "--json").stdout)
+    assert names == ["cluster_stats.png", "clusters_pca.png", "clusters_tsne.png", "inspect.json", "latent_norms.png"]  # fmt: skip
+    again = json.loads(invoke(*args).stdout)
     assert [r["cluster"] for r in again["insertions"]] == labels  # seeded: the same clusters
 
 
@@ -464,6 +447,10 @@ def test_bad_input_gets_one_clear_message(artifact, tmp_path, monkeypatch):
     _fails(invoke("--artifact", no_weaver, "--base", base, "--prompt", "hi"), "has no weaver")
     _fails(invoke("--artifact", tmp_path / "nowhere", "--prompt", "hi"), "does not exist")
     _fails(invoke("--artifact", art, "--base", base), "exactly one of --prompt")
+    _fails(
+        invoke("--artifact", art, "--base", base, "--prompt", "hi", "--drop-rule", "x"),
+        "--drop-rule must be",
+    )
     _fails(
         invoke("--artifact", art, "--base", base, "--prompt", "hi", "--drop-cluster", 0),
         "needs --data",

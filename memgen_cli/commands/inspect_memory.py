@@ -43,6 +43,14 @@ def command(
             "--drop-cluster", min=0, help="Re-run --data with cluster J's insertions suppressed."
         ),
     ] = None,
+    drop_rule: Annotated[
+        str,
+        typer.Option(
+            "--drop-rule",
+            help="Which insertions count as cluster J: paper (centroid J among the top-10 cosine "
+            "neighbours of the mean latent, vocabulary ∪ centroids) | nearest (nearest centroid).",
+        ),
+    ] = "paper",
     layers: Annotated[
         bool, typer.Option("--layers", help="Logit lens at every layer, not only the last.")
     ] = False,
@@ -74,26 +82,10 @@ def command(
     """Look inside the latent memory: nearest tokens, logit lens, norms, attention, ablations, clusters."""
     stage.run(
         stage.InspectOptions(
-            artifact,
-            prompt,
-            data,
-            limit,
-            split,
-            top_k,
-            clusters,
-            drop_cluster,
-            layers,
-            html,
-            json,
-            output,
-            memory,
-            max_new_tokens,
-            seed,
-            batch_size,
-            prompt_suffix,
-            base,
-            device,
-            dtype,
-            allow_base_mismatch,
+            artifact=artifact, prompt=prompt, data=data, limit=limit, split=split, top_k=top_k,
+            clusters=clusters, drop_cluster=drop_cluster, drop_rule=drop_rule, layers=layers,
+            html=html, json=json, output=output, memory=memory, max_new_tokens=max_new_tokens,
+            seed=seed, batch_size=batch_size, prompt_suffix=prompt_suffix, base=base,
+            device=device, dtype=dtype, allow_base_mismatch=allow_base_mismatch,
         )
-    )
+    )  # fmt: skip

@@ -79,15 +79,25 @@ def centroid_tokens(centroids: np.ndarray, vocab: Vocab, k: int) -> list[list[di
     ]
 
 
-def drop_rule(
-    centroids: np.ndarray, vocab: Vocab, cluster: int, top: int = DROP_TOP
-) -> Callable[[torch.Tensor], bool]:
-    """``in_cluster(latents) -> bool``: the paper's intervention test for one insertion.
+DROP_RULES = ("paper", "nearest")
 
-    Its mean latent's top-``top`` cosine neighbours among vocabulary embeddings ∪ centroids
-    include centroid ``cluster``.
+
+def drop_rule(
+    centroids: np.ndarray, vocab: Vocab, cluster: int, rule: str = "paper", top: int = DROP_TOP
+) -> Callable[[torch.Tensor], bool]:
+    """``in_cluster(latents) -> bool``: does an insertion belong to ``cluster``?
+
+    ``paper``: the paper's intervention test: the mean latent's top-``top`` cosine neighbours
+    among vocabulary embeddings ∪ centroids include centroid ``cluster``. When latents lie far
+    from every token (cosine ~0.2 is common) all k <= ``top`` centroids are among the
+    neighbours of every latent, and the rule selects everything. ``nearest``: the centroid
+    nearest to the mean latent (Euclidean, as k-means assigns) is ``cluster``.
     """
     cents = torch.from_numpy(centroids).float()
+    if rule == "nearest":
+        return lambda latents: (
+            int(torch.cdist(latents.float().mean(0)[None], cents).argmin()) == cluster
+        )
     cents = cents / torch.linalg.vector_norm(cents, dim=-1, keepdim=True).clamp_min(1e-12)
     table = torch.cat([vocab.unit, cents])
     target = vocab.unit.shape[0] + cluster
@@ -98,6 +108,17 @@ def drop_rule(
         return bool((cos.topk(min(top, cos.numel())).indices == target).any())
 
     return in_cluster
+
+
+def rule_text(rule: str, cluster: int) -> str:
+    if rule == "nearest":
+        return (
+            f"drop an insertion when its mean latent is nearest to centroid {cluster} (Euclidean)"
+        )
+    return (
+        f"drop an insertion when centroid {cluster} is among the top-{DROP_TOP} cosine neighbours "
+        "of its mean latent among vocabulary embeddings ∪ centroids (paper)"
+    )
 
 
 def cluster_stats(labels: np.ndarray, records: list[dict], k: int) -> list[dict]:

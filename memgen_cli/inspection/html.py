@@ -205,6 +205,8 @@ def _clusters(report: dict) -> str:
             f"{drop['first_run']['rule_selects_in_cluster']} of the cluster's "
             f"{drop['first_run']['cluster_size']}.</p>"
         )
+        if drop["warning"]:
+            html += f"<p class='bad'><b>Warning:</b> {escape(drop['warning'])}</p>"
     return html
 
 

@@ -41,6 +41,7 @@ def _png(fig) -> bytes:
 
 def norms_plot(vocab_norms: np.ndarray, latent_norms: list[float], kinds: list[str]) -> bytes:
     """Histogram of token-embedding norms with every latent's norm as a tick below it."""
+    # Legend handles must not inherit the faint alpha of a crowded strip.
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.hist(
@@ -52,25 +53,30 @@ def norms_plot(vocab_norms: np.ndarray, latent_norms: list[float], kinds: list[s
         label=f"token embeddings (n={len(vocab_norms):,})",
     )
     top = ax.get_ylim()[1]
-    for kind, (_, colour) in KIND_STYLE.items():
-        xs = [n for n, k in zip(latent_norms, kinds, strict=True) if k == kind]
-        if xs:
+    jitter = np.random.default_rng(0)
+    for row, (kind, (_, colour)) in enumerate(KIND_STYLE.items()):
+        xs = np.array([n for n, k in zip(latent_norms, kinds, strict=True) if k == kind])
+        if len(xs):  # one jittered strip per kind below the histogram; faint when crowded
+            ys = -(0.05 + 0.07 * row) * top + jitter.uniform(-0.02, 0.02, len(xs)) * top
             ax.scatter(
                 xs,
-                np.full(len(xs), -0.06 * top),
+                ys,
                 marker="|",
-                s=120,
+                s=40,
                 color=colour,
+                alpha=min(1.0, 0.1 + 40 / len(xs)),
                 label=f"{kind} latents (n={len(xs)})",
                 clip_on=False,
             )
     for q, style in ((1, ":"), (50, "--"), (99, ":")):
         ax.axvline(np.percentile(vocab_norms, q), color="#555555", ls=style, lw=0.8)
-    ax.set_ylim(-0.12 * top, top)
+    ax.set_ylim(-0.16 * top, top)
     ax.set_xlabel("L2 norm (dotted: 1st/99th percentile of tokens; dashed: median)")
     ax.set_ylabel("density")
     ax.set_title("Latent norms against the reasoner's token-embedding norms")
-    ax.legend(frameon=False, fontsize=8, loc="upper right")
+    legend = ax.legend(frameon=False, fontsize=8, loc="upper right")
+    for handle in legend.legend_handles:
+        handle.set_alpha(1.0)
     return _png(fig)
 
 

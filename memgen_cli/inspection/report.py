@@ -312,6 +312,8 @@ def print_terminal(console: Console, report: dict) -> None:
             f"On the first run the rule selects {first['rule_selects']} insertions, "
             f"{first['rule_selects_in_cluster']} of the cluster's {first['cluster_size']}."
         )
+        if drop["warning"]:
+            console.print(f"[yellow]warning:[/] {drop['warning']}")
     t = report["timings"]
     console.print(
         Text(

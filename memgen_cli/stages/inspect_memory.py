@@ -51,6 +51,7 @@ class InspectOptions:
     top_k: int = 5
     clusters: int | None = None  # None: 4 with --data, no clustering with --prompt
     drop_cluster: int | None = None
+    drop_rule: str = "paper"  # paper | nearest (see inspection/clusters.py)
     layers: bool = False
     html: Path | None = None
     json: bool = False
@@ -173,6 +174,10 @@ def validate(opts: InspectOptions) -> int | None:
     k = opts.clusters if opts.clusters is not None else (DEFAULT_CLUSTERS if opts.data else None)
     if k is not None and k < 2:
         raise MemgenError(f"--clusters must be at least 2; got {k}.")
+    if opts.drop_rule not in C.DROP_RULES:
+        raise MemgenError(
+            f'--drop-rule must be one of {", ".join(C.DROP_RULES)}; got "{opts.drop_rule}".'
+        )
     if opts.drop_cluster is not None:
         if opts.data is None:
             raise MemgenError(
@@ -343,14 +348,25 @@ def cluster(job: Job, k: int):
 
 
 def intervene(job: Job, centroids) -> None:
-    """Re-run the evaluation with every insertion in cluster J suppressed (the paper's rule).
+    """Re-run the evaluation with every insertion in cluster J suppressed (``--drop-rule``).
 
     The rule is applied to each insertion as it is woven in the re-run (latents woven after a
     dropped one differ from the first run's). How the rule agrees with the first run's k-means
-    labels is reported too: the two need not coincide.
+    labels is reported, and a rule that selects far more than the cluster gets a warning.
     """
-    j = job.opts.drop_cluster
-    in_cluster = C.drop_rule(centroids, job.vocab, j)
+    j, rule = job.opts.drop_cluster, job.opts.drop_rule
+    in_cluster = C.drop_rule(centroids, job.vocab, j, rule)
+    labels = [r["cluster"] for r in job.report["insertions"]]
+    first = [in_cluster(x) for x in job.latents]
+    size, selects = labels.count(j), sum(first)
+    warning = None
+    if selects > 2 * size:
+        warning = (
+            f"the {rule} rule selects {selects} of the first run's {len(first)} insertions while "
+            f"cluster {j} holds {size}: the latents lie closer to every centroid than to any token, "
+            "so this drops far more than the cluster. Try --drop-rule nearest."
+        )
+        job.console.print(f"[yellow]warning:[/] {warning}")
     counts = {"seen": 0, "dropped": 0}
 
     def keep(ins) -> bool:
@@ -359,29 +375,26 @@ def intervene(job: Job, centroids) -> None:
         counts["dropped"] += drop
         return not drop
 
-    grades = [
-        _grade(job, out, row, e)[1]
-        for e, _, out, row in _generate_all(job, f"without cluster {j}", keep)
-    ]
+    runs = _generate_all(job, f"without cluster {j}", keep)
+    grades = [_grade(job, out, row, e)[1] for e, _, out, row in runs]
     baseline = [ex["correct"] for ex in job.report["examples"]]
-    first = [in_cluster(x) for x in job.latents]
-    labels = [r["cluster"] for r in job.report["insertions"]]
     job.report["drop_cluster"] = {
         "cluster": j,
-        "rule": f"drop an insertion when centroid {j} is among the top-{C.DROP_TOP} cosine neighbours "
-        "of its mean latent among vocabulary embeddings ∪ centroids",
+        "rule_name": rule,
+        "rule": C.rule_text(rule, j),
         "accuracy_with": round(sum(baseline) / len(baseline), 4),
         "accuracy_without": round(sum(grades) / len(grades), 4),
         "insertions_seen": counts["seen"],
         "insertions_dropped": counts["dropped"],
         "answers_changed": sum(a != b for a, b in zip(baseline, grades, strict=True)),
         "first_run": {
-            "cluster_size": labels.count(j),
-            "rule_selects": sum(first),
+            "cluster_size": size,
+            "rule_selects": selects,
             "rule_selects_in_cluster": sum(
                 f and lab == j for f, lab in zip(first, labels, strict=True)
             ),
         },
+        "warning": warning,
     }
     job.lap("intervention_s")
 
