@@ -7,9 +7,16 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.memgen-installed
 
-.PHONY: demo test test-fast setup lint format bench clean
+.PHONY: demo test test-fast setup browser lint format bench clean
 
 setup: $(STAMP)
+
+# Debian's Chromium + driver for the HTML-report browser test. Needs root and apt; where that is
+# not possible the test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "warning: could not install chromium; the browser test will be skipped"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +29,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	bash scripts/demo.sh
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
 test-fast: setup
