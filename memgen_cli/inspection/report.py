@@ -1,7 +1,12 @@
-"""The report: JSON records (layout in docs/inspect-memory-schema.md), the figures, and the
-rich terminal view (the answer with numbered markers, then one table per insertion)."""
+"""The report: JSON records (layout in docs/inspect-memory-schema.md), its figures, the rich
+terminal view (the answer with numbered markers, then one table per insertion) and the files
+written (PNGs, inspect.json, the HTML page)."""
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -321,3 +326,30 @@ def print_terminal(console: Console, report: dict) -> None:
             style="dim",
         )
     )
+
+
+# --------------------------------------------------------------------------------- files
+def write_outputs(report: dict, figures: dict[str, bytes], output, html, console: Console) -> None:
+    """PNGs and inspect.json into ``output``; the self-contained page to ``html`` (atomically)."""
+    if output is not None:
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, png in figures.items():
+            _atomic_write(out / f"{name}.png", png)
+            report["plots"][name] = str(out / f"{name}.png")
+        _atomic_write(
+            out / "inspect.json", json.dumps(report, ensure_ascii=False, indent=1).encode()
+        )
+        console.print(f"wrote {len(figures)} plots and inspect.json to {out}", style="dim")
+    if html is not None:
+        from memgen_cli.inspection.html import page
+
+        Path(html).parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(Path(html), page(report, figures).encode())
+        console.print(f"wrote {html}", style="dim")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # an interrupted run never leaves half a file

@@ -17,7 +17,6 @@ read. The JSON layout is documented in docs/inspect-memory-schema.md.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +130,7 @@ def run(opts: InspectOptions, console: Console | None = None) -> dict:
             intervene(job, centroids)
     figures = R.figures(report, vocab)
     report["timings"]["total_s"] = round(time.perf_counter() - start, 2)
-    write_outputs(report, figures, opts, note)
+    R.write_outputs(report, figures, opts.output, opts.html, note)
     if opts.json:
         print(json.dumps(report, ensure_ascii=False))  # not rich: no wrapping, no markup
     else:
@@ -397,32 +396,3 @@ def intervene(job: Job, centroids) -> None:
         "warning": warning,
     }
     job.lap("intervention_s")
-
-
-# ------------------------------------------------------------------------------------ write
-def write_outputs(
-    report: dict, figures: dict[str, bytes], opts: InspectOptions, console: Console
-) -> None:
-    """PNGs and inspect.json into --output; the self-contained page to --html (atomically)."""
-    if opts.output is not None:
-        out = Path(opts.output)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, png in figures.items():
-            _atomic_write(out / f"{name}.png", png)
-            report["plots"][name] = str(out / f"{name}.png")
-        _atomic_write(
-            out / "inspect.json", json.dumps(report, ensure_ascii=False, indent=1).encode()
-        )
-        console.print(f"wrote {len(figures)} plots and inspect.json to {out}", style="dim")
-    if opts.html is not None:
-        from memgen_cli.inspection.html import page
-
-        Path(opts.html).parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(Path(opts.html), page(report, figures).encode())
-        console.print(f"wrote {opts.html}", style="dim")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # an interrupted run never leaves half a file
