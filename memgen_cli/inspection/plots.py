@@ -71,6 +71,7 @@ def norms_plot(vocab_norms: np.ndarray, latent_norms: list[float], kinds: list[s
     for q, style in ((1, ":"), (50, "--"), (99, ":")):
         ax.axvline(np.percentile(vocab_norms, q), color="#555555", ls=style, lw=0.8)
     ax.set_ylim(-0.16 * top, top)
+    ax.set_yticks([t for t in ax.get_yticks() if 0 <= t <= top])  # no density below zero
     ax.set_xlabel("L2 norm (dotted: 1st/99th percentile of tokens; dashed: median)")
     ax.set_ylabel("density")
     ax.set_title("Latent norms against the reasoner's token-embedding norms")
