@@ -151,6 +151,8 @@ class _Run:
 
     def weave(self, kind: str, rows: torch.Tensor, probs: torch.Tensor | None) -> list[Insertion]:
         """Weave K latents for ``rows`` and append them to the reasoner's cache."""
+        if self.model.weaver.num_latents(kind) == 0:
+            return []  # K = 0 turns this kind of insertion off
         ctx, ctx_mask, ctx_pos = (torch.cat(parts, dim=1) for parts in zip(*self.pending))
         self.pending.clear()
         latents, states = self.model.weave(
@@ -291,6 +293,8 @@ def _reference_row(model: MemGenModel, ids, cfg, eos, row, trace):
         return model.reasoner_hidden(x, mask, pos)[:, -1]
 
     def weave(x, kind, index, prob):
+        if model.weaver.num_latents(kind) == 0:
+            return x
         empty = model.new_weaver_cache()  # the weaver re-reads the whole prefix every time
         mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
         pos = torch.arange(x.shape[1], device=x.device)[None]

@@ -68,7 +68,7 @@ TEST_DELIMITERS = [",", ".", "\n", "a", "e", "o", "t", "s", "1", "2"]
 def make_memgen(kind="llama", weaver_kind=None, seed=0, **memory) -> MemGenModel:
     model, tok = make_model(kind, seed=seed)
     weaver = make_model(weaver_kind, hidden=48, seed=seed + 1)[0] if weaver_kind else None
-    cfg = MemoryConfig(
+    settings = dict(
         prompt_latents=3,
         inference_latents=2,
         lora_r=4,
@@ -76,8 +76,8 @@ def make_memgen(kind="llama", weaver_kind=None, seed=0, **memory) -> MemGenModel
         lora_dropout=0.0,
         delimiters=TEST_DELIMITERS,
         trigger_hidden=16,
-        **memory,
     )
+    cfg = MemoryConfig(**{**settings, **memory})
     torch.manual_seed(seed + 2)
     mg = MemGenModel(model, tok, cfg, weaver_backbone=weaver).eval()
     # LoRA B starts at zero; give it values so the adapter really changes the backbone.

@@ -154,3 +154,9 @@ def test_training_forward_without_points_equals_plain_loss():
     ids, mask, labels, _ = _training_batch(mg)
     out = weave_forward(mg, ids, mask, labels, Points(None, [[], []]))
     torch.testing.assert_close(out.loss, plain(input_ids=ids, attention_mask=mask, labels=labels).loss, atol=1e-5, rtol=0)
+
+
+def test_zero_prompt_latents_turns_the_prompt_insertion_off():
+    mg = _diverse(make_memgen("llama", prompt_latents=0))
+    out = _compare(mg, GenerationConfig(max_new_tokens=16, memory="weaver"))
+    assert out.trace.insertions and all(i.kind == "inference" for i in out.trace.insertions)

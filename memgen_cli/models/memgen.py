@@ -172,9 +172,10 @@ class MemGenModel(nn.Module):
                 past_key_values=state.cache,
                 use_cache=True,
             )
+        kept = mask.shape[1] - k
         state.cache.crop(-k)  # drop the query slots: the cache keeps only real context
-        state.mask = mask[:, :-k]
-        hidden = out.last_hidden_state[:, -k:].float()
+        state.mask = mask[:, :kept]
+        hidden = out.last_hidden_state[:, out.last_hidden_state.shape[1] - k :].float()
         latents = self.weaver.weaver_to_reasoner(hidden)
         return latents.to(self.dtype), hidden
 
