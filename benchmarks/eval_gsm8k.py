@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python benchmarks/eval_gsm8k.py [--data ../shared/data/gsm8k/test.jsonl]
      [--limit 200] [--batch-size 16] [--max-new-tokens 256] [--compare runs/eval/X/predictions.jsonl]
+     [--save plain.jsonl]
 
 The embedded SmolLM2-135M-Instruct is loaded straight from its safetensors cache with
 ``AutoModelForCausalLM`` (no memgen model code), each question gets the suffix
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--suffix", default=SUFFIX)
     parser.add_argument("--compare", type=Path, help="predictions.jsonl from `memgen eval`")
+    parser.add_argument("--save", type=Path, help="write this run's completions here (JSONL)")
     args = parser.parse_args()
 
     source = embedded_dir("smollm2-135m")
@@ -88,6 +90,12 @@ def main() -> None:
         "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
     }
+    if args.save:
+        rows = [
+            {"id": ex.id, "completion": c, "score": s}
+            for ex, c, s in zip(examples, completions, scores, strict=True)
+        ]
+        args.save.write_text("".join(json.dumps(r) + "\n" for r in rows))
     if args.compare:
         result["compare"] = compare(args.compare, examples, completions, scores)
     print(json.dumps(result))
@@ -95,6 +103,8 @@ def main() -> None:
 
 def compare(path: Path, examples, completions, scores) -> dict:
     """Agreement with a memgen eval predictions file (memory off rows), matched by id."""
+    if not path.is_file():
+        return {"error": f"{path} not found"}
     ours = {
         r["id"]: r for r in map(json.loads, path.read_text().splitlines()) if r["mode"] == "off"
     }

@@ -136,14 +136,16 @@ def test_gym_eval_seed_is_held_out_from_the_recorded_training_range():
     task = get_task("gsm_symbolic")
     console, text = _notes()
     assert ev.data_seed(task, None, 10, None, console) == task.eval_seed  # nothing recorded
-    # Trained on generator seeds [999_990, 1_000_040): the default eval seed lies inside.
-    manifest = {"training": {"data": {"task": "gsm_symbolic", "seed": 999_990, "size": 50}}}
+    # Drew generator seeds [999_990, 1_000_040): the default eval seed lies inside.
+    summary = {"task": "gsm_symbolic", "data_seed": 999_990, "samples": 40, "heldout_samples": 8}
+    manifest = {"training": {**summary, "dropped_too_long": 2}}  # as sft-weaver records it
     task = get_task("gsm_symbolic")
     assert ev.data_seed(task, None, 10, manifest, console) == 1_000_040
     assert task.train_seed == 999_990  # the duplicate filter now reads the real train set
     assert "eval seed moved to 1000040" in text()
+    assert ev.data_seed(get_task("gym:chain_sum"), None, 10, manifest, console) == 1_000_000
     # Recorded elsewhere: the default is kept; a user seed inside the range is kept with a warning.
-    far = {"training": {"data": [{"task": "gym:gsm_symbolic", "seed": 42, "size": 5000}]}}
+    far = {"training": {"task": "gsm_symbolic", "data_seed": 42, "samples": 5000}}
     assert ev.data_seed(get_task("gsm_symbolic"), None, 10, far, console) == 1_000_000
     assert ev.data_seed(get_task("gsm_symbolic"), 100, 10, far, console) == 100
     assert "--seed 100 draws gsm_symbolic problems from the same generator range" in text()

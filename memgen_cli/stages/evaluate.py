@@ -218,24 +218,20 @@ def parse_task_options(items: list[str]) -> dict:
     return options
 
 
-def _recorded_train_data(manifest: dict | None, task: Task) -> tuple[int, int | None] | None:
-    """(seed, items) the artifact was trained on for this task, if its manifest says so.
+# What `memgen sft-weaver` records in ``manifest["training"]``: every item it drew counts.
+_DRAWN = ("samples", "dropped_too_long", "heldout_samples", "heldout_dropped_too_long")
 
-    Reads ``training.data`` (a mapping, or a list of them, with ``task``, ``seed`` and
-    ``size``/``num_examples``), falling back to ``training`` itself.
+
+def _recorded_train_data(manifest: dict | None, task: Task) -> tuple[int, int | None] | None:
+    """(generator seed, items drawn) of the artifact's training data, if it was this task.
+
+    Reads the training summary of the manifest: ``task``, ``data_seed`` and the sample counts.
     """
     training = (manifest or {}).get("training") or {}
-    data = training.get("data", training)
-    for entry in data if isinstance(data, list) else [data]:
-        if not isinstance(entry, dict) or entry.get("seed") is None:
-            continue
-        name = str(entry.get("task", ""))
-        if name in (task.name, f"gym:{task.name}") or name.removeprefix(
-            "gym:"
-        ) == task.name.removeprefix("gym:"):
-            size = entry.get("size", entry.get("num_examples"))
-            return int(entry["seed"]), None if size is None else int(size)
-    return None
+    if training.get("task") != task.name or training.get("data_seed") is None:
+        return None
+    drawn = sum(int(training.get(key) or 0) for key in _DRAWN)
+    return int(training["data_seed"]), drawn or None
 
 
 def data_seed(
@@ -314,6 +310,10 @@ def run_mode(
             ]
             grade_s += time.perf_counter() - tick
             progress.advance(bar, len(batch))
+            if show and not notes.is_terminal:  # logs of batch jobs get a line per batch
+                notes.print(
+                    f"{label} · memory {gen.memory}: {len(records)}/{total}", highlight=False
+                )
     return {"records": records, "seconds": seconds, "grade_s": grade_s}
 
 
@@ -409,7 +409,7 @@ def results_table(results: list[dict], seconds: float, out: Path) -> Table:
         table.add_column(name, justify="left" if name in ("task", "mode") else "right")
     for r in results:
         table.add_row(
-            r["task"],
+            Path(r["task"]).name if "/" in r["task"] else r["task"],  # a data file: its name
             r["mode"],
             f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}",
             str(r["n"]),
