@@ -15,6 +15,9 @@ prompt latents sit where the assistant turn begins) and inference points at deli
 - ``random``: a random subset of ``cap`` delimiters (the paper's description), drawn anew per
   sample and epoch from ``(seed, epoch, sample index)`` so that a resumed run draws the same;
 - ``all``: every delimiter of the target, beyond the cap.
+
+``heldout_loss`` scores encoded samples without training (memory off, or with a collator's
+insertion points).
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ import torch
 
 from memgen_cli.data import Example, to_messages
 from memgen_cli.models.memgen import MemGenModel
-from memgen_cli.models.training import IGNORE, delimiter_positions, select_points
+from memgen_cli.models.training import (
+    IGNORE,
+    Points,
+    delimiter_positions,
+    select_points,
+    weave_forward,
+)
 
 SCHEDULES = ("first", "random", "all")
 
@@ -124,3 +133,22 @@ class SFTCollator:
             "prompt_points": [it.prompt_len - 1 for it in items] if use_prompt else None,
             "inference_points": [self.points(it) for it in items],
         }
+
+
+def heldout_loss(
+    model: MemGenModel, samples: list[Encoded], collate: SFTCollator, batch: int
+) -> float:
+    """Token-weighted loss over held-out samples, with the collator's insertion points."""
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(samples), batch):
+            b = collate(samples[i : i + batch])
+            b = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in b.items()}
+            points = Points(b["prompt_points"], b["inference_points"])
+            out = weave_forward(model, b["input_ids"], b["attention_mask"], b["labels"], points)
+            total += float(out.loss) * out.num_tokens
+            count += out.num_tokens
+    model.train(was_training)
+    return total / max(count, 1)

@@ -6,6 +6,7 @@ GSM8K-format JSONL; the slow ones use the embedded SmolLM2 model and torchrun.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -326,6 +327,11 @@ def test_bad_config_exits_2_with_a_suggestion(tmp_path):
     assert result.exit_code == 2 and "first, random, all" in result.output
     result = cli("--recipe", TINY, "--resume", tmp_path)
     assert result.exit_code == 2 and "not a checkpoint folder" in result.output
+    result = cli("--recipe", TINY, "--report-to", "mlflow")
+    assert result.exit_code == 2 and "none, tensorboard or wandb" in result.output
+    if importlib.util.find_spec("wandb") is None:
+        result = cli("--recipe", TINY, "--report-to", "wandb")
+        assert result.exit_code == 2 and "pip install wandb" in result.output
 
 
 # ------------------------------------------------------------------------------- slow
@@ -387,3 +393,35 @@ def test_two_process_torchrun_writes_one_artifact(tiny_base, tmp_path):
     assert s["world_size"] == 2 and s["samples_per_rank"] == [6, 6]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["world_size"] for r in rows} == {2}
+
+
+# ---------------------------------------------------- training forward, more cases
+@pytest.mark.parametrize("prompt", [True, False], ids=["prompt+inference", "inference-only"])
+def test_training_forward_equals_reference_on_collated_batches(prompt):
+    """Collated SFT batches (right padding, uneven lengths), with and without the prompt
+    insertion: the frozen-prefix reasoner pass must not change loss or gradients."""
+    from conftest import make_memgen
+
+    from memgen_cli.models.training import reference_weave_forward
+
+    mg = make_memgen("llama")
+    mg.set_trainable(weaver=True, trigger=False)
+    ex = [
+        Example("a", "Hi", "1", "one, two. three"),
+        Example("b", "What is it?", "2", "a, b"),
+        Example("c", "x", "3", "so. it is, 3"),
+    ]
+    batch = SFTCollator(mg.tokenizer.pad_token_id, "first", 3, prompt)(encode_examples(mg, ex, "", None, 512)[0])
+    points = Points(batch["prompt_points"], batch["inference_points"])
+    args = (batch["input_ids"], batch["attention_mask"], batch["labels"], points)
+    grads = []
+    for fn in (weave_forward, reference_weave_forward):
+        mg.zero_grad()
+        loss = fn(mg, *args).loss
+        loss.backward()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in mg.weaver_parameters().items() if p.grad is not None}))
+    (fast, g_fast), (ref, g_ref) = grads
+    assert abs(fast - ref) < 1e-4
+    assert set(g_fast) == set(g_ref) and g_ref
+    for name, grad in g_ref.items():
+        torch.testing.assert_close(g_fast[name], grad, atol=1e-4, rtol=0, msg=name)

@@ -14,7 +14,7 @@ LoRA, query latents, norms, scales and both projections). Reads top to bottom:
 4. save: the main process writes the artifact atomically; the other processes wait.
 
 Checkpoints (``<output>.checkpoints/checkpoint-N/``) are the Trainer's own: ``model.safetensors``
-holds only the weaver's tensors (``WeaverObjective.state_dict``), next to the optimizer,
+holds only the weaver's tensors (``trainer_parts.WeaverObjective.state_dict``), next to the optimizer,
 scheduler and RNG states that resuming needs. They exist while a run is unfinished and are
 removed once its artifact is written.
 """
@@ -22,6 +22,7 @@ removed once its artifact is written.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import shutil
 import time
 from pathlib import Path
@@ -31,8 +32,6 @@ import torch.distributed as dist
 import yaml
 from rich.console import Console
 from rich.table import Table
-from torch import nn
-from torch.nn.modules.module import _IncompatibleKeys
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
@@ -42,18 +41,19 @@ from memgen_cli.data import Example, Task, get_task
 from memgen_cli.errors import MemgenError
 from memgen_cli.models.base import load_base
 from memgen_cli.models.memgen import MemGenModel
-from memgen_cli.models.training import Points, weave_forward
-from memgen_cli.trainer_callbacks import (
+from memgen_cli.trainer_parts import (
     MetricsLog,
     RichProgress,
     SetEpoch,
     StopOnSignal,
     Throughput,
+    WeaverObjective,
     world_size,
 )
-from memgen_cli.training_data import SCHEDULES, Encoded, SFTCollator, encode_examples
+from memgen_cli.training_data import SCHEDULES, SFTCollator, encode_examples, heldout_loss
 
 REPORTERS = ("none", "tensorboard", "wandb")
+MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 FILE_TASKS = ("gsm8k", "jsonl", "math", "gpqa", "triviaqa", "kodcode")
 
 
@@ -63,41 +63,6 @@ class TrainingInterrupted(Exception):
     def __init__(self, checkpoint: Path):
         super().__init__(str(checkpoint))
         self.checkpoint = checkpoint
-
-
-class WeaverObjective(nn.Module):
-    """What the Trainer trains: the woven SFT loss of a MemGen model.
-
-    Its ``state_dict`` is the weaver's trainable tensors only (LoRA + weaver), so Trainer
-    checkpoints stay small and never copy the reasoner; ``load_state_dict`` takes them back.
-    """
-
-    def __init__(self, model: MemGenModel):
-        super().__init__()
-        self.memgen = model
-        self.samples_seen = 0  # per process: shows that every rank really trained
-
-    def forward(self, input_ids, attention_mask, labels, prompt_points=None, inference_points=None):
-        points = Points(prompt_points, inference_points)
-        out = weave_forward(self.memgen, input_ids, attention_mask, labels, points)
-        if self.training:
-            self.samples_seen += input_ids.shape[0]
-        return {"loss": out.loss}
-
-    def state_dict(self, *args, **kwargs):
-        return {n: p.detach().contiguous() for n, p in self.memgen.weaver_parameters().items()}
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        params = self.memgen.weaver_parameters()
-        missing = [k for k in params if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in params]
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"weaver state: missing {missing}, unexpected {unexpected}")
-        with torch.no_grad():
-            for name, p in params.items():
-                if name in state_dict:
-                    p.copy_(state_dict[name])
-        return _IncompatibleKeys(missing, unexpected)
 
 
 # ----------------------------------------------------------------------------- config
@@ -152,9 +117,11 @@ def validate(cfg: SFTConfig, resume: str | None) -> Path | None:
         raise MemgenError(
             f'training.scheduler "{t.scheduler}" is unknown; use one of {names}.'
         ) from None
-    for name in t.report_to.split(","):
-        if name.strip() not in REPORTERS:
+    for name in (n.strip() for n in t.report_to.split(",")):
+        if name not in REPORTERS:
             raise MemgenError(f'--report-to must be none, tensorboard or wandb; got "{name}".')
+        if name != "none" and not any(importlib.util.find_spec(m) for m in MODULES[name]):
+            raise MemgenError(f"--report-to {name} needs the {name} package: pip install {name}")
     checks = [
         (t.learning_rate > 0, "training.learning_rate must be > 0"),
         (
@@ -236,25 +203,6 @@ def load_examples(cfg: SFTConfig) -> tuple[Task, list[Example], list[Example], i
     return task, examples[:cut], examples[cut:], seed
 
 
-def heldout_loss(
-    model: MemGenModel, samples: list[Encoded], collate: SFTCollator, batch: int
-) -> float:
-    """Token-weighted loss over held-out samples, with the collator's insertion points."""
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(samples), batch):
-            b = collate(samples[i : i + batch])
-            b = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in b.items()}
-            points = Points(b["prompt_points"], b["inference_points"])
-            out = weave_forward(model, b["input_ids"], b["attention_mask"], b["labels"], points)
-            total += float(out.loss) * out.num_tokens
-            count += out.num_tokens
-    model.train(was_training)
-    return total / max(count, 1)
-
-
 # ----------------------------------------------------------------------------- trainer
 def training_args(cfg: SFTConfig, ckpts: Path, device: torch.device) -> TrainingArguments:
     t = cfg.training
@@ -331,6 +279,8 @@ def run(
         f"{d.max_length} tokens), schedule {t.schedule}, {world_size()} process(es)"
         + (f", resuming from {resume_from}" if resume_from else "")
     )
+    if resume == "auto" and resume_from is None:
+        say(f"--resume auto: no checkpoint in {ckpts}, starting from scratch")
     losses: dict[str, float] = {}
     if held and main and resume_from is None:
         losses["weaver_initial"] = heldout_loss(model, held, held_collate, t.batch_size)

@@ -1,6 +1,9 @@
-"""transformers ``Trainer`` callbacks shared by training stages: progress, metrics, Ctrl-C.
+"""Pieces that plug MemGen training into transformers' ``Trainer`` through public hooks.
 
-All of them work through the Trainer's public callback hooks and control flags:
+- ``WeaverObjective``: the module the Trainer trains for weaver SFT (``weave_forward``'s loss);
+  its ``state_dict`` is the weaver's trainable tensors only, so checkpoints stay small.
+
+Callbacks, shared by training stages; all use the Trainer's callback hooks and control flags:
 
 - ``RichProgress``: one live line on the main process (step M/N, loss, lr, samples/s, ETA);
   use it with ``disable_tqdm=True``.
@@ -18,13 +21,55 @@ from __future__ import annotations
 import json
 import signal
 import time
+from collections import namedtuple
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
 from transformers import TrainerCallback
+
+from memgen_cli.models.memgen import MemGenModel
+from memgen_cli.models.training import Points, weave_forward
+
+LoadResult = namedtuple("LoadResult", ["missing_keys", "unexpected_keys"])  # as nn.Module's
+
+
+class WeaverObjective(nn.Module):
+    """What the Trainer trains: the woven SFT loss of a MemGen model.
+
+    Its ``state_dict`` is the weaver's trainable tensors only (LoRA + weaver), so Trainer
+    checkpoints stay small and never copy the reasoner; ``load_state_dict`` takes them back.
+    """
+
+    def __init__(self, model: MemGenModel):
+        super().__init__()
+        self.memgen = model
+        self.samples_seen = 0  # per process: shows that every rank really trained
+
+    def forward(self, input_ids, attention_mask, labels, prompt_points=None, inference_points=None):
+        points = Points(prompt_points, inference_points)
+        out = weave_forward(self.memgen, input_ids, attention_mask, labels, points)
+        if self.training:
+            self.samples_seen += input_ids.shape[0]
+        return {"loss": out.loss}
+
+    def state_dict(self, *args, **kwargs):
+        return {n: p.detach().contiguous() for n, p in self.memgen.weaver_parameters().items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        params = self.memgen.weaver_parameters()
+        missing = [k for k in params if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in params]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"weaver state: missing {missing}, unexpected {unexpected}")
+        with torch.no_grad():
+            for name, p in params.items():
+                if name in state_dict:
+                    p.copy_(state_dict[name])
+        return LoadResult(missing, unexpected)
 
 
 def world_size() -> int:
