@@ -15,6 +15,7 @@ from helpers import save_tiny_base, tiny_artifact
 from rich.console import Console
 from typer.testing import CliRunner
 
+from memgen_cli import distributed
 from memgen_cli.cli import app
 from memgen_cli.data import get_task
 from memgen_cli.data.graders import extract_final_answer
@@ -371,41 +372,46 @@ def test_bad_input_one_clear_message_exit_2(case, message, tiny, tmp_path, monke
 
 
 # --------------------------------------------------------------------------- processes
-def _cli(args: list, *, nproc: int, cwd: Path) -> subprocess.CompletedProcess:
+def _torchrun(args: list, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    launch = (
-        [sys.executable, "-m", "memgen_cli"]
-        if nproc == 1
-        else [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(nproc),
-            "-m",
-            "memgen_cli",
-        ]
-    )
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
     return subprocess.run(
-        [*launch, "eval", *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+        [*launch, "-m", "memgen_cli", "eval", *map(str, args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_distributed_helpers_without_a_launcher(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.info() == distributed.DistInfo(0, 1, 0) and distributed.init().is_main
+    assert distributed.gather_to_main({"a": 1}) == [{"a": 1}]
+    assert distributed.device_for_rank("auto") == "auto"
+    items = list(range(10))
+    shares = [distributed.shard(items, rank, 3) for rank in range(3)]
+    assert shares == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.info() == distributed.DistInfo(1, 3, 1)
+    assert distributed.shard(items) == [1, 4, 7]
 
 
 @pytest.mark.slow
 def test_two_processes_give_exactly_the_single_process_results(tiny, tmp_path):
     _, art, data = tiny
-    args = ["--artifact", art, "--data", data, "--max-new-tokens", 8, "--batch-size", 2, "--json"]
-    single = _cli([*args, "--output", tmp_path / "one"], nproc=1, cwd=tmp_path)
-    double = _cli([*args, "--output", tmp_path / "two"], nproc=2, cwd=tmp_path)
-    assert single.returncode == 0, single.stderr[-3000:]
+    args = ["--artifact", art, "--data", data, "--max-new-tokens", 8, "--batch-size", 2]
+    one = eval_json(*args, "--output", tmp_path / "one")  # this process, one thread
+    double = _torchrun([*args, "--json", "--output", tmp_path / "two"], cwd=tmp_path)
     assert double.returncode == 0, double.stderr[-3000:]
-    one, two = json.loads(single.stdout), json.loads(double.stdout)  # one JSON object: rank 0 only
+    two = json.loads(double.stdout)  # one JSON object: rank 0 alone prints
     assert two["config"]["world_size"] == 2 and one["config"]["world_size"] == 1
     keep = ("task", "mode", "accuracy", "n", "mean_insertions", "mean_tokens")
     assert [{k: r[k] for k in keep} for r in two["results"]] == [
