@@ -289,12 +289,14 @@ def run_mode(
     model, tok = session.model, session.model.tokenizer
     records, seconds, grade_s = [], 0.0, 0.0
     columns = [
-        TextColumn(f"{label} · memory {gen.memory}"),
+        TextColumn(f"{_short(label)} · memory {gen.memory}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=notes, transient=True, disable=not show) as progress:
+    with Progress(
+        *columns, console=notes, transient=True, disable=not (show and notes.is_terminal)
+    ) as progress:
         bar = progress.add_task("eval", total=total)
         for number, batch in batches:
             enc = encode_prompts(tok, [p.messages for p in batch], model.device)
@@ -312,7 +314,8 @@ def run_mode(
             progress.advance(bar, len(batch))
             if show and not notes.is_terminal:  # logs of batch jobs get a line per batch
                 notes.print(
-                    f"{label} · memory {gen.memory}: {len(records)}/{total}", highlight=False
+                    f"{_short(label)} · memory {gen.memory}: {len(records)}/{total}",
+                    highlight=False,
                 )
     return {"records": records, "seconds": seconds, "grade_s": grade_s}
 
@@ -404,12 +407,13 @@ def write_outputs(out: Path, metrics: dict, predictions: list[dict]) -> None:
 
 
 def results_table(results: list[dict], seconds: float, out: Path) -> Table:
-    table = Table(title="memgen eval", caption=f"{seconds:.0f} s in all · written to {out}")
-    for name in ("task", "mode", "accuracy (%)", "n", "insertions/answer", "samples/s", "tokens/s"):
+    caption = f"insertions: mean per answer · {seconds:.0f} s in all · written to {out}"
+    table = Table(title="memgen eval", caption=caption)
+    for name in ("task", "mode", "accuracy %", "n", "insertions", "samples/s", "tokens/s"):
         table.add_column(name, justify="left" if name in ("task", "mode") else "right")
     for r in results:
         table.add_row(
-            Path(r["task"]).name if "/" in r["task"] else r["task"],  # a data file: its name
+            _short(r["task"]),
             r["mode"],
             f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}",
             str(r["n"]),
@@ -422,3 +426,8 @@ def results_table(results: list[dict], seconds: float, out: Path) -> Table:
 
 def _rate(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _short(label: str) -> str:
+    """A task's display name: a data file by its file name."""
+    return Path(label).name if "/" in label else label
