@@ -86,9 +86,7 @@ def run(opts: EvalOptions, console: Console | None = None) -> dict:
 def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict:
     # 1. validate everything that is cheap, before the model is loaded
     if opts.limit is not None and opts.limit < 1:
-        raise MemgenError(
-            f"--limit must be at least 1 (got {opts.limit}); leave it out for all problems."
-        )
+        raise MemgenError(f"--limit must be at least 1 (got {opts.limit}); omit it for all.")
     if opts.batch_size < 1:
         raise MemgenError(f"--batch-size must be at least 1 (got {opts.batch_size}).")
     manifest = read_manifest(opts.artifact) if opts.artifact is not None else None
@@ -113,6 +111,7 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
     # 4. per task, per mode: generate, grade, gather
     started = time.perf_counter()
     results, predictions = [], []
+    sampling_seed = opts.gen.seed if opts.seed is None else opts.seed
     for label, task in tasks.items():
         items = [
             Problem(i, ex, to_messages(ex, suffix, system)) for i, ex in enumerate(problems[label])
@@ -120,9 +119,7 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
         batches = make_batches(session.model.tokenizer, items, opts.batch_size)
         mine = distributed.shard(list(enumerate(batches)), dist.rank, dist.world_size)
         for mode in modes:
-            gen = replace(
-                opts.gen, memory=mode, seed=opts.gen.seed if opts.seed is None else opts.seed
-            )
+            gen = replace(opts.gen, memory=mode, seed=sampling_seed)
             part = run_mode(session, task, label, mine, gen, notes, show=dist.is_main)
             parts = distributed.gather_to_main(part)
             if dist.is_main:
@@ -288,15 +285,10 @@ def run_mode(
     total = sum(len(batch) for _, batch in batches)
     model, tok = session.model, session.model.tokenizer
     records, seconds, grade_s = [], 0.0, 0.0
-    columns = [
-        TextColumn(f"{_short(label)} · memory {gen.memory}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-    ]
-    with Progress(
-        *columns, console=notes, transient=True, disable=not (show and notes.is_terminal)
-    ) as progress:
+    name = TextColumn(f"{_short(label)} · memory {gen.memory}")
+    columns = [name, BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    live = show and notes.is_terminal  # a batch job's log gets a line per batch instead
+    with Progress(*columns, console=notes, transient=True, disable=not live) as progress:
         bar = progress.add_task("eval", total=total)
         for number, batch in batches:
             enc = encode_prompts(tok, [p.messages for p in batch], model.device)
@@ -312,11 +304,8 @@ def run_mode(
             ]
             grade_s += time.perf_counter() - tick
             progress.advance(bar, len(batch))
-            if show and not notes.is_terminal:  # logs of batch jobs get a line per batch
-                notes.print(
-                    f"{_short(label)} · memory {gen.memory}: {len(records)}/{total}",
-                    highlight=False,
-                )
+            if show and not live:
+                notes.print(f"{_short(label)} · memory {gen.memory}: {len(records)}/{total}")
     return {"records": records, "seconds": seconds, "grade_s": grade_s}
 
 
@@ -394,16 +383,17 @@ def run_config(
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)  # an interrupted run never leaves half a file
-
-
 def write_outputs(out: Path, metrics: dict, predictions: list[dict]) -> None:
+    """Each file via a temporary name and a rename: an interrupted run never leaves half a file."""
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
-    _atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    files = {
+        "predictions.jsonl": "".join(json.dumps(p) + "\n" for p in predictions),
+        "metrics.json": json.dumps(metrics, indent=2) + "\n",  # last: its presence means done
+    }
+    for name, text in files.items():
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out / name)
 
 
 def results_table(results: list[dict], seconds: float, out: Path) -> Table:
@@ -412,15 +402,10 @@ def results_table(results: list[dict], seconds: float, out: Path) -> Table:
     for name in ("task", "mode", "accuracy %", "n", "insertions", "samples/s", "tokens/s"):
         table.add_column(name, justify="left" if name in ("task", "mode") else "right")
     for r in results:
-        table.add_row(
-            _short(r["task"]),
-            r["mode"],
-            f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}",
-            str(r["n"]),
-            f"{r['mean_insertions']:.2f}",
-            _rate(r["samples_per_s"], 2),
-            _rate(r["tokens_per_s"], 1),
-        )
+        accuracy = f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}"
+        speeds = [_rate(r["samples_per_s"], 2), _rate(r["tokens_per_s"], 1)]
+        row = [_short(r["task"]), r["mode"], accuracy, str(r["n"]), f"{r['mean_insertions']:.2f}"]
+        table.add_row(*row, *speeds)
     return table
 
 
