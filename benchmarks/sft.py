@@ -6,6 +6,11 @@ inference insertions per sample. One training step = forward + backward + AdamW 
 weaver's tensors. Both paths run in this process on the same batches, alternating, after one
 warm-up step each. Prints one JSON object.
 
+``token_passes`` counts the positions each path runs through a transformer (weaver + reasoner,
+padding included) in the forward pass: on a CPU, where a matmul costs about the same per row at
+batch 1 as at batch 4, the speedup cannot exceed their ratio by much. The reference's only
+redundant work is the weaver re-reading the prefix at each point; the reasoner pass is the same.
+
     .venv/bin/python benchmarks/sft.py [--steps 3] [--batch 4]
 """
 
@@ -37,6 +42,25 @@ def batches(model, n_batches: int, batch: int, insertions: int):
     collate = SFTCollator(model.tokenizer.pad_token_id, "first", insertions, prompt_insertion=True)
     out = [collate(encoded[i : i + batch]) for i in range(0, len(encoded), batch)]
     return out, task.name
+
+
+def token_passes(batch, k: int) -> dict[str, int]:
+    """Forward positions through weaver and reasoner for the batched and the reference path."""
+    rows = len(batch["inference_points"])
+    pts = [[p, *q] for p, q in zip(batch["prompt_points"], batch["inference_points"], strict=True)]
+    lengths = batch["attention_mask"].sum(1).tolist()
+    weaver, consumed = 0, [-1] * rows
+    for r in range(
+        max(map(len, pts))
+    ):  # each round: the longest new chunk + carried latents + queries
+        spans = [pts[b][r] - consumed[b] if r < len(pts[b]) else 0 for b in range(rows)]
+        weaver += rows * (max(spans) + k + (k if r else 0))
+        consumed = [pts[b][r] if r < len(pts[b]) else consumed[b] for b in range(rows)]
+    latents = [k * len(p) for p in pts]
+    batched = weaver + rows * (batch["input_ids"].shape[1] + max(latents))
+    reference = sum(p + 1 + k * (j + 1) for row in pts for j, p in enumerate(row))
+    reference += sum(n + m for n, m in zip(lengths, latents, strict=True))
+    return {"batched": batched, "reference": int(reference)}
 
 
 def train_loss(fn, model, b) -> torch.Tensor:
@@ -84,6 +108,8 @@ def main() -> None:
             train_step(fn, model, opt, b)
             seconds[name] += time.perf_counter() - start
     samples = sum(b["input_ids"].shape[0] for b in data[1:])
+    passes = [token_passes(b, cfg.inference_latents) for b in data[1:]]
+    work = {k: sum(p[k] for p in passes) for k in ("batched", "reference")}
     rate = {k: samples / v for k, v in seconds.items()}
     tokens = [int(b["attention_mask"].sum()) / b["input_ids"].shape[0] for b in data[1:]]
     print(
@@ -100,6 +126,8 @@ def main() -> None:
                 "threads": torch.get_num_threads(),
                 "samples_per_s": {k: round(v, 3) for k, v in rate.items()},
                 "speedup_vs_reference": round(rate["batched"] / rate["reference"], 2),
+                "token_passes": work,
+                "token_pass_ratio": round(work["reference"] / work["batched"], 2),
                 "loss_max_abs_diff": max(diffs),
             }
         )
