@@ -38,7 +38,11 @@ from memgen_cli.models.memgen import ADAPTER, MemGenModel
 
 FORMAT_VERSION = 1
 MANIFEST = "memgen.json"
-WEAVER_FILES = ("weaver/adapter_config.json", "weaver/adapter_model.safetensors", "weaver.safetensors")
+WEAVER_FILES = (
+    "weaver/adapter_config.json",
+    "weaver/adapter_model.safetensors",
+    "weaver.safetensors",
+)
 TRIGGER_FILE = "trigger.safetensors"
 
 
@@ -190,7 +194,11 @@ def _check_shapes(file: Path, tensors: dict, expected: dict) -> None:
 def _shape_diff(got: dict, expected: dict) -> list[str]:
     out = [f"{k} missing" for k in expected if k not in got]
     out += [f"{k} unexpected" for k in got if k not in expected]
-    out += [f"{k} has shape {got[k]}, manifest says {expected[k]}" for k in got if k in expected and got[k] != expected[k]]
+    out += [
+        f"{k} has shape {got[k]}, manifest says {expected[k]}"
+        for k in got
+        if k in expected and got[k] != expected[k]
+    ]
     return out
 
 

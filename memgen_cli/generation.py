@@ -24,8 +24,9 @@ import torch
 from transformers import DynamicCache
 
 from memgen_cli.config import MEMORY_MODES, GenerationConfig
+from memgen_cli.models.kv import append_rows, take_rows
 from memgen_cli.models.latents import chunk_mask, latent_positions, positions_from_mask
-from memgen_cli.models.memgen import MemGenModel
+from memgen_cli.models.memgen import MemGenModel, WeaverCache
 
 
 @dataclass
@@ -118,7 +119,9 @@ def encode_prompts(tokenizer, prompts: list[list[dict]] | list[str], device) -> 
 class _Run:
     """State of one batched generation (the numbered steps are in the module docstring)."""
 
-    def __init__(self, model: MemGenModel, input_ids, attention_mask, cfg: GenerationConfig, keep=None):
+    def __init__(
+        self, model: MemGenModel, input_ids, attention_mask, cfg: GenerationConfig, keep=None
+    ):
         self.model, self.cfg, self.keep = model, cfg, keep
         self.memory = cfg.memory != "off"
         self.batch = input_ids.shape[0]
@@ -129,8 +132,13 @@ class _Run:
         self.left = torch.full((self.batch,), model.cfg.max_inference_insertions, device=device)
         self.active = torch.ones(self.batch, dtype=torch.bool, device=device)
         self.emitted = 0  # completion tokens fed so far (the same for every active row)
-        self.weaver_cache = model.new_weaver_cache() if self.memory else None
-        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # What the reasoner has read, as (embeds, mask, positions) pieces for the whole batch;
+        # row r's weaver has read pieces[: read[r] - dropped]. Rows weave at different steps,
+        # so each row has its own weaver cache, made on its first weave.
+        self.pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.dropped = 0  # pieces every row has read, already discarded
+        self.read = [0] * self.batch
+        self.weaver_caches: list[WeaverCache | None] = [None] * self.batch
         self.eos = _eos_ids(model.tokenizer).to(device)
         embeds = model.embed(input_ids)
         positions = positions_from_mask(attention_mask)
@@ -140,7 +148,7 @@ class _Run:
 
     def _remember(self, embeds, mask, positions) -> None:
         if self.memory:
-            self.pending.append((embeds, mask, positions))
+            self.pieces.append((embeds, mask, positions))
 
     def _feed(self, embeds, chunk, positions) -> torch.Tensor:
         """Append a chunk to the reasoner's cache; return its last hidden state (B, D)."""
@@ -149,36 +157,108 @@ class _Run:
         self._remember(embeds, chunk, positions)
         return hidden[:, -1]
 
+    def _unread(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What row ``row``'s weaver has not read yet, masked slots dropped: (1, T, ...)."""
+        parts = self.pieces[self.read[row] - self.dropped :]
+        embeds, mask, positions = (
+            torch.cat([part[row] for part in kind]) for kind in zip(*parts, strict=True)
+        )
+        real = mask.bool()
+        self.read[row] = self.dropped + len(self.pieces)
+        return embeds[real][None], mask[real][None], positions[real][None]
+
+    def _forget_read(self) -> None:
+        """Drop the pieces that no row that may still weave has left to read."""
+        waiting = [self.read[r] for r in range(self.batch) if self.active[r] and self.left[r] > 0]
+        done = min(waiting, default=self.dropped + len(self.pieces)) - self.dropped
+        del self.pieces[:done]
+        self.dropped += done
+
+    def _weave_all(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first weave of a run (the prompt): every row at once, then one cache per row."""
+        ctx, ctx_mask, ctx_pos = (
+            torch.cat(parts, dim=1) for parts in zip(*self.pieces, strict=True)
+        )
+        state = self.model.new_weaver_cache()
+        latents, states = self.model.weave(kind, ctx, ctx_mask, ctx_pos, state, self.next_pos)
+        config = self.model.weaver_lm.config
+        for r in range(self.batch):
+            real = state.mask[r].bool()
+            rows = torch.tensor([r], device=real.device)
+            self.weaver_caches[r] = WeaverCache(
+                take_rows(state.cache, config, rows, real), state.mask[r : r + 1, real]
+            )
+            self.read[r] = self.dropped + len(self.pieces)
+        return latents, states
+
+    def _weave_row(self, kind: str, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.weaver_caches[row] is None:
+            self.weaver_caches[row] = self.model.new_weaver_cache()
+        ctx, ctx_mask, ctx_pos = self._unread(row)
+        start = self.next_pos[row : row + 1]
+        latents, states = self.model.weave(
+            kind, ctx, ctx_mask, ctx_pos, self.weaver_caches[row], start
+        )
+        return latents[0], states[0]
+
+    def _insert(self, latents: torch.Tensor, rows: torch.Tensor) -> None:
+        """Append K latents of ``rows`` to the reasoner's cache (masked slots for the others).
+
+        Only the weaving rows run through the reasoner (a copy of their cache rows); the
+        other rows get zero slots, which their mask hides.
+        """
+        k = latents.shape[1]
+        index = rows.nonzero().flatten()
+        positions = latent_positions(self.next_pos, k)
+        if len(index) == self.batch:
+            hidden = self._feed(latents, chunk_mask(rows, k), positions)
+        else:
+            part = take_rows(self.cache, self.model.reasoner.config, index)
+            sub_mask = torch.cat([self.mask[index], self.mask.new_ones(len(index), k)], dim=1)
+            hidden = self.model.reasoner_hidden(latents[index], sub_mask, positions[index], part)[
+                :, -1
+            ]
+            append_rows(self.cache, part, index, k)
+            self.mask = torch.cat([self.mask, chunk_mask(rows, k)], dim=1)
+            self._remember(latents * rows[:, None, None], chunk_mask(rows, k), positions)
+        self.logits = self.logits.index_copy(0, index, self.model.lm_head(hidden))  # rows of index
+        self.next_pos = self.next_pos + rows.long() * k
+
     def weave(self, kind: str, rows: torch.Tensor, probs: torch.Tensor | None) -> list[Insertion]:
         """Weave K latents for ``rows`` and append them to the reasoner's cache."""
         if self.model.weaver.num_latents(kind) == 0:
             return []  # K = 0 turns this kind of insertion off
-        ctx, ctx_mask, ctx_pos = (torch.cat(parts, dim=1) for parts in zip(*self.pending))
-        self.pending.clear()
-        latents, states = self.model.weave(
-            kind, ctx, ctx_mask, ctx_pos, self.weaver_cache, self.next_pos
-        )
+        index = rows.nonzero().flatten().tolist()
+        if kind == "prompt":
+            latents, states = self._weave_all(kind)
+        else:
+            woven = [self._weave_row(kind, r) for r in index]
+            latents = torch.zeros(
+                self.batch, *woven[0][0].shape, dtype=woven[0][0].dtype, device=rows.device
+            )
+            states = torch.zeros(
+                self.batch, *woven[0][1].shape, dtype=woven[0][1].dtype, device=rows.device
+            )
+            for r, (lat, st) in zip(index, woven, strict=True):
+                latents[r], states[r] = lat, st
         events = [
             Insertion(
-                row=int(r),
+                row=r,
                 token_index=self.emitted,
                 kind=kind,
                 trigger_prob=None if probs is None else float(probs[r]),
                 latents=latents[r].detach().float().cpu(),
                 weaver_states=states[r].detach().float().cpu(),
             )
-            for r in rows.nonzero().flatten().tolist()
+            for r in index
         ]
         if self.keep is not None:
             for ins in events:
                 ins.inserted = bool(self.keep(ins))
                 rows[ins.row] = ins.inserted
         if rows.any():
-            k = latents.shape[1]
-            positions = latent_positions(self.next_pos, k)
-            hidden = self._feed(latents, chunk_mask(rows, k), positions)
-            self.logits = torch.where(rows[:, None], self.model.lm_head(hidden), self.logits)
-            self.next_pos = self.next_pos + rows.long() * k
+            self._insert(latents, rows)
+        self._forget_read()
         return events
 
     def step(self, token: torch.Tensor) -> list[Insertion]:
@@ -209,7 +289,12 @@ class _Run:
 
 @torch.no_grad()
 def iter_generate(
-    model: MemGenModel, input_ids, attention_mask, cfg: GenerationConfig, keep_logits=False, keep=None
+    model: MemGenModel,
+    input_ids,
+    attention_mask,
+    cfg: GenerationConfig,
+    keep_logits=False,
+    keep=None,
 ) -> Iterator[StepEvent | GenerationOutput]:
     """Yield a StepEvent per generated token, then the GenerationOutput.
 
@@ -257,11 +342,16 @@ def _collect(tokens, run: _Run, trace: MemoryTrace, step_logits) -> GenerationOu
     return GenerationOutput(out, trace, finished, step_logits)
 
 
-def generate(model: MemGenModel, input_ids, attention_mask, cfg: GenerationConfig, keep_logits=False, keep=None):
+def generate(
+    model: MemGenModel,
+    input_ids,
+    attention_mask,
+    cfg: GenerationConfig,
+    keep_logits=False,
+    keep=None,
+):
     """Run ``iter_generate`` to the end and return its GenerationOutput."""
-    result = None
-    for result in iter_generate(model, input_ids, attention_mask, cfg, keep_logits, keep):
-        pass
+    *_, result = iter_generate(model, input_ids, attention_mask, cfg, keep_logits, keep)
     return result
 
 
@@ -300,7 +390,9 @@ def _reference_row(model: MemGenModel, ids, cfg, eos, row, trace):
         pos = torch.arange(x.shape[1], device=x.device)[None]
         start = torch.tensor([x.shape[1]], device=x.device)
         latents, states = model.weave(kind, x, mask, pos, empty, start)
-        trace.insertions.append(Insertion(row, index, kind, prob, latents[0].float().cpu(), states[0].cpu()))
+        trace.insertions.append(
+            Insertion(row, index, kind, prob, latents[0].float().cpu(), states[0].cpu())
+        )
         return torch.cat([x, latents], dim=1)
 
     memory = cfg.memory != "off"

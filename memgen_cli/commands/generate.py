@@ -14,9 +14,15 @@ from memgen_cli.stages import generate as stage
 
 def command(
     prompt: Annotated[str | None, typer.Argument(help="The question to answer.")] = None,
-    input: Annotated[Path | None, typer.Option("--input", help="JSONL of {\"prompt\": ...} lines.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", help="JSONL answers (with --input).")] = None,
-    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Chat with history.")] = False,
+    input: Annotated[
+        Path | None, typer.Option("--input", help='JSONL of {"prompt": ...} lines.')
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="JSONL answers (with --input).")
+    ] = None,
+    interactive: Annotated[
+        bool, typer.Option("--interactive", "-i", help="Chat with history.")
+    ] = False,
     artifact: o.Artifact = None,
     base: o.Base = None,
     memory: o.Memory = "weaver",
@@ -25,7 +31,9 @@ def command(
     top_p: o.TopP = 1.0,
     seed: o.Seed = 0,
     prompt_suffix: o.PromptSuffix = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per batch (--input).")] = 8,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Prompts per batch (--input).")
+    ] = 8,
     json: o.Json = False,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
@@ -35,7 +43,18 @@ def command(
     gen = GenerationConfig(max_new_tokens, temperature, top_p, seed, memory)
     stage.run(
         stage.GenerateOptions(
-            prompt, input, output, interactive, base, artifact, device, dtype,
-            allow_base_mismatch, prompt_suffix, batch_size, json, gen,
+            prompt,
+            input,
+            output,
+            interactive,
+            base,
+            artifact,
+            device,
+            dtype,
+            allow_base_mismatch,
+            prompt_suffix,
+            batch_size,
+            json,
+            gen,
         )
     )

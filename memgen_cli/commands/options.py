@@ -18,23 +18,35 @@ Base = Annotated[
     ),
 ]
 Artifact = Annotated[
-    Path | None, typer.Option("--artifact", help="A memgen artifact directory (trained weaver/trigger).")
+    Path | None,
+    typer.Option("--artifact", help="A memgen artifact directory (trained weaver/trigger)."),
 ]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:i].")]
-Dtype = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA).")]
+Dtype = Annotated[
+    str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA).")
+]
 AllowMismatch = Annotated[
     bool,
-    typer.Option("--allow-base-mismatch", help="Load an artifact onto a base whose fingerprint differs."),
+    typer.Option(
+        "--allow-base-mismatch", help="Load an artifact onto a base whose fingerprint differs."
+    ),
 ]
-Memory = Annotated[str, typer.Option("--memory", help="off | weaver | full (full: the trained trigger decides).")]
-MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens per answer.")]
+Memory = Annotated[
+    str, typer.Option("--memory", help="off | weaver | full (full: the trained trigger decides).")
+]
+MaxNewTokens = Annotated[
+    int, typer.Option("--max-new-tokens", min=1, help="Most tokens per answer.")
+]
 Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")]
 TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 PromptSuffix = Annotated[
     str | None,
-    typer.Option("--prompt-suffix", help="Answer-format instruction appended to each question "
-                 '(default: the one recorded in the artifact; "" for none).'),
+    typer.Option(
+        "--prompt-suffix",
+        help="Answer-format instruction appended to each question "
+        '(default: the one recorded in the artifact; "" for none).',
+    ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON object.")]
 

@@ -77,7 +77,9 @@ def stream_layout(
     return token_pos, starts
 
 
-def prediction_positions(token_pos: torch.Tensor, points: list[list[int]], k_per_point) -> torch.Tensor:
+def prediction_positions(
+    token_pos: torch.Tensor, points: list[list[int]], k_per_point
+) -> torch.Tensor:
     """Stream index whose output predicts the token after each original token.
 
     That is the token itself, or the last latent of a chunk inserted right after it (the

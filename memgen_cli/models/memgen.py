@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import DynamicCache
 
@@ -62,6 +63,10 @@ class MemGenModel(nn.Module):
             self.reasoner = reasoner
             self.peft = get_peft_model(weaver_backbone, lora, adapter_name=ADAPTER)
         self.weaver_lm = self.peft.base_model.model
+        # The toggles below run twice per weaving event; walk only the LoRA layers, not every
+        # module of the model as PEFT's model-wide enable/disable_adapter_layers does.
+        self._lora_layers = [m for m in self.peft.modules() if isinstance(m, BaseTunerLayer)]
+        self._lora_params = [p for n, p in self.peft.named_parameters() if "lora_" in n]
         self._weaver_trainable = True
         self._adapter_on = True
         self._set_adapter(False)
@@ -79,7 +84,8 @@ class MemGenModel(nn.Module):
         self.trigger = Trigger(r_hidden, cfg.trigger_hidden).to(reasoner.device)
         self.trigger.requires_grad_(False)  # trained only by train-trigger, with the weaver frozen
         self.register_buffer(
-            "delimiters", delimiter_table(tokenizer, cfg.delimiters).to(reasoner.device),
+            "delimiters",
+            delimiter_table(tokenizer, cfg.delimiters).to(reasoner.device),
             persistent=False,
         )
 
@@ -87,16 +93,13 @@ class MemGenModel(nn.Module):
     def _set_adapter(self, on: bool) -> None:
         if not self.shared or on == self._adapter_on:
             return
-        if on:
-            self.peft.base_model.enable_adapter_layers()
-        else:
-            self.peft.base_model.disable_adapter_layers()
+        for layer in self._lora_layers:
+            layer.enable_adapters(on)
         self._adapter_on = on
         # PEFT's toggles also flip requires_grad on the LoRA weights; the weaver's trainability
         # is ours to decide, and autograd must still reach LoRA after a reasoner pass.
-        for name, p in self.peft.named_parameters():
-            if "lora_" in name:
-                p.requires_grad_(self._weaver_trainable)
+        for p in self._lora_params:
+            p.requires_grad_(self._weaver_trainable)
 
     @contextmanager
     def weaver_adapter(self):

@@ -62,8 +62,14 @@ class Points:
     def per_row(self, k_prompt: int, k_inference: int) -> tuple[list[list[int]], list[list[int]]]:
         """Sorted points of each row and the number of latents at each."""
         rows = len(self.inference)
-        pts = [([self.prompt[b]] if self.prompt is not None else []) + self.inference[b] for b in range(rows)]
-        ks = [([k_prompt] if self.prompt is not None else []) + [k_inference] * len(self.inference[b]) for b in range(rows)]
+        pts = [
+            ([self.prompt[b]] if self.prompt is not None else []) + self.inference[b]
+            for b in range(rows)
+        ]
+        ks = [
+            ([k_prompt] if self.prompt is not None else []) + [k_inference] * len(self.inference[b])
+            for b in range(rows)
+        ]
         return pts, ks
 
 
@@ -143,7 +149,9 @@ def weave_forward(
         woven.append(latents)
         next_pos = start + has.long() * k
         consumed = torch.where(has, target, consumed)
-    pts, ks = points.per_row(model.weaver.num_latents("prompt"), model.weaver.num_latents("inference"))
+    pts, ks = points.per_row(
+        model.weaver.num_latents("prompt"), model.weaver.num_latents("inference")
+    )
     stream, stream_mask = _assemble(embeds, attention_mask, woven, points, pts, ks)
     frozen = min((p[0] + 1 if p else length) for p in pts)
     hidden = _reasoner_pass(model, stream, stream_mask, frozen)
@@ -165,7 +173,9 @@ def _reasoner_pass(model: MemGenModel, stream, mask, frozen: int) -> torch.Tenso
         return model.reasoner_hidden(stream, mask, positions)
     cache = DynamicCache(config=model.reasoner.config)
     with torch.no_grad():
-        head = model.reasoner_hidden(stream[:, :frozen], mask[:, :frozen], positions[:, :frozen], cache)
+        head = model.reasoner_hidden(
+            stream[:, :frozen], mask[:, :frozen], positions[:, :frozen], cache
+        )
     tail = model.reasoner_hidden(stream[:, frozen:], mask, positions[:, frozen:], cache)
     return torch.cat([head, tail], 1)
 
@@ -184,7 +194,9 @@ def _assemble(embeds, attention_mask, woven, points: Points, pts, ks):
 
     for b in range(batch):
         put(b, token_pos[b], embeds[b], attention_mask[b])
-        chunks = [r for r, (_, row_points) in enumerate(points.rounds()) if row_points[b] is not None]
+        chunks = [
+            r for r, (_, row_points) in enumerate(points.rounds()) if row_points[b] is not None
+        ]
         for r, start, k in zip(chunks, starts[b], ks[b], strict=True):
             put(b, torch.arange(start, start + k), woven[r][b], attention_mask.new_ones(k))
     index = (torch.cat(rows).to(embeds.device), torch.cat(cols).to(embeds.device))
@@ -198,12 +210,16 @@ def reference_weave_forward(
     model: MemGenModel, input_ids, attention_mask, labels, points: Points, return_logits=False
 ) -> WeaveOutput:
     """Per sample; the weaver re-reads the whole prefix (tokens + earlier latents) each time."""
-    pts, ks = points.per_row(model.weaver.num_latents("prompt"), model.weaver.num_latents("inference"))
+    pts, ks = points.per_row(
+        model.weaver.num_latents("prompt"), model.weaver.num_latents("inference")
+    )
     aligned_rows = []
     for b in range(input_ids.shape[0]):
         real = attention_mask[b].bool()
         tokens = model.embed(input_ids[b, real][None])
-        kinds = (["prompt"] if points.prompt is not None else []) + ["inference"] * len(points.inference[b])
+        kinds = (["prompt"] if points.prompt is not None else []) + ["inference"] * len(
+            points.inference[b]
+        )
         pieces, prev = [], -1
         for point, kind in zip(pts[b], kinds, strict=True):
             pieces.append(tokens[:, prev + 1 : point + 1])

@@ -98,7 +98,12 @@ def segments(tokenizer, tokens: list[int], insertions: list[Insertion]) -> list[
     start = 0
     for ins in cuts:
         if ins.token_index > start:
-            out.append(("text", tokenizer.decode(tokens[start : ins.token_index], skip_special_tokens=True)))
+            out.append(
+                (
+                    "text",
+                    tokenizer.decode(tokens[start : ins.token_index], skip_special_tokens=True),
+                )
+            )
             start = ins.token_index
         out.append(("mem", MARKER.format(ins.latents.shape[0])))
     out.append(("text", tokenizer.decode(tokens[start:], skip_special_tokens=True)))

@@ -17,7 +17,13 @@ from rich.text import Text
 
 from memgen_cli.config import GenerationConfig
 from memgen_cli.errors import MemgenError
-from memgen_cli.generation import GenerationOutput, StepEvent, encode_prompts, generate, iter_generate
+from memgen_cli.generation import (
+    GenerationOutput,
+    StepEvent,
+    encode_prompts,
+    generate,
+    iter_generate,
+)
 from memgen_cli.stages.common import (
     MARKER,
     Session,
@@ -57,7 +63,9 @@ def run(opts: GenerateOptions, console: Console | None = None) -> object:
         prompts = read_prompts(opts.input)
         if opts.output is None:
             raise MemgenError("--input needs --output OUT.jsonl for the answers.")
-    session = open_session(opts.base, opts.artifact, opts.device, opts.dtype, opts.allow_base_mismatch)
+    session = open_session(
+        opts.base, opts.artifact, opts.device, opts.dtype, opts.allow_base_mismatch
+    )
     note = None if opts.json else console
     gen = replace(opts.gen, memory=resolve_memory(session, opts.gen.memory, note))
     suffix = resolve_suffix(session, opts.prompt_suffix, note)
@@ -68,7 +76,9 @@ def run(opts: GenerateOptions, console: Console | None = None) -> object:
     return answer_one(session, gen, suffix, opts.prompt, opts.json, console)
 
 
-def _run_batch(session: Session, gen: GenerationConfig, messages: list[list[dict]]) -> GenerationOutput:
+def _run_batch(
+    session: Session, gen: GenerationConfig, messages: list[list[dict]]
+) -> GenerationOutput:
     enc = encode_prompts(session.model.tokenizer, messages, session.model.device)
     return generate(session.model, enc["input_ids"], enc["attention_mask"], gen)
 
@@ -80,7 +90,9 @@ def render(session: Session, tokens, insertions) -> Text:
     return text
 
 
-def record(session: Session, question: str, out: GenerationOutput, row: int, gen: GenerationConfig) -> dict:
+def record(
+    session: Session, question: str, out: GenerationOutput, row: int, gen: GenerationConfig
+) -> dict:
     tok = session.model.tokenizer
     ins = out.trace.for_row(row)
     return {
@@ -119,7 +131,9 @@ def read_prompts(path: Path) -> list[str]:
             raise MemgenError(f"{path} line {number} is not valid JSON ({exc.msg}).") from exc
         text = obj.get("prompt", obj.get("question")) if isinstance(obj, dict) else None
         if not isinstance(text, str):
-            raise MemgenError(f'{path} line {number} needs a "prompt" (or "question") string field.')
+            raise MemgenError(
+                f'{path} line {number} needs a "prompt" (or "question") string field.'
+            )
         prompts.append(text)
     if not prompts:
         raise MemgenError(f"{path} holds no prompts.")
@@ -202,7 +216,9 @@ def stream_reply(session: Session, gen: GenerationConfig, history, console: Cons
             break
         if event.tokens is not None and event.active[0]:
             tokens.append(int(event.tokens[0]))
-        text = tok.decode([t for t in tokens if t not in tok.all_special_ids], skip_special_tokens=True)
+        text = tok.decode(
+            [t for t in tokens if t not in tok.all_special_ids], skip_special_tokens=True
+        )
         if text.startswith(shown) and not text.endswith("\ufffd"):
             console.print(text[len(shown) :], end="", markup=False, highlight=False)
             shown = text
@@ -221,5 +237,7 @@ def trace_table(insertions) -> Table:
         rec = insertion_record(ins)
         p = "always" if ins.trigger_prob is None else f"{ins.trigger_prob:.3f}"
         mean = sum(rec["latent_norms"]) / len(rec["latent_norms"])
-        table.add_row(str(n), ins.kind, str(ins.token_index), p, str(rec["num_latents"]), f"{mean:.3f}")
+        table.add_row(
+            str(n), ins.kind, str(ins.token_index), p, str(rec["num_latents"]), f"{mean:.3f}"
+        )
     return table
