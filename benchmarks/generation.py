@@ -43,7 +43,9 @@ def prompts(n: int) -> list[list[dict]]:
         questions = [json.loads(line)["question"] for line in GSM8K.read_text().splitlines()[:n]]
     else:
         questions = (FALLBACK * n)[:n]
-    return [[{"role": "user", "content": q + "\nPut your answer within \\boxed{}."}] for q in questions]
+    return [
+        [{"role": "user", "content": q + "\nPut your answer within \\boxed{}."}] for q in questions
+    ]
 
 
 def build(batch: int):
@@ -61,7 +63,10 @@ def timed(fn):
 
 def hf_generate(base, enc, tokens):
     return base.model.generate(
-        **enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+        **enc,
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        do_sample=False,
         pad_token_id=base.tokenizer.pad_token_id,
     )
 
@@ -74,12 +79,26 @@ def child(kind: str, tokens: int, batch: int) -> None:
         hf_generate(base, enc, tokens)
     else:
         mg = MemGenModel(base.model, base.tokenizer, MemoryConfig(max_inference_insertions=5))
-        generate(mg, enc["input_ids"], enc["attention_mask"], GenerationConfig(tokens, memory="weaver", ignore_eos=True))
+        generate(
+            mg,
+            enc["input_ids"],
+            enc["attention_mask"],
+            GenerationConfig(tokens, memory="weaver", ignore_eos=True),
+        )
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def peak_rss(kind: str, tokens: int, batch: int) -> int:
-    cmd = [sys.executable, __file__, "--child", kind, "--tokens", str(tokens), "--batch", str(batch)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--tokens",
+        str(tokens),
+        "--batch",
+        str(batch),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return int(out.split()[-1])
 
@@ -123,7 +142,10 @@ def main() -> None:
         result["reference_s"] = round(t_ref, 3)
         result["ratio_reference_vs_hf_generate"] = round(t_ref / t_hf, 3)
         result["tokens_identical"] = ref.tokens == fast.tokens
-    rss_hf, rss_mg = peak_rss("hf", args.tokens, args.batch), peak_rss("memgen", args.tokens, args.batch)
+    rss_hf, rss_mg = (
+        peak_rss("hf", args.tokens, args.batch),
+        peak_rss("memgen", args.tokens, args.batch),
+    )
     result["peak_rss_hf_mb"] = round(rss_hf / 1024, 1)
     result["peak_rss_memgen_mb"] = round(rss_mg / 1024, 1)
     result["peak_memory_ratio"] = round(rss_mg / rss_hf, 3)

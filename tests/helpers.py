@@ -19,7 +19,9 @@ def save_tiny_base(path: Path, kind: str = "llama", seed: int = 0) -> Path:
     return path
 
 
-def tiny_artifact(tmp: Path, kind: str = "llama", trained_trigger: bool = False, **memory) -> tuple[Path, Path]:
+def tiny_artifact(
+    tmp: Path, kind: str = "llama", trained_trigger: bool = False, **memory
+) -> tuple[Path, Path]:
     """(base_dir, artifact_dir): a tiny base on disk and a weaver artifact trained on it."""
     base_dir = save_tiny_base(tmp / f"base-{kind}", kind)
     base = load_base(str(base_dir), device="cpu")
@@ -32,8 +34,12 @@ def tiny_artifact(tmp: Path, kind: str = "llama", trained_trigger: bool = False,
             mg.trigger.trained.fill_(True)
     loaded = LoadedBase(mg.reasoner, base.tokenizer, str(base_dir), str(base_dir), base.fingerprint)
     art = save_artifact(
-        mg, loaded, tmp / f"artifact-{kind}", prompt={"prompt_suffix": "Answer briefly."},
-        recipe_yaml="memory: {}\n", training={"task": "test"},
+        mg,
+        loaded,
+        tmp / f"artifact-{kind}",
+        prompt={"prompt_suffix": "Answer briefly."},
+        recipe_yaml="memory: {}\n",
+        training={"task": "test"},
     )
     assert base.fingerprint == fingerprint(mg.reasoner.config, base.tokenizer)
     return base_dir, art

@@ -32,7 +32,13 @@ def _files(path):
 def _answers(mg):
     prompts = [[{"role": "user", "content": "one, two."}], [{"role": "user", "content": "abc"}]]
     enc = encode_prompts(mg.tokenizer, prompts, "cpu")
-    return generate(mg, enc["input_ids"], enc["attention_mask"], GenerationConfig(max_new_tokens=12), keep_logits=True)
+    return generate(
+        mg,
+        enc["input_ids"],
+        enc["attention_mask"],
+        GenerationConfig(max_new_tokens=12),
+        keep_logits=True,
+    )
 
 
 @pytest.mark.parametrize("trained_trigger", [False, True])
@@ -46,7 +52,9 @@ def test_round_trip_exact_files_equal_tensors_same_outputs(tmp_path, trained_tri
 
     first, _, _ = load_artifact(art, device="cpu")
     second, _, _ = load_artifact(art, device="cpu")
-    for (name, a), b in zip(first.weaver.state_dict().items(), second.weaver.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        first.weaver.state_dict().items(), second.weaver.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
     saved = load_file(art / "weaver.safetensors")
     for name, tensor in first.weaver.state_dict().items():
@@ -69,7 +77,9 @@ def test_artifact_holds_only_trainable_tensors_and_adapter_is_peft_loadable(tmp_
 def test_wrong_base_is_refused_with_both_fingerprints(tmp_path):
     _, art = tiny_artifact(tmp_path)
     other = load_base(str(save_tiny_base(tmp_path / "other", "qwen2")), device="cpu")
-    with pytest.raises(MemgenError, match=r"trained on base .*\(fingerprint .*you passed .*--allow-base-mismatch"):
+    with pytest.raises(
+        MemgenError, match=r"trained on base .*\(fingerprint .*you passed .*--allow-base-mismatch"
+    ):
         load_artifact(art, other)
 
 
@@ -93,7 +103,10 @@ def test_truncated_safetensors_is_reported(tmp_path):
     [
         (lambda m: "{not json", "not valid JSON"),
         (lambda m: json.dumps({**m, "format_version": 99}), "format_version 99"),
-        (lambda m: json.dumps({k: v for k, v in m.items() if k != "memory"}), 'missing the "memory" section'),
+        (
+            lambda m: json.dumps({k: v for k, v in m.items() if k != "memory"}),
+            'missing the "memory" section',
+        ),
     ],
 )
 def test_bad_manifest(tmp_path, damage, message):
@@ -109,7 +122,9 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
     manifest = json.loads((art / "memgen.json").read_text())
     manifest["tensors"]["weaver"]["queries.prompt"] = [99, 32]
     (art / "memgen.json").write_text(json.dumps(manifest))
-    with pytest.raises(MemgenError, match=r"queries.prompt has shape \[3, 32\], manifest says \[99, 32\]"):
+    with pytest.raises(
+        MemgenError, match=r"queries.prompt has shape \[3, 32\], manifest says \[99, 32\]"
+    ):
         load_artifact(art, device="cpu")
 
 

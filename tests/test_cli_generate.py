@@ -18,7 +18,14 @@ def invoke(*args, input=None):
 def test_help_lists_all_six_stages():
     result = invoke("--help")
     assert result.exit_code == 0
-    for name in ("sft-weaver", "grpo-weaver", "train-trigger", "eval", "generate", "inspect-memory"):
+    for name in (
+        "sft-weaver",
+        "grpo-weaver",
+        "train-trigger",
+        "eval",
+        "generate",
+        "inspect-memory",
+    ):
         assert name in result.output
 
 
@@ -43,16 +50,33 @@ def test_generate_one_shot_with_artifact_shows_markers_and_json(tmp_path):
     result = invoke("generate", "Hello", "--artifact", art, "--max-new-tokens", "12", "--json")
     data = json.loads(result.stdout)
     assert data["memory"] == "weaver" and data["insertions"][0]["kind"] == "prompt"
-    assert data["insertions"][0]["token_index"] == 0 and len(data["insertions"][0]["latent_norms"]) == 3
+    assert (
+        data["insertions"][0]["token_index"] == 0
+        and len(data["insertions"][0]["latent_norms"]) == 3
+    )
     assert data["num_tokens"] <= 12
 
 
 def test_generate_batch_file(tmp_path):
     _, art = tiny_artifact(tmp_path)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"question {i}, please."}) + "\n" for i in range(5)))
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"question {i}, please."}) + "\n" for i in range(5))
+    )
     out = tmp_path / "out" / "answers.jsonl"
-    result = invoke("generate", "--input", prompts, "--output", out, "--artifact", art, "--max-new-tokens", "8", "--batch-size", "2")
+    result = invoke(
+        "generate",
+        "--input",
+        prompts,
+        "--output",
+        out,
+        "--artifact",
+        art,
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "2",
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == [f"question {i}, please." for i in range(5)]
@@ -71,7 +95,9 @@ def test_generate_batch_bad_input(tmp_path, lines, message):
     base = save_tiny_base(tmp_path / "base")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(lines)
-    result = invoke("generate", "--input", prompts, "--output", tmp_path / "o.jsonl", "--base", base)
+    result = invoke(
+        "generate", "--input", prompts, "--output", tmp_path / "o.jsonl", "--base", base
+    )
     assert result.exit_code == 2 and message in result.output
     assert "Traceback" not in result.output and not (tmp_path / "o.jsonl").exists()
 
@@ -89,7 +115,9 @@ def test_generate_errors_exit_2(tmp_path):
 def test_interactive_chat_through_stdin(tmp_path):
     _, art = tiny_artifact(tmp_path)
     script = "Hello, you.\n/trace\n/memory off\nAgain.\n/trace\n/clear\n/bogus\n/exit\n"
-    result = invoke("generate", "--interactive", "--artifact", art, "--max-new-tokens", "8", input=script)
+    result = invoke(
+        "generate", "--interactive", "--artifact", art, "--max-new-tokens", "8", input=script
+    )
     assert result.exit_code == 0, result.output
     out = result.output
     assert out.count("memgen>") == 2  # two answers
@@ -101,7 +129,9 @@ def test_interactive_chat_through_stdin(tmp_path):
 
 def test_interactive_leaves_cleanly_on_eof(tmp_path):
     base = save_tiny_base(tmp_path / "base")
-    result = invoke("generate", "--interactive", "--base", base, "--max-new-tokens", "4", input="hi\n")
+    result = invoke(
+        "generate", "--interactive", "--base", base, "--max-new-tokens", "4", input="hi\n"
+    )
     assert result.exit_code == 0 and result.output.count("memgen>") == 1
 
 
@@ -130,7 +160,9 @@ def test_interactive_on_embedded_model_with_untrained_weaver(tmp_path):
 
     torch.manual_seed(0)
     base = load_base(device="cpu")
-    art = save_artifact(MemGenModel(base.model, base.tokenizer, MemoryConfig()), base, tmp_path / "art")
+    art = save_artifact(
+        MemGenModel(base.model, base.tokenizer, MemoryConfig()), base, tmp_path / "art"
+    )
     script = "What is 2 + 2? Answer in one sentence.\n/trace\n/exit\n"
     result = invoke("generate", "-i", "--artifact", art, "--max-new-tokens", "24", input=script)
     assert result.exit_code == 0, result.output

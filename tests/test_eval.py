@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_tiny_base, tiny_artifact
 from rich.console import Console
 from typer.testing import CliRunner
 
+from helpers import save_tiny_base, tiny_artifact
 from memgen_cli import distributed
 from memgen_cli.cli import app
 from memgen_cli.data import get_task

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_memgen
-from helpers import tiny_artifact
 from typer.testing import CliRunner
 
+from conftest import make_memgen
+from helpers import tiny_artifact
 from memgen_cli.artifacts import artifact_digest
 from memgen_cli.cli import app
 from memgen_cli.config import GenerationConfig

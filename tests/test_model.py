@@ -59,7 +59,9 @@ def _compare(mg, cfg):
             torch.testing.assert_close(fast.step_logits[step][row], logits, atol=1e-4, rtol=0)
     key = lambda i: (i.row, i.token_index, i.kind)  # noqa: E731
     assert sorted(map(key, fast.trace.insertions)) == sorted(map(key, ref.trace.insertions))
-    for a, b in zip(sorted(fast.trace.insertions, key=key), sorted(ref.trace.insertions, key=key), strict=True):
+    for a, b in zip(
+        sorted(fast.trace.insertions, key=key), sorted(ref.trace.insertions, key=key), strict=True
+    ):
         torch.testing.assert_close(a.latents, b.latents, atol=1e-4, rtol=0)
     return fast
 
@@ -94,7 +96,12 @@ def test_memory_off_equals_hf_generate():
     mg = make_memgen("llama")
     plain, tok = make_model("llama")
     enc = encode_prompts(tok, PROMPTS, "cpu")
-    ours = generate(mg, enc["input_ids"], enc["attention_mask"], GenerationConfig(max_new_tokens=12, memory="off"))
+    ours = generate(
+        mg,
+        enc["input_ids"],
+        enc["attention_mask"],
+        GenerationConfig(max_new_tokens=12, memory="off"),
+    )
     hf = plain.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=-1)
     prompt_len = enc["input_ids"].shape[1]
     assert ours.tokens == hf[:, prompt_len:].tolist()
@@ -107,7 +114,12 @@ def test_sampling_is_seeded():
     cfg = GenerationConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3)
     a = generate(mg, enc["input_ids"], enc["attention_mask"], cfg).tokens
     b = generate(mg, enc["input_ids"], enc["attention_mask"], cfg).tokens
-    c = generate(mg, enc["input_ids"], enc["attention_mask"], GenerationConfig(max_new_tokens=10, temperature=1.0, seed=4)).tokens
+    c = generate(
+        mg,
+        enc["input_ids"],
+        enc["attention_mask"],
+        GenerationConfig(max_new_tokens=10, temperature=1.0, seed=4),
+    ).tokens
     assert a == b and a != c
 
 
@@ -116,14 +128,23 @@ def _training_batch(mg):
     tok.padding_side = "right"
     prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "hello there"}]]
     answers = ["ab, cd. ef, gh.", "x, y."]
-    heads = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    enc = tok([h + a + tok.eos_token for h, a in zip(heads, answers)], return_tensors="pt", padding=True, add_special_tokens=False)
+    heads = [
+        tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts
+    ]
+    enc = tok(
+        [h + a + tok.eos_token for h, a in zip(heads, answers, strict=True)],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
     plen = [len(tok(h, add_special_tokens=False)["input_ids"]) for h in heads]
     labels = enc["input_ids"].clone()
     labels[enc["attention_mask"] == 0] = -100
     for b, p in enumerate(plen):
         labels[b, :p] = -100
-    points = Points([p - 1 for p in plen], [[plen[0] + 2, plen[0] + 6, plen[0] + 10], [plen[1] + 1]])
+    points = Points(
+        [p - 1 for p in plen], [[plen[0] + 2, plen[0] + 6, plen[0] + 10], [plen[1] + 1]]
+    )
     return enc["input_ids"], enc["attention_mask"], labels, points
 
 
@@ -137,7 +158,10 @@ def test_training_forward_equals_reference(kind, weaver_kind):
         mg.zero_grad()
         out = fn(mg, ids, mask, labels, points, return_logits=True)
         out.loss.backward()
-        return out, {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in mg.weaver_parameters().items()}
+        return out, {
+            n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            for n, p in mg.weaver_parameters().items()
+        }
 
     fast, g_fast = run(weave_forward)
     ref, g_ref = run(reference_weave_forward)
@@ -153,7 +177,9 @@ def test_training_forward_without_points_equals_plain_loss():
     plain, _ = make_model("llama")
     ids, mask, labels, _ = _training_batch(mg)
     out = weave_forward(mg, ids, mask, labels, Points(None, [[], []]))
-    torch.testing.assert_close(out.loss, plain(input_ids=ids, attention_mask=mask, labels=labels).loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        out.loss, plain(input_ids=ids, attention_mask=mask, labels=labels).loss, atol=1e-5, rtol=0
+    )
 
 
 def test_zero_prompt_latents_turns_the_prompt_insertion_off():

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
 from safetensors.torch import load_file
 from transformers import TrainerCallback, set_seed
 from typer.testing import CliRunner
 
+from conftest import make_model
 from memgen_cli.artifacts import load_artifact
 from memgen_cli.cli import app
 from memgen_cli.config import MemoryConfig, SFTConfig, load_recipe
@@ -401,7 +401,6 @@ def test_training_forward_equals_reference_on_collated_batches(prompt):
     """Collated SFT batches (right padding, uneven lengths), with and without the prompt
     insertion: the frozen-prefix reasoner pass must not change loss or gradients."""
     from conftest import make_memgen
-
     from memgen_cli.models.training import reference_weave_forward
 
     mg = make_memgen("llama")
@@ -411,7 +410,9 @@ def test_training_forward_equals_reference_on_collated_batches(prompt):
         Example("b", "What is it?", "2", "a, b"),
         Example("c", "x", "3", "so. it is, 3"),
     ]
-    batch = SFTCollator(mg.tokenizer.pad_token_id, "first", 3, prompt)(encode_examples(mg, ex, "", None, 512)[0])
+    batch = SFTCollator(mg.tokenizer.pad_token_id, "first", 3, prompt)(
+        encode_examples(mg, ex, "", None, 512)[0]
+    )
     points = Points(batch["prompt_points"], batch["inference_points"])
     args = (batch["input_ids"], batch["attention_mask"], batch["labels"], points)
     grads = []
@@ -419,7 +420,16 @@ def test_training_forward_equals_reference_on_collated_batches(prompt):
         mg.zero_grad()
         loss = fn(mg, *args).loss
         loss.backward()
-        grads.append((float(loss), {n: p.grad.clone() for n, p in mg.weaver_parameters().items() if p.grad is not None}))
+        grads.append(
+            (
+                float(loss),
+                {
+                    n: p.grad.clone()
+                    for n, p in mg.weaver_parameters().items()
+                    if p.grad is not None
+                },
+            )
+        )
     (fast, g_fast), (ref, g_ref) = grads
     assert abs(fast - ref) < 1e-4
     assert set(g_fast) == set(g_ref) and g_ref
