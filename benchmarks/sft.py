@@ -2,7 +2,9 @@
 
 Embedded model (SmolLM2-135M), batch 4 of GSM8K-length samples (real GSM8K train problems from
 ../shared/data/gsm8k/train.jsonl when present, else gsm_symbolic), a prompt insertion plus 5
-inference insertions per sample. One training step = forward + backward + AdamW step over the
+inference insertions per sample, batched as sft-weaver batches them (transformers'
+LengthGroupedSampler, ``group_by_length: true``; ``--ungrouped`` takes consecutive samples). One
+training step = forward + backward + AdamW step over the
 weaver's tensors. Both paths run in this process on the same batches, alternating, after one
 warm-up step each. Prints one JSON object.
 
@@ -11,7 +13,7 @@ padding included) in the forward pass: on a CPU, where a matmul costs about the 
 batch 1 as at batch 4, the speedup cannot exceed their ratio by much. The reference's only
 redundant work is the weaver re-reading the prefix at each point; the reasoner pass is the same.
 
-    .venv/bin/python benchmarks/sft.py [--steps 3] [--batch 4]
+    .venv/bin/python benchmarks/sft.py [--steps 3] [--batch 4] [--ungrouped]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from memgen_cli.config import MemoryConfig
 from memgen_cli.data import get_task
@@ -33,12 +36,22 @@ from memgen_cli.training_data import SFTCollator, encode_examples
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 
-def batches(model, n_batches: int, batch: int, insertions: int):
+def batches(model, n_batches: int, batch: int, insertions: int, grouped: bool):
+    """Training batches as sft-weaver forms them: length-grouped (or plain consecutive)."""
     task = get_task(str(GSM8K)) if GSM8K.exists() else get_task("gsm_symbolic")
-    examples = task.load("train", limit=8 * n_batches * batch, seed=None)
+    pool = 50 * batch  # one LengthGroupedSampler mega-batch
+    examples = task.load("train", limit=2 * pool, seed=None)
     encoded, _ = encode_examples(model, examples, "", None, max_length=1024)
     # Keep samples that really get every inference insertion.
-    encoded = [e for e in encoded if len(e.candidates) >= insertions][: n_batches * batch]
+    encoded = [e for e in encoded if len(e.candidates) >= insertions][:pool]
+    if grouped:
+        order = LengthGroupedSampler(
+            batch,
+            lengths=[len(e.input_ids) for e in encoded],
+            generator=torch.Generator().manual_seed(0),
+        )
+        encoded = [encoded[i] for i in order]
+    encoded = encoded[: n_batches * batch]
     collate = SFTCollator(model.tokenizer.pad_token_id, "first", insertions, prompt_insertion=True)
     out = [collate(encoded[i : i + batch]) for i in range(0, len(encoded), batch)]
     return out, task.name
@@ -79,13 +92,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per path")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--insertions", type=int, default=5)
+    parser.add_argument(
+        "--ungrouped",
+        action="store_true",
+        help="consecutive samples instead of sft-weaver's length-grouped batches",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     base = load_base("smollm2-135m", device="cpu")
     cfg = MemoryConfig(max_inference_insertions=args.insertions, lora_dropout=0.0)
     model = MemGenModel(base.model, base.tokenizer, cfg)
     model.set_trainable(weaver=True, trigger=False)
-    data, source = batches(model, args.steps + 1, args.batch, args.insertions)
+    data, source = batches(model, args.steps + 1, args.batch, args.insertions, not args.ungrouped)
 
     # Same weights, same batch: the two losses must agree (gradients are checked in tests).
     model.eval()
@@ -119,6 +137,7 @@ def main() -> None:
                 "model": "smollm2-135m",
                 "data": source,
                 "batch": args.batch,
+                "batching": "consecutive" if args.ungrouped else "length-grouped (as sft-weaver)",
                 "timed_steps": len(data) - 1,
                 "mean_tokens_per_sample": round(sum(tokens) / len(tokens), 1),
                 "insertions_per_sample": {"prompt": 1, "inference": args.insertions},

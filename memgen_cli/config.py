@@ -224,6 +224,9 @@ class SFTTrainingConfig:
     """Gradient clipping norm (0 = off)."""
     schedule: str = "first"
     """Insertion points in the target: first | random | all (see training_data.py)."""
+    group_by_length: bool = True
+    """Batch samples of similar length together (transformers' LengthGroupedSampler): less
+    padding, same samples per epoch. Off = uniformly shuffled batches."""
     prompt_insertion: bool = True
     """Insert the prompt latents where the assistant turn begins."""
     bf16: bool = False

@@ -22,6 +22,7 @@ insertion points).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -115,7 +116,10 @@ class SFTCollator:
             gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, item.index)) % 2**62)
         return select_points(item.candidates, self.schedule, self.cap, gen)
 
-    def __call__(self, items: list[Encoded]) -> dict:
+    def __call__(self, items: list[Encoded | Mapping]) -> dict:
+        # The trainer's dataset holds plain dicts (so its length-grouped sampler can read
+        # ``input_ids``); held-out evaluation passes Encoded directly.
+        items = [Encoded(**it) if isinstance(it, Mapping) else it for it in items]
         length = max(len(it.input_ids) for it in items)
         ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)

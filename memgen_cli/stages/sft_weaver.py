@@ -223,6 +223,7 @@ def training_args(cfg: SFTConfig, ckpts: Path, device: torch.device) -> Training
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         seed=t.seed,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         bf16=t.bf16,
         report_to=reporters or "none",
         disable_tqdm=True,  # RichProgress draws the progress line
@@ -294,7 +295,7 @@ def run(
     trainer = Trainer(
         model=objective,
         args=args,
-        train_dataset=train,
+        train_dataset=[dataclasses.asdict(e) for e in train],  # dicts: the sampler reads input_ids
         data_collator=collate,
         callbacks=[
             RichProgress(clock, console),
