@@ -3,6 +3,7 @@
 import torch
 
 from memgen_cli.models.latents import (
+    align_offsets,
     chunk_mask,
     delimiter_table,
     latent_positions,
@@ -48,3 +49,17 @@ def test_delimiter_table_marks_clause_ends_only(tokenizer):
     assert not table[ids["a"]] and not table[ids["b"]] and not table[ids["7"]]
     assert not table[tokenizer.eos_token_id] and not table[tokenizer.pad_token_id]
     assert int(table.sum()) == 3
+
+
+def test_align_offsets_line_up_first_points():
+    # First points 5, 2 and (no points) the last token 3 all move to column 5.
+    assert align_offsets([[5, 9], [2], []], 4) == [0, 3, 2]
+    assert align_offsets([[1], [1]], 3) == [0, 0]
+
+
+def test_doctests():
+    import doctest
+
+    from memgen_cli.models import latents
+
+    assert doctest.testmod(latents).failed == 0

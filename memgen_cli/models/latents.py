@@ -94,3 +94,17 @@ def prediction_positions(
         for point, k in zip(row_points, row_k, strict=True):
             pred[b, point] += k
     return pred
+
+
+def align_offsets(points: list[list[int]], length: int) -> list[int]:
+    """Left shifts that put every row's first insertion point in the same stream column.
+
+    Nothing before a row's first latent chunk depends on the weaver, so once the first points
+    line up, the whole block before them runs without autograd for every row (see
+    ``training._reasoner_pass``). A row without points counts as a point at its last token.
+
+    >>> align_offsets([[5, 9], [2], []], 4)
+    [0, 3, 2]
+    """
+    firsts = [row[0] if row else length - 1 for row in points]
+    return [max(firsts) - f for f in firsts]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from memgen_cli.models.latents import (
+    align_offsets,
     chunk_mask,
     latent_positions,
     positions_from_mask,
@@ -152,11 +153,15 @@ def weave_forward(
     pts, ks = points.per_row(
         model.weaver.num_latents("prompt"), model.weaver.num_latents("inference")
     )
-    stream, stream_mask = _assemble(embeds, attention_mask, woven, points, pts, ks)
-    frozen = min((p[0] + 1 if p else length) for p in pts)
+    token_pos, starts = stream_layout(pts, length, ks)
+    offsets = align_offsets(pts, length)
+    token_pos = token_pos + torch.tensor(offsets)[:, None]
+    starts = [[s + off for s in row] for row, off in zip(starts, offsets, strict=True)]
+    stream, stream_mask = _assemble(embeds, attention_mask, woven, points, token_pos, starts, ks)
+    frozen = min(p[0] + 1 + off if p else length + off for p, off in zip(pts, offsets, strict=True))
     hidden = _reasoner_pass(model, stream, stream_mask, frozen)
-    token_pos, _ = stream_layout(pts, length, ks)
-    pred = prediction_positions(token_pos, pts, ks).to(device)
+    # Padding tokens are not placed in the stream; their (ignored) predictions read its end.
+    pred = prediction_positions(token_pos, pts, ks).clamp(max=stream.shape[1] - 1).to(device)
     aligned = hidden.gather(1, pred[..., None].expand(-1, -1, hidden.shape[-1]))
     return _loss(model, aligned, labels, return_logits)
 
@@ -180,10 +185,9 @@ def _reasoner_pass(model: MemGenModel, stream, mask, frozen: int) -> torch.Tenso
     return torch.cat([head, tail], 1)
 
 
-def _assemble(embeds, attention_mask, woven, points: Points, pts, ks):
-    """Place original token embeddings and every latent chunk into one padded stream."""
+def _assemble(embeds, attention_mask, woven, points: Points, token_pos, starts, ks):
+    """Place the real tokens' embeddings and every latent chunk into one padded stream."""
     batch, length, dim = embeds.shape
-    token_pos, starts = stream_layout(pts, length, ks)
     rows, cols, values, flags = [], [], [], []
 
     def put(b, where, vecs, mask):
@@ -192,15 +196,16 @@ def _assemble(embeds, attention_mask, woven, points: Points, pts, ks):
         values.append(vecs)
         flags.append(mask)
 
+    real = attention_mask.bool().cpu()
     for b in range(batch):
-        put(b, token_pos[b], embeds[b], attention_mask[b])
+        put(b, token_pos[b, real[b]], embeds[b, real[b]], attention_mask[b, real[b]])
         chunks = [
             r for r, (_, row_points) in enumerate(points.rounds()) if row_points[b] is not None
         ]
         for r, start, k in zip(chunks, starts[b], ks[b], strict=True):
             put(b, torch.arange(start, start + k), woven[r][b], attention_mask.new_ones(k))
     index = (torch.cat(rows).to(embeds.device), torch.cat(cols).to(embeds.device))
-    size = length + max((sum(k) for k in ks), default=0)
+    size = int(index[1].max()) + 1
     stream = embeds.new_zeros(batch, size, dim).index_put(index, torch.cat(values))
     mask = attention_mask.new_zeros(batch, size).index_put(index, torch.cat(flags))
     return stream, mask
