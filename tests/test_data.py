@@ -356,3 +356,14 @@ def test_hub_failure_becomes_memgen_error(hub_offline, monkeypatch):
     monkeypatch.setattr("memgen_cli.data.gsm8k.HUB_ID", "memgen-tests/no-such-gsm8k")
     with pytest.raises(MemgenError, match=r"--data path/to/test\.jsonl.*gsm_symbolic"):
         GSM8KTask().load("test")
+
+
+def test_offline_hint_for_hub_tasks_names_a_working_option(hub_offline, monkeypatch, tmp_path):
+    # A bare path is read as GSM8K, so the hint must keep the task and pass the file as an option.
+    monkeypatch.setattr("memgen_cli.data.math.HUB_ID", "memgen-tests/no-such-math")
+    with pytest.raises(MemgenError, match=r"--data math --task-option path=path/to/math\.jsonl"):
+        get_task("math").load("test")
+    local = tmp_path / "math.jsonl"
+    local.write_text('{"problem": "1+1?", "solution": "\\\\boxed{2}", "answer": "2"}\n')
+    examples = get_task("math", path=str(local)).load("test")
+    assert [e.answer for e in examples] == ["2"]

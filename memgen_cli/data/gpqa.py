@@ -61,7 +61,7 @@ class GPQATask(Task):
             file = local_split_file(self.path, split)
             return read_jsonl(file), str(file)
         hint = (
-            "Or use a local copy: --data path/to/gpqa.jsonl with the columns "
+            "Or use a local copy: --data gpqa --task-option path=path/to/gpqa.jsonl with the columns "
             + ", ".join(COLUMNS)
             + "."
         )

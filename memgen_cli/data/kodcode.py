@@ -78,7 +78,7 @@ class KodCodeTask(Task):
             return read_jsonl(file), str(file)
         if split not in ("train", "test"):
             raise MemgenError(f"kodcode has splits train, test; got {split!r}.")
-        hint = "Use a local copy instead: --data path/to/kodcode.jsonl (question, test)."
+        hint = "Use a local copy instead: --data kodcode --task-option path=path/to/kodcode.jsonl (question, test)."
         rows = load_hub(HUB_ID, None, "train", hint)
         held_out = split == "test"
         rows = [row for i, row in enumerate(rows) if (i % TEST_EVERY == 0) == held_out]

@@ -48,7 +48,7 @@ class MathTask(Task):
             return read_jsonl(file), str(file)
         if split != "test":
             raise MemgenError(f"{HUB_ID} has only the split 'test'; got {split!r}.")
-        hint = "Use a local copy instead: --data path/to/math.jsonl (problem, solution, answer)."
+        hint = "Use a local copy instead: --data math --task-option path=path/to/math.jsonl (problem, solution, answer)."
         return load_hub(HUB_ID, None, split, hint), f"{HUB_ID}:{split}"
 
     @staticmethod

@@ -73,7 +73,7 @@ class TriviaQATask(Task):
         if self.path is not None:
             file = local_split_file(self.path, split)
             return read_jsonl(file), str(file)
-        hint = "Use a local copy instead: --data path/to/triviaqa.jsonl (question, answers)."
+        hint = "Use a local copy instead: --data triviaqa --task-option path=path/to/triviaqa.jsonl (question, answers)."
         return load_hub(HUB_ID, HUB_CONFIG, split, hint), f"{HUB_ID}:{split}"
 
     def extract(self, completion: str) -> str | None:
