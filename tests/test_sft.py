@@ -435,3 +435,14 @@ def test_training_forward_equals_reference_on_collated_batches(prompt):
     assert set(g_fast) == set(g_ref) and g_ref
     for name, grad in g_ref.items():
         torch.testing.assert_close(g_fast[name], grad, atol=1e-4, rtol=0, msg=name)
+
+
+def test_recorded_data_seed_is_the_one_the_split_used(tmp_path):
+    # Training on a generated task's eval split draws from its eval seed; record that one.
+    cfg = SFTConfig()
+    cfg.data.task, cfg.data.size, cfg.data.heldout = "gym:basic_arithmetic", 4, 2
+    for split, expected in [("train", "train_seed"), ("test", "eval_seed")]:
+        cfg.data.split = split
+        task, _, _, seed = stage.load_examples(cfg)
+        assert seed == getattr(task, expected)
+    assert task.train_seed != task.eval_seed

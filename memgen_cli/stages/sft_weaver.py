@@ -199,7 +199,10 @@ def load_examples(cfg: SFTConfig) -> tuple[Task, list[Example], list[Example], i
             f"{d.heldout} held out."
         )
     cut = len(examples) - d.heldout
-    seed = d.seed if d.seed is not None else task.train_seed
+    seed = d.seed
+    if seed is None:  # the task's own seed for the split trained on (generated tasks)
+        seed_for = getattr(task, "seed_for", None)
+        seed = seed_for(d.split or task.default_split) if seed_for else task.train_seed
     return task, examples[:cut], examples[cut:], seed
 
 
