@@ -13,6 +13,7 @@ echo "== 2/3 memgen eval: memory off vs weaver, same held-out problems =="
 $MEMGEN eval --artifact "$ART" --data gsm_symbolic --memory off,weaver --limit 32 \
   --max-new-tokens 192 --output runs/demo/eval
 
-echo "== 3/3 memgen generate: one answer, memory markers inline =="
-$MEMGEN generate --artifact "$ART" --max-new-tokens 192 \
-  "A baker makes 24 muffins in the morning and 18 in the afternoon. He sells 30. How many muffins are left?"
+echo "== 3/3 memgen generate: one question, memory off, then the weaver's markers inline =="
+QUESTION="A baker makes 24 muffins in the morning and 18 in the afternoon. He sells 30. How many muffins are left?"
+$MEMGEN generate --artifact "$ART" --max-new-tokens 192 --memory off "$QUESTION"
+$MEMGEN generate --artifact "$ART" --max-new-tokens 192 "$QUESTION"
