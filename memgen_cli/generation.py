@@ -4,10 +4,11 @@ Per step, for all rows at once (see ``_Run``):
   1. choose the next token from the current logits (greedy, or temperature + top-p);
   2. feed it to the reasoner (one cached position) and remember it as weaver context;
   3. rows whose token ends a clause, with insertions left, ask the trigger;
-  4. if any row invokes, the weaver reads its new context (its own cache) and writes K latents;
-     they are appended to the reasoner's cache as one K-position chunk, masked for the rows
-     that did not invoke, so the batch stays rectangular; invoking rows take the logits after
-     their latents, and their text positions shift by K.
+  4. each invoking row's weaver reads the context that row has not read yet (its own cache)
+     and writes K latents; only those rows run the K-position chunk through the reasoner (a
+     sub-batch of their cache rows), and the chunk goes back into the batch cache with
+     masked slots for the rows that did not invoke, so the batch stays rectangular; invoking
+     rows take the logits after their latents, and their text positions shift by K.
 Prompt latents are woven once, right after the prompt (where the assistant turn begins).
 
 ``reference_generate`` is the slow path the official code takes: one row at a time, and the
@@ -215,14 +216,17 @@ class _Run:
         else:
             part = take_rows(self.cache, self.model.reasoner.config, index)
             sub_mask = torch.cat([self.mask[index], self.mask.new_ones(len(index), k)], dim=1)
-            hidden = self.model.reasoner_hidden(latents[index], sub_mask, positions[index], part)[
-                :, -1
-            ]
+            hidden = self.model.reasoner_hidden(latents[index], sub_mask, positions[index], part)
+            hidden = hidden[:, -1]
             append_rows(self.cache, part, index, k)
             self.mask = torch.cat([self.mask, chunk_mask(rows, k)], dim=1)
             self._remember(latents * rows[:, None, None], chunk_mask(rows, k), positions)
         self.logits = self.logits.index_copy(0, index, self.model.lm_head(hidden))  # rows of index
         self.next_pos = self.next_pos + rows.long() * k
+
+    def _scatter(self, values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """Rows ``where`` of a (B, ...) tensor set to ``values``, zeros elsewhere."""
+        return values.new_zeros(self.batch, *values.shape[1:]).index_copy(0, where, values)
 
     def weave(self, kind: str, rows: torch.Tensor, probs: torch.Tensor | None) -> list[Insertion]:
         """Weave K latents for ``rows`` and append them to the reasoner's cache."""
@@ -233,14 +237,10 @@ class _Run:
             latents, states = self._weave_all(kind)
         else:
             woven = [self._weave_row(kind, r) for r in index]
-            latents = torch.zeros(
-                self.batch, *woven[0][0].shape, dtype=woven[0][0].dtype, device=rows.device
+            where = torch.tensor(index, device=rows.device)
+            latents, states = (
+                self._scatter(torch.stack(part), where) for part in zip(*woven, strict=True)
             )
-            states = torch.zeros(
-                self.batch, *woven[0][1].shape, dtype=woven[0][1].dtype, device=rows.device
-            )
-            for r, (lat, st) in zip(index, woven, strict=True):
-                latents[r], states[r] = lat, st
         events = [
             Insertion(
                 row=r,
