@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from helpers import save_tiny_base, tiny_artifact
+from helpers import save_tiny_base, tiny_artifact, torchrun
 from memgen_cli import distributed
 from memgen_cli.cli import app
 from memgen_cli.data import get_task
@@ -372,22 +370,6 @@ def test_bad_input_one_clear_message_exit_2(case, message, tiny, tmp_path, monke
 
 
 # --------------------------------------------------------------------------- processes
-def _torchrun(args: list, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-    ]
-    return subprocess.run(
-        [*launch, "-m", "memgen_cli", "eval", *map(str, args)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-
-
 def test_distributed_helpers_without_a_launcher(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -409,7 +391,7 @@ def test_two_processes_give_exactly_the_single_process_results(tiny, tmp_path):
     _, art, data = tiny
     args = ["--artifact", art, "--data", data, "--max-new-tokens", 8, "--batch-size", 2]
     one = eval_json(*args, "--output", tmp_path / "one")  # this process, one thread
-    double = _torchrun([*args, "--json", "--output", tmp_path / "two"], cwd=tmp_path)
+    double = torchrun(["eval", *args, "--json", "--output", tmp_path / "two"], cwd=tmp_path)
     assert double.returncode == 0, double.stderr[-3000:]
     two = json.loads(double.stdout)  # one JSON object: rank 0 alone prints
     assert two["config"]["world_size"] == 2 and one["config"]["world_size"] == 1

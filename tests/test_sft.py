@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ from transformers import TrainerCallback, set_seed
 from typer.testing import CliRunner
 
 from conftest import make_model
+from helpers import torchrun
 from memgen_cli.artifacts import load_artifact
 from memgen_cli.cli import app
 from memgen_cli.config import MemoryConfig, SFTConfig, load_recipe
@@ -351,41 +349,12 @@ def test_tiny_recipe_end_to_end_on_the_embedded_model(tmp_path):
 def test_two_process_torchrun_writes_one_artifact(tiny_base, tmp_path):
     data = write_problems(tmp_path / "train.jsonl")
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "memgen_cli",
-        "sft-weaver",
-        "--recipe",
-        str(TINY),
-        "--base",
-        str(tiny_base),
-        "--data",
-        str(data),
-        "--output",
-        str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc = torchrun(
+        ["sft-weaver", "--recipe", TINY, "--base", tiny_base, "--data", data, "--output", out],
         cwd=tmp_path,
-        env=env,
-        start_new_session=True,
+        timeout=240,
     )
-    try:
-        log, _ = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:  # never leave the two workers behind
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, log[-4000:]
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert files(out) == ARTIFACT_FILES
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == ["out"]
     s = json.loads((out / "memgen.json").read_text())["training"]
