@@ -1,5 +1,7 @@
 """The composed model: one copy of weights, reasoner untouched, fast paths equal the reference."""
 
+import functools
+
 import pytest
 import torch
 
@@ -148,8 +150,9 @@ def _training_batch(mg):
     return enc["input_ids"], enc["attention_mask"], labels, points
 
 
+@pytest.mark.parametrize("official", [True, False], ids=["official-calls", "lean"])
 @pytest.mark.parametrize("kind,weaver_kind", [("llama", None), ("qwen2", None), ("llama", "qwen2")])
-def test_training_forward_equals_reference(kind, weaver_kind):
+def test_training_forward_equals_reference(kind, weaver_kind, official):
     mg = make_memgen(kind, weaver_kind)
     ids, mask, labels, points = _training_batch(mg)
     mg.set_trainable(weaver=True, trigger=False)
@@ -164,7 +167,7 @@ def test_training_forward_equals_reference(kind, weaver_kind):
         }
 
     fast, g_fast = run(weave_forward)
-    ref, g_ref = run(reference_weave_forward)
+    ref, g_ref = run(functools.partial(reference_weave_forward, official=official))
     assert abs(fast.loss.item() - ref.loss.item()) < 1e-4
     torch.testing.assert_close(fast.logits[mask.bool()], ref.logits[mask.bool()], atol=1e-4, rtol=0)
     for name, grad in g_ref.items():

@@ -149,6 +149,7 @@ class MemGenModel(nn.Module):
         context_positions: torch.Tensor,
         state: WeaverCache,
         query_start: torch.Tensor,
+        official: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Read new context into the weaver's cache and write K latents of ``kind``.
 
@@ -156,6 +157,10 @@ class MemGenModel(nn.Module):
         (tokens and earlier latents; T may be 0). The K query latents are run as a suffix at
         positions ``query_start + [0, K)`` and dropped from the cache afterwards, so the cache
         holds only real context. Returns (latents in reasoner space, weaver hidden states).
+
+        ``official=True`` makes the call the official code makes (reference path only): the
+        whole causal LM with ``output_hidden_states``, so vocabulary logits are computed for
+        every position and thrown away. The latents are the same either way.
         """
         batch = context.shape[0]
         w_dtype = self.weaver_lm.get_input_embeddings().weight.dtype
@@ -167,18 +172,21 @@ class MemGenModel(nn.Module):
         past = state.mask if state.mask is not None else context_mask[:, :0]
         mask = torch.cat([past, context_mask, ones], dim=1)
         positions = torch.cat([context_positions, latent_positions(query_start, k)], dim=1)
+        backbone = self.weaver_lm if official else self.weaver_lm.get_decoder()
         with self.weaver_adapter():
-            out = self.weaver_lm.get_decoder()(
+            out = backbone(
                 inputs_embeds=inputs,
                 attention_mask=mask,
                 position_ids=positions,
                 past_key_values=state.cache,
                 use_cache=True,
+                output_hidden_states=official,
             )
         kept = mask.shape[1] - k
         state.cache.crop(-k)  # drop the query slots: the cache keeps only real context
         state.mask = mask[:, :kept]
-        hidden = out.last_hidden_state[:, out.last_hidden_state.shape[1] - k :].float()
+        last = out.hidden_states[-1] if official else out.last_hidden_state
+        hidden = last[:, last.shape[1] - k :].float()
         latents = self.weaver.weaver_to_reasoner(hidden)
         return latents.to(self.dtype), hidden
 

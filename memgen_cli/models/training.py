@@ -11,8 +11,9 @@ instead of re-reading the growing prefix; rows whose chunk is shorter get masked
 reasoner then runs once over the whole stream with every chunk of latents in place.
 
 Reference path (``reference_weave_forward``): per sample, the weaver re-reads the whole prefix
-at every insertion point, as the official code does. Tests require both to agree to 1e-4 in
-loss and in the gradient of every trainable tensor.
+at every insertion point, and every call is the one the official code makes (whole causal LMs,
+vocabulary logits at every position). Tests require both to agree to 1e-4 in loss and in the
+gradient of every trainable tensor.
 """
 
 from __future__ import annotations
@@ -212,13 +213,26 @@ def _assemble(embeds, attention_mask, woven, points: Points, token_pos, starts, 
 
 
 def reference_weave_forward(
-    model: MemGenModel, input_ids, attention_mask, labels, points: Points, return_logits=False
+    model: MemGenModel,
+    input_ids,
+    attention_mask,
+    labels,
+    points: Points,
+    return_logits=False,
+    official=True,
 ) -> WeaveOutput:
-    """Per sample; the weaver re-reads the whole prefix (tokens + earlier latents) each time."""
+    """Per sample; the weaver re-reads the whole prefix (tokens + earlier latents) each time.
+
+    With ``official=True`` (the default) it makes the official code's calls: the weaver's whole
+    causal LM at every insertion point and the reasoner's logits over the whole woven stream,
+    cross-entropy over every position with ignored labels. Those vocabulary projections outside
+    the labelled tokens are thrown away, so ``official=False`` (the same loss and gradients)
+    skips them and isolates the cost of re-reading prefixes and of going sample by sample.
+    """
     pts, ks = points.per_row(
         model.weaver.num_latents("prompt"), model.weaver.num_latents("inference")
     )
-    aligned_rows = []
+    aligned_rows, logit_rows, total, count = [], [], 0.0, 0
     for b in range(input_ids.shape[0]):
         real = attention_mask[b].bool()
         tokens = model.embed(input_ids[b, real][None])
@@ -232,7 +246,9 @@ def reference_weave_forward(
             ones = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
             pos = torch.arange(prefix.shape[1], device=prefix.device)[None]
             start = torch.tensor([prefix.shape[1]], device=prefix.device)
-            latents, _ = model.weave(kind, prefix, ones, pos, model.new_weaver_cache(), start)
+            latents, _ = model.weave(
+                kind, prefix, ones, pos, model.new_weaver_cache(), start, official=official
+            )
             pieces.append(latents)
             prev = point
         pieces.append(tokens[:, prev + 1 :])
@@ -243,7 +259,21 @@ def reference_weave_forward(
         n = tokens.shape[1]
         token_pos, _ = stream_layout([pts[b]], n, [ks[b]])
         pred = prediction_positions(token_pos, [pts[b]], [ks[b]])[0].to(hidden.device)
+        if official:
+            logits = model.lm_head(hidden)[pred]  # every stream position, then the tokens' rows
+            targets = labels[b, real][1:]
+            total = total + F.cross_entropy(
+                logits[:-1], targets, ignore_index=IGNORE, reduction="sum"
+            )
+            count += int((targets != IGNORE).sum())
+            if return_logits:
+                logit_rows.append(logits.new_zeros(input_ids.shape[1], logits.shape[-1]))
+                logit_rows[-1][real] = logits
+            continue
         row = hidden.new_zeros(input_ids.shape[1], hidden.shape[-1])
         row[real] = hidden[pred]
         aligned_rows.append(row)
-    return _loss(model, torch.stack(aligned_rows), labels, return_logits)
+    if not official:
+        return _loss(model, torch.stack(aligned_rows), labels, return_logits)
+    loss = total / count if count else stream.sum() * 0.0
+    return WeaveOutput(loss, torch.stack(logit_rows) if return_logits else None, count)
