@@ -24,7 +24,7 @@ from memgen_cli.config import SFTConfig, load_recipe
 from memgen_cli.models.base import load_base
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.stages.sft_weaver import load_examples
-from memgen_cli.training_data import SFTCollator, encode_examples, heldout_loss
+from memgen_cli.training.sft_data import SFTCollator, encode_examples, heldout_loss
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes/smollm2-135m/gsm_symbolic/sft-weaver.yaml"
 TOKENS = {"newline": "\n", "space": " "}

@@ -40,7 +40,7 @@ from memgen_cli.models.base import load_base
 from memgen_cli.models.latents import align_offsets
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.models.training import Points, reference_weave_forward, weave_forward
-from memgen_cli.training_data import SFTCollator, encode_examples
+from memgen_cli.training.sft_data import SFTCollator, encode_examples
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 

@@ -28,7 +28,7 @@ from memgen_cli.models.base import load_base
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.models.training import IGNORE, Points, weave_forward
 from memgen_cli.stages import sft_weaver as stage
-from memgen_cli.training_data import SFTCollator, encode_examples
+from memgen_cli.training.sft_data import SFTCollator, encode_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny" / "sft-weaver.yaml"
@@ -141,7 +141,7 @@ def test_too_long_samples_are_dropped_and_counted():
 
 
 def test_schedules():
-    from memgen_cli.training_data import Encoded
+    from memgen_cli.training.sft_data import Encoded
 
     item = Encoded(list(range(30)), 5, [6, 9, 12, 15, 18, 21], 0)
     first = SFTCollator(0, "first", 3)([item])["inference_points"][0]

@@ -41,7 +41,8 @@ from memgen_cli.data import Example, Task, get_task
 from memgen_cli.errors import MemgenError
 from memgen_cli.models.base import load_base
 from memgen_cli.models.memgen import MemGenModel
-from memgen_cli.trainer_parts import (
+from memgen_cli.training.sft_data import SCHEDULES, SFTCollator, encode_examples, heldout_loss
+from memgen_cli.training.trainer_parts import (
     MetricsLog,
     RichProgress,
     SetEpoch,
@@ -50,7 +51,6 @@ from memgen_cli.trainer_parts import (
     WeaverObjective,
     world_size,
 )
-from memgen_cli.training_data import SCHEDULES, SFTCollator, encode_examples, heldout_loss
 
 REPORTERS = ("none", "tensorboard", "wandb")
 MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
