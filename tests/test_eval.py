@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -311,6 +312,75 @@ def test_prompt_suffix_override_is_used_and_warned_about(tiny, tmp_path):
     assert result.exit_code == 0, result.output
     assert "differs from the artifact's training format" in result.stderr
     assert all(p["prompt"].endswith("\nBox it.") for p in read_predictions(tmp_path / "o"))
+
+
+# --------------------------------------------------------------------------- contamination
+def _with_training(src: Path, dst: Path, **training) -> Path:
+    """A copy of artifact ``src`` whose manifest records other training data."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "memgen.json").read_text())
+    manifest["training"] = training
+    (dst / "memgen.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_gsm8k_test_is_recognised_by_split_and_file_name(tmp_path):
+    (tmp_path / "gsm").mkdir()
+    for name in ("test.jsonl", "train.jsonl", "gsm8k_test.jsonl"):
+        write_gsm8k(tmp_path / "gsm" / name, QUESTIONS[:1])
+    assert ev.is_gsm8k_test(get_task("gsm8k"), None)  # the hub's default split is test
+    assert ev.is_gsm8k_test(get_task("gsm8k"), "test")
+    assert not ev.is_gsm8k_test(get_task("gsm8k"), "train")
+    assert ev.is_gsm8k_test(get_task(str(tmp_path / "gsm")), None)  # directory: test.jsonl
+    assert not ev.is_gsm8k_test(get_task(str(tmp_path / "gsm")), "train")
+    assert ev.is_gsm8k_test(get_task(str(tmp_path / "gsm" / "gsm8k_test.jsonl")), None)
+    assert not ev.is_gsm8k_test(get_task(str(tmp_path / "gsm" / "train.jsonl")), None)
+    assert not ev.is_gsm8k_test(get_task("gsm_symbolic"), None)
+    assert not ev.is_gsm8k_test(get_task("gym:chain_sum"), "test")
+
+
+def test_contamination_warning_names_the_overlap_only_when_there_is_one(tmp_path):
+    gsm_test, chain = get_task("gsm8k"), get_task("gym:chain_sum")
+    symbolic = {"training": {"task": "gsm_symbolic"}}
+    (got,) = ev.contamination_warnings(symbolic, "runs/a", {"gsm8k": gsm_test}, None)
+    assert "runs/a was trained on gsm_symbolic" in got and "GSM8K test" in got
+    assert ev.contamination_warnings(symbolic, "a", {"gsm8k": gsm_test}, "train") == []
+    assert ev.contamination_warnings(symbolic, "a", {"gym:chain_sum": chain}, None) == []
+    for other in ("gsm8k", "gym:chain_sum", "test"):
+        manifest = {"training": {"task": other}}
+        assert ev.contamination_warnings(manifest, "a", {"gsm8k": gsm_test}, None) == []
+    assert ev.contamination_warnings(None, None, {"gsm8k": gsm_test}, None) == []
+    # An artifact trained further from a gsm_symbolic parent inherits the overlap.
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (parent / "memgen.json").write_text(json.dumps(symbolic))
+    child = {"training": {"task": "gym:chain_sum"}, "parent": {"name": str(parent)}}
+    assert ev.trained_tasks(child) == ["gym:chain_sum", "gsm_symbolic"]
+    assert len(ev.contamination_warnings(child, "c", {"gsm8k": gsm_test}, None)) == 1
+
+
+def test_eval_warns_about_gsm_symbolic_training_on_gsm8k_test(tiny, tmp_path):
+    _, art, _ = tiny
+    symbolic = _with_training(art, tmp_path / "symbolic", task="gsm_symbolic", data_seed=42)
+    test_file = write_gsm8k(tmp_path / "test.jsonl", QUESTIONS[:2])
+    train_file = write_gsm8k(tmp_path / "train.jsonl", QUESTIONS[:2])
+    common = ("--memory", "off", "--max-new-tokens", 2, "--json")
+    result = invoke(
+        "--artifact", symbolic, "--data", test_file, *common, "--output", tmp_path / "a"
+    )
+    assert result.exit_code == 0, result.output
+    (warning,) = json.loads(result.stdout)["warnings"]
+    assert "trained on gsm_symbolic" in warning and "test.jsonl (GSM8K test)" in warning
+    assert "trained on gsm_symbolic" in " ".join(result.stderr.split())
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["warnings"] == [warning]
+    table = invoke(
+        "--artifact", symbolic, "--data", test_file, *common[:-1], "--output", tmp_path / "t"
+    )
+    assert "contaminated" in " ".join(table.stdout.split())  # also under the table
+    for artifact, data in ((symbolic, train_file), (art, test_file)):
+        result = invoke("--artifact", artifact, "--data", data, *common, "--output", tmp_path / "b")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["warnings"] == [] and "warning" not in result.stderr
 
 
 # --------------------------------------------------------------------------- bad input

@@ -42,3 +42,11 @@ def test_unknown_recipe_key_is_an_error_with_a_suggestion(tmp_path):
         match='Unknown config key "memory.promt_latents". Did you mean "prompt_latents"',
     ):
         load_recipe(SFTConfig, bad)
+
+
+@pytest.mark.parametrize("path", [p for p in ALL if "gsm8k" in p.parts], ids=str)
+def test_gsm8k_recipes_train_on_gsm8k_train(path):
+    """gsm_symbolic's templates come from GSM8K test: a GSM8K recipe must train on GSM8K train."""
+    data = load_recipe(RECIPE_CONFIGS[path.stem], path).data
+    assert (data.task, data.split) == ("gsm8k", "train"), path
+    assert data.path is None or "test" not in Path(data.path).name, path

@@ -103,6 +103,9 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
             raise MemgenError(
                 f"task {label!r} gave no problems for split {opts.split or task.default_split!r}."
             )
+    warnings = contamination_warnings(manifest, opts.artifact, tasks, opts.split)
+    for text in warnings:
+        notes.print(f"[yellow]warning:[/] {text}", highlight=False)
     # 3. the model, once
     device = distributed.device_for_rank(opts.device, dist.local_rank)
     session = open_session(opts.base, opts.artifact, device, opts.dtype, opts.allow_base_mismatch)
@@ -135,6 +138,7 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
     metrics = {
         "results": results,
         "seconds": round(time.perf_counter() - started, 2),
+        "warnings": warnings,
         "config": run_config(opts, session, modes, suffix, seeds, problems, dist.world_size),
     }
     out = opts.output or Path("runs") / "eval" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -143,7 +147,7 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
     if opts.json:
         console.print(json.dumps(metrics), markup=False, highlight=False, soft_wrap=True)
     else:
-        console.print(results_table(results, metrics["seconds"], out))
+        console.print(results_table(results, metrics["seconds"], out, warnings))
     return metrics
 
 
@@ -261,6 +265,56 @@ def data_seed(
         )
         return hi
     return start
+
+
+# --------------------------------------------------------------------------- contamination
+# reasoning_gym's gsm_symbolic templates were written from GSM8K *test* problems (e.g. "Emily
+# can peel 6 shrimp", "Sunny is selling gingerbread"): a model trained on it has seen GSM8K
+# test in disguise, so its GSM8K test score is not a held-out score.
+GSM8K_TEST_SOURCES = ("gsm_symbolic", "gym:gsm_symbolic")
+
+
+def trained_tasks(manifest: dict | None) -> list[str]:
+    """The tasks an artifact and its ancestors (when still on disk) were trained on."""
+    tasks, seen = [], 0
+    while manifest and seen < 16:  # a parent chain longer than this is not a real lineage
+        task = (manifest.get("training") or {}).get("task")
+        if task:
+            tasks.append(task)
+        parent = (manifest.get("parent") or {}).get("name")
+        try:
+            manifest = json.loads((Path(parent) / "memgen.json").read_text()) if parent else None
+        except (OSError, ValueError):
+            manifest = None
+        seen += 1
+    return tasks
+
+
+def is_gsm8k_test(task: Task, split: str | None) -> bool:
+    """Whether ``task`` reads GSM8K's test set: the hub's (or a directory's) test split, or
+    a GSM8K-format file whose name says test (a single file is used for any split)."""
+    if task.name != "gsm8k":
+        return False
+    path = getattr(task, "path", None)
+    if path is None or Path(path).is_dir():
+        return (split or task.default_split) == "test"
+    return "test" in Path(path).stem.lower()
+
+
+def contamination_warnings(
+    manifest: dict | None, artifact, tasks: dict[str, Task], split: str | None
+) -> list[str]:
+    """One warning per (artifact trained on gsm_symbolic, GSM8K test task) pair."""
+    sources = [t for t in trained_tasks(manifest) if t in GSM8K_TEST_SOURCES]
+    if not sources:
+        return []
+    return [
+        f"{artifact} was trained on {sources[0]}, whose templates were built from GSM8K test "
+        f"problems; its score on {_short(label)} (GSM8K test) is contaminated, not held out. "
+        "Evaluate on another task, or train on GSM8K train (--data gsm8k) for a GSM8K score."
+        for label, task in tasks.items()
+        if is_gsm8k_test(task, split)
+    ]
 
 
 # --------------------------------------------------------------------------- generation
@@ -396,8 +450,11 @@ def write_outputs(out: Path, metrics: dict, predictions: list[dict]) -> None:
         os.replace(tmp, out / name)
 
 
-def results_table(results: list[dict], seconds: float, out: Path) -> Table:
+def results_table(
+    results: list[dict], seconds: float, out: Path, warnings: list[str] | None = None
+) -> Table:
     caption = f"insertions: mean per answer · {seconds:.0f} s in all · written to {out}"
+    caption += "".join(f"\n[yellow]warning:[/] {text}" for text in warnings or [])
     table = Table(title="memgen eval", caption=caption)
     for name in ("task", "mode", "accuracy %", "n", "insertions", "samples/s", "tokens/s"):
         table.add_column(name, justify="left" if name in ("task", "mode") else "right")
