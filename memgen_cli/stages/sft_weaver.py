@@ -22,26 +22,29 @@ removed once its artifact is written.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import shutil
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 from rich.console import Console
 from rich.table import Table
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
 from memgen_cli.artifacts import save_artifact
 from memgen_cli.config import SFTConfig, dump_yaml, load_recipe, to_dict
-from memgen_cli.data import Example, Task, get_task
 from memgen_cli.errors import MemgenError
 from memgen_cli.models.base import load_base
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.training.sft_data import SCHEDULES, SFTCollator, encode_examples, heldout_loss
+from memgen_cli.training.sft_run import (
+    data_config,
+    load_examples,
+    resume_point,
+    trainer_arguments,
+    validate_training,
+)
 from memgen_cli.training.trainer_parts import (
     MetricsLog,
     RichProgress,
@@ -51,10 +54,6 @@ from memgen_cli.training.trainer_parts import (
     WeaverObjective,
     world_size,
 )
-
-REPORTERS = ("none", "tensorboard", "wandb")
-MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
-FILE_TASKS = ("gsm8k", "jsonl", "math", "gpqa", "triviaqa", "kodcode")
 
 
 class TrainingInterrupted(Exception):
@@ -78,15 +77,7 @@ def resolve_config(
 ) -> SFTConfig:
     """Recipe, then ``--set`` overrides, then the command's own flags (which win)."""
     cfg = load_recipe(SFTConfig, recipe, overrides)
-    d = cfg.data
-    if columns:
-        d = dataclasses.replace(d, columns=dict(columns))
-    if data is not None:
-        if data.endswith(".jsonl") or Path(data).exists():
-            task = d.task if d.task in FILE_TASKS else "gsm8k"
-            d = dataclasses.replace(d, path=data, task="jsonl" if d.columns else task)
-        else:
-            d = dataclasses.replace(d, task=data, path=None)
+    d = data_config(cfg.data, data, columns)
     model = cfg.model if base is None else dataclasses.replace(cfg.model, base=base)
     t = (
         cfg.training
@@ -105,139 +96,23 @@ def checkpoint_dir(cfg: SFTConfig) -> Path:
 
 def validate(cfg: SFTConfig, resume: str | None) -> Path | None:
     """Check values the dataclass types cannot; return the checkpoint to resume from."""
-    t, d = cfg.training, cfg.data
-    if t.schedule not in SCHEDULES:
+    if cfg.training.schedule not in SCHEDULES:
         raise MemgenError(
-            f'training.schedule must be one of {", ".join(SCHEDULES)}; got "{t.schedule}".'
+            f'training.schedule must be one of {", ".join(SCHEDULES)}; got "{cfg.training.schedule}".'
         )
-    try:
-        SchedulerType(t.scheduler)
-    except ValueError:
-        names = ", ".join(s.value for s in SchedulerType)
-        raise MemgenError(
-            f'training.scheduler "{t.scheduler}" is unknown; use one of {names}.'
-        ) from None
-    for name in (n.strip() for n in t.report_to.split(",")):
-        if name not in REPORTERS:
-            raise MemgenError(f'--report-to must be none, tensorboard or wandb; got "{name}".')
-        if name != "none" and not any(importlib.util.find_spec(m) for m in MODULES[name]):
-            raise MemgenError(f"--report-to {name} needs the {name} package: pip install {name}")
-    checks = [
-        (t.learning_rate > 0, "training.learning_rate must be > 0"),
-        (
-            t.batch_size >= 1 and t.grad_accumulation >= 1,
-            "batch_size and grad_accumulation must be >= 1",
-        ),
-        (t.max_steps > 0 or t.epochs > 0, "set training.epochs > 0 or training.max_steps > 0"),
-        (d.max_length > 1, "data.max_length must be > 1"),
-        (d.size is None or d.size >= 1, "data.size must be >= 1 (or null for all)"),
-        (d.heldout >= 0, "data.heldout must be >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise MemgenError(message + ".")
-    return _resume_point(cfg, resume)
-
-
-def _resume_point(cfg: SFTConfig, resume: str | None) -> Path | None:
-    ckpts = checkpoint_dir(cfg)
-    last = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
-    if resume is None:
-        if last is not None:
-            raise MemgenError(
-                f"{ckpts} holds checkpoints of an unfinished run. Continue it with --resume auto, "
-                f"or delete that folder to start over."
-            )
-        return None
-    if resume == "auto":
-        point = Path(last) if last else None
-    else:
-        point = Path(resume)
-        if not (point / "trainer_state.json").is_file():
-            raise MemgenError(
-                f"--resume {resume}: not a checkpoint folder (no trainer_state.json)."
-            )
-    if point is not None:
-        _check_same_run(cfg, point.parent)
-    return point
-
-
-def _check_same_run(cfg: SFTConfig, ckpts: Path) -> None:
-    """Resuming with another model, memory or data would silently train something else."""
-    file = ckpts / "recipe.yaml"
-    if not file.exists():
-        return
-    before, now = yaml.safe_load(file.read_text()), to_dict(cfg)
-    diff = [
-        f"{section}.{key}"
-        for section in ("model", "memory", "data")
-        for key in now[section]
-        if before.get(section, {}).get(key) != now[section][key]
-    ]
-    if diff:
-        raise MemgenError(
-            f"The checkpoints in {ckpts} were made with different settings ({', '.join(diff)}). "
-            f"Resume with the same recipe, or delete {ckpts} to start over."
-        )
-
-
-# ------------------------------------------------------------------------------- data
-def load_examples(cfg: SFTConfig) -> tuple[Task, list[Example], list[Example], int | None]:
-    """The task, its training and held-out examples, and the data seed actually used."""
-    d = cfg.data
-    options = {}
-    if d.path is not None:
-        options["path"] = d.path
-    if d.columns:
-        options["columns"] = dict(d.columns)
-    task = get_task(d.task, **options)
-    want = None if d.size is None else d.size + d.heldout
-    examples = task.load(d.split, limit=want, seed=d.seed)
-    if len(examples) <= d.heldout:
-        raise MemgenError(
-            f"{d.path or d.task} gave {len(examples)} examples, not enough for training plus "
-            f"{d.heldout} held out."
-        )
-    cut = len(examples) - d.heldout
-    seed = d.seed
-    if seed is None:  # the task's own seed for the split trained on (generated tasks)
-        seed_for = getattr(task, "seed_for", None)
-        seed = seed_for(d.split or task.default_split) if seed_for else task.train_seed
-    return task, examples[:cut], examples[cut:], seed
+    validate_training(cfg.training, cfg.data)
+    return resume_point(checkpoint_dir(cfg), resume, to_dict(cfg), ("model", "memory", "data"))
 
 
 # ----------------------------------------------------------------------------- trainer
 def training_args(cfg: SFTConfig, ckpts: Path, device: torch.device) -> TrainingArguments:
-    t = cfg.training
-    reporters = [r.strip() for r in t.report_to.split(",") if r.strip() != "none"]
     return TrainingArguments(
-        output_dir=str(ckpts),
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accumulation,
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        lr_scheduler_type=t.scheduler,
-        warmup_steps=t.warmup if t.warmup < 1 else int(t.warmup),
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        bf16=t.bf16,
-        report_to=reporters or "none",
-        disable_tqdm=True,  # RichProgress draws the progress line
+        **trainer_arguments(cfg.training, ckpts, device),
         remove_unused_columns=False,  # the collator's points are not model "columns"
-        dataloader_num_workers=0,
-        use_cpu=device.type == "cpu",
         # Inference queries get no gradient in a batch without delimiters; buffers (the
         # delimiter table) are constant, so there is nothing to broadcast.
         ddp_find_unused_parameters=True,
         ddp_broadcast_buffers=False,
-        log_level="passive",  # keep the CLI's quiet library logging
     )
 
 

@@ -68,22 +68,32 @@ def encode_examples(
     max_length: int,
 ) -> tuple[list[Encoded], int]:
     """Tokenise ``examples``; returns the kept samples and how many were too long."""
+    pairs, dropped = tokenize_samples(model.tokenizer, examples, prompt_suffix, system, max_length)
+    kept = [
+        Encoded(ids, n, delimiter_positions(model, torch.tensor(ids), n, len(ids)), index)
+        for index, (ids, n) in enumerate(pairs)
+    ]
+    return kept, dropped
+
+
+def tokenize_samples(
+    tok, examples: list[Example], prompt_suffix: str, system: str | None, max_length: int
+) -> tuple[list[tuple[list[int], int]], int]:
+    """(prompt + target + EOS token ids, prompt length) per kept sample, and how many were
+    longer than ``max_length`` (dropped, never truncated). Every SFT stage tokenises here."""
     if not examples:
         return [], 0
-    tok = model.tokenizer
     prompts = [prompt_text(tok, ex, prompt_suffix, system) for ex in examples]
     targets = [target_text(ex) for ex in examples]
     prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"]
     target_ids = tok(targets, add_special_tokens=False)["input_ids"]
-    kept: list[Encoded] = []
-    dropped = 0
+    kept, dropped = [], 0
     for p, t in zip(prompt_ids, target_ids, strict=True):
         ids = p + t + [tok.eos_token_id]
         if len(ids) > max_length:
             dropped += 1
             continue
-        cands = delimiter_positions(model, torch.tensor(ids), len(p), len(ids))
-        kept.append(Encoded(ids, len(p), cands, len(kept)))
+        kept.append((ids, len(p)))
     return kept, dropped
 
 

@@ -1,0 +1,169 @@
+"""What every SFT stage shares (``sft-weaver``, ``baseline sft``), so that a LoRA baseline and a
+weaver trained from the same recipe sections see the same examples, batches and schedule:
+
+- ``data_config``: the ``--data`` / ``--columns`` flags onto a recipe's ``DataConfig``;
+- ``load_examples``: the task, its training and held-out examples, and the data seed used;
+- ``validate_training``: the checks of ``SFTTrainingConfig`` / ``DataConfig`` values that their
+  types cannot express;
+- ``resume_point``: the checkpoint to resume from, refusing a resume with other settings;
+- ``trainer_arguments``: ``SFTTrainingConfig`` as keyword arguments of transformers'
+  ``TrainingArguments`` (TRL's configs extend it, so the same dict feeds ``trl.SFTConfig``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import torch
+import yaml
+from transformers.trainer_utils import SchedulerType, get_last_checkpoint
+
+from memgen_cli.config import DataConfig, SFTTrainingConfig
+from memgen_cli.data import Example, Task, get_task
+from memgen_cli.errors import MemgenError
+
+REPORTERS = ("none", "tensorboard", "wandb")
+MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+FILE_TASKS = ("gsm8k", "jsonl", "math", "gpqa", "triviaqa", "kodcode")
+
+
+def data_config(d: DataConfig, data: str | None, columns: dict[str, str] | None) -> DataConfig:
+    """``--data`` (a task name or a file) and ``--columns`` over the recipe's data section."""
+    if columns:
+        d = dataclasses.replace(d, columns=dict(columns))
+    if data is None:
+        return d
+    if data.endswith(".jsonl") or Path(data).exists():
+        task = d.task if d.task in FILE_TASKS else "gsm8k"
+        return dataclasses.replace(d, path=data, task="jsonl" if d.columns else task)
+    return dataclasses.replace(d, task=data, path=None)
+
+
+def load_examples(cfg) -> tuple[Task, list[Example], list[Example], int | None]:
+    """The task, its training and held-out examples, and the data seed actually used
+    (``cfg.data`` is a ``DataConfig``)."""
+    d = cfg.data
+    options = {}
+    if d.path is not None:
+        options["path"] = d.path
+    if d.columns:
+        options["columns"] = dict(d.columns)
+    task = get_task(d.task, **options)
+    want = None if d.size is None else d.size + d.heldout
+    examples = task.load(d.split, limit=want, seed=d.seed)
+    if len(examples) <= d.heldout:
+        raise MemgenError(
+            f"{d.path or d.task} gave {len(examples)} examples, not enough for training plus "
+            f"{d.heldout} held out."
+        )
+    cut = len(examples) - d.heldout
+    seed = d.seed
+    if seed is None:  # the task's own seed for the split trained on (generated tasks)
+        seed_for = getattr(task, "seed_for", None)
+        seed = seed_for(d.split or task.default_split) if seed_for else task.train_seed
+    return task, examples[:cut], examples[cut:], seed
+
+
+def validate_training(t: SFTTrainingConfig, d: DataConfig) -> None:
+    try:
+        SchedulerType(t.scheduler)
+    except ValueError:
+        names = ", ".join(s.value for s in SchedulerType)
+        raise MemgenError(
+            f'training.scheduler "{t.scheduler}" is unknown; use one of {names}.'
+        ) from None
+    for name in (n.strip() for n in t.report_to.split(",")):
+        if name not in REPORTERS:
+            raise MemgenError(f'--report-to must be none, tensorboard or wandb; got "{name}".')
+        if name != "none" and not any(importlib.util.find_spec(m) for m in MODULES[name]):
+            raise MemgenError(f"--report-to {name} needs the {name} package: pip install {name}")
+    checks = [
+        (t.learning_rate > 0, "training.learning_rate must be > 0"),
+        (
+            t.batch_size >= 1 and t.grad_accumulation >= 1,
+            "batch_size and grad_accumulation must be >= 1",
+        ),
+        (t.max_steps > 0 or t.epochs > 0, "set training.epochs > 0 or training.max_steps > 0"),
+        (d.max_length > 1, "data.max_length must be > 1"),
+        (d.size is None or d.size >= 1, "data.size must be >= 1 (or null for all)"),
+        (d.heldout >= 0, "data.heldout must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise MemgenError(message + ".")
+
+
+def resume_point(
+    ckpts: Path, resume: str | None, settings: dict, sections: tuple[str, ...]
+) -> Path | None:
+    """The checkpoint to resume from (None: start afresh). ``settings`` is the run's config as a
+    dict; resuming is refused when its ``sections`` differ from the checkpoints' recipe."""
+    last = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
+    if resume is None:
+        if last is not None:
+            raise MemgenError(
+                f"{ckpts} holds checkpoints of an unfinished run. Continue it with --resume auto, "
+                f"or delete that folder to start over."
+            )
+        return None
+    if resume == "auto":
+        point = Path(last) if last else None
+    else:
+        point = Path(resume)
+        if not (point / "trainer_state.json").is_file():
+            raise MemgenError(
+                f"--resume {resume}: not a checkpoint folder (no trainer_state.json)."
+            )
+    if point is not None:
+        _check_same_run(point.parent, settings, sections)
+    return point
+
+
+def _check_same_run(ckpts: Path, now: dict, sections: tuple[str, ...]) -> None:
+    """Resuming with another model, memory or data would silently train something else."""
+    file = ckpts / "recipe.yaml"
+    if not file.exists():
+        return
+    before = yaml.safe_load(file.read_text())
+    diff = [
+        f"{section}.{key}"
+        for section in sections
+        for key in now[section]
+        if before.get(section, {}).get(key) != now[section][key]
+    ]
+    if diff:
+        raise MemgenError(
+            f"The checkpoints in {ckpts} were made with different settings ({', '.join(diff)}). "
+            f"Resume with the same recipe, or delete {ckpts} to start over."
+        )
+
+
+def trainer_arguments(t: SFTTrainingConfig, ckpts: Path, device: torch.device) -> dict:
+    """The optimizer, schedule, batching, logging and checkpoint settings of an SFT stage."""
+    reporters = [r.strip() for r in t.report_to.split(",") if r.strip() != "none"]
+    return dict(
+        output_dir=str(ckpts),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accumulation,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup if t.warmup < 1 else int(t.warmup),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        bf16=t.bf16,
+        report_to=reporters or "none",
+        disable_tqdm=True,  # RichProgress draws the progress line
+        dataloader_num_workers=0,
+        use_cpu=device.type == "cpu",
+        log_level="passive",  # keep the CLI's quiet library logging
+    )
