@@ -251,3 +251,93 @@ class SFTConfig:
     training: SFTTrainingConfig = field(default_factory=SFTTrainingConfig)
     output: str = "runs/sft-weaver"
     """Artifact directory (written atomically); checkpoints go to <output>.checkpoints/."""
+
+
+@dataclass
+class GRPOTrainingConfig:
+    learning_rate: float = 1e-5
+    """Peak learning rate (paper: 1e-5)."""
+    epochs: float = 1.0
+    """Passes over the training prompts (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 = as many as epochs give."""
+    batch_size: int = 8
+    """Completions per process per micro-batch (TRL's per_device_train_batch_size): a multiple
+    of num_generations; each process answers batch_size / num_generations prompts."""
+    grad_accumulation: int = 1
+    """Micro-batches per optimizer step."""
+    num_generations: int = 8
+    """G: sampled completions per prompt (>= 2); advantages compare a prompt's G rewards."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts; log-probs for the loss use the same one."""
+    top_p: float = 1.0
+    """Nucleus sampling mass of rollouts."""
+    max_completion_length: int = 256
+    """Most tokens per completion; longer ones are cut (see mask_truncated_completions)."""
+    memory: str = "weaver"
+    """Rollout memory: weaver (weave at every clause boundary up to the cap, as the official
+    code trains) or full (the artifact's trained trigger decides)."""
+    loss_type: str = "bnpo"
+    """grpo | bnpo | dr_grpo | dapo: how per-token losses are averaged (see training/rl.py).
+    bnpo is the official MemGen setting; TRL's default is dapo."""
+    scale_rewards: str = "group"
+    """group | batch | none: divide advantages by the group's std, the batch's, or not at all."""
+    beta: float = 0.0
+    """KL coefficient against the starting weaver (paper: 0, no reference policy)."""
+    epsilon: float = 0.2
+    """Lower clipping range of the ratio: clip(ρ, 1 - epsilon, 1 + epsilon_high)."""
+    epsilon_high: float | None = None
+    """Upper clipping range (DAPO's clip-higher); null = epsilon."""
+    num_iterations: int = 1
+    """μ: optimizer steps per rollout batch (old log-probs kept from the first pass)."""
+    mask_truncated_completions: bool = False
+    """Leave completions cut at max_completion_length out of the loss."""
+    disable_dropout: bool = True
+    """LoRA dropout off while training (TRL's default): the loss sees the sampling policy."""
+    scheduler: str = "cosine"
+    """Learning-rate schedule (any transformers SchedulerType)."""
+    warmup: float = 0.1
+    """Warm-up: a fraction of all steps if < 1, else a number of steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 = off)."""
+    bf16: bool = False
+    """bfloat16 mixed precision (CUDA; on CPU it is slower)."""
+    seed: int = 42
+    """Seed of initialisation, prompt order and rollout sampling."""
+    logging_steps: int = 1
+    """Log metrics every this many steps."""
+    log_completions_steps: int = 10
+    """Write completions/step_NNNNN.jsonl (prompt, marked completion, rewards, advantage) at
+    step 1 and every this many steps; 0 = never."""
+    save_steps: int = 50
+    """Write a resumable checkpoint every this many steps."""
+    save_total_limit: int | None = 2
+    """Most checkpoints kept (oldest removed first); null = all."""
+    report_to: str = "none"
+    """none | tensorboard | wandb (comma-separated for several)."""
+
+
+@dataclass
+class RewardConfig:
+    task_weight: float = 1.0
+    """Weight of the task's own grader (binary accuracy); 0 leaves it out."""
+    functions: list[str] = field(default_factory=list)
+    """Extra rewards as module:function, TRL's signature f(prompts, completions, **columns)."""
+    weights: list[float] = field(default_factory=list)
+    """One weight per extra function, in order (empty: 1.0 each)."""
+
+
+@dataclass
+class GRPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """Used when starting fresh; with --init the artifact's memory settings apply."""
+    data: DataConfig = field(default_factory=DataConfig)
+    training: GRPOTrainingConfig = field(default_factory=GRPOTrainingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    init: str | None = None
+    """Artifact to start from (usually an SFT weaver; recorded as the parent); null = fresh."""
+    output: str = "runs/grpo-weaver"
+    """Artifact directory (written atomically); checkpoints go to <output>.checkpoints/."""

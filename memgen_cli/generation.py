@@ -10,6 +10,8 @@ Per step, for all rows at once (see ``_Run``):
      masked slots for the rows that did not invoke, so the batch stays rectangular; invoking
      rows take the logits after their latents, and their text positions shift by K.
 Prompt latents are woven once, right after the prompt (where the assistant turn begins).
+With ``repeat=G`` (GRPO rollouts) each prompt is prefilled and woven once, then its caches are
+copied to G rows, instead of running G copies of the prompt as TRL's sampler does.
 
 ``reference_generate`` is the slow path the official code takes: one row at a time, and the
 reasoner and the weaver recompute the whole sequence at every step. Tests check that both
@@ -18,6 +20,7 @@ paths give identical greedy tokens and next-token logits within 1e-4.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -66,6 +69,10 @@ class GenerationOutput:
     trace: MemoryTrace
     finished: list[bool]  # stopped at EOS (vs. ran out of max_new_tokens)
     step_logits: list[torch.Tensor] | None = None  # per step (B, V), if asked for
+    # If asked for: log-prob of each chosen token under softmax(logits / temperature) (1 when
+    # greedy), per row, plus the stop token's when the row finished; and that stop token's id.
+    logprobs: list[list[float]] | None = None
+    stop_tokens: list[int | None] | None = None
 
 
 @dataclass
@@ -224,6 +231,25 @@ class _Run:
         self.logits = self.logits.index_copy(0, index, self.model.lm_head(hidden))  # rows of index
         self.next_pos = self.next_pos + rows.long() * k
 
+    def repeat_rows(self, g: int) -> None:
+        """Copy every row's state (caches, masks, positions, logits) to ``g`` adjacent rows."""
+        index = torch.arange(self.batch, device=self.mask.device).repeat_interleave(g)
+        self.cache = take_rows(self.cache, self.model.reasoner.config, index)
+        self.mask, self.next_pos = self.mask[index], self.next_pos[index]
+        self.left, self.active, self.logits = (
+            self.left[index],
+            self.active[index],
+            self.logits[index],
+        )
+        self.pieces = [tuple(t[index] for t in piece) for piece in self.pieces]
+        self.read = [self.read[r] for r in index.tolist()]
+        one, config = torch.zeros(1, dtype=torch.long), self.model.weaver_lm.config
+        self.weaver_caches = [
+            None if c is None else WeaverCache(take_rows(c.cache, config, one), c.mask.clone())
+            for c in (self.weaver_caches[r] for r in index.tolist())
+        ]
+        self.batch *= g
+
     def _scatter(self, values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """Rows ``where`` of a (B, ...) tensor set to ``values``, zeros elsewhere."""
         return values.new_zeros(self.batch, *values.shape[1:]).index_copy(0, where, values)
@@ -295,27 +321,41 @@ def iter_generate(
     cfg: GenerationConfig,
     keep_logits=False,
     keep=None,
+    repeat: int = 1,
+    keep_logprobs=False,
 ) -> Iterator[StepEvent | GenerationOutput]:
     """Yield a StepEvent per generated token, then the GenerationOutput.
 
     ``keep(insertion) -> bool``, if given, may suppress a woven insertion before the reasoner
     reads it (ablations, cluster interventions); a suppressed insertion still uses up one of
     the row's insertions and is kept in the trace with ``inserted=False``.
+    ``repeat=G`` answers each prompt G times (rows p*G .. p*G+G-1), sharing its prefill and
+    prompt weave. ``keep_logprobs`` records the chosen tokens' log-probs (GRPO's old policy).
     """
     check_mode(model, cfg.memory)
     model.eval()
     generator = torch.Generator(device=input_ids.device).manual_seed(cfg.seed)
     run = _Run(model, input_ids, attention_mask, cfg, keep)
     trace = MemoryTrace()
+    woven = run.weave("prompt", run.active.clone(), None) if run.memory else []
+    if repeat > 1:
+        run.repeat_rows(repeat)
+        woven = [
+            dataclasses.replace(ins, row=ins.row * repeat + g)
+            for ins in woven
+            for g in range(repeat)
+        ]
     if run.memory:
-        woven = run.weave("prompt", run.active.clone(), None)
         trace.insertions += woven
         yield StepEvent(None, run.active.clone(), woven)
-    tokens, step_logits = [], []
+    tokens, step_logits, logprobs = [], [], []
     for step in range(cfg.max_new_tokens):
         if keep_logits:
             step_logits.append(run.logits.clone())
         token = _pick(run.logits, cfg, generator)
+        if keep_logprobs:
+            scaled = run.logits / (cfg.temperature if cfg.temperature > 0 else 1.0)
+            logprobs.append(scaled.log_softmax(-1).gather(1, token[:, None])[:, 0])
         token = torch.where(run.active, token, run.eos[0])
         was_active = run.active.clone()
         tokens.append(token)
@@ -328,18 +368,26 @@ def iter_generate(
         yield StepEvent(token, was_active, inserted)
         if not run.active.any():
             break
-    yield _collect(tokens, run, trace, step_logits if keep_logits else None)
+    result = _collect(tokens, run, trace, step_logits if keep_logits else None)
+    if keep_logprobs:
+        grid = torch.stack(logprobs, dim=1).tolist() if logprobs else [[]] * run.batch
+        result.logprobs = [
+            lp[: len(row) + done]
+            for lp, row, done in zip(grid, result.tokens, result.finished, strict=True)
+        ]
+    yield result
 
 
 def _collect(tokens, run: _Run, trace: MemoryTrace, step_logits) -> GenerationOutput:
     grid = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in range(run.batch)]
     eos = set() if run.cfg.ignore_eos else set(run.eos.tolist())
-    out, finished = [], []
+    out, finished, stops = [], [], []
     for row in grid:
         cut = next((i for i, t in enumerate(row) if t in eos), None)
         out.append(row if cut is None else row[:cut])
         finished.append(cut is not None)
-    return GenerationOutput(out, trace, finished, step_logits)
+        stops.append(None if cut is None else row[cut])
+    return GenerationOutput(out, trace, finished, step_logits, stop_tokens=stops)
 
 
 def generate(
@@ -349,9 +397,13 @@ def generate(
     cfg: GenerationConfig,
     keep_logits=False,
     keep=None,
+    repeat: int = 1,
+    keep_logprobs=False,
 ):
     """Run ``iter_generate`` to the end and return its GenerationOutput."""
-    *_, result = iter_generate(model, input_ids, attention_mask, cfg, keep_logits, keep)
+    *_, result = iter_generate(
+        model, input_ids, attention_mask, cfg, keep_logits, keep, repeat, keep_logprobs
+    )
     return result
 
 

@@ -122,6 +122,13 @@ def weave_forward(
     model: MemGenModel, input_ids, attention_mask, labels, points: Points, return_logits=False
 ) -> WeaveOutput:
     """Batched training forward with the weaver's cache kept across insertion points."""
+    hidden = weave_hidden(model, input_ids, attention_mask, points)
+    return _loss(model, hidden, labels, return_logits)
+
+
+def weave_hidden(model: MemGenModel, input_ids, attention_mask, points: Points) -> torch.Tensor:
+    """The reasoner's last hidden states over the woven stream, aligned with the tokens:
+    ``hidden[:, i]`` predicts token ``i + 1`` (B, T, D). The loss and GRPO's log-probs read it."""
     batch, length = input_ids.shape
     device = input_ids.device
     embeds = model.embed(input_ids)
@@ -163,8 +170,7 @@ def weave_forward(
     hidden = _reasoner_pass(model, stream, stream_mask, frozen)
     # Padding tokens are not placed in the stream; their (ignored) predictions read its end.
     pred = prediction_positions(token_pos, pts, ks).clamp(max=stream.shape[1] - 1).to(device)
-    aligned = hidden.gather(1, pred[..., None].expand(-1, -1, hidden.shape[-1]))
-    return _loss(model, aligned, labels, return_logits)
+    return hidden.gather(1, pred[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
 def _reasoner_pass(model: MemGenModel, stream, mask, frozen: int) -> torch.Tensor:

@@ -1,0 +1,397 @@
+"""GRPO on transformers' ``Trainer``, through its public methods only.
+
+One optimizer step, on each process (each process owns whole groups of G completions):
+
+1. ``get_batch_samples`` (public): take the step's micro-batches of prompts from the Trainer's
+   sampler and turn them into rollouts: G completions per prompt with latents woven
+   (``training/rollouts.py``), rewards (``rl.score``), group-normalised advantages
+   (``rl.group_advantages``), and, when ``num_iterations`` > 1 or ``beta`` > 0, the old and
+   reference log-probs. The rollouts of one generation are reused for ``num_iterations``
+   consecutive steps (the prompts drawn for those steps are skipped). Rollouts are never
+   checkpointed: a resumed run regenerates them (TRL #3247).
+2. ``compute_loss`` (public): the policy's log-probs of the sampled tokens from the batched
+   training forward at the trace's exact insertion points, then ``rl.policy_loss``; already
+   normalised for gradient accumulation (``loss_is_scaled_for_ga``).
+3. ``log`` (public): TRL's metric names, averaged since the last log, plus ``insertions/mean``
+   and ``logp_diff/mean|max`` (training-forward vs sampling-time log-probs: the check that
+   rollout and loss see the same policy).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from transformers import Trainer
+
+from memgen_cli.config import GenerationConfig
+from memgen_cli.data import Example, to_messages
+from memgen_cli.models.memgen import MemGenModel
+from memgen_cli.training import rl
+from memgen_cli.training.rollouts import Rollouts, policy_inputs, policy_logprobs, rollout
+from memgen_cli.training.trainer_parts import RichProgress, WeaverObjective, world_size
+
+CLIPPED_WARN = 0.9  # completions/clipped_ratio at or above this, three logs running: warn
+
+
+@dataclass
+class GRPOSettings:
+    """What the loop needs from the stage's config (names as in TRL)."""
+
+    num_generations: int
+    temperature: float
+    top_p: float
+    max_completion_length: int
+    memory: str
+    loss_type: str
+    scale_rewards: str
+    beta: float
+    epsilon: float
+    epsilon_high: float
+    num_iterations: int
+    mask_truncated_completions: bool
+    disable_dropout: bool
+    seed: int
+    log_completions_steps: int
+    prompt_suffix: str
+    system: str | None
+
+
+class PolicyObjective(WeaverObjective):
+    """What the Trainer trains for GRPO: per-token log-probs of rollouts under the woven policy.
+
+    Checkpoints hold the weaver's trainable tensors only (``WeaverObjective.state_dict``).
+    """
+
+    def forward(self, temperature: float = 1.0, **batch):
+        logps, entropy = policy_logprobs(self.memgen, temperature=temperature, **batch)
+        if self.training:
+            self.samples_seen += batch["input_ids"].shape[0]
+        return {"logps": logps, "entropy": entropy}
+
+
+POLICY_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "completion_index",
+    "completion_mask",
+    "prompt_points",
+    "inference_points",
+)
+
+
+@contextmanager
+def weaver_weights(model: MemGenModel, state: dict[str, torch.Tensor]):
+    """Temporarily load ``state`` into the weaver (the reference policy for ``beta`` > 0)."""
+    params = model.weaver_parameters()
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+
+
+def _gather_list(values: list) -> list:
+    """Every process's list, concatenated in rank order (the list itself on one process)."""
+    if world_size() == 1:
+        return list(values)
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, values)
+    return [v for part in out for v in part]
+
+
+class GRPOTrainer(Trainer):
+    loss_is_scaled_for_ga = True  # compute_loss applies TRL's normalisers itself
+
+    def __init__(
+        self,
+        *,
+        policy: MemGenModel,
+        examples: list[Example],
+        reward_funcs: list[Callable],
+        reward_weights: list[float],
+        settings: GRPOSettings,
+        completions_dir: Path | None = None,
+        console: Console | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.policy, self.examples, self.s = policy, examples, settings
+        self.reward_funcs, self.reward_weights = reward_funcs, reward_weights
+        self.completions_dir = completions_dir
+        self.console = console or Console(stderr=True)
+        self.reference = None
+        if settings.beta > 0:  # the starting weaver: small tensors, the base weights stay shared
+            self.reference = {n: p.detach().clone() for n, p in policy.weaver_parameters().items()}
+        self._buffer: list[dict] | None = None
+        self._buffer_items = 0
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._clipped_runs = 0
+        self._warned = False
+
+    # ------------------------------------------------------------------------ 1. rollouts
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batches:
+            return batches, None
+        step = self.state.global_step  # steps done so far; this one is step + 1
+        if self._buffer is None or step % self.s.num_iterations == 0:
+            self._buffer = self._generate(batches, step)
+            local = sum(int(b["loss_mask"].sum()) for b in self._buffer)
+            total = torch.tensor(float(local))
+            if world_size() > 1:
+                dist.all_reduce(total)
+            self._buffer_items = float(total)
+        return [{**b, "iteration": step % self.s.num_iterations} for b in self._buffer], (
+            self._buffer_items
+        )
+
+    def _generate(self, batches: list[dict], step: int) -> list[dict]:
+        s, model = self.s, self.policy
+        rank = self.args.process_index
+        was_training = model.training
+        started = time.perf_counter()
+        rolls: list[Rollouts] = []
+        chosen: list[list[Example]] = []
+        for micro, batch in enumerate(batches):
+            exs = [self.examples[int(i)] for i in batch["index"].tolist()]
+            cfg = GenerationConfig(
+                max_new_tokens=s.max_completion_length,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                seed=((s.seed * 1_000_003 + step) * 1009 + rank) * 31 + micro,
+                memory=s.memory,
+            )
+            messages = [to_messages(e, s.prompt_suffix, s.system) for e in exs]
+            rolls.append(rollout(model, messages, cfg, s.num_generations))
+            chosen.append(exs)
+        model.train(was_training)
+        rollout_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        G = s.num_generations
+        tok = model.tokenizer
+        tables, totals, rows = [], [], []
+        for roll, exs in zip(rolls, chosen, strict=True):
+            group = [e for e in exs for _ in range(G)]
+            prompts = [to_messages(e, s.prompt_suffix, s.system) for e in group]
+            text = tok.batch_decode(roll.texts_ids, skip_special_tokens=True)
+            completions = [[{"role": "assistant", "content": t}] for t in text]
+            columns = {**rl.example_columns(group), "completion_ids": roll.texts_ids}
+            table, total = rl.score(
+                self.reward_funcs, self.reward_weights, prompts, completions, columns
+            )
+            tables.append(table)
+            totals.append(total)
+            rows.append(group)
+        rewards = torch.cat(totals)
+        all_rewards = torch.tensor(_gather_list(rewards.tolist()))
+        batch_std = rl.nanstd(all_rewards) if s.scale_rewards == "batch" else None
+        adv, flat = rl.group_advantages(rewards, G, s.scale_rewards, batch_std)
+        score_s = time.perf_counter() - started
+
+        out, offset = [], 0
+        for roll in rolls:
+            n = len(roll.completion_ids)
+            b = policy_inputs(roll, tok.pad_token_id)
+            b["advantages"] = adv[offset : offset + n]
+            loss_mask = b["completion_mask"].clone()
+            if s.mask_truncated_completions:
+                loss_mask[~torch.tensor(roll.finished)] = 0
+            b["loss_mask"] = loss_mask
+            b = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in b.items()}
+            if s.num_iterations > 1:
+                b["old_logps"] = self._score(b)
+            if self.reference is not None:
+                with weaver_weights(model, self.reference):
+                    b["ref_logps"] = self._score(b)
+            out.append(b)
+            offset += n
+        self._record_rollouts(rolls, tables, rewards, all_rewards, flat, rollout_s, score_s)
+        if self._should_log_completions(step + 1):
+            self._log_completions(step + 1, rows, rolls, tables, rewards, adv)
+        return out
+
+    @torch.no_grad()
+    def _score(self, b: dict) -> torch.Tensor:
+        was = self.policy.training
+        self.policy.train(not self.s.disable_dropout)
+        logps, _ = policy_logprobs(
+            self.policy, temperature=self.s.temperature, **{k: b[k] for k in POLICY_KEYS}
+        )
+        self.policy.train(was)
+        return logps
+
+    # -------------------------------------------------------------------------- 2. loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        s = self.s
+        if s.disable_dropout:
+            model.eval()  # LoRA dropout off: the loss sees the policy that sampled (TRL default)
+        out = model(temperature=s.temperature, **{k: inputs[k] for k in POLICY_KEYS})
+        logps, entropy = out["logps"], out["entropy"]
+        real = inputs["completion_mask"].to(logps.dtype)
+        old = inputs.get("old_logps")
+        old = logps.detach() if old is None else old
+        parts = rl.policy_loss(
+            logps,
+            old,
+            inputs["advantages"],
+            inputs["loss_mask"],
+            loss_type=s.loss_type,
+            epsilon_low=s.epsilon,
+            epsilon_high=s.epsilon_high,
+            beta=s.beta,
+            ref_logps=inputs.get("ref_logps"),
+            max_completion_length=s.max_completion_length,
+            grad_accumulation=self.current_gradient_accumulation_steps,
+            num_items=num_items_in_batch,
+            world_size=world_size(),
+        )
+        m = self._metrics
+        m["entropy"].append(float((entropy * real).sum() / real.sum().clamp(min=1)))
+        m["clip_ratio/low_mean"].append(parts.clip_low)
+        m["clip_ratio/high_mean"].append(parts.clip_high)
+        m["clip_ratio/region_mean"].append(parts.clip_region)
+        if parts.kl is not None:
+            m["kl"].append(parts.kl)
+        if inputs["iteration"] == 0:  # parameters as at sampling: the two must agree
+            gap = (logps.detach() - inputs["sampling_logps"]).abs() * real
+            m["logp_diff/mean"].append(float(gap.sum() / real.sum().clamp(min=1)))
+            m["logp_diff/max"].append(float(gap.max()))
+        return (parts.loss, out) if return_outputs else parts.loss
+
+    # --------------------------------------------------------------------------- 3. logs
+    def _record_rollouts(self, rolls, tables, rewards, all_rewards, flat, rollout_s, score_s):
+        m = self._metrics
+        lengths = [len(c) for r in rolls for c in r.completion_ids]
+        clipped = [not f for r in rolls for f in r.finished]
+        inserts = [len(p) for r in rolls for p in r.inference_points]
+        lengths, clipped, inserts = map(_gather_list, (lengths, clipped, inserts))
+        flat = _gather_list(flat.tolist())
+        table = torch.tensor(_gather_list(torch.cat(tables).tolist()))
+        m["reward"].append(float(torch.nanmean(all_rewards)))
+        m["reward_std"].append(float(rl.nanstd(all_rewards)))
+        for j, fn in enumerate(self.reward_funcs):
+            name = rl.reward_name(fn)
+            m[f"rewards/{name}/mean"].append(float(torch.nanmean(table[:, j])))
+            m[f"rewards/{name}/std"].append(float(rl.nanstd(table[:, j])))
+        m["frac_reward_zero_std"].append(sum(flat) / len(flat))
+        m["completions/mean_length"].append(sum(lengths) / len(lengths))
+        m["completions/min_length"].append(min(lengths))
+        m["completions/max_length"].append(max(lengths))
+        m["completions/clipped_ratio"].append(sum(clipped) / len(clipped))
+        m["insertions/mean"].append(sum(inserts) / len(inserts))
+        m["timing/rollout_s"].append(rollout_s)
+        m["timing/reward_s"].append(score_s)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log (not the end-of-training summary)
+            for key, values in self._metrics.items():
+                if values:
+                    logs[key] = max(values) if key.endswith("/max") else sum(values) / len(values)
+            self._metrics.clear()
+            self._watch_clipping(logs.get("completions/clipped_ratio"))
+        super().log(logs, start_time)
+
+    def _watch_clipping(self, ratio: float | None) -> None:
+        """The official code's failure mode: completions always hit the length limit."""
+        self._clipped_runs = self._clipped_runs + 1 if (ratio or 0) >= CLIPPED_WARN else 0
+        if self._clipped_runs >= 3 and not self._warned and self.args.process_index == 0:
+            self._warned = True
+            self.console.print(
+                f"[yellow]warning:[/] completions/clipped_ratio has stayed >= {CLIPPED_WARN} for "
+                f"{self._clipped_runs} logs: almost every completion hits max_completion_length "
+                f"({self.s.max_completion_length}), so rewards and advantages come from cut-off "
+                "answers. Raise training.max_completion_length or lower "
+                "memory.max_inference_insertions."
+            )
+
+    def _should_log_completions(self, step: int) -> bool:
+        n = self.s.log_completions_steps
+        return self.completions_dir is not None and n > 0 and (step == 1 or step % n == 0)
+
+    def _log_completions(self, step, rows, rolls, tables, rewards, adv):
+        from memgen_cli.stages.common import segments  # marker rendering, shared with generate
+
+        names = [rl.reward_name(f) for f in self.reward_funcs]
+        tok, records, i = self.policy.tokenizer, [], 0
+        for group, roll, table in zip(rows, rolls, tables, strict=True):
+            for r, ex in enumerate(group):
+                ids = roll.texts_ids[r]
+                marks = [
+                    _Mark(t, self.policy.cfg.inference_latents) for t in roll.inference_points[r]
+                ]
+                records.append(
+                    {
+                        "id": ex.id,
+                        "prompt": ex.question,
+                        "completion": "".join(p for _, p in segments(tok, ids, marks)),
+                        "rewards": {n: _num(table[r, j]) for j, n in enumerate(names)},
+                        "reward": _num(rewards[i]),
+                        "advantage": round(float(adv[i]), 4),
+                        "insertions": len(roll.inference_points[r]),
+                        "finished": roll.finished[r],
+                    }
+                )
+                i += 1
+        records = _gather_list(records)
+        if self.args.process_index == 0:
+            self.completions_dir.mkdir(parents=True, exist_ok=True)
+            path = self.completions_dir / f"step_{step:05d}.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@dataclass
+class _Mark:
+    """The two fields of an Insertion that marker rendering reads."""
+
+    token_index: int
+    k: int
+
+    @property
+    def latents(self) -> torch.Tensor:
+        return torch.empty(self.k, 0)
+
+
+def _num(x) -> float | None:
+    x = float(x)
+    return None if x != x else round(x, 4)
+
+
+class GRPOProgress(RichProgress):
+    """The progress line: step, reward ± std, loss, insertions and length per completion,
+    samples/s, ETA."""
+
+    def __init__(self, clock, console=None):
+        super().__init__(clock, console)
+        self.last: dict[str, float] = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=logs, **kwargs)
+        self.last.update({k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is None:
+            return
+        g = self.last.get
+        rate = self.clock.rate(state.global_step)
+        info = (
+            f"reward {g('reward', float('nan')):.3f}±{g('reward_std', float('nan')):.3f}  "
+            f"loss {self.loss:.4f}  ins {g('insertions/mean', float('nan')):.1f}  "
+            f"len {g('completions/mean_length', float('nan')):.0f}  "
+            + (f"{rate:.2f} samples/s" if rate else "")
+        )
+        self.progress.update(self.task, completed=state.global_step, info=info)
