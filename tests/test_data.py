@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from memgen_cli.data import KNOWN_TASKS, Example, get_task, read_jsonl, to_messages
+from memgen_cli.data.arithmetic import worked_solution
 from memgen_cli.data.base import load_hub
 from memgen_cli.data.gpqa import GPQATask
 from memgen_cli.data.gsm8k import GSM8KTask
@@ -164,11 +165,37 @@ def test_gym_tasks(name):
     assert len(examples) == 5 and examples[0].id == f"gym:{name}/{TRAIN_SEED}/0"
     assert [e.question for e in examples] == [e.question for e in task.load("train", limit=5)]
     for example in examples:
-        assert example.solution == example.answer  # answer-only targets
+        # a step-by-step working from the expression, ending in the boxed gold answer
+        assert example.solution.endswith(f"\\boxed{{{example.answer}}}.")
+        assert task.grade(example.solution, example) == 1.0
         assert task.grade(f"Let me compute.\n\\boxed{{{example.answer}}}", example) == 1.0
         assert task.grade(f"<answer>{example.answer}</answer>", example) == 1.0
-        assert task.grade("I give up", example) < 1.0
+        assert task.grade(f"So, the final answer is {example.answer}.", example) == 1.0
+        assert task.grade("I give up", example) == 0.0
     assert task.extract("work\n\nfinal line") == "final line"
+    bare = get_task(f"gym:{name}", steps=False).load("train", limit=5)
+    assert all(e.solution == e.answer for e in bare)  # answer-only targets
+
+
+def test_gym_counts_only_full_scores():
+    # reasoning_gym's scorers give partial credit: 0.5 for any wrong number in
+    # basic_arithmetic, per-character credit in spell_backward. Accuracy must not.
+    arith = get_task("gym:basic_arithmetic")
+    example = arith.load("test", limit=1)[0]
+    wrong = str(int(example.answer) + 1)
+    arith._scorer = lambda answer, entry: 0.5  # a partial-credit scorer is not consulted
+    assert arith.grade(f"\\boxed{{{wrong}}}", example) == 0.0
+    words = get_task("gym:spell_backward")
+    example = words.load("test", limit=1)[0]
+    almost = example.answer[:-1] + ("a" if example.answer[-1] != "a" else "b")
+    entry = {
+        "question": example.question,
+        "answer": example.answer,
+        "metadata": example.meta["metadata"],
+    }
+    assert 0 < words._dataset(0, 1).score_answer(almost, entry) < 1
+    assert words.grade(f"<answer>{almost}</answer>", example) == 0.0
+    assert words.grade(f"<answer>{example.answer}</answer>", example) == 1.0
 
 
 def test_gym_config_and_errors():
@@ -183,10 +210,32 @@ def test_gym_config_and_errors():
 
 
 def test_gym_scorer_crash_scores_zero():
-    task = get_task("gym:chain_sum")
+    task = get_task("gym:spell_backward")  # not a number: graded by the dataset's scorer
     example = task.load("test", limit=1)[0]
     task._scorer = lambda answer, entry: 1 / 0  # a scorer choking on odd model output
-    assert task.grade("\\boxed{1}", example) == 0.0
+    assert task.grade(f"<answer>{example.answer}</answer>", example) == 0.0
+
+
+@pytest.mark.parametrize(
+    "expression, answer, lines",
+    [
+        ("12 - 7 + 30", "35", ["12 - 7 = 5", "5 + 30 = 35"]),
+        ("( -9 - 8 )", "-17", ["-9 - 8 = -17"]),
+        ("3 + 4 * 2", "11", ["4 * 2 = 8", "3 + 8 = 11"]),
+        ("-( 5 + -2 )", "-3", ["5 + -2 = 3", "-(3) = -3"]),
+        ("9 / 4", "2.25", ["9 / 4 = 2.25"]),
+    ],
+)
+def test_worked_solution_golden(expression, answer, lines):
+    text = worked_solution(expression, answer)
+    assert text.split("\n") == [*lines, f"The answer is \\boxed{{{answer}}}."]
+
+
+def test_worked_solution_refuses_what_it_cannot_write():
+    assert worked_solution("1 + 1", "3") is None  # never contradict the gold answer
+    assert worked_solution("2 ** 3", "8") is None  # not + - * /
+    assert worked_solution("1 / 0", "0") is None
+    assert worked_solution("round(2.5)", "2") is None
 
 
 # --------------------------------------------------------------------------- generic jsonl

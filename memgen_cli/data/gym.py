@@ -12,11 +12,13 @@ import difflib
 import re
 from typing import Any
 
+from memgen_cli.data.arithmetic import worked_solution
 from memgen_cli.data.base import Example, Task
 from memgen_cli.data.graders import (
     extract_boxed,
     extract_math_answer,
     numeric_equal,
+    to_number,
 )
 from memgen_cli.errors import MemgenError
 
@@ -49,7 +51,11 @@ def _check_name(name: str) -> None:
 
 def extract_gym_answer(completion: str) -> str | None:
     """A box, else the last ``<answer>..</answer>`` (reasoning_gym's own format), else
-    the last non-empty line."""
+    the last non-empty line.
+
+    >>> extract_gym_answer("olleh\\n<answer>hello</answer>"), extract_gym_answer("a\\nb\\n")
+    ('hello', 'b')
+    """
     boxed = extract_boxed(completion)
     if boxed is not None:
         return boxed
@@ -64,15 +70,23 @@ class GymTask(Task):
     """A reasoning_gym dataset, ``gym:<name>``.
 
     The example's ``solution`` is the dataset's worked solution when it has one
-    (``metadata["answer_cot"]``) and otherwise the bare answer: SFT on such a task trains
-    answer-only targets. Grading uses the dataset's own ``score_answer`` on the extracted
-    answer, so it may give fractional partial credit where that scorer does.
+    (``metadata["answer_cot"]``); for arithmetic tasks whose metadata has an ``expression``
+    (basic_arithmetic, chain_sum, products, ...) it is a step-by-step working written from
+    that expression (``data/arithmetic.py``), ending in ``\\boxed{answer}``; otherwise the
+    bare answer (SFT then trains answer-only targets).
+
+    Grading counts only exact answers (1.0 or 0.0). A numeric gold answer is graded like
+    GSM8K: the completion's box, else ``#### N``, else its last number, compared as numbers.
+    Any other answer goes through the dataset's own ``score_answer``, and only its full
+    score counts: reasoning_gym gives partial credit on some tasks (0.5 for a wrong number in
+    basic_arithmetic, per-character credit in spell_backward), which is not a solved problem.
 
     Options: ``size`` (items generated when no limit is given), ``config`` (keyword
-    arguments for the dataset's config, e.g. ``{"min_terms": 2}``), and ``exclude_train``:
+    arguments for the dataset's config, e.g. ``{"min_terms": 2}``), ``exclude_train``:
     evaluation splits skip any question that also appears among the first
     ``exclude_train`` train-seed items (generated seeds differ, but small templates can
-    still produce the same text).
+    still produce the same text), and ``steps`` (default true): write step-by-step
+    solutions from ``expression`` metadata; false trains on bare answers.
     """
 
     default_split = "test"
@@ -85,6 +99,7 @@ class GymTask(Task):
         size: int | None = None,
         config: dict[str, Any] | None = None,
         exclude_train: int = 0,
+        steps: bool = True,
     ):
         _check_name(name)
         self.gym_name = name
@@ -92,6 +107,7 @@ class GymTask(Task):
         self.size = size
         self.config = dict(config or {})
         self.exclude_train = exclude_train
+        self.steps = steps
         self._scorer = None
         self._train_cache: set[str] | None = None
 
@@ -147,18 +163,26 @@ class GymTask(Task):
 
     def _example(self, entry: dict, seed: int, index: int) -> Example:
         metadata = entry.get("metadata", {})
+        answer = str(entry["answer"])
+        solution = metadata.get("answer_cot")
+        if solution is None and self.steps and metadata.get("expression"):
+            solution = worked_solution(str(metadata["expression"]), answer)
         return Example(
             id=f"{self.name}/{seed}/{index}",
             question=entry["question"],
-            answer=str(entry["answer"]),
-            solution=metadata.get("answer_cot") or str(entry["answer"]),
+            answer=answer,
+            solution=solution or answer,
             meta={"seed": seed, "index": index, "metadata": metadata},
         )
 
-    def extract(self, completion: str) -> str | None:
+    def extract(self, completion: str, example: Example | None = None) -> str | None:
+        if example is not None and to_number(example.answer) is not None:
+            return extract_math_answer(completion)
         return extract_gym_answer(completion)
 
     def grade(self, completion: str, example: Example) -> float:
+        if to_number(example.answer) is not None:
+            return float(numeric_equal(self.extract(completion, example), example.answer))
         if self._scorer is None:
             self._scorer = self._dataset(self.train_seed, 1).score_answer
         entry = {
@@ -170,7 +194,7 @@ class GymTask(Task):
             score = float(self._scorer(self.extract(completion), entry))
         except Exception:  # a scorer choking on odd model output is a wrong answer
             return 0.0
-        return min(max(score, 0.0), 1.0)
+        return 1.0 if score >= 1.0 - 1e-9 else 0.0  # partial credit is not a solved problem
 
 
 class GSMSymbolicTask(GymTask):
@@ -196,8 +220,5 @@ class GSMSymbolicTask(GymTask):
         example.id = f"gsm_symbolic/{seed}/{index}"
         return example
 
-    def extract(self, completion: str) -> str | None:
+    def extract(self, completion: str, example: Example | None = None) -> str | None:
         return extract_math_answer(completion)
-
-    def grade(self, completion: str, example: Example) -> float:
-        return float(numeric_equal(self.extract(completion), example.answer))
