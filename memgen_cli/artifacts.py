@@ -1,6 +1,8 @@
-"""Self-describing artifacts: save and load a weaver (and trigger) as safetensors + manifest.
+"""Self-describing artifacts: save and load a weaver (and trigger), or a LoRA baseline, as
+safetensors + manifest.
 
-Layout (a directory, written atomically: temporary directory, then rename)::
+Weaver layout (kind ``weaver``, or ``memgen`` once a trigger is trained; a directory, written
+atomically: temporary directory, then rename)::
 
     memgen.json                      manifest (format, base fingerprint, settings, lineage)
     weaver/adapter_config.json       PEFT adapter, loadable with PeftModel.from_pretrained
@@ -10,7 +12,16 @@ Layout (a directory, written atomically: temporary directory, then rename)::
     recipe.yaml                      the resolved configuration that produced it
     metrics.jsonl                    the training log, when there is one
 
-Nothing is pickled. Loading validates the manifest, the file set, every tensor's shape and the
+Baseline layout (kind ``baseline``, from ``memgen baseline``: a LoRA adapter on the reasoner
+itself, no memory; the directory *is* a PEFT adapter, ``PeftModel.from_pretrained(base, DIR)``)::
+
+    memgen.json                      manifest (format, base fingerprint, LoRA settings, budget)
+    adapter_config.json
+    adapter_model.safetensors
+    recipe.yaml, metrics.jsonl       as above
+
+Each kind is refused, with a message saying which command makes the right one, where the
+other is required. Nothing is pickled. Loading validates the manifest, the file set, every tensor's shape and the
 base model's fingerprint, and says precisely what differs and what to do.
 """
 
@@ -26,7 +37,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from peft import set_peft_model_state_dict
+from peft import PeftModel, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -44,6 +55,7 @@ WEAVER_FILES = (
     "weaver.safetensors",
 )
 TRIGGER_FILE = "trigger.safetensors"
+BASELINE_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @contextlib.contextmanager
@@ -72,7 +84,7 @@ def artifact_digest(path: str | Path) -> str:
     """sha256 over the artifact's tensors and manifest (its identity as a parent)."""
     path = Path(path)
     h = hashlib.sha256()
-    for name in (MANIFEST, *WEAVER_FILES, TRIGGER_FILE):
+    for name in (MANIFEST, *WEAVER_FILES, TRIGGER_FILE, *BASELINE_FILES):
         if (path / name).exists():
             h.update(name.encode())
             h.update((path / name).read_bytes())
@@ -159,15 +171,22 @@ def read_manifest(path: str | Path) -> dict:
     if not isinstance(manifest, dict):
         raise MemgenError(f"{file} must hold a JSON object.")
     version = manifest.get("format_version")
+    manifest.setdefault("kind", "weaver")
     if version != FORMAT_VERSION:
         raise MemgenError(
             f"{file} has format_version {version!r}; this memgen ({__version__}) reads version "
             f"{FORMAT_VERSION}. Re-create the artifact with this version of memgen."
         )
-    for key in ("reasoner", "weaver_backbone", "memory", "tensors", "trigger"):
+    if manifest.get("kind") == "baseline":
+        sections, needed = ("reasoner", "lora", "tensors", "prompt"), list(BASELINE_FILES)
+    else:
+        sections = ("reasoner", "weaver_backbone", "memory", "tensors", "trigger")
+        needed = list(WEAVER_FILES)
+    for key in sections:
         if not isinstance(manifest.get(key), dict):
             raise MemgenError(f'{file} is missing the "{key}" section; the manifest is damaged.')
-    needed = list(WEAVER_FILES) + ([TRIGGER_FILE] if manifest["trigger"].get("trained") else [])
+    if manifest["kind"] != "baseline" and manifest["trigger"].get("trained"):
+        needed.append(TRIGGER_FILE)
     missing = [name for name in needed if not (path / name).exists()]
     if missing:
         raise MemgenError(f"Artifact {path} is incomplete: missing {', '.join(missing)}.")
@@ -226,6 +245,7 @@ def load_artifact(
     """Rebuild the MemGen model an artifact describes; returns (model, manifest, base)."""
     path = Path(path)
     manifest = read_manifest(path)
+    require_kind(manifest, path, "weaver")
     if base is None:
         base = load_base(manifest["reasoner"]["name"], device=device, dtype=dtype)
     check_base(manifest, base, allow_base_mismatch)
@@ -253,3 +273,84 @@ def load_artifact(
         model.trigger.load_state_dict(trig)
     model.to(base.model.device).eval()
     return model, manifest, base
+
+
+# ------------------------------------------------------------------------------- baseline
+def require_kind(manifest: dict, path: str | Path, wanted: str) -> None:
+    """Refuse a baseline where a weaver is needed (``wanted="weaver"``) and the other way round."""
+    kind = manifest.get("kind", "weaver")
+    if wanted == "weaver" and kind == "baseline":
+        raise MemgenError(
+            f"{path} is a LoRA baseline (kind baseline, from `memgen baseline`), not a weaver: it "
+            "has no memory to weave. `memgen eval --artifact` evaluates it as the adapted "
+            "reasoner; this command needs a weaver artifact from `memgen sft-weaver`."
+        )
+    if wanted == "baseline" and kind != "baseline":
+        raise MemgenError(
+            f"{path} is a {kind} artifact (a trained weaver), not a LoRA baseline: this needs an "
+            "artifact from `memgen baseline sft`. Use the weaver with eval, generate or "
+            "inspect-memory."
+        )
+
+
+def save_baseline(
+    model: PeftModel,
+    base: LoadedBase,
+    out: str | Path,
+    *,
+    lora: dict,
+    budget: dict,
+    prompt: dict | None = None,
+    recipe_yaml: str | None = None,
+    training: dict | None = None,
+    metrics_file: str | Path | None = None,
+) -> Path:
+    """Write a baseline artifact (a PEFT adapter directory + manifest) atomically."""
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors
+        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model card template, not ours
+        adapter = load_file(tmp / "adapter_model.safetensors")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "kind": "baseline",
+            "memgen_version": __version__,
+            "reasoner": {"name": base.name, "source": base.source, "fingerprint": base.fingerprint},
+            "lora": lora,
+            "budget": budget,
+            "prompt": {"chat_template": base.tokenizer.chat_template, **(prompt or {})},
+            "tensors": {"adapter": {k: list(v.shape) for k, v in adapter.items()}},
+            "parent": None,
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "training": training or {},
+        }
+        if recipe_yaml is not None:
+            (tmp / "recipe.yaml").write_text(recipe_yaml)
+        if metrics_file is not None and Path(metrics_file).exists():
+            shutil.copyfile(metrics_file, tmp / "metrics.jsonl")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def load_baseline(
+    path: str | Path,
+    base: LoadedBase | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    allow_base_mismatch: bool = False,
+) -> tuple[PeftModel, dict, LoadedBase]:
+    """The reasoner with a baseline's adapter, validated; returns (model, manifest, base)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    require_kind(manifest, path, "baseline")
+    if base is None:
+        base = load_base(manifest["reasoner"]["name"], device=device, dtype=dtype)
+    check_base(manifest, base, allow_base_mismatch)
+    file = path / "adapter_model.safetensors"
+    _check_shapes(file, _load_tensors(file), manifest["tensors"].get("adapter", {}))
+    try:
+        model = PeftModel.from_pretrained(base.model, str(path))
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise MemgenError(f"{path} does not fit base {base.name}: {exc}") from exc
+    return model.eval(), manifest, base

@@ -18,6 +18,7 @@ from rich.console import Console
 
 from memgen_cli import __version__
 from memgen_cli.commands import (
+    baseline,
     evaluate,
     generate,
     grpo_weaver,
@@ -34,6 +35,7 @@ COMMANDS = {
     "eval": evaluate.command,
     "generate": generate.command,
     "inspect-memory": inspect_memory.command,
+    "baseline": baseline.app,  # a group: memgen baseline sft
 }
 
 app = typer.Typer(
@@ -63,7 +65,12 @@ def _user_errors(fn):
 
 
 for _name, _fn in COMMANDS.items():
-    app.command(_name)(_user_errors(_fn))
+    if isinstance(_fn, typer.Typer):  # a command group: `memgen NAME SUBCOMMAND`
+        for _sub in _fn.registered_commands:
+            _sub.callback = _user_errors(_sub.callback)
+        app.add_typer(_fn, name=_name)
+    else:
+        app.command(_name)(_user_errors(_fn))
 
 
 def _version(value: bool):

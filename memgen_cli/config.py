@@ -254,6 +254,40 @@ class SFTConfig:
 
 
 @dataclass
+class BaselineLoraConfig:
+    r: int | None = None
+    """LoRA rank of the baseline adapter; null: the rank whose trainable-parameter count is
+    closest to the weaver's described in ``weaver`` (an equal budget)."""
+    alpha: int | None = None
+    """LoRA alpha; null: 2 × r (the paper's r 16 / alpha 32 ratio)."""
+    dropout: float = 0.1
+    """LoRA dropout (training only)."""
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names the adapter attaches to."""
+
+
+@dataclass
+class BaselineConfig:
+    """``memgen baseline sft``: LoRA-SFT of the reasoner itself, at the weaver's budget.
+
+    ``model``, ``data`` and ``training`` mean what they mean in ``SFTConfig``, with the same
+    defaults, so a weaver recipe's sections can be copied as they are: same examples, steps,
+    batches and learning-rate schedule. ``training.schedule`` and ``training.prompt_insertion``
+    place latents and do not apply here.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: BaselineLoraConfig = field(default_factory=BaselineLoraConfig)
+    weaver: MemoryConfig = field(default_factory=MemoryConfig)
+    """The weaver this baseline is compared with (a weaver recipe's ``memory`` section): its
+    trainable-parameter count sets ``lora.r`` when that is null. Nothing else is read."""
+    data: DataConfig = field(default_factory=DataConfig)
+    training: SFTTrainingConfig = field(default_factory=SFTTrainingConfig)
+    output: str = "runs/baseline-sft"
+    """Artifact directory (written atomically); checkpoints go to <output>.checkpoints/."""
+
+
+@dataclass
 class GRPOTrainingConfig:
     learning_rate: float = 1e-5
     """Peak learning rate (paper: 1e-5)."""

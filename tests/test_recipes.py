@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memgen_cli.config import SFTConfig, dump_yaml, from_dict, load_recipe
+from memgen_cli.config import BaselineConfig, SFTConfig, dump_yaml, from_dict, load_recipe
 from memgen_cli.errors import MemgenError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE_CONFIGS: dict[str, type] = {
     "sft-weaver": SFTConfig,
+    "baseline-sft": BaselineConfig,
 }
 ALL = sorted(RECIPES.rglob("*.yaml"))
 

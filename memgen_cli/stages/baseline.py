@@ -1,0 +1,350 @@
+"""``memgen baseline sft``: LoRA-SFT of the reasoner itself, the comparison a weaver must beat.
+
+The paper sets MemGen-SFT beside LoRA-SFT of the same model on the same data (Table 3). This
+stage trains that LoRA with TRL's ``SFTTrainer``, through its public API, at the weaver's
+budget: the same examples and tokenisation as ``sft-weaver`` (the chat prompt rendered as
+``generate`` renders it, the solution + EOS as target, loss on the target only), the same
+optimizer, steps, batches and learning-rate schedule (``training/sft_run.py`` maps one recipe
+section onto both trainers), and a LoRA rank whose trainable-parameter count is closest to the
+weaver's (``lora.r: null``; both counts are recorded). Reads top to bottom:
+
+1. validate: the config, the resume point, the task and its data;
+2. build: the base model, the samples (pre-tokenised, with TRL's ``completion_mask``), the
+   LoRA config, TRL's ``SFTTrainer`` with our progress, metrics and Ctrl-C callbacks;
+3. loop: ``SFTTrainer.train`` (optimizer, schedule, checkpoints, ``--resume``, torchrun);
+4. save: the main process writes the baseline artifact atomically (a PEFT adapter directory
+   plus ``memgen.json`` of kind ``baseline``).
+
+Designed for more methods beside ``sft`` (``METHODS``): a GRPO baseline would add its own
+``run`` over the same artifact format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import datasets
+import torch
+import trl
+from peft import LoraConfig
+from rich.console import Console
+from rich.table import Table
+from transformers import PrinterCallback, set_seed
+
+from memgen_cli.artifacts import save_baseline
+from memgen_cli.config import BaselineConfig, MemoryConfig, dump_yaml, load_recipe, to_dict
+from memgen_cli.errors import MemgenError
+from memgen_cli.models.base import load_base
+from memgen_cli.models.weaver import Weaver
+from memgen_cli.training.sft_data import tokenize_samples
+from memgen_cli.training.sft_run import (
+    data_config,
+    load_examples,
+    resume_point,
+    trainer_arguments,
+    validate_training,
+)
+from memgen_cli.training.trainer_parts import (
+    MetricsLog,
+    RichProgress,
+    StopOnSignal,
+    Throughput,
+    world_size,
+)
+
+METHODS = ("sft",)
+IGNORE = -100
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped training after writing a resumable checkpoint."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(str(checkpoint))
+        self.checkpoint = checkpoint
+
+
+# ----------------------------------------------------------------------------- config
+def resolve_config(
+    recipe: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    base: str | None = None,
+    data: str | None = None,
+    columns: dict[str, str] | None = None,
+    output: str | Path | None = None,
+    report_to: str | None = None,
+) -> BaselineConfig:
+    """Recipe, then ``--set`` overrides, then the command's own flags (which win)."""
+    cfg = load_recipe(BaselineConfig, recipe, overrides)
+    model = cfg.model if base is None else dataclasses.replace(cfg.model, base=base)
+    t = cfg.training
+    if report_to is not None:
+        t = dataclasses.replace(t, report_to=report_to)
+    return dataclasses.replace(
+        cfg,
+        model=model,
+        data=data_config(cfg.data, data, columns),
+        training=t,
+        output=str(output) if output else cfg.output,
+    )
+
+
+def checkpoint_dir(cfg: BaselineConfig) -> Path:
+    out = Path(cfg.output)
+    return out.with_name(out.name + ".checkpoints")
+
+
+def validate(cfg: BaselineConfig, resume: str | None) -> Path | None:
+    """Check values the dataclass types cannot; return the checkpoint to resume from."""
+    lora = cfg.lora
+    if lora.r is not None and lora.r < 1:
+        raise MemgenError(f"lora.r must be >= 1 (or null to match the weaver); got {lora.r}.")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise MemgenError(f"lora.dropout must be in [0, 1); got {lora.dropout}.")
+    if not lora.targets:
+        raise MemgenError("lora.targets needs at least one module name (e.g. [q_proj, v_proj]).")
+    validate_training(cfg.training, cfg.data)
+    sections = ("model", "lora", "weaver", "data")
+    return resume_point(checkpoint_dir(cfg), resume, to_dict(cfg), sections)
+
+
+# ----------------------------------------------------------------------------- budget
+def lora_targets(model, targets: list[str]) -> list[tuple[str, torch.nn.Linear]]:
+    """The linear layers a LoRA with these target names attaches to (PEFT's suffix match)."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and any(name.split(".")[-1] == t for t in targets)
+    ]
+
+
+def lora_params_per_rank(model, targets: list[str]) -> int:
+    """A LoRA of rank r on these layers trains r × this many parameters (A: r×in, B: out×r)."""
+    return sum(m.in_features + m.out_features for _, m in lora_targets(model, targets))
+
+
+def weaver_trainable_params(model, memory: MemoryConfig) -> int:
+    """What ``sft-weaver`` trains with this memory config on ``model`` (shared backbone): its
+    LoRA plus the weaver's own tensors (queries, norms, scales, both projections)."""
+    hidden = model.get_input_embeddings().weight.shape[1]
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        own = Weaver(hidden, hidden, memory.prompt_latents, memory.inference_latents)
+    lora = memory.lora_r * lora_params_per_rank(model, memory.lora_targets)
+    return lora + sum(p.numel() for p in own.parameters())
+
+
+def matched_rank(model, targets: list[str], budget: int) -> int:
+    """The rank whose LoRA parameter count is closest to ``budget`` (at least 1)."""
+    unit = lora_params_per_rank(model, targets)
+    return max(1, round(budget / unit))
+
+
+# ------------------------------------------------------------------------------- data
+def as_dataset(pairs: list[tuple[list[int], int]]) -> datasets.Dataset:
+    """TRL's pre-tokenised format: ``input_ids`` and a ``completion_mask`` (1 on the target)."""
+    rows = [
+        {"input_ids": ids, "completion_mask": [0] * n + [1] * (len(ids) - n)} for ids, n in pairs
+    ]
+    return datasets.Dataset.from_list(rows)
+
+
+@torch.no_grad()
+def heldout_loss(model, pairs: list[tuple[list[int], int]], pad_id: int, batch: int) -> float:
+    """Token-weighted cross-entropy on the targets of held-out samples (prompt masked)."""
+    was_training, device = model.training, model.get_input_embeddings().weight.device
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i : i + batch]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask, labels = torch.zeros_like(ids), torch.full_like(ids, IGNORE)
+        for row, (seq, n) in enumerate(chunk):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+            labels[row, n : len(seq)] = ids[row, n : len(seq)]
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        logits = out.logits[:, :-1].float()
+        target = labels[:, 1:].to(device)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            target.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
+        total += float(loss)
+        count += int((target != IGNORE).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ------------------------------------------------------------------------------- run
+def run(
+    cfg: BaselineConfig,
+    resume: str | None = None,
+    console: Console | None = None,
+    callbacks: list | None = None,
+) -> Path:
+    """Train the LoRA baseline and write the artifact to ``cfg.output``; returns its path."""
+    console = console or Console()
+    # 1. validate
+    resume_from = validate(cfg, resume)
+    task, train_examples, held_examples, data_seed = load_examples(cfg)
+
+    # 2. build
+    d, t = cfg.data, cfg.training
+    set_seed(t.seed)
+    base = load_base(cfg.model.base, cfg.model.device, cfg.model.dtype, cfg.model.revision)
+    tok = base.tokenizer
+    train, dropped = tokenize_samples(tok, train_examples, d.prompt_suffix, d.system, d.max_length)
+    held, held_dropped = tokenize_samples(
+        tok, held_examples, d.prompt_suffix, d.system, d.max_length
+    )
+    if not train:
+        raise MemgenError(
+            f"All {dropped} training samples are longer than data.max_length={d.max_length} "
+            "tokens; raise it with --set data.max_length=N."
+        )
+    if not lora_targets(base.model, cfg.lora.targets):
+        raise MemgenError(
+            f"lora.targets {cfg.lora.targets} match no linear layer of {base.name}; name modules "
+            "of this architecture (e.g. q_proj, v_proj)."
+        )
+    weaver_count = weaver_trainable_params(base.model, cfg.weaver)
+    rank = cfg.lora.r or matched_rank(base.model, cfg.lora.targets, weaver_count)
+    lora = {
+        "r": rank,
+        "alpha": cfg.lora.alpha or 2 * rank,
+        "dropout": cfg.lora.dropout,
+        "targets": list(cfg.lora.targets),
+        "rank_rule": "set" if cfg.lora.r else "matched to the weaver's trainable parameters",
+    }
+    peft_config = LoraConfig(
+        r=rank,
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["targets"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    ckpts = checkpoint_dir(cfg)
+    args = trl.SFTConfig(
+        **trainer_arguments(t, ckpts, base.model.device),
+        completion_only_loss=True,  # loss on the target only, as sft-weaver
+        max_length=None,  # too-long samples were dropped above, never truncated
+        activation_checkpointing=False,  # TRL turns it on by default; sft-weaver does not
+        dataset_num_proc=None,
+    )
+    main = args.process_index == 0
+    say = console.print if main else (lambda *a, **k: None)
+    losses: dict[str, float] = {}
+    if held and main and resume_from is None:
+        # LoRA's B starts at zero: before training, the adapted reasoner is the plain one.
+        losses["memory_off"] = heldout_loss(base.model, held, tok.pad_token_id, t.batch_size)
+    if main:
+        ckpts.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:
+            (ckpts / "recipe.yaml").write_text(dump_yaml(cfg))
+    clock = Throughput(t.batch_size * t.grad_accumulation * args.world_size)
+    stop = StopOnSignal()
+    datasets.disable_progress_bars()  # TRL maps the dataset once; no bar for that
+    trainer = trl.SFTTrainer(
+        model=base.model,
+        args=args,
+        train_dataset=as_dataset(train),
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=[
+            RichProgress(clock, console),
+            MetricsLog(ckpts / "metrics.jsonl", clock),
+            stop,
+            *(callbacks or []),
+        ],
+    )
+    trainer.remove_callback(PrinterCallback)  # RichProgress replaces the raw dict printer
+    model = trainer.model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(
+        f"baseline sft: LoRA r {rank} on {', '.join(lora['targets'])}, {trainable:,} trainable "
+        f"parameters (the weaver: {weaver_count:,}); {len(train)} samples from {task.name} "
+        f"({dropped} dropped as longer than {d.max_length} tokens), {world_size()} process(es)"
+        + (f", resuming from {resume_from}" if resume_from else "")
+    )
+    if resume == "auto" and resume_from is None:
+        say(f"--resume auto: no checkpoint in {ckpts}, starting from scratch")
+
+    # 3. loop
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    wall = time.perf_counter() - started
+    if stop.stopped_at is not None:
+        raise TrainingInterrupted(ckpts / f"checkpoint-{stop.stopped_at}")
+
+    # 4. save (main process; the others wait so that the run ends together)
+    if main:
+        if held:
+            losses["lora_final"] = heldout_loss(model, held, tok.pad_token_id, t.batch_size)
+        logged = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+        summary = {
+            "stage": "baseline-sft",
+            "method": "lora-sft",
+            "task": task.name,
+            "data": d.path or d.task,
+            "split": d.split,
+            "data_seed": data_seed,
+            "eval_seed": task.eval_seed,
+            "training_seed": t.seed,
+            "samples": len(train),
+            "dropped_too_long": dropped,
+            "heldout_samples": len(held),
+            "heldout_dropped_too_long": held_dropped,
+            "heldout_loss": {k: round(v, 5) for k, v in losses.items()},
+            "steps": trainer.state.global_step,
+            "epochs": round(trainer.state.epoch or 0.0, 4),
+            "final_loss": logged[-1] if logged else None,
+            "mean_loss": result.training_loss,
+            "samples_per_s": clock.rate(trainer.state.global_step),
+            "wall_s": round(wall, 1),
+            "world_size": args.world_size,
+            "resumed_from": str(resume_from) if resume_from else None,
+        }
+        budget = {"trainable_params": trainable, "weaver_trainable_params": weaver_count}
+        out = save_baseline(
+            model,
+            base,
+            cfg.output,
+            lora=lora,
+            budget=budget,
+            prompt={"prompt_suffix": d.prompt_suffix, "system": d.system},
+            recipe_yaml=dump_yaml(cfg),
+            training=summary,
+            metrics_file=ckpts / "metrics.jsonl",
+        )
+        shutil.rmtree(ckpts, ignore_errors=True)  # the run is finished: nothing to resume
+        console.print(summary_table(summary, lora, budget, out))
+    trainer.accelerator.wait_for_everyone()
+    return Path(cfg.output)
+
+
+def summary_table(s: dict, lora: dict, budget: dict, out: Path) -> Table:
+    table = Table(title=f"baseline sft → {out}", show_header=False)
+    rows = [
+        ("task", f"{s['task']} ({s['samples']} samples, {s['dropped_too_long']} dropped)"),
+        ("LoRA", f"r {lora['r']}, alpha {lora['alpha']} on {', '.join(lora['targets'])}"),
+        (
+            "trainable parameters",
+            f"{budget['trainable_params']:,} (weaver: {budget['weaver_trainable_params']:,})",
+        ),
+        ("steps / epochs", f"{s['steps']} / {s['epochs']}"),
+        ("final loss", f"{s['final_loss']:.4f}" if s["final_loss"] is not None else "-"),
+        ("samples/s", f"{s['samples_per_s']:.2f}" if s["samples_per_s"] else "-"),
+        ("wall time", f"{s['wall_s']:.0f} s on {s['world_size']} process(es)"),
+    ]
+    rows += [(f"held-out loss ({k})", f"{v:.4f}") for k, v in s["heldout_loss"].items()]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
