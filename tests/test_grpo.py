@@ -1,0 +1,474 @@
+"""`memgen grpo-weaver`: rollouts, log-prob agreement, learning, artifact, resume, errors.
+
+Fast tests use a 2-layer Llama saved to a temporary directory (``--base DIR``) and a small
+GSM8K-format JSONL; the slow ones use the embedded SmolLM2 model and torchrun. The golden
+values of the RL core itself are in tests/test_rl.py.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback, set_seed
+from typer.testing import CliRunner
+
+from conftest import make_memgen
+from helpers import save_tiny_base, tiny_artifact, torchrun
+from memgen_cli.artifacts import artifact_digest
+from memgen_cli.cli import app
+from memgen_cli.config import GenerationConfig, GRPOConfig, load_recipe
+from memgen_cli.generation import encode_prompts, generate
+from memgen_cli.models.base import load_base
+from memgen_cli.models.memgen import MemGenModel
+from memgen_cli.stages import grpo_weaver as stage
+from memgen_cli.training.rollouts import Rollouts, policy_inputs, policy_logprobs, rollout
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny" / "grpo-weaver.yaml"
+ARTIFACT_FILES = {
+    "memgen.json",
+    "recipe.yaml",
+    "metrics.jsonl",
+    "weaver.safetensors",
+    "weaver/adapter_config.json",
+    "weaver/adapter_model.safetensors",
+}
+MESSAGES = [
+    [{"role": "user", "content": "Hi there, what is 2+2?"}],
+    [{"role": "user", "content": "Yo, say a word."}],
+    [{"role": "user", "content": "Count: 1, 2"}],
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning costs ~4x."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    return save_tiny_base(tmp_path_factory.mktemp("tiny-base") / "base")
+
+
+def write_problems(path: Path, n: int = 8) -> Path:
+    rows = [
+        {"question": f"What is {a} + {a + 1}?", "answer": f"So {2 * a + 1}.\n#### {2 * a + 1}"}
+        for a in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_cfg(tiny_base, tmp_path, *sets, **flags) -> GRPOConfig:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = write_problems(tmp_path / "train.jsonl")
+    return stage.resolve_config(
+        TINY, list(sets), base=str(tiny_base), data=str(data), output=tmp_path / "out", **flags
+    )
+
+
+def files(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Capture(TrainerCallback):
+    """Keeps the trained objective, and optionally sends Ctrl-C at a given step."""
+
+    def __init__(self, interrupt_at: int | None = None):
+        self.interrupt_at, self.model = interrupt_at, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.interrupt_at:
+            signal.raise_signal(signal.SIGINT)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.model = model
+
+
+# Reward plug-ins for the tests, loaded by the stage as test_grpo:<name>.
+TARGET = {"tokens": ()}
+
+
+def first_token_reward(prompts, completions, completion_ids, **columns):
+    """1 when the completion starts with one of the tokens the test chose."""
+    return [float(bool(ids) and ids[0] in TARGET["tokens"]) for ids in completion_ids]
+
+
+def broken_reward(prompts, completions, **columns):
+    raise ValueError("no gold here")
+
+
+# ------------------------------------------------------------------------------ rollouts
+def eos_sometimes(mg: MemGenModel) -> MemGenModel:
+    """Make EOS as likely as a token the model often picks, so some rows end early."""
+    out = rollout(mg, MESSAGES[:1], GenerationConfig(max_new_tokens=6, memory="weaver"), 1)
+    with torch.no_grad():
+        head = mg.reasoner.get_output_embeddings().weight
+        head[mg.tokenizer.eos_token_id] = head[out.completion_ids[0][4]] * 1.05
+    return mg
+
+
+@pytest.mark.parametrize("temperature,seed", [(0.0, 0), (0.5, 2)], ids=["greedy", "sampled"])
+def test_training_forward_logprobs_equal_sampling_logprobs(temperature, seed):
+    mg = eos_sometimes(make_memgen("llama"))
+    cfg = GenerationConfig(max_new_tokens=24, temperature=temperature, seed=seed, memory="weaver")
+    r = rollout(mg, MESSAGES, cfg, 2)
+    # The cases that matter: a row ending early, rows weaving at different steps.
+    assert any(r.finished) and not all(r.finished)
+    assert len({tuple(p) for p in r.inference_points}) > 2 and any(r.inference_points)
+    assert r.prompt_insertion
+    b = policy_inputs(r, mg.tokenizer.pad_token_id)
+    keys = ("input_ids", "attention_mask", "completion_index", "completion_mask")
+    logps, entropy = policy_logprobs(
+        mg, *(b[k] for k in keys), b["prompt_points"], b["inference_points"], temperature
+    )
+    real = b["completion_mask"].bool()
+    assert int(real.sum()) == sum(len(c) for c in r.completion_ids)
+    gap = (logps.detach() - b["sampling_logps"]).abs()[real]
+    assert float(gap.max()) < 1e-4, float(gap.max())
+    assert (entropy[real] > 0).all() and (logps[~real] == 0).all()
+
+
+def test_logprob_gradients_reach_only_the_weaver():
+    mg = make_memgen("llama")
+    mg.set_trainable(weaver=True, trigger=False)
+    r = rollout(mg, MESSAGES, GenerationConfig(max_new_tokens=12, temperature=1.0), 2)
+    b = policy_inputs(r, mg.tokenizer.pad_token_id)
+    keys = ("input_ids", "attention_mask", "completion_index", "completion_mask")
+    logps, _ = policy_logprobs(mg, *(b[k] for k in keys), b["prompt_points"], b["inference_points"])
+    logps.sum().backward()
+    weaver = {id(p) for p in mg.weaver_parameters().values()}
+    with_grad = {id(p) for p in mg.parameters() if p.grad is not None}
+    assert with_grad <= weaver  # nothing of the reasoner or the trigger
+    assert mg.weaver.queries["prompt"].grad.abs().sum() > 0
+    assert any(p.grad is not None for n, p in mg.weaver_parameters().items() if "lora_A" in n)
+
+
+def test_shared_prompt_rollouts_equal_unshared_ones():
+    mg = make_memgen("llama")
+    cfg = GenerationConfig(max_new_tokens=16, temperature=1.0, seed=5, memory="weaver")
+    shared = rollout(mg, MESSAGES, cfg, 3)
+    repeated = [m for m in MESSAGES for _ in range(3)]
+    enc = encode_prompts(mg.tokenizer, repeated, "cpu")
+    plain = generate(mg, enc["input_ids"], enc["attention_mask"], cfg, keep_logprobs=True)
+    assert shared.texts_ids == plain.tokens
+    points = [
+        [i.token_index for i in plain.trace.for_row(r) if i.kind == "inference"] for r in range(9)
+    ]
+    assert shared.inference_points == points and any(points)
+    for a, b in zip(shared.logprobs, plain.logprobs, strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+    # The G rows of a prompt share it, and sampling still gives them different answers.
+    assert shared.prompt_ids[0] == shared.prompt_ids[2] != shared.prompt_ids[3]
+    assert len({tuple(c) for c in shared.completion_ids[:3]}) > 1
+
+
+def test_policy_inputs_layout():
+    r = Rollouts(
+        group_size=2,
+        prompt_ids=[[5, 6, 7], [8, 9]],
+        completion_ids=[[10, 11], [12]],
+        logprobs=[[-0.5, -1.5], [-2.0]],
+        finished=[False, True],
+        prompt_insertion=True,
+        inference_points=[[1], []],
+    )
+    b = policy_inputs(r, pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 10, 11], [8, 9, 12, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert b["completion_index"].tolist() == [[3, 4], [2, 2]]
+    assert b["completion_mask"].tolist() == [[1, 1], [1, 0]]
+    assert b["sampling_logps"].tolist() == [[-0.5, -1.5], [-2.0, 0.0]]
+    # Latents after the prompt's last token, and after 1 completion token of row 0 (column 3).
+    assert b["prompt_points"] == [2, 1] and b["inference_points"] == [[3], []]
+    assert r.texts_ids == [[10, 11], []]
+
+
+# ------------------------------------------------------------------------------ training
+def first_token_probs(mg: MemGenModel, cfg: GRPOConfig) -> torch.Tensor:
+    """The policy's exact distribution of the first completion token on the training prompts."""
+    _, train, _, _ = stage.sft_run.load_examples(cfg)
+    msgs = [[{"role": "user", "content": e.question}] for e in train]
+    enc = encode_prompts(mg.tokenizer, msgs, "cpu")
+    gen = GenerationConfig(max_new_tokens=1, memory="weaver")
+    out = generate(mg, enc["input_ids"], enc["attention_mask"], gen, keep_logits=True)
+    return out.step_logits[0].softmax(-1)  # (prompts, V), temperature 1 as in training
+
+
+def test_grpo_steps_raise_a_learnable_reward_and_change_only_the_weaver(tiny_base, tmp_path):
+    sets = [
+        "reward.task_weight=0",
+        "training.num_generations=16",
+        "training.batch_size=32",
+        "training.max_completion_length=2",
+        "training.max_steps=10",
+        "training.learning_rate=0.01",
+        "training.seed=1",
+        "training.log_completions_steps=0",
+    ]
+    cfg = tiny_cfg(tiny_base, tmp_path, *sets, rewards=["test_grpo:first_token_reward"])
+    set_seed(cfg.training.seed)  # the stage's seed, then the same construction: initial weights
+    fresh = load_base(str(tiny_base), "cpu")
+    initial = MemGenModel(fresh.model, fresh.tokenizer, cfg.memory)
+    before = first_token_probs(initial, cfg)
+    # Reward: the first token is one of the 12 the untrained policy likes best (about 30 %).
+    TARGET["tokens"] = set(before.mean(0).topk(12).indices.tolist())
+    capture = Capture()
+    out = stage.run(cfg, callbacks=[capture])
+
+    trained = capture.model.memgen.eval()
+    index = torch.tensor(sorted(TARGET["tokens"]))
+    expected = [
+        float(p[:, index].sum(-1).mean()) for p in (before, first_token_probs(trained, cfg))
+    ]
+    assert expected[1] > expected[0] + 0.1, expected  # the mean reward, exactly
+    logged = [r["reward"] for r in rows(out / "metrics.jsonl") if "reward" in r]
+    assert len(logged) == 10 and sum(logged[-3:]) > sum(logged[:3]), logged  # as sampled
+
+    changed = {
+        n
+        for n, p in trained.weaver_parameters().items()
+        if not torch.equal(p.detach(), initial.weaver_parameters()[n].detach())
+    }
+    assert "weaver.queries.prompt" in changed and any("lora_B" in n for n in changed)
+    plain = load_base(str(tiny_base), "cpu").model.state_dict()
+    reasoner = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in trained.peft.state_dict().items()
+        if "lora_" not in k
+    }
+    assert set(reasoner) == set(plain)
+    for name, value in plain.items():
+        assert torch.equal(reasoner[name], value), f"reasoner tensor {name} changed"
+    for name, value in initial.trigger.state_dict().items():
+        assert torch.equal(trained.trigger.state_dict()[name], value)
+    manifest = json.loads((out / "memgen.json").read_text())
+    assert manifest["parent"] is None and manifest["training"]["rewards"] == ["first_token_reward"]
+
+
+# ------------------------------------------------------------------- artifact and logs
+TRL_METRICS = {
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "reward",
+    "reward_std",
+    "rewards/accuracy/mean",
+    "rewards/accuracy/std",
+    "frac_reward_zero_std",
+    "completions/mean_length",
+    "completions/min_length",
+    "completions/max_length",
+    "completions/clipped_ratio",
+    "entropy",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "insertions/mean",
+    "logp_diff/mean",
+    "logp_diff/max",
+}
+
+
+def cli(*args):
+    return CliRunner().invoke(app, ["grpo-weaver", *map(str, args)])
+
+
+def test_from_an_sft_artifact_writes_an_artifact_with_its_parent_metrics_and_completions(tmp_path):
+    base_dir, parent = tiny_artifact(tmp_path)  # a weaver artifact (K = 3 / 2, its own memory)
+    data = write_problems(tmp_path / "train.jsonl")
+    out = tmp_path / "out"
+    result = cli(
+        "--recipe",
+        TINY,
+        "--base",
+        base_dir,
+        "--data",
+        data,
+        "--init",
+        parent,
+        "--output",
+        out,
+        "--set",
+        "training.beta=0.05",
+    )
+    assert result.exit_code == 0, result.output
+    assert files(out) == ARTIFACT_FILES | {
+        "completions/step_00001.jsonl",
+        "completions/step_00002.jsonl",
+    }
+    assert not stage.checkpoint_dir(stage.resolve_config(TINY, output=out)).exists()
+    manifest = json.loads((out / "memgen.json").read_text())
+    assert manifest["parent"] == {"name": str(parent), "sha256": artifact_digest(parent)}
+    before = json.loads((parent / "memgen.json").read_text())
+    assert manifest["memory"] == before["memory"]  # the artifact's settings, not the recipe's
+    s = manifest["training"]
+    assert (s["stage"], s["steps"], s["prompts"], s["num_generations"]) == ("grpo-weaver", 3, 8, 4)
+    recipe = load_recipe(GRPOConfig, out / "recipe.yaml")
+    assert recipe.init == str(parent) and recipe.memory.prompt_latents == 3
+
+    logs = [r for r in rows(out / "metrics.jsonl") if "reward" in r]
+    assert [r["step"] for r in logs] == [1, 2, 3]
+    for r in logs:
+        assert TRL_METRICS | {"kl"} <= set(r), TRL_METRICS - set(r)
+        assert r["logp_diff/max"] < 1e-4  # rollout and loss see the same policy
+        assert r["completions/max_length"] <= 16 and 0 <= r["frac_reward_zero_std"] <= 1
+    shown = rows(out / "completions" / "step_00002.jsonl")
+    assert len(shown) == 8  # 2 prompts x G=4
+    assert set(shown[0]) == {
+        "id",
+        "prompt",
+        "completion",
+        "rewards",
+        "reward",
+        "advantage",
+        "insertions",
+        "finished",
+    }
+    marked = [r for r in shown if r["insertions"]]
+    assert marked and all(r["completion"].count("⟨mem 2⟩") == r["insertions"] for r in marked)
+    # Advantages are centred within each group of G = 4.
+    for g in range(2):
+        assert abs(sum(r["advantage"] for r in shown[4 * g : 4 * g + 4])) < 1e-3
+
+
+def test_resume_after_interruption_gives_the_same_weights(tiny_base, tmp_path):
+    sets = ["training.max_steps=4", "memory.lora_dropout=0.1", "training.disable_dropout=false"]
+    straight = stage.run(tiny_cfg(tiny_base, tmp_path / "a", *sets))
+
+    cfg = tiny_cfg(tiny_base, tmp_path / "b", *sets)
+    with pytest.raises(stage.TrainingInterrupted) as stop:
+        stage.run(cfg, callbacks=[Capture(interrupt_at=1)])
+    assert stop.value.checkpoint.name == "checkpoint-2"  # Ctrl-C at step 1: stops after step 2
+    assert not Path(cfg.output).exists()
+    with pytest.raises(Exception, match="--resume auto"):
+        stage.run(cfg)
+    resumed = stage.run(cfg, resume="auto")
+
+    for name in ("weaver.safetensors", "weaver/adapter_model.safetensors"):
+        a, b = load_file(straight / name), load_file(resumed / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    logs = [r for r in rows(resumed / "metrics.jsonl") if "reward" in r]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4]
+    same = [r for r in rows(straight / "metrics.jsonl") if "reward" in r]
+    for key in ("reward", "completions/mean_length", "insertions/mean", "grad_norm"):
+        assert [r[key] for r in logs] == [r[key] for r in same], key  # rollouts regenerated alike
+
+
+# ------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            ["--set", "training.batch_size=6"],
+            "training.batch_size (6) must be a multiple of training.num_generations (4)",
+        ),
+        (["--set", "training.num_generations=1"], "num_generations must be >= 2"),
+        (["--set", "training.loss_type=ppo"], "loss_type must be one of grpo, bnpo, dr_grpo, dapo"),
+        (
+            ["--set", "training.scale_rewards=row"],
+            "scale_rewards must be one of group, batch, none",
+        ),
+        (["--set", "training.temperature=0"], "temperature must be > 0"),
+        (["--reward", "no_such_module_xyz:f"], 'cannot import module "no_such_module_xyz"'),
+        (["--reward", "test_grpo:nothing_here"], 'has no function "nothing_here"'),
+        (
+            [
+                "--reward",
+                "test_grpo:first_token_reward",
+                "--reward-weight",
+                "1",
+                "--reward-weight",
+                "2",
+            ],
+            "reward.weights has 2 values for 1 reward functions",
+        ),
+        (["--init", "no/such/artifact"], "does not exist"),
+        (["--set", "training.memory=full"], "needs --init with a trained trigger"),
+        (["--set", "training.lerning_rate=1"], 'Did you mean "learning_rate"'),
+        (
+            ["--reward", "test_grpo:broken_reward"],
+            "reward function broken_reward raised ValueError",
+        ),
+    ],
+    ids=[
+        "batch-not-divisible",
+        "one-generation",
+        "loss-type",
+        "scale-rewards",
+        "greedy",
+        "reward-module",
+        "reward-function",
+        "reward-weights",
+        "init-missing",
+        "full-no-trigger",
+        "unknown-key",
+        "reward-raises",
+    ],
+)
+def test_bad_input_exits_2_with_its_message_and_writes_nothing(tiny_base, tmp_path, extra, message):
+    data = write_problems(tmp_path / "train.jsonl")
+    out = tmp_path / "out"
+    result = cli("--recipe", TINY, "--base", tiny_base, "--data", data, "--output", out, *extra)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]  # nothing half-written
+
+
+# ------------------------------------------------------------------------------- slow
+@pytest.mark.slow
+def test_tiny_recipe_end_to_end_on_the_embedded_model(tmp_path):
+    result = cli("--recipe", TINY, "--output", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    assert files(out) == ARTIFACT_FILES | {
+        "completions/step_00001.jsonl",
+        "completions/step_00002.jsonl",
+    }
+    manifest = json.loads((out / "memgen.json").read_text())
+    assert manifest["reasoner"]["name"] == "smollm2-135m"
+    assert manifest["training"]["steps"] == 3 and manifest["training"]["task"] == "gsm_symbolic"
+    for r in (r for r in rows(out / "metrics.jsonl") if "reward" in r):
+        assert r["logp_diff/max"] < 1e-3, r  # fp32 on a 30-layer model: float error only
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_writes_one_artifact(tiny_base, tmp_path):
+    data = write_problems(tmp_path / "train.jsonl")
+    out = tmp_path / "out"
+    proc = torchrun(
+        ["grpo-weaver", "--recipe", TINY, "--base", tiny_base, "--data", data, "--output", out],
+        cwd=tmp_path,
+        timeout=240,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert files(out) == ARTIFACT_FILES | {
+        "completions/step_00001.jsonl",
+        "completions/step_00002.jsonl",
+    }
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out"]
+    s = json.loads((out / "memgen.json").read_text())["training"]
+    assert s["world_size"] == 2
+    logs = [r for r in rows(out / "metrics.jsonl") if "reward" in r]
+    assert {r["world_size"] for r in logs} == {2}
+    # Each process answered its own 2 prompts: the completions log holds both (2 x 2 x G=4).
+    assert len(rows(out / "completions" / "step_00001.jsonl")) == 16
