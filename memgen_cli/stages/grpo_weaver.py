@@ -26,23 +26,20 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 from transformers import PrinterCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import SchedulerType, get_last_checkpoint
+from transformers.trainer_utils import SchedulerType
 
 from memgen_cli.artifacts import load_artifact, read_manifest, save_artifact
 from memgen_cli.config import GRPOConfig, MemoryConfig, dump_yaml, from_dict, load_recipe, to_dict
-from memgen_cli.data import Example, Task, get_task, to_messages
+from memgen_cli.data import to_messages
 from memgen_cli.errors import MemgenError
 from memgen_cli.generation import GenerationConfig
 from memgen_cli.models.base import load_base
 from memgen_cli.models.memgen import MemGenModel
-from memgen_cli.training import rl
+from memgen_cli.training import rl, sft_run
 from memgen_cli.training.grpo import GRPOProgress, GRPOSettings, GRPOTrainer, PolicyObjective
 from memgen_cli.training.rollouts import rollout
 from memgen_cli.training.trainer_parts import MetricsLog, StopOnSignal, Throughput, world_size
 
-REPORTERS = ("none", "tensorboard", "wandb")
-MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
-FILE_TASKS = ("gsm8k", "jsonl", "math", "gpqa", "triviaqa", "kodcode")
 MEMORY = ("weaver", "full")
 
 
@@ -69,13 +66,7 @@ def resolve_config(
 ) -> GRPOConfig:
     """Recipe, then ``--set`` overrides, then the command's own flags (which win)."""
     cfg = load_recipe(GRPOConfig, recipe, overrides)
-    d = cfg.data
-    if data is not None:
-        if data.endswith(".jsonl") or Path(data).exists():
-            task = d.task if d.task in FILE_TASKS else "gsm8k"
-            d = dataclasses.replace(d, path=data, task="jsonl" if d.columns else task)
-        else:
-            d = dataclasses.replace(d, task=data, path=None)
+    d = sft_run.data_config(cfg.data, data, None)
     r = cfg.reward
     if rewards:
         r = dataclasses.replace(r, functions=[*r.functions, *rewards])
@@ -133,9 +124,9 @@ def validate(cfg: GRPOConfig, resume: str | None) -> Path | None:
             f'training.scheduler "{t.scheduler}" is unknown; use one of {names}.'
         ) from None
     for name in (n.strip() for n in t.report_to.split(",")):
-        if name not in REPORTERS:
+        if name not in sft_run.REPORTERS:
             raise MemgenError(f'--report-to must be none, tensorboard or wandb; got "{name}".')
-        if name != "none" and not any(importlib.util.find_spec(m) for m in MODULES[name]):
+        if name != "none" and not any(importlib.util.find_spec(m) for m in sft_run.MODULES[name]):
             raise MemgenError(f"--report-to {name} needs the {name} package: pip install {name}")
     checks = [
         (t.learning_rate > 0, "training.learning_rate must be > 0"),
@@ -179,57 +170,23 @@ def validate(cfg: GRPOConfig, resume: str | None) -> Path | None:
 
 
 def _resume_point(cfg: GRPOConfig, resume: str | None) -> Path | None:
+    """The checkpoint to continue from; refused when model, data, rewards or --init differ."""
     ckpts = checkpoint_dir(cfg)
-    last = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
-    if resume is None:
-        if last is not None:
+    # With --init the recorded memory section is the artifact's, which the recipe need not say.
+    sections = ("model", "data", "reward") + (() if cfg.init else ("memory",))
+    point = sft_run.resume_point(ckpts, resume, to_dict(cfg), sections)
+    recipe = ckpts / "recipe.yaml"
+    if point is not None and recipe.exists():
+        before = yaml.safe_load(recipe.read_text()).get("init")
+        if before != cfg.init:
             raise MemgenError(
-                f"{ckpts} holds checkpoints of an unfinished run. Continue it with --resume auto, "
-                f"or delete that folder to start over."
+                f"The checkpoints in {ckpts} started from --init {before}, not {cfg.init}. "
+                f"Resume with the same --init, or delete {ckpts} to start over."
             )
-        return None
-    if resume == "auto":
-        point = Path(last) if last else None
-    else:
-        point = Path(resume)
-        if not (point / "trainer_state.json").is_file():
-            raise MemgenError(
-                f"--resume {resume}: not a checkpoint folder (no trainer_state.json)."
-            )
-    if point is not None:
-        file = point.parent / "recipe.yaml"
-        if file.exists():
-            before, now = yaml.safe_load(file.read_text()), to_dict(cfg)
-            diff = [k for k in ("model", "data", "reward", "init") if before.get(k) != now[k]]
-            if diff:
-                raise MemgenError(
-                    f"The checkpoints in {point.parent} were made with different settings "
-                    f"({', '.join(diff)}). Resume with the same recipe, or delete "
-                    f"{point.parent} to start over."
-                )
     return point
 
 
 # ------------------------------------------------------------------------------- data
-def load_examples(cfg: GRPOConfig) -> tuple[Task, list[Example], list[Example]]:
-    d = cfg.data
-    options = {}
-    if d.path is not None:
-        options["path"] = d.path
-    if d.columns:
-        options["columns"] = dict(d.columns)
-    task = get_task(d.task, **options)
-    want = None if d.size is None else d.size + d.heldout
-    examples = task.load(d.split, limit=want, seed=d.seed)
-    if len(examples) <= d.heldout:
-        raise MemgenError(
-            f"{d.path or d.task} gave {len(examples)} examples, not enough for training plus "
-            f"{d.heldout} held out."
-        )
-    cut = len(examples) - d.heldout
-    return task, examples[:cut], examples[cut:]
-
-
 def training_args(cfg: GRPOConfig, ckpts: Path, device: torch.device) -> TrainingArguments:
     t = cfg.training
     reporters = [r.strip() for r in t.report_to.split(",") if r.strip() != "none"]
@@ -289,7 +246,7 @@ def run(
     console = console or Console()
     # 1. validate
     resume_from = validate(cfg, resume)
-    task, train, held = load_examples(cfg)
+    task, train, held, data_seed = sft_run.load_examples(cfg)
     plugins = [rl.load_reward(spec) for spec in cfg.reward.functions]
 
     # 2. build
@@ -378,7 +335,12 @@ def run(
 
     # 3. loop
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except MemgenError:  # e.g. a reward function failed: leave nothing half-written
+        if main and resume_from is None and not list(ckpts.glob("checkpoint-*")):
+            shutil.rmtree(ckpts, ignore_errors=True)
+        raise
     wall = time.perf_counter() - started
     if stop.stopped_at is not None:
         raise TrainingInterrupted(ckpts / f"checkpoint-{stop.stopped_at}")
@@ -394,7 +356,7 @@ def run(
             "task": task.name,
             "data": d.path or d.task,
             "split": d.split,
-            "data_seed": d.seed,
+            "data_seed": data_seed,
             "eval_seed": task.eval_seed,
             "training_seed": t.seed,
             "prompts": len(train),
