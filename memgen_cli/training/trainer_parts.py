@@ -116,6 +116,7 @@ class RichProgress(TrainerCallback):
             TimeRemainingColumn(),
             console=self.console,
             transient=False,
+            disable=not self.console.is_terminal,
         )
         self.progress.start()
         self.task = self.progress.add_task(
@@ -126,15 +127,22 @@ class RichProgress(TrainerCallback):
         logs = logs or {}
         self.loss = logs.get("loss", self.loss)
         self.lr = logs.get("learning_rate", self.lr)
+        if self.progress is not None and not self.console.is_terminal and "loss" in logs:
+            # A log file gets no live bar: one line per logging step instead.
+            self.console.print(
+                f"step {state.global_step}/{state.max_steps}  {self._info(state)}", highlight=False
+            )
+
+    def _info(self, state) -> str:
+        rate = self.clock.rate(state.global_step)
+        return f"loss {self.loss:.4f}  lr {self.lr:.2e}  " + (
+            f"{rate:.2f} samples/s" if rate else ""
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is None:
             return
-        rate = self.clock.rate(state.global_step)
-        info = f"loss {self.loss:.4f}  lr {self.lr:.2e}  " + (
-            f"{rate:.2f} samples/s" if rate else ""
-        )
-        self.progress.update(self.task, completed=state.global_step, info=info)
+        self.progress.update(self.task, completed=state.global_step, info=self._info(state))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
