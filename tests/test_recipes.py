@@ -9,13 +9,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memgen_cli.config import BaselineConfig, SFTConfig, dump_yaml, from_dict, load_recipe
+from memgen_cli.config import (
+    BaselineConfig,
+    GRPOConfig,
+    SFTConfig,
+    dump_yaml,
+    from_dict,
+    load_recipe,
+)
 from memgen_cli.errors import MemgenError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE_CONFIGS: dict[str, type] = {
     "sft-weaver": SFTConfig,
     "baseline-sft": BaselineConfig,
+    "grpo-weaver": GRPOConfig,
 }
 ALL = sorted(RECIPES.rglob("*.yaml"))
 
@@ -51,3 +59,12 @@ def test_gsm8k_recipes_train_on_gsm8k_train(path):
     data = load_recipe(RECIPE_CONFIGS[path.stem], path).data
     assert (data.task, data.split) == ("gsm8k", "train"), path
     assert data.path is None or "test" not in Path(data.path).name, path
+
+
+def test_grpo_recipes_divide_their_batches_into_groups(tmp_path):
+    """Every GRPO recipe passes the stage's own up-front checks (batch divisible by G, ...)."""
+    from memgen_cli.stages import grpo_weaver
+
+    for path in RECIPES.rglob("grpo-weaver.yaml"):
+        cfg = load_recipe(GRPOConfig, path, ["init=null", f"output={tmp_path / 'out'}"])
+        assert grpo_weaver.validate(cfg, None) is None, path
