@@ -4,6 +4,7 @@ and a two-process run that reproduces the single-process one exactly."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -381,6 +382,130 @@ def test_eval_warns_about_gsm_symbolic_training_on_gsm8k_test(tiny, tmp_path):
         result = invoke("--artifact", artifact, "--data", data, *common, "--output", tmp_path / "b")
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["warnings"] == [] and "warning" not in result.stderr
+
+
+# --------------------------------------------------------------------------- several artifacts
+def test_mcnemar_and_paired_difference_against_hand_computed_values():
+    # n = 5 discordant, 1 vs 4: 2 * (C(5,0) + C(5,1)) / 2^5 = 12/32
+    assert ev.mcnemar_p(1, 4) == ev.mcnemar_p(4, 1) == 0.375
+    assert ev.mcnemar_p(0, 5) == 2 / 32
+    assert ev.mcnemar_p(2, 10) == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert ev.mcnemar_p(3, 3) == 1.0 and ev.mcnemar_p(0, 0) == 1.0
+    assert 0.02 < ev.mcnemar_p(950, 1050) < 0.03  # exact integers: no overflow on large n
+    ref = [True, True, False, False, True, False]
+    other = [True, False, True, True, True, False]
+    got = ev.paired(ref, other)
+    # differences 0, -1, +1, +1, 0, 0: mean 1/6; squared deviations 3 × (1/6)², (7/6)², 2 × (5/6)²
+    assert got["diff"] == pytest.approx(1 / 6)
+    assert got["diff_stderr"] == pytest.approx(math.sqrt((3 / 36 + 49 / 36 + 50 / 36) / 5 / 6))
+    assert (got["reference_only"], got["row_only"]) == (1, 2)
+    assert got["mcnemar_p"] == 1.0  # 2 * (C(3,0) + C(3,1)) / 8 = 1
+
+
+def test_artifact_lists_split_on_commas_and_drop_repeats():
+    got = ev.artifact_paths([Path("a"), "b,c", "a"])
+    assert got == [Path("a"), Path("b"), Path("c")]
+    assert ev.artifact_paths(None) == [] and ev.artifact_paths(Path("x")) == [Path("x")]
+
+
+@pytest.fixture(scope="module")
+def more(tiny, tmp_path_factory):
+    """A second weaver (other weaver tensors, same tiny base) and a LoRA baseline."""
+    from memgen_cli.stages import baseline
+
+    tmp = tmp_path_factory.mktemp("more")
+    _, second = tiny_artifact(tmp)
+    cfg = baseline.resolve_config(
+        ROOT / "recipes" / "tiny" / "baseline-sft.yaml",
+        ["training.learning_rate=0.05", "training.max_steps=4", "data.heldout=0"],
+        base=str(tiny[0]),
+        data=str(tiny[2]),
+        output=tmp / "baseline",
+    )
+    return second, baseline.run(cfg, console=Console(file=open(os.devnull, "w")))
+
+
+def test_two_artifacts_two_modes_one_row_per_pair_on_the_same_problems(tiny, more, tmp_path):
+    base, first, data = tiny
+    second, _ = more
+    got = eval_json(
+        "--artifact", first, "--artifact", second, "--data", data, "--memory", "off,weaver",
+        "--limit", 5, "--max-new-tokens", 8, "--batch-size", 2, "--output", tmp_path,
+    )  # fmt: skip
+    keys = [(r["task"], r["artifact"], r["mode"]) for r in got["results"]]
+    assert keys == [(str(data), str(a), m) for a in (first, second) for m in ("off", "weaver")]
+    preds = read_predictions(tmp_path)
+    ids = {}
+    for p in preds:
+        ids.setdefault((p["task"], p["artifact"], p["mode"]), []).append(p["id"])
+    assert list(ids) == keys
+    assert all(v == [f"gsm8k/test/{i}" for i in range(5)] for v in ids.values())
+    assert [a["path"] for a in got["config"]["artifacts"]] == [str(first), str(second)]
+    rows = got["results"]
+    assert rows[0]["vs_first"] is None
+    by = {
+        k: [p["correct"] for p in preds if (p["task"], p["artifact"], p["mode"]) == k] for k in keys
+    }
+    for key, row in zip(keys[1:], rows[1:], strict=True):
+        expected = ev.paired(by[keys[0]], by[key])
+        assert row["vs_first"] == {"artifact": str(first), "mode": "off", **expected}
+        assert row["accuracy"] == sum(by[key]) / 5
+    # Memory off is the plain reasoner whichever weaver is loaded: the same completions.
+    off = [
+        [p["completion"] for p in preds if p["mode"] == "off" and p["artifact"] == str(a)]
+        for a in (first, second)
+    ]
+    assert off[0] == off[1]
+    args = [
+        "eval",
+        "--artifact",
+        f"{first},{second}",
+        "--data",
+        str(data),
+        "--memory",
+        "off,weaver",
+    ]
+    args += ["--limit", "5", "--max-new-tokens", "8", "--output", str(tmp_path / "t")]
+    table = runner.invoke(app, args, env={"COLUMNS": "200"}).stdout
+    assert "artifact" in table and "Δ vs first" in table and "McNemar" in table
+    names = ev.short_labels([str(first), str(second)])
+    assert names[str(first)] != names[str(second)]  # both end in artifact-llama
+    assert all(name in table for name in names.values())
+
+
+def test_a_baseline_runs_as_the_adapted_reasoner_with_memory_off(tiny, more, tmp_path):
+    from memgen_cli.artifacts import load_baseline
+    from memgen_cli.generation import encode_prompts
+
+    _, weaver, data = tiny
+    _, baseline = more
+    got = eval_json(
+        "--artifact", weaver, "--artifact", baseline, "--data", data, "--limit", 4,
+        "--max-new-tokens", 8, "--output", tmp_path,
+    )  # fmt: skip
+    keys = [(r["artifact"], r["mode"]) for r in got["results"]]
+    assert keys == [(str(weaver), "off"), (str(weaver), "weaver"), (str(baseline), "off")]
+    assert got["config"]["artifacts"][1]["kind"] == "baseline"
+    preds = [p for p in read_predictions(tmp_path) if p["artifact"] == str(baseline)]
+    # The same tokens as the PEFT model itself, greedy.
+    model, _, loaded = load_baseline(baseline, device="cpu")
+    tok = loaded.tokenizer
+    enc = encode_prompts(tok, [[{"role": "user", "content": p["prompt"]}] for p in preds], "cpu")
+    with torch.no_grad():
+        out = model.generate(
+            **enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    for row, p in enumerate(preds):
+        ids = out[row, enc["input_ids"].shape[1] :].tolist()
+        assert p["completion"] == tok.decode(ids, skip_special_tokens=True)
+        assert p["insertions"] == []
+    result = invoke(
+        "--artifact", baseline, "--data", data, "--memory", "weaver", "--output", tmp_path / "x"
+    )
+    assert result.exit_code == 2 and "LoRA baselines have no memory" in " ".join(
+        result.output.split()
+    )
+    assert not (tmp_path / "x").exists()
 
 
 # --------------------------------------------------------------------------- bad input

@@ -1,4 +1,5 @@
-"""`memgen eval`: memory off vs weaver vs weaver + trigger on the same problems."""
+"""`memgen eval`: memory off vs weaver vs weaver + trigger (and LoRA baselines) on the same
+problems."""
 
 from __future__ import annotations
 
@@ -21,7 +22,16 @@ def command(
             "kodcode, jsonl, or a GSM8K-format .jsonl path. Repeat or comma-separate.",
         ),
     ],
-    artifact: o.Artifact = None,
+    artifact: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--artifact",
+            help="Artifact(s) to compare: weavers (in the --memory modes) and LoRA baselines "
+            "(memgen baseline; run as the adapted reasoner, memory off). Repeat or "
+            "comma-separate; every one runs on the same problems, and each row gets a paired "
+            "figure against the first row of its task.",
+        ),
+    ] = None,
     memory: Annotated[
         str | None,
         typer.Option(
@@ -77,7 +87,7 @@ def command(
     stage.run(
         stage.EvalOptions(
             data,
-            artifact,
+            [Path(a) for a in artifact or []] or None,
             base,
             memory,
             limit,

@@ -1,10 +1,13 @@
 """``memgen eval``: the same reasoner with memory off, with the weaver, and with weaver +
-trigger, on exactly the same problems, in one run (one model load; the memory mode is a
-field of the GenerationConfig).
+trigger, and any number of artifacts (weavers, LoRA baselines) side by side, on exactly the
+same problems, in one run. The memory mode is a field of the GenerationConfig; a LoRA baseline
+runs as the adapted reasoner (its adapter merged, memory off).
 
-Reads top to bottom: validate the request (modes, tasks, artifact) -> load the problems ->
-open the model -> per task, cut the problems into batches once; per mode, generate and
-grade them -> gather on rank 0 -> table, ``metrics.json`` and ``predictions.jsonl``.
+Reads top to bottom: validate the request (artifacts and their modes, tasks) -> load the
+problems once -> per artifact (one model in memory at a time), per task, cut the problems into
+batches once; per mode, generate and grade them -> gather on rank 0 -> one row per (task,
+artifact, mode), each with a paired figure against its task's first row (difference ± s.e.,
+exact McNemar p) -> table, ``metrics.json`` and ``predictions.jsonl``.
 
 Under ``torchrun``/``accelerate launch`` whole *batches* are dealt round-robin to the
 ranks. A batch holds the same problems whatever the number of processes, so a multi-process
@@ -27,11 +30,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from memgen_cli import __version__, distributed
-from memgen_cli.artifacts import artifact_digest, read_manifest
-from memgen_cli.config import MEMORY_MODES, GenerationConfig
+from memgen_cli.artifacts import artifact_digest, load_baseline, read_manifest
+from memgen_cli.config import MEMORY_MODES, GenerationConfig, MemoryConfig
 from memgen_cli.data import Example, Task, get_task, to_messages
 from memgen_cli.errors import MemgenError, did_you_mean
 from memgen_cli.generation import encode_prompts, generate
+from memgen_cli.models.base import LoadedBase, load_base
+from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.stages.common import Session, open_session, resolve_suffix
 
 # When the artifact records a train seed but not how many items it drew, assume this many
@@ -44,7 +49,8 @@ class EvalOptions:
     data: list[str]
     """Tasks: names (gsm8k, gsm_symbolic, gym:<name>, ...) or GSM8K-format .jsonl paths;
     several may be given, or one comma-separated string."""
-    artifact: Path | None = None
+    artifact: Path | list[Path] | None = None
+    """One artifact, or several (also comma-separated): every one runs on the same problems."""
     base: str | None = None
     memory: str | None = None
     """Comma-separated modes; None: off plus every mode the artifact supports."""
@@ -84,62 +90,77 @@ def run(opts: EvalOptions, console: Console | None = None) -> dict:
 
 
 def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict:
-    # 1. validate everything that is cheap, before the model is loaded
+    # 1. validate everything that is cheap, before any model is loaded
     if opts.limit is not None and opts.limit < 1:
         raise MemgenError(f"--limit must be at least 1 (got {opts.limit}); omit it for all.")
     if opts.batch_size < 1:
         raise MemgenError(f"--batch-size must be at least 1 (got {opts.batch_size}).")
-    manifest = read_manifest(opts.artifact) if opts.artifact is not None else None
-    modes = parse_modes(opts.memory, manifest, notes)
+    entries = plan_entries(artifact_paths(opts.artifact), opts.memory, notes)
+    manifests = [e.manifest for e in entries if e.manifest is not None]
     options = parse_task_options(opts.task_options)
     tasks = {label: get_task(label, **options) for label in parse_specs(opts.data)}
-    # 2. the problems (the same for every mode)
+    # 2. the problems (the same for every artifact and mode)
     problems: dict[str, list[Example]] = {}
     seeds: dict[str, int | None] = {}
     for label, task in tasks.items():
-        seeds[label] = data_seed(task, opts.seed, opts.limit, manifest, notes)
+        seeds[label] = data_seed(task, opts.seed, opts.limit, manifests, notes)
         problems[label] = task.load(opts.split, opts.limit, seeds[label])
         if not problems[label]:
             raise MemgenError(
                 f"task {label!r} gave no problems for split {opts.split or task.default_split!r}."
             )
-    warnings = contamination_warnings(manifest, opts.artifact, tasks, opts.split)
+    warnings = [
+        text
+        for e in entries
+        for text in contamination_warnings(e.manifest, e.label, tasks, opts.split)
+    ]
     for text in warnings:
         notes.print(f"[yellow]warning:[/] {text}", highlight=False)
-    # 3. the model, once
+    # 3. per artifact (one model at a time), per task, per mode: generate, grade, gather
     device = distributed.device_for_rank(opts.device, dist.local_rank)
-    session = open_session(opts.base, opts.artifact, device, opts.dtype, opts.allow_base_mismatch)
-    suffix = resolve_suffix(session, opts.prompt_suffix, notes)
-    system = ((manifest or {}).get("prompt") or {}).get("system")
-    # 4. per task, per mode: generate, grade, gather
     started = time.perf_counter()
-    results, predictions = [], []
+    results, predictions, used = [], [], []
     sampling_seed = opts.gen.seed if opts.seed is None else opts.seed
-    for label, task in tasks.items():
-        items = [
-            Problem(i, ex, to_messages(ex, suffix, system)) for i, ex in enumerate(problems[label])
-        ]
-        batches = make_batches(session.model.tokenizer, items, opts.batch_size)
-        mine = distributed.shard(list(enumerate(batches)), dist.rank, dist.world_size)
-        for mode in modes:
-            gen = replace(opts.gen, memory=mode, seed=sampling_seed)
-            part = run_mode(session, task, label, mine, gen, notes, show=dist.is_main)
-            parts = distributed.gather_to_main(part)
-            if dist.is_main:
+    for entry in entries:
+        session = open_entry(entry, opts, device)
+        suffix = resolve_suffix(session, opts.prompt_suffix, notes)
+        system = ((entry.manifest or {}).get("prompt") or {}).get("system")
+        used.append(entry_config(entry, session, suffix))
+        for label, task in tasks.items():
+            items = [
+                Problem(i, ex, to_messages(ex, suffix, system))
+                for i, ex in enumerate(problems[label])
+            ]
+            batches = make_batches(session.model.tokenizer, items, opts.batch_size)
+            mine = distributed.shard(list(enumerate(batches)), dist.rank, dist.world_size)
+            for mode in entry.modes:
+                gen = replace(opts.gen, memory=mode, seed=sampling_seed)
+                part = run_mode(session, task, label, mine, gen, notes, show=dist.is_main)
+                parts = distributed.gather_to_main(part)
+                if not dist.is_main:
+                    continue
                 records = sorted((r for p in parts for r in p["records"]), key=lambda r: r["index"])
+                for r in records:
+                    r["artifact"] = entry.label
                 seconds = max(p["seconds"] for p in parts)
-                results.append(
-                    summarize(label, task, mode, records, seconds, sum(p["grade_s"] for p in parts))
+                row = summarize(
+                    label, task, mode, records, seconds, sum(p["grade_s"] for p in parts)
                 )
+                results.append({"artifact": entry.label, **row})
                 predictions += records
+        del session  # one model in memory at a time
     if not dist.is_main:
         return {}
-    # 5. report
+    # 4. report: rows by task, then artifact, then mode; each against its task's first row
+    order = {label: i for i, label in enumerate(tasks)}
+    results.sort(key=lambda r: order[r["task"]])  # stable: artifact and mode order kept
+    predictions.sort(key=lambda p: order[p["task"]])
+    add_paired(results, predictions)
     metrics = {
         "results": results,
         "seconds": round(time.perf_counter() - started, 2),
         "warnings": warnings,
-        "config": run_config(opts, session, modes, suffix, seeds, problems, dist.world_size),
+        "config": run_config(opts, used, seeds, problems, dist.world_size),
     }
     out = opts.output or Path("runs") / "eval" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     write_outputs(out, metrics, predictions)
@@ -149,6 +170,136 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
     else:
         console.print(results_table(results, metrics["seconds"], out, warnings))
     return metrics
+
+
+# --------------------------------------------------------------------------- artifacts
+@dataclass
+class Entry:
+    """One model under evaluation: an artifact (or the plain reasoner) and its memory modes."""
+
+    label: str | None  # the artifact path as given; None: the plain reasoner
+    path: Path | None
+    manifest: dict | None
+    modes: list[str]
+
+    @property
+    def is_baseline(self) -> bool:
+        return bool(self.manifest and self.manifest.get("kind") == "baseline")
+
+
+def artifact_paths(artifact) -> list[Path]:
+    """``--artifact a --artifact b,c`` -> [a, b, c] (order kept, repeats dropped)."""
+    items = artifact if isinstance(artifact, (list, tuple)) else [artifact]
+    specs = [s.strip() for item in items if item is not None for s in str(item).split(",")]
+    return [Path(s) for s in dict.fromkeys(s for s in specs if s)]
+
+
+def plan_entries(paths: list[Path], memory: str | None, notes: Console) -> list[Entry]:
+    """What runs: without artifacts the plain reasoner (memory off); a weaver artifact in the
+    modes asked for (default: off + every mode it supports); a LoRA baseline as the adapted
+    reasoner, mode off only (it has no memory)."""
+    if not paths:
+        return [Entry(None, None, None, parse_modes(memory, None, notes))]
+    entries = []
+    for path in paths:
+        manifest = read_manifest(path)
+        if manifest.get("kind") == "baseline":
+            entries.append(Entry(str(path), path, manifest, ["off"]))
+        else:
+            entries.append(Entry(str(path), path, manifest, parse_modes(memory, manifest, notes)))
+    asked = [m for m in (memory or "").split(",") if m.strip() and m.strip() != "off"]
+    if asked and all(e.is_baseline for e in entries):
+        raise MemgenError(
+            f"--memory {','.join(asked)} needs a weaver artifact; LoRA baselines have no memory "
+            "and run as the adapted reasoner (memory off). Drop --memory, or add a weaver."
+        )
+    if any(e.is_baseline for e in entries) and len(entries) > 1:
+        notes.print("LoRA baselines run as the adapted reasoner (memory off).")
+    return entries
+
+
+def open_entry(entry: Entry, opts: EvalOptions, device) -> Session:
+    """The model of one entry; a baseline's adapter is merged into its reasoner, so that the
+    memory-off path of generation runs the adapted weights."""
+    if not entry.is_baseline:
+        return open_session(opts.base, entry.path, device, opts.dtype, opts.allow_base_mismatch)
+    loaded = load_base(opts.base, device, opts.dtype) if opts.base else None
+    peft, manifest, base = load_baseline(
+        entry.path,
+        loaded,
+        device=device,
+        dtype=opts.dtype,
+        allow_base_mismatch=opts.allow_base_mismatch,
+    )
+    merged = peft.merge_and_unload()
+    adapted = LoadedBase(merged, base.tokenizer, base.name, base.source, base.fingerprint)
+    return Session(MemGenModel(merged, base.tokenizer, MemoryConfig()).eval(), adapted, manifest)
+
+
+def entry_config(entry: Entry, session: Session, suffix: str) -> dict:
+    return {
+        "path": entry.label,
+        "sha256": None if entry.path is None else artifact_digest(entry.path),
+        "kind": (entry.manifest or {}).get("kind", "plain"),
+        "modes": entry.modes,
+        "prompt_suffix": suffix,
+        "base": {"name": session.base.name, "fingerprint": session.base.fingerprint},
+        "device": str(session.model.device),
+        "dtype": str(session.base.model.dtype).removeprefix("torch."),
+    }
+
+
+# --------------------------------------------------------------------------- paired figures
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value: ``b`` problems only the first row solved, ``c`` only the
+    other; under no difference each discordant problem is a fair coin (binomial(b + c, 1/2)).
+
+    >>> mcnemar_p(0, 0), mcnemar_p(1, 4), round(mcnemar_p(2, 10), 5)
+    (1.0, 0.375, 0.03857)
+    """
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def paired(reference: list[bool], other: list[bool]) -> dict:
+    """Paired comparison on the same problems: difference in accuracy (other - reference) with
+    its standard error (of the per-problem differences), and the exact McNemar p-value."""
+    n = len(reference)
+    d = [int(o) - int(r) for r, o in zip(reference, other, strict=True)]
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    b = sum(1 for x in d if x < 0)  # only the reference solved it
+    c = sum(1 for x in d if x > 0)  # only the other row solved it
+    return {
+        "diff": mean,
+        "diff_stderr": math.sqrt(var / n),
+        "reference_only": b,
+        "row_only": c,
+        "mcnemar_p": mcnemar_p(b, c),
+    }
+
+
+def add_paired(results: list[dict], predictions: list[dict]) -> None:
+    """Each row gets ``vs_first``: the paired figure against the first row of its task."""
+    correct: dict[tuple, dict[int, bool]] = {}
+    for p in predictions:
+        correct.setdefault((p["task"], p.get("artifact"), p["mode"]), {})[p["index"]] = p["correct"]
+    first: dict[str, dict] = {}
+    for row in results:
+        ref = first.setdefault(row["task"], row)
+        if ref is row:
+            row["vs_first"] = None
+            continue
+        a = correct[(ref["task"], ref["artifact"], ref["mode"])]
+        b = correct[(row["task"], row["artifact"], row["mode"])]
+        if sorted(a) != sorted(b):  # never expected: every row runs the same problems
+            raise RuntimeError(f"rows of {row['task']} ran different problems")
+        ids = sorted(a)
+        figure = paired([a[i] for i in ids], [b[i] for i in ids])
+        row["vs_first"] = {"artifact": ref["artifact"], "mode": ref["mode"], **figure}
 
 
 # --------------------------------------------------------------------------- validation
@@ -236,35 +387,45 @@ def _recorded_train_data(manifest: dict | None, task: Task) -> tuple[int, int | 
 
 
 def data_seed(
-    task: Task, seed: int | None, limit: int | None, manifest: dict | None, notes: Console
+    task: Task, seed: int | None, limit: int | None, manifest, notes: Console
 ) -> int | None:
     """The seed for ``task.load``: the user's, else (generated tasks) a held-out eval seed.
 
-    reasoning_gym item i is drawn from Random(seed + i), so train and eval overlap when their
-    seed ranges do. The task's default eval seed is moved past the artifact's recorded train
-    range when the two would meet; a user-given seed that meets it gets a warning.
+    ``manifest`` is one artifact's manifest, a list of them, or None. reasoning_gym item i is
+    drawn from Random(seed + i), so train and eval overlap when their seed ranges do. The
+    task's default eval seed is moved past every artifact's recorded train range that it
+    would meet; a user-given seed that meets one gets a warning.
     """
     if task.train_seed is None:  # fixed data: the seed shuffles (or orders options)
         return task.eval_seed if seed is None else seed
-    recorded = _recorded_train_data(manifest, task)
-    if recorded is not None:
-        task.train_seed = recorded[0]  # the duplicate-question filter reads the real train set
+    manifests = manifest if isinstance(manifest, list) else [manifest]
+    recorded = [r for m in manifests if (r := _recorded_train_data(m, task)) is not None]
+    if recorded:
+        task.train_seed = recorded[0][0]  # the duplicate-question filter reads a real train set
     start = task.eval_seed if seed is None else seed
-    if recorded is None:
-        return start
-    lo, hi = recorded[0], recorded[0] + (recorded[1] or ASSUMED_GYM_RANGE)
-    overlaps = start < hi and lo < start + (limit or ASSUMED_GYM_RANGE)
-    if overlaps and seed is not None:
+    ranges = [(lo, lo + (drawn or ASSUMED_GYM_RANGE)) for lo, drawn in recorded]
+
+    def meets(s: int) -> tuple[int, int] | None:
+        return next(
+            (r for r in ranges if s < r[1] and r[0] < s + (limit or ASSUMED_GYM_RANGE)), None
+        )
+
+    hit = meets(start)
+    if hit is not None and seed is not None:
         notes.print(
             f"[yellow]warning:[/] --seed {seed} draws {task.name} problems from the same "
-            f"generator range as the artifact's training data (seed {lo}); results may be inflated."
+            f"generator range as the artifact's training data (seed {hit[0]}); results may be inflated."
         )
-    elif overlaps:
+        return start
+    moved = start
+    while hit is not None:
+        lo, moved = hit
+        hit = meets(moved)
+    if moved != start:
         notes.print(
-            f"{task.name}: eval seed moved to {hi}, past the artifact's train range [{lo}, {hi})."
+            f"{task.name}: eval seed moved to {moved}, past the artifact's train range [{lo}, {moved})."
         )
-        return hi
-    return start
+    return moved
 
 
 # --------------------------------------------------------------------------- contamination
@@ -388,7 +549,7 @@ def summarize(
     label: str, task: Task, mode: str, records: list[dict], seconds: float, grade_s: float
 ) -> dict:
     n = len(records)
-    scores = [r["score"] for r in records]
+    scores = [float(r["score"] >= 1.0) for r in records]  # solved only at full score
     accuracy = sum(scores) / n
     var = sum((s - accuracy) ** 2 for s in scores) / (n - 1) if n > 1 else 0.0
     tokens = sum(r["num_tokens"] for r in records)
@@ -411,28 +572,31 @@ def summarize(
     }
 
 
-def run_config(
-    opts: EvalOptions, session: Session, modes, suffix, seeds, problems, world_size
-) -> dict:
+def run_config(opts: EvalOptions, used: list[dict], seeds, problems, world_size) -> dict:
+    """How the run was made. ``artifact``, ``base``, ``modes``, ``prompt_suffix``, ``device``
+    and ``dtype`` describe the first artifact (as a single-artifact run always did);
+    ``artifacts`` lists every one."""
+    first = used[0]
     return {
         "memgen_version": __version__,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "base": {"name": session.base.name, "fingerprint": session.base.fingerprint},
+        "base": first["base"],
         "artifact": None
-        if opts.artifact is None
-        else {"path": str(opts.artifact), "sha256": artifact_digest(opts.artifact)},
+        if first["path"] is None
+        else {"path": first["path"], "sha256": first["sha256"]},
+        "artifacts": used,
         "tasks": {
             label: {"split": opts.split, "seed": seeds[label], "n": len(problems[label])}
             for label in problems
         },
-        "modes": modes,
+        "modes": first["modes"],
         "limit": opts.limit,
-        "prompt_suffix": suffix,
+        "prompt_suffix": first["prompt_suffix"],
         "generation": {k: v for k, v in vars(opts.gen).items() if k != "memory"},
         "batch_size": opts.batch_size,
         "task_options": parse_task_options(opts.task_options),
-        "device": str(session.model.device),
-        "dtype": str(session.base.model.dtype).removeprefix("torch."),
+        "device": first["device"],
+        "dtype": first["dtype"],
         "world_size": world_size,
     }
 
@@ -454,16 +618,49 @@ def results_table(
     results: list[dict], seconds: float, out: Path, warnings: list[str] | None = None
 ) -> Table:
     caption = f"insertions: mean per answer · {seconds:.0f} s in all · written to {out}"
+    if any(r.get("vs_first") for r in results):
+        caption += "\nΔ: paired difference to the task's first row ± s.e., exact McNemar p"
     caption += "".join(f"\n[yellow]warning:[/] {text}" for text in warnings or [])
     table = Table(title="memgen eval", caption=caption)
-    for name in ("task", "mode", "accuracy %", "n", "insertions", "samples/s", "tokens/s"):
-        table.add_column(name, justify="left" if name in ("task", "mode") else "right")
+    labels = short_labels([r.get("artifact") for r in results])
+    artifacts = len(set(labels.values())) > 1
+    paired_rows = any(r.get("vs_first") for r in results)
+    names = ["task", *(["artifact"] if artifacts else []), "mode", "accuracy %", "n"]
+    names += ["insertions", "samples/s", "tokens/s", *(["Δ vs first"] if paired_rows else [])]
+    for name in names:
+        table.add_column(name, justify="left" if name in ("task", "artifact", "mode") else "right")
     for r in results:
         accuracy = f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}"
         speeds = [_rate(r["samples_per_s"], 2), _rate(r["tokens_per_s"], 1)]
-        row = [_short(r["task"]), r["mode"], accuracy, str(r["n"]), f"{r['mean_insertions']:.2f}"]
-        table.add_row(*row, *speeds)
+        row = [_short(r["task"]), *([labels[r.get("artifact")]] if artifacts else [])]
+        row += [r["mode"], accuracy, str(r["n"]), f"{r['mean_insertions']:.2f}", *speeds]
+        if paired_rows:
+            v = r.get("vs_first")
+            row.append(
+                "-"
+                if v is None
+                else f"{100 * v['diff']:+.1f}±{100 * v['diff_stderr']:.1f} p={v['mcnemar_p']:.2g}"
+            )
+        table.add_row(*row)
     return table
+
+
+def short_labels(paths: list[str | None]) -> dict[str | None, str]:
+    """Each artifact path's display name: its last components, as few as keep them apart.
+
+    >>> short_labels(["runs/a/sft", "runs/b/sft", "runs/lora", None])
+    {'runs/a/sft': 'a/sft', 'runs/b/sft': 'b/sft', 'runs/lora': 'lora', None: 'plain'}
+    """
+    unique = list(dict.fromkeys(paths))
+    parts = {p: Path(p).parts if p else ("plain",) for p in unique}
+    out: dict[str | None, str] = {}
+    for p in unique:
+        for k in range(1, len(parts[p]) + 1):
+            tail = parts[p][-k:]
+            if all(q == p or parts[q][-k:] != tail for q in unique):
+                break
+        out[p] = "/".join(tail)
+    return out
 
 
 def _rate(value: float | None, digits: int) -> str:
