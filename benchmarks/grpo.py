@@ -1,0 +1,145 @@
+"""GRPO rollout speed against Hugging Face ``generate``, and where one GRPO step's time goes.
+
+Rollouts: G completions for each of P prompts (EOS ignored, so every path does the same work),
+sampled at temperature 1. Ours prefills and weaves each prompt once and copies its caches to
+the G rows; HF's ``generate(num_return_sequences=G)`` runs the prompt G times. Each is timed in
+the same run and reported as a ratio to HF (lower is faster; targets on the 2-core CPU:
+``rollout_off_vs_hf`` <= 0.95, ``rollout_weaver_vs_hf`` <= 1.4).
+
+Step breakdown, as ``grpo-weaver`` runs one step: ``rollout_s`` (weaver rollouts), ``score_s``
+(the task's grader), ``loss_s`` (log-probs through the batched training forward at the trace's
+insertion points, the clipped loss, backward).
+
+    .venv/bin/python benchmarks/grpo.py                      # defaults: P=4, G=8, 128 tokens
+    .venv/bin/python benchmarks/grpo.py --prompts 2 --generations 2 --max-new-tokens 8  # smoke
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from memgen_cli.cli import quiet_libraries
+from memgen_cli.config import GenerationConfig, MemoryConfig
+from memgen_cli.data import get_task, to_messages
+from memgen_cli.generation import encode_prompts
+from memgen_cli.models.base import load_base
+from memgen_cli.models.memgen import MemGenModel
+from memgen_cli.training import rl
+from memgen_cli.training.rollouts import policy_inputs, policy_logprobs, rollout
+
+
+def best_of(repeats: int, fn) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="smollm2-135m")
+    ap.add_argument("--task", default="gsm_symbolic")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2, help="best of this many timings")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+    quiet_libraries()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    task = get_task(a.task)
+    examples = task.load("test", limit=a.prompts)
+    messages = [to_messages(e, "Put your final answer within \\boxed{}.") for e in examples]
+    g, n = a.generations, a.max_new_tokens
+
+    plain = load_base(a.base, a.device)  # a separate copy without LoRA layers, for HF
+    enc = encode_prompts(plain.tokenizer, messages, plain.model.device)
+
+    def hf():
+        plain.model.generate(
+            **enc,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=n,
+            min_new_tokens=n,  # EOS suppressed: every row makes n tokens
+            num_return_sequences=g,
+            pad_token_id=plain.tokenizer.pad_token_id,
+        )
+
+    base = load_base(a.base, a.device)
+    model = MemGenModel(base.model, base.tokenizer, MemoryConfig()).eval()
+
+    def ours(memory: str):
+        cfg = GenerationConfig(max_new_tokens=n, temperature=1.0, memory=memory, ignore_eos=True)
+        return lambda: rollout(model, messages, cfg, g)
+
+    with torch.no_grad():
+        hf()  # warm-up (allocator, kernels)
+        ours("weaver")()
+        hf_s = best_of(a.repeats, hf)
+        off_s = best_of(a.repeats, ours("off"))
+        weaver_s = best_of(a.repeats, ours("weaver"))
+
+    # One GRPO step, as the trainer runs it (rollout -> rewards -> loss + backward).
+    model.set_trainable(weaver=True, trigger=False)
+    start = time.perf_counter()
+    cfg = GenerationConfig(max_new_tokens=n, temperature=1.0, memory="weaver")
+    roll = rollout(model, messages, cfg, g)
+    rollout_s = time.perf_counter() - start
+    start = time.perf_counter()
+    text = base.tokenizer.batch_decode(roll.texts_ids, skip_special_tokens=True)
+    group = [e for e in examples for _ in range(g)]
+    _, rewards = rl.score(
+        [rl.task_reward(task)], [1.0], [None] * len(text), text, rl.example_columns(group)
+    )
+    adv, _ = rl.group_advantages(rewards, g)
+    score_s = time.perf_counter() - start
+    start = time.perf_counter()
+    b = policy_inputs(roll, base.tokenizer.pad_token_id)
+    keys = ("input_ids", "attention_mask", "completion_index", "completion_mask")
+    logps, _ = policy_logprobs(
+        model, *(b[k].to(model.device) for k in keys), b["prompt_points"], b["inference_points"]
+    )
+    mask = b["completion_mask"].to(model.device)
+    rl.policy_loss(logps, logps.detach(), adv.to(model.device), mask).loss.backward()
+    loss_s = time.perf_counter() - start
+
+    print(
+        json.dumps(
+            {
+                "base": a.base,
+                "prompts": a.prompts,
+                "generations": g,
+                "max_new_tokens": n,
+                "threads": torch.get_num_threads(),
+                "hf_generate_s": round(hf_s, 3),
+                "rollout_off_s": round(off_s, 3),
+                "rollout_weaver_s": round(weaver_s, 3),
+                "rollout_off_vs_hf": round(off_s / hf_s, 3),
+                "rollout_weaver_vs_hf": round(weaver_s / hf_s, 3),
+                "insertions_per_completion": sum(map(len, roll.inference_points)) / len(text),
+                "step": {
+                    "rollout_s": round(rollout_s, 3),
+                    "score_s": round(score_s, 3),
+                    "loss_s": round(loss_s, 3),
+                },
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
