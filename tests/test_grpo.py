@@ -308,6 +308,10 @@ def test_from_an_sft_artifact_writes_an_artifact_with_its_parent_metrics_and_com
         "training.beta=0.05",
     )
     assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "step 3/3 reward" in text and " ins " in text  # a progress line per step in a log
+    # The random tiny model never stops: every completion is cut at 16 tokens, three logs running.
+    assert "completions/clipped_ratio has stayed >= 0.9 for 3 logs" in text
     assert files(out) == ARTIFACT_FILES | {
         "completions/step_00001.jsonl",
         "completions/step_00002.jsonl",

@@ -380,18 +380,14 @@ class GRPOProgress(RichProgress):
         self.last: dict[str, float] = {}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        super().on_log(args, state, control, logs=logs, **kwargs)
         self.last.update({k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))})
+        super().on_log(args, state, control, logs=logs, **kwargs)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.progress is None:
-            return
-        g = self.last.get
+    def _info(self, state) -> str:
+        g = lambda key: self.last.get(key, float("nan"))  # noqa: E731
         rate = self.clock.rate(state.global_step)
-        info = (
-            f"reward {g('reward', float('nan')):.3f}±{g('reward_std', float('nan')):.3f}  "
-            f"loss {self.loss:.4f}  ins {g('insertions/mean', float('nan')):.1f}  "
-            f"len {g('completions/mean_length', float('nan')):.0f}  "
+        return (
+            f"reward {g('reward'):.3f}±{g('reward_std'):.3f}  loss {self.loss:.4f}  "
+            f"ins {g('insertions/mean'):.1f}  len {g('completions/mean_length'):.0f}  "
             + (f"{rate:.2f} samples/s" if rate else "")
         )
-        self.progress.update(self.task, completed=state.global_step, info=info)
