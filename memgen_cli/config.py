@@ -183,6 +183,10 @@ class DataConfig:
     """Local data for tasks that read files (gsm8k, jsonl): a .jsonl file or a directory."""
     columns: dict[str, str] = field(default_factory=dict)
     """jsonl task only: role -> column, roles prompt, solution (the target), answer, id."""
+    options: dict = field(default_factory=dict)
+    """Task options, as ``memgen eval --task-option`` takes them, e.g. for a reasoning_gym task
+    ``{config: {min_terms: 2, max_terms: 3}}`` (difficulty) or ``{steps: false}`` (bare-answer
+    targets). Recorded in the artifact: ``eval`` uses them for this task unless told otherwise."""
     split: str = "train"
     """Split to train on."""
     size: int | None = 2000

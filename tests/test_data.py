@@ -207,6 +207,8 @@ def test_gym_config_and_errors():
         get_task("gym:chain_sum", config={"no_such_field": 1}).load("test", limit=1)
     with pytest.raises(MemgenError, match="splits"):
         get_task("gym:chain_sum").load("dev", limit=1)
+    with pytest.raises(MemgenError, match="must be a mapping"):
+        get_task("gym:chain_sum", config="{min_terms: 2")  # unbalanced YAML stays a string
 
 
 def test_gym_scorer_crash_scores_zero():

@@ -107,6 +107,17 @@ def test_bad_memory_modes(memory, manifest, message):
         ev.parse_modes(memory, manifest, Console(file=open(os.devnull, "w")))
 
 
+def test_task_options_come_from_the_artifact_for_its_own_task_only():
+    quiet = Console(file=open(os.devnull, "w"))
+    recorded = {"config": {"min_terms": 3}}
+    manifests = [{"training": {"task": "gym:basic_arithmetic", "task_options": recorded}}]
+    assert ev.task_options("gym:basic_arithmetic", {}, manifests, quiet) == recorded
+    assert ev.task_options("gym:chain_sum", {}, manifests, quiet) == {}  # another task
+    given = {"config": {"min_terms": 2}}  # what the user asks for wins
+    assert ev.task_options("gym:basic_arithmetic", given, manifests, quiet) == given
+    assert ev.task_options("gym:basic_arithmetic", {}, [{"training": {}}], quiet) == {}
+
+
 def test_task_options_nest_and_read_yaml_values():
     got = ev.parse_task_options(
         [

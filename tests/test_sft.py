@@ -180,6 +180,11 @@ def test_flags_map_onto_the_config(tmp_path):
         "answer": "answer",
     }
     assert stage.resolve_config(None, [], data="gym:chain_sum").data.task == "gym:chain_sum"
+    options = {"config": {"min_terms": 2, "max_terms": 2}}
+    merged = stage.resolve_config(
+        None, ["data.options={steps: false}"], data="gym:chain_sum", task_options=options
+    ).data.options
+    assert merged == {"steps": False, **options}
     assert (
         stage.resolve_config(None, [], report_to="tensorboard").training.report_to == "tensorboard"
     )
@@ -235,6 +240,7 @@ def test_artifact_file_set_reload_and_summary(tiny_base, tmp_path):
     s = manifest["training"]
     assert (s["steps"], s["samples"], s["heldout_samples"], s["world_size"]) == (3, 6, 2, 1)
     assert s["samples_per_rank"] == [6] and s["dropped_too_long"] == 0
+    assert s["task_options"] == {}
     assert set(s["heldout_loss"]) == {"weaver_initial", "memory_off", "weaver_final"}
     assert manifest["prompt"]["prompt_suffix"] == cfg.data.prompt_suffix
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -415,3 +421,21 @@ def test_recorded_data_seed_is_the_one_the_split_used(tmp_path):
         task, _, _, seed = stage.load_examples(cfg)
         assert seed == getattr(task, expected)
     assert task.train_seed != task.eval_seed
+
+
+def test_task_options_reach_the_task():
+    # data.options are the task's own options (here a reasoning_gym difficulty), recorded in
+    # the artifact's training summary so that eval draws the same kind of problem.
+    cfg = load_recipe(
+        SFTConfig,
+        None,
+        [
+            "data.task=gym:basic_arithmetic",
+            "data.size=6",
+            "data.heldout=2",
+            "data.options={config: {min_terms: 3, max_terms: 3}, steps: false}",
+        ],
+    )
+    _, train, held, _ = stage.load_examples(cfg)
+    assert all(e.meta["metadata"]["num_terms"] == 3 for e in train + held)
+    assert all(e.solution == e.answer for e in train)  # steps: false -> bare answers

@@ -11,6 +11,7 @@ from rich.console import Console
 from memgen_cli.commands import options as o
 from memgen_cli.errors import MemgenError
 from memgen_cli.stages import sft_weaver as stage
+from memgen_cli.stages.evaluate import parse_task_options
 
 DATA_HELP = (
     "gsm_symbolic (default, offline), gsm8k (hub), gym:<name> (any reasoning_gym task; "
@@ -33,6 +34,15 @@ def command(
         str | None,
         typer.Option("--columns", help="Columns of a generic .jsonl: prompt=…,solution=…,answer=…"),
     ] = None,
+    task_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task-option",
+            help="A task option KEY=VALUE (repeatable), as `memgen eval` takes it, e.g. "
+            "'config={min_terms: 2, max_terms: 3}' for a reasoning_gym difficulty; recorded in "
+            "the artifact so that eval draws the same kind of problem.",
+        ),
+    ] = None,
     output: Annotated[Path | None, typer.Option("--output", help="Artifact directory.")] = None,
     resume: Annotated[
         str | None,
@@ -52,6 +62,7 @@ def command(
         base=base,
         data=data,
         columns=_columns(columns),
+        task_options=parse_task_options(task_option or []),
         output=output,
         report_to=report_to,
     )

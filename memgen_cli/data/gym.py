@@ -102,6 +102,11 @@ class GymTask(Task):
         steps: bool = True,
     ):
         _check_name(name)
+        if config is not None and not isinstance(config, dict):
+            raise MemgenError(
+                f"task option config of gym:{name} must be a mapping of the dataset's settings, "
+                f"e.g. config={{min_terms: 2, max_terms: 3}}; got {config!r}."
+            )
         self.gym_name = name
         self.name = f"gym:{name}"
         self.size = size

@@ -98,7 +98,10 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
     entries = plan_entries(artifact_paths(opts.artifact), opts.memory, notes)
     manifests = [e.manifest for e in entries if e.manifest is not None]
     options = parse_task_options(opts.task_options)
-    tasks = {label: get_task(label, **options) for label in parse_specs(opts.data)}
+    per_task = {
+        label: task_options(label, options, manifests, notes) for label in parse_specs(opts.data)
+    }
+    tasks = {label: get_task(label, **kw) for label, kw in per_task.items()}
     # 2. the problems (the same for every artifact and mode)
     problems: dict[str, list[Example]] = {}
     seeds: dict[str, int | None] = {}
@@ -160,7 +163,7 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
         "results": results,
         "seconds": round(time.perf_counter() - started, 2),
         "warnings": warnings,
-        "config": run_config(opts, used, seeds, problems, dist.world_size),
+        "config": run_config(opts, used, seeds, problems, dist.world_size, per_task),
     }
     out = opts.output or Path("runs") / "eval" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     write_outputs(out, metrics, predictions)
@@ -346,6 +349,21 @@ def parse_modes(memory: str | None, manifest: dict | None, notes: Console) -> li
             "--memory off,weaver, or train one with `memgen train-trigger`."
         )
     return modes
+
+
+def task_options(label: str, given: dict, manifests: list[dict], notes: Console) -> dict:
+    """Options for one task: those given with --task-option, else, for the task an artifact
+    trained on, the options it recorded (its difficulty, say), so that it is evaluated on the
+    same kind of problem it learned from, on held-out seeds."""
+    if given:
+        return given
+    for manifest in manifests:
+        training = manifest.get("training") or {}
+        recorded = training.get("task_options")
+        if recorded and training.get("task") in (label, f"gym:{label}"):
+            notes.print(f"{_short(label)}: task options from the artifact: {recorded}")
+            return dict(recorded)
+    return {}
 
 
 def parse_task_options(items: list[str]) -> dict:
@@ -572,7 +590,9 @@ def summarize(
     }
 
 
-def run_config(opts: EvalOptions, used: list[dict], seeds, problems, world_size) -> dict:
+def run_config(
+    opts: EvalOptions, used: list[dict], seeds, problems, world_size, per_task: dict
+) -> dict:
     """How the run was made. ``artifact``, ``base``, ``modes``, ``prompt_suffix``, ``device``
     and ``dtype`` describe the first artifact (as a single-artifact run always did);
     ``artifacts`` lists every one."""
@@ -586,7 +606,12 @@ def run_config(opts: EvalOptions, used: list[dict], seeds, problems, world_size)
         else {"path": first["path"], "sha256": first["sha256"]},
         "artifacts": used,
         "tasks": {
-            label: {"split": opts.split, "seed": seeds[label], "n": len(problems[label])}
+            label: {
+                "split": opts.split,
+                "seed": seeds[label],
+                "n": len(problems[label]),
+                "options": per_task[label],
+            }
             for label in problems
         },
         "modes": first["modes"],

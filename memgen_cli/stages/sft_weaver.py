@@ -72,12 +72,13 @@ def resolve_config(
     base: str | None = None,
     data: str | None = None,
     columns: dict[str, str] | None = None,
+    task_options: dict | None = None,
     output: str | Path | None = None,
     report_to: str | None = None,
 ) -> SFTConfig:
     """Recipe, then ``--set`` overrides, then the command's own flags (which win)."""
     cfg = load_recipe(SFTConfig, recipe, overrides)
-    d = data_config(cfg.data, data, columns)
+    d = data_config(cfg.data, data, columns, task_options)
     model = cfg.model if base is None else dataclasses.replace(cfg.model, base=base)
     t = (
         cfg.training
@@ -202,6 +203,7 @@ def run(
         summary = {
             "stage": "sft-weaver",
             "task": task.name,
+            "task_options": dict(d.options),
             "data": d.path or d.task,
             "split": d.split,
             "data_seed": data_seed,

@@ -29,8 +29,16 @@ MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 FILE_TASKS = ("gsm8k", "jsonl", "math", "gpqa", "triviaqa", "kodcode")
 
 
-def data_config(d: DataConfig, data: str | None, columns: dict[str, str] | None) -> DataConfig:
-    """``--data`` (a task name or a file) and ``--columns`` over the recipe's data section."""
+def data_config(
+    d: DataConfig,
+    data: str | None,
+    columns: dict[str, str] | None,
+    options: dict | None = None,
+) -> DataConfig:
+    """``--data`` (a task name or a file), ``--columns`` and ``--task-option`` over the
+    recipe's data section (task options are merged into the recipe's, key by key)."""
+    if options:
+        d = dataclasses.replace(d, options={**d.options, **options})
     if columns:
         d = dataclasses.replace(d, columns=dict(columns))
     if data is None:
@@ -45,7 +53,7 @@ def load_examples(cfg) -> tuple[Task, list[Example], list[Example], int | None]:
     """The task, its training and held-out examples, and the data seed actually used
     (``cfg.data`` is a ``DataConfig``)."""
     d = cfg.data
-    options = {}
+    options = dict(d.options)
     if d.path is not None:
         options["path"] = d.path
     if d.columns:
