@@ -7,12 +7,14 @@ values of the RL core itself are in tests/test_rl.py.
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import load_file
 from transformers import TrainerCallback, set_seed
 from typer.testing import CliRunner
@@ -142,6 +144,24 @@ def test_training_forward_logprobs_equal_sampling_logprobs(temperature, seed):
     gap = (logps.detach() - b["sampling_logps"]).abs()[real]
     assert float(gap.max()) < 1e-4, float(gap.max())
     assert (entropy[real] > 0).all() and (logps[~real] == 0).all()
+
+
+def test_logprobs_follow_the_trace_when_a_trained_trigger_decides():
+    mg = make_memgen("llama")
+    with torch.no_grad():
+        mg.trigger.trained.fill_(True)  # a random head: it skips some clause boundaries
+    cfg = GenerationConfig(max_new_tokens=24, temperature=1.0, seed=3, memory="full")
+    r = rollout(mg, MESSAGES, cfg, 2)
+    always = rollout(mg, MESSAGES, GenerationConfig(**{**cfg.__dict__, "memory": "weaver"}), 2)
+    assert r.inference_points != always.inference_points and any(r.inference_points)
+    b = policy_inputs(r, mg.tokenizer.pad_token_id)
+    keys = ("input_ids", "attention_mask", "completion_index", "completion_mask")
+    with torch.no_grad():
+        logps, _ = policy_logprobs(
+            mg, *(b[k] for k in keys), b["prompt_points"], b["inference_points"], 1.0
+        )
+    real = b["completion_mask"].bool()
+    assert float((logps - b["sampling_logps"]).abs()[real].max()) < 1e-4
 
 
 def test_logprob_gradients_reach_only_the_weaver():
@@ -291,7 +311,7 @@ def cli(*args):
 
 def test_from_an_sft_artifact_writes_an_artifact_with_its_parent_metrics_and_completions(tmp_path):
     base_dir, parent = tiny_artifact(tmp_path)  # a weaver artifact (K = 3 / 2, its own memory)
-    data = write_problems(tmp_path / "train.jsonl")
+    data = write_problems(tmp_path / "train.jsonl", n=10)
     out = tmp_path / "out"
     result = cli(
         "--recipe",
@@ -306,12 +326,12 @@ def test_from_an_sft_artifact_writes_an_artifact_with_its_parent_metrics_and_com
         out,
         "--set",
         "training.beta=0.05",
+        "--set",
+        "data.heldout=2",
     )
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "step 3/3 reward" in text and " ins " in text  # a progress line per step in a log
-    # The random tiny model never stops: every completion is cut at 16 tokens, three logs running.
-    assert "completions/clipped_ratio has stayed >= 0.9 for 3 logs" in text
     assert files(out) == ARTIFACT_FILES | {
         "completions/step_00001.jsonl",
         "completions/step_00002.jsonl",
@@ -325,6 +345,11 @@ def test_from_an_sft_artifact_writes_an_artifact_with_its_parent_metrics_and_com
     assert (s["stage"], s["steps"], s["prompts"], s["num_generations"]) == ("grpo-weaver", 3, 8, 4)
     recipe = load_recipe(GRPOConfig, out / "recipe.yaml")
     assert recipe.init == str(parent) and recipe.memory.prompt_latents == 3
+    held = s["heldout_accuracy"]
+    assert (
+        set(held) == {"weaver_initial", "weaver_final", "memory_off"} and s["heldout_samples"] == 2
+    )
+    assert all(0.0 <= v <= 1.0 for v in held.values())
 
     logs = [r for r in rows(out / "metrics.jsonl") if "reward" in r]
     assert [r["step"] for r in logs] == [1, 2, 3]
@@ -332,6 +357,8 @@ def test_from_an_sft_artifact_writes_an_artifact_with_its_parent_metrics_and_com
         assert TRL_METRICS | {"kl"} <= set(r), TRL_METRICS - set(r)
         assert r["logp_diff/max"] < 1e-4  # rollout and loss see the same policy
         assert r["completions/max_length"] <= 16 and 0 <= r["frac_reward_zero_std"] <= 1
+    # beta > 0: the reference is the starting weaver, so the first step's KL is 0 exactly.
+    assert logs[0]["kl"] == 0.0
     shown = rows(out / "completions" / "step_00002.jsonl")
     assert len(shown) == 8  # 2 prompts x G=4
     assert set(shown[0]) == {
@@ -349,6 +376,35 @@ def test_from_an_sft_artifact_writes_an_artifact_with_its_parent_metrics_and_com
     # Advantages are centred within each group of G = 4.
     for g in range(2):
         assert abs(sum(r["advantage"] for r in shown[4 * g : 4 * g + 4])) < 1e-3
+
+
+def test_num_iterations_reuses_each_rollout_batch(tiny_base, tmp_path):
+    cfg = tiny_cfg(tiny_base, tmp_path, "training.num_iterations=2", "training.max_steps=4")
+    logs = [r for r in rows(stage.run(cfg) / "metrics.jsonl") if "reward" in r]
+    keys = ("reward", "completions/mean_length", "insertions/mean", "frac_reward_zero_std")
+    for a, b in [(0, 1), (2, 3)]:  # steps 1-2 train on one rollout batch, steps 3-4 on the next
+        assert [logs[a][k] for k in keys] == [logs[b][k] for k in keys]
+        # logp_diff is measured on the first pass only (the weights have moved since sampling).
+        assert "logp_diff/mean" in logs[a] and "logp_diff/mean" not in logs[b]
+    assert logs[1]["grad_norm"] != logs[0]["grad_norm"]  # a second, different step on them
+
+
+def test_mask_truncated_completions_leaves_cut_answers_out(tiny_base, tmp_path):
+    # The random tiny model does not stop within 4 tokens: every completion is cut, none trains.
+    sets = ["training.mask_truncated_completions=true", "training.max_completion_length=4"]
+    cfg = tiny_cfg(tiny_base, tmp_path, *sets)
+    console = Console(file=io.StringIO(), width=400)
+    out = stage.run(cfg, console=console)
+    logs = [r for r in rows(out / "metrics.jsonl") if "reward" in r]
+    assert all(r["completions/clipped_ratio"] == 1.0 and r["grad_norm"] == 0.0 for r in logs)
+    # Cut answers three logs running: the failure users of the official code hit, named.
+    assert "completions/clipped_ratio has stayed >= 0.9 for 3 logs" in console.file.getvalue()
+    assert len(logs) == 3 and files(out) >= ARTIFACT_FILES
+    # Without the mask the same rollouts (same seeds, same weights so far) do give a gradient.
+    unmasked = tiny_cfg(tiny_base, tmp_path / "b", "training.max_completion_length=4")
+    plain = [r for r in rows(stage.run(unmasked) / "metrics.jsonl") if "reward" in r]
+    assert [r["reward"] for r in plain] == [r["reward"] for r in logs]
+    assert any(r["grad_norm"] > 0 for r in plain)
 
 
 def test_resume_after_interruption_gives_the_same_weights(tiny_base, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -192,3 +193,16 @@ def test_trl_reward_functions_work_unchanged():
         {"answer": ["4", "4"]},
     )
     assert total.tolist() == [1.0, 0.0]
+
+
+def test_code_tasks_reward_through_the_sandbox(tmp_path):
+    data = tmp_path / "code.jsonl"
+    test = "from solution import add\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+    data.write_text(json.dumps({"question": "Write add(a, b).", "test": test}) + "\n")
+    task = get_task("kodcode", path=str(data))
+    (example,) = task.load("test")
+    fn = rl.task_reward(task)
+    good = "Here:\n```python\ndef add(a, b):\n    return a + b\n```"
+    bad = "```python\ndef add(a, b):\n    return a - b\n```"
+    values = fn(prompts=["q", "q"], completions=[good, bad], **rl.example_columns([example] * 2))
+    assert values == [1.0, 0.0]

@@ -137,6 +137,7 @@ class GRPOTrainer(Trainer):
         if settings.beta > 0:  # the starting weaver: small tensors, the base weights stay shared
             self.reference = {n: p.detach().clone() for n, p in policy.weaver_parameters().items()}
         self._buffer: list[dict] | None = None
+        self._rollout_metrics: dict[str, list[float]] = {}
         self._buffer_items = 0
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._clipped_runs = 0
@@ -149,7 +150,17 @@ class GRPOTrainer(Trainer):
             return batches, None
         step = self.state.global_step  # steps done so far; this one is step + 1
         if self._buffer is None or step % self.s.num_iterations == 0:
+            before = {k: len(v) for k, v in self._metrics.items()}
             self._buffer = self._generate(batches, step)
+            # What the rollouts measured, logged again with every step that trains on them.
+            self._rollout_metrics = {
+                k: v[before.get(k, 0) :]
+                for k, v in self._metrics.items()
+                if not k.startswith("timing/")  # no new rollout time on the reuse steps
+            }
+        else:
+            for key, values in self._rollout_metrics.items():
+                self._metrics[key] += values
             local = sum(int(b["loss_mask"].sum()) for b in self._buffer)
             total = torch.tensor(float(local))
             if world_size() > 1:
