@@ -209,6 +209,7 @@ def test_artifact_file_set_manifest_and_plain_peft_reload(tiny_base, tmp_path):
     s = manifest["training"]
     assert (s["steps"], s["samples"], s["heldout_samples"], s["task"]) == (3, 6, 2, "gsm8k")
     assert s["wall_s"] >= 0 and set(s["heldout_loss"]) == {"memory_off", "lora_final"}
+    assert s["task_options"] == {} and s["data_seed"] is None  # file data, file order
     tensors = load_file(out / "adapter_model.safetensors")
     assert tensors and all("lora_" in k for k in tensors)  # no base weights leak in
 

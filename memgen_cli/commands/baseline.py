@@ -12,6 +12,7 @@ from rich.console import Console
 from memgen_cli.commands import options as o
 from memgen_cli.commands.sft_weaver import DATA_HELP, _columns
 from memgen_cli.stages import baseline as stage
+from memgen_cli.stages.evaluate import parse_task_options
 
 app = typer.Typer(
     help="LoRA baselines of the reasoner itself, trained with TRL on the weaver's data and budget.",
@@ -39,6 +40,14 @@ def sft(
         str | None,
         typer.Option("--columns", help="Columns of a generic .jsonl: prompt=…,solution=…,answer=…"),
     ] = None,
+    task_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task-option",
+            help="A task option KEY=VALUE (repeatable), as sft-weaver takes it; recorded so "
+            "that eval draws the same kind of problem.",
+        ),
+    ] = None,
     output: Annotated[Path | None, typer.Option("--output", help="Artifact directory.")] = None,
     resume: Annotated[
         str | None,
@@ -61,6 +70,7 @@ def sft(
         base=base,
         data=data,
         columns=_columns(columns),
+        task_options=parse_task_options(task_option or []),
         output=output,
         report_to=report_to,
     )

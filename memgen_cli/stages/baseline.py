@@ -75,6 +75,7 @@ def resolve_config(
     base: str | None = None,
     data: str | None = None,
     columns: dict[str, str] | None = None,
+    task_options: dict | None = None,
     output: str | Path | None = None,
     report_to: str | None = None,
 ) -> BaselineConfig:
@@ -87,7 +88,7 @@ def resolve_config(
     return dataclasses.replace(
         cfg,
         model=model,
-        data=data_config(cfg.data, data, columns),
+        data=data_config(cfg.data, data, columns, task_options),
         training=t,
         output=str(output) if output else cfg.output,
     )
@@ -295,6 +296,7 @@ def run(
             "task": task.name,
             "data": d.path or d.task,
             "split": d.split,
+            "task_options": dict(d.options),
             "data_seed": data_seed,
             "eval_seed": task.eval_seed,
             "training_seed": t.seed,
