@@ -136,7 +136,7 @@ def test_interactive_leaves_cleanly_on_eof(tmp_path):
 
 
 def test_unbuilt_commands_say_so():
-    for name in ("grpo-weaver", "train-trigger"):
+    for name in ("train-trigger",):
         result = invoke(name)
         assert result.exit_code == 2 and "not available yet" in result.output
 

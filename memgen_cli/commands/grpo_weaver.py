@@ -13,7 +13,8 @@ from memgen_cli.stages import grpo_weaver as stage
 
 DATA_HELP = (
     "gsm_symbolic (default, offline), gsm8k (hub), gym:<name> (any reasoning_gym task), "
-    "math, kodcode (sandboxed tests), or a GSM8K-format .jsonl file."
+    "math, kodcode (rewarded by running its tests in the sandbox), or a GSM8K-format .jsonl "
+    "file. A local copy of another task: --set data.task=TASK --set data.path=FILE."
 )
 
 
