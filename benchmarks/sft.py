@@ -15,7 +15,15 @@ by sample cost alone.
 
 ``token_passes`` counts the positions each path runs through a transformer (weaver + reasoner)
 in the forward pass; ``batched_without_padding`` is the batched path with no padding at all.
-``vocab_rows`` counts the positions each path projects onto the vocabulary. On a CPU, where a
+``vocab_rows`` counts the positions each path projects onto the vocabulary.
+
+The cost of memory: ``lora`` is a plain LoRA-SFT step of the reasoner (a second copy of it, with
+a LoRA adapter on q_proj/v_proj at the weaver's trainable-parameter budget, as ``memgen baseline
+sft`` chooses it) on the identical batches, projecting only the labelled positions as the
+batched path does; ``weaver_over_lora_step`` is the batched weaver step's time over it.
+``memory_mb`` is each step's peak: on CUDA the allocator's peak during the step; everywhere the
+tensors autograd saves for the backward (activations, not weights), which is what differs
+between the paths. On a CPU, where a
 token costs about the same alone as in a batch of 4, the speedup over the lean reference cannot
 exceed ``token_pass_ratio_without_padding`` by more than what the no-grad prompt block saves in
 the backward.
@@ -32,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from memgen_cli.config import MemoryConfig
@@ -40,6 +49,7 @@ from memgen_cli.models.base import load_base
 from memgen_cli.models.latents import align_offsets
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.models.training import Points, reference_weave_forward, weave_forward
+from memgen_cli.stages.baseline import matched_rank, weaver_trainable_params
 from memgen_cli.training.sft_data import SFTCollator, encode_examples
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -112,12 +122,65 @@ def train_loss(fn, model, b) -> torch.Tensor:
     return fn(model, b["input_ids"], b["attention_mask"], b["labels"], points).loss
 
 
+def lora_model(cfg: MemoryConfig, device: str):
+    """A second reasoner with a plain LoRA adapter at the weaver's trainable-parameter budget."""
+    reasoner = load_base("smollm2-135m", device=device).model
+    rank = matched_rank(reasoner, cfg.lora_targets, weaver_trainable_params(reasoner, cfg))
+    lora = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=cfg.lora_targets
+    )
+    return get_peft_model(reasoner, lora), rank
+
+
+def lora_loss(model, b) -> torch.Tensor:
+    """Plain causal-LM loss of the adapted reasoner, projecting only labelled positions."""
+    lm = model.base_model.model
+    hidden = lm.get_decoder()(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    labels = b["labels"][:, 1:]
+    keep = labels != -100
+    logits = lm.lm_head(hidden.last_hidden_state[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+
+
 def train_step(fn, model, opt, b) -> None:
-    train_loss(fn, model, b).backward()
+    loss = lora_loss(model, b) if fn is None else train_loss(fn, model, b)
+    loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     if model.device.type == "cuda":
         torch.cuda.synchronize()  # time the work, not its launch
+
+
+def ratio(rate: dict, a: str, b: str) -> float | None:
+    return round(rate[a] / rate[b], 2) if b in rate else None
+
+
+def step_memory_mb(fn, model, b) -> float:
+    """Peak memory of one forward + backward: the CUDA allocator's peak above its start, or
+    (CPU) the bytes of the tensors autograd saves for the backward, weights excluded."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        (lora_loss(model, b) if fn is None else train_loss(fn, model, b)).backward()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights and ptr not in seen:
+            seen.add(ptr)
+            sizes.append(t.untyped_storage().nbytes())
+        return t
+
+    sizes: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = lora_loss(model, b) if fn is None else train_loss(fn, model, b)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(sizes) / 2**20
 
 
 def main() -> None:
@@ -131,6 +194,11 @@ def main() -> None:
         help="consecutive samples instead of sft-weaver's length-grouped batches",
     )
     parser.add_argument("--device", default="cpu", help="cpu | cuda[:i] | auto")
+    parser.add_argument(
+        "--skip-reference",
+        action="store_true",
+        help="time only the batched weaver step and the LoRA step (the cost of memory)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     base = load_base("smollm2-135m", device=args.device)
@@ -141,6 +209,8 @@ def main() -> None:
 
     lean = functools.partial(reference_weave_forward, official=False)
     paths = {"batched": weave_forward, "reference": reference_weave_forward, "lean_reference": lean}
+    if args.skip_reference:
+        paths = {"batched": weave_forward}
     # Same weights, same batch: the losses must agree (gradients are checked in tests).
     model.eval()
     diffs = []
@@ -149,16 +219,22 @@ def main() -> None:
             fast = float(train_loss(weave_forward, model, b))
             diffs += [abs(fast - float(train_loss(paths[k], model, b))) for k in paths]
     model.train()
+    lora, rank = lora_model(cfg, args.device)
+    lora.train()
     # lr 0: the weights stay put, so every path times the same computation on every step.
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=0.0)
-    seconds = dict.fromkeys(paths, 0.0)
-    for fn in paths.values():
-        train_step(fn, model, opt, data[0])  # warm-up
+    lora_opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=0.0)
+    steps = {name: (fn, model, opt) for name, fn in paths.items()}
+    steps["lora"] = (None, lora, lora_opt)
+    seconds = dict.fromkeys(steps, 0.0)
+    for fn, m, o in steps.values():
+        train_step(fn, m, o, data[0])  # warm-up
     for b in data[1:]:
-        for name, fn in paths.items():
+        for name, (fn, m, o) in steps.items():
             start = time.perf_counter()
-            train_step(fn, model, opt, b)
+            train_step(fn, m, o, b)
             seconds[name] += time.perf_counter() - start
+    memory = {name: round(step_memory_mb(fn, m, data[1]), 1) for name, (fn, m, _) in steps.items()}
     samples = sum(b["input_ids"].shape[0] for b in data[1:])
     passes = [token_passes(b, cfg.inference_latents) for b in data[1:]]
     work = {k: sum(p[k] for p in passes) for k in passes[0]}
@@ -181,8 +257,21 @@ def main() -> None:
                 "device": str(model.device),
                 "threads": torch.get_num_threads(),
                 "samples_per_s": {k: round(v, 3) for k, v in rate.items()},
-                "speedup_vs_reference": round(rate["batched"] / rate["reference"], 2),
-                "speedup_vs_lean_reference": round(rate["batched"] / rate["lean_reference"], 2),
+                "speedup_vs_reference": ratio(rate, "batched", "reference"),
+                "speedup_vs_lean_reference": ratio(rate, "batched", "lean_reference"),
+                "weaver_over_lora_step": round(seconds["batched"] / seconds["lora"], 2),
+                "lora": {
+                    "rank": rank,
+                    "trainable_params": sum(
+                        p.numel() for p in lora.parameters() if p.requires_grad
+                    ),
+                    "weaver_trainable_params": sum(p.numel() for p in model.trainable_parameters()),
+                },
+                "memory_mb": memory,
+                "memory_measure": "cuda peak allocated"
+                if model.device.type == "cuda"
+                else "saved for backward (activations)",
+                "weaver_over_lora_memory": round(memory["batched"] / max(memory["lora"], 1e-9), 2),
                 "token_passes": work,
                 "token_pass_ratio": round(work["reference"] / work["batched"], 2),
                 "vocab_rows": vocab,
