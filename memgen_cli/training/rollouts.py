@@ -24,6 +24,8 @@ from memgen_cli.generation import encode_prompts, generate
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.models.training import Points, weave_hidden
 
+ENTROPY_CHUNK = 256  # completion tokens per entropy computation
+
 
 @dataclass
 class Rollouts:
@@ -134,11 +136,13 @@ def policy_logprobs(
     picked = hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1]))
     real = completion_mask.bool()
     logits = model.lm_head(picked[real]) / (temperature if temperature > 0 else 1.0)
-    logp_all = logits.log_softmax(-1)
     tokens = input_ids.gather(1, completion_index)[real]
-    chosen = logp_all.gather(1, tokens[:, None])[:, 0]
-    with torch.no_grad():
-        ent = -(logp_all.exp() * logp_all).sum(-1)
+    # logit - logsumexp, as TRL's selective_log_softmax: no (tokens, vocab) log-softmax is kept
+    # for the backward pass, only the logits.
+    chosen = logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(-1)
+    with torch.no_grad():  # entropy is a metric: in chunks, never a whole second logits tensor
+        parts = logits.detach().split(ENTROPY_CHUNK)
+        ent = torch.cat([-(x.softmax(-1) * x.log_softmax(-1)).sum(-1) for x in parts])
     logps = torch.zeros(real.shape, dtype=chosen.dtype, device=chosen.device)
     entropy = torch.zeros_like(logps)
     return logps.masked_scatter(real, chosen), entropy.masked_scatter(real, ent)
