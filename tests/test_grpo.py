@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -405,6 +406,24 @@ def test_mask_truncated_completions_leaves_cut_answers_out(tiny_base, tmp_path):
     plain = [r for r in rows(stage.run(unmasked) / "metrics.jsonl") if "reward" in r]
     assert [r["reward"] for r in plain] == [r["reward"] for r in logs]
     assert any(r["grad_norm"] > 0 for r in plain)
+
+
+def test_task_options_reach_the_task_and_the_artifact(tiny_base, tmp_path):
+    out = tmp_path / "out"
+    option = "config={min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1}"
+    result = cli(
+        *("--recipe", TINY, "--base", tiny_base, "--data", "gym:basic_arithmetic"),
+        *("--task-option", option, "--output", out, "--set", "training.max_steps=1"),
+    )
+    assert result.exit_code == 0, result.output
+    s = json.loads((out / "memgen.json").read_text())["training"]
+    assert s["task"] == "gym:basic_arithmetic"
+    assert s["task_options"] == {
+        "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    }
+    (first,) = rows(out / "completions" / "step_00001.jsonl")[:1]
+    assert len(re.findall(r"\d+", first["prompt"])) == 2  # two terms of one digit each
+    assert all(len(n) == 1 for n in re.findall(r"\d+", first["prompt"]))
 
 
 def test_resume_after_interruption_gives_the_same_weights(tiny_base, tmp_path):

@@ -10,11 +10,12 @@ from rich.console import Console
 
 from memgen_cli.commands import options as o
 from memgen_cli.stages import grpo_weaver as stage
+from memgen_cli.stages.evaluate import parse_task_options
 
 DATA_HELP = (
     "gsm_symbolic (default, offline), gsm8k (hub), gym:<name> (any reasoning_gym task), "
     "math, kodcode (rewarded by running its tests in the sandbox), or a GSM8K-format .jsonl "
-    "file. A local copy of another task: --set data.task=TASK --set data.path=FILE."
+    "file."
 )
 
 
@@ -28,6 +29,15 @@ def command(
     ] = None,
     base: o.Base = None,
     data: Annotated[str | None, typer.Option("--data", help=DATA_HELP)] = None,
+    task_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task-option",
+            help="A task option KEY=VALUE (repeatable), as `memgen eval` takes it, e.g. "
+            "'config={min_terms: 2, max_terms: 3}' for a reasoning_gym difficulty or path=FILE "
+            "for a local copy; recorded in the artifact so that eval draws the same problems.",
+        ),
+    ] = None,
     init: Annotated[
         Path | None,
         typer.Option("--init", help="Start from this artifact (e.g. an SFT weaver); its parent."),
@@ -64,6 +74,7 @@ def command(
         set_,
         base=base,
         data=data,
+        task_options=parse_task_options(task_option or []),
         init=init,
         rewards=reward,
         reward_weights=reward_weight,

@@ -58,6 +58,7 @@ def resolve_config(
     *,
     base: str | None = None,
     data: str | None = None,
+    task_options: dict | None = None,
     init: str | Path | None = None,
     rewards: list[str] | None = None,
     reward_weights: list[float] | None = None,
@@ -66,7 +67,7 @@ def resolve_config(
 ) -> GRPOConfig:
     """Recipe, then ``--set`` overrides, then the command's own flags (which win)."""
     cfg = load_recipe(GRPOConfig, recipe, overrides)
-    d = sft_run.data_config(cfg.data, data, None)
+    d = sft_run.data_config(cfg.data, data, None, task_options)
     r = cfg.reward
     if rewards:
         r = dataclasses.replace(r, functions=[*r.functions, *rewards])
@@ -356,6 +357,7 @@ def run(
             "task": task.name,
             "data": d.path or d.task,
             "split": d.split,
+            "task_options": dict(d.options),
             "data_seed": data_seed,
             "eval_seed": task.eval_seed,
             "training_seed": t.seed,
