@@ -50,7 +50,8 @@ class MemoryConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Module names the weaver's LoRA attaches to."""
     projection_init: str = "identity"
-    """identity | random. How reasoner_to_weaver / weaver_to_reasoner start (see weaver.py)."""
+    """identity | neutral | random. How reasoner_to_weaver / weaver_to_reasoner start (see
+    weaver.py; neutral: an untrained weaver writes spaces, the cheapest start measured)."""
     trigger_hidden: int = 256
     """Hidden width of the trigger head over the reasoner's hidden state."""
     trigger_threshold: float = 0.5

@@ -80,6 +80,7 @@ class MemGenModel(nn.Module):
             cfg.projection_init,
             embedding_rms=_rms(reasoner.get_input_embeddings().weight),
             hidden_rms=self._final_hidden_rms(),
+            neutral_embedding=self._neutral_embedding(tokenizer),
         ).to(reasoner.device)
         self.trigger = Trigger(r_hidden, cfg.trigger_hidden).to(reasoner.device)
         self.trigger.requires_grad_(False)  # trained only by train-trigger, with the weaver frozen
@@ -204,6 +205,14 @@ class MemGenModel(nn.Module):
         for p in self.weaver_parameters().values():
             p.requires_grad_(weaver)
         self.trigger.requires_grad_(trigger)
+
+    @torch.no_grad()
+    def _neutral_embedding(self, tokenizer) -> torch.Tensor | None:
+        """The reasoner's embedding of a space (the ``neutral`` start of the latents)."""
+        ids = tokenizer.encode(" ", add_special_tokens=False)
+        if not ids:
+            return None
+        return self.reasoner.get_input_embeddings().weight[ids[-1]].detach().float().cpu()
 
     @torch.no_grad()
     def _final_hidden_rms(self) -> float:
