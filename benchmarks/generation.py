@@ -10,6 +10,11 @@ weaver: its values do not change the cost). Prints one JSON object:
 - ratio_reference_vs_hf_generate: the reference path (no caches, per row) / HF generate;
 - ratio_off_vs_hf_generate: our path with memory off / HF generate (loop overhead alone);
 - tokens_identical: fast and reference paths produce the same tokens;
+- the cost of memory beside a LoRA baseline (the reasoner with a LoRA adapter at the weaver's
+  trainable-parameter budget, as ``memgen baseline sft`` makes it): ``lora_merged_s`` is our
+  path with memory off on the merged weights (what ``memgen eval`` runs for a baseline: the
+  cost of memory off), ``lora_unmerged_hf_s`` HF generate on the unmerged PEFT model;
+  ``weaver_over_lora`` = weaver time / merged-LoRA time;
 - peak_memory_ratio: peak RSS of a process running our generation / one running HF generate
   (each measured in its own child process, model loading included).
 """
@@ -25,11 +30,13 @@ import time
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 
 from memgen_cli.config import GenerationConfig, MemoryConfig
 from memgen_cli.generation import encode_prompts, generate, reference_generate
 from memgen_cli.models.base import load_base
 from memgen_cli.models.memgen import MemGenModel
+from memgen_cli.stages.baseline import matched_rank, weaver_trainable_params
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
 FALLBACK = [
@@ -69,6 +76,36 @@ def hf_generate(base, enc, tokens):
         do_sample=False,
         pad_token_id=base.tokenizer.pad_token_id,
     )
+
+
+def lora_times(enc, tokens: int, memory: MemoryConfig) -> dict:
+    """Generation time of a LoRA baseline at the weaver's budget: unmerged (HF generate on the
+    PEFT model) and merged (our path, memory off, as eval runs a baseline)."""
+    base = load_base(device="cpu")
+    rank = matched_rank(
+        base.model, memory.lora_targets, weaver_trainable_params(base.model, memory)
+    )
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=memory.lora_targets)
+    peft = get_peft_model(base.model, cfg).eval()
+    with torch.no_grad():
+        _, unmerged = timed(
+            lambda: peft.generate(
+                **enc,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=base.tokenizer.pad_token_id,
+            )
+        )
+        merged_model = peft.merge_and_unload()
+        mg = MemGenModel(merged_model, base.tokenizer, memory).eval()
+        off = GenerationConfig(tokens, memory="off", ignore_eos=True)
+        _, merged = timed(lambda: generate(mg, enc["input_ids"], enc["attention_mask"], off))
+    return {
+        "lora_rank": rank,
+        "lora_unmerged_hf_s": round(unmerged, 3),
+        "lora_merged_s": round(merged, 3),
+    }
 
 
 def child(kind: str, tokens: int, batch: int) -> None:
@@ -137,6 +174,8 @@ def main() -> None:
         "ratio_vs_hf_generate": round(t_fast / t_hf, 3),
         "ratio_off_vs_hf_generate": round(t_off / t_hf, 3),
     }
+    result.update(lora_times(enc, args.tokens, MemoryConfig(max_inference_insertions=5)))
+    result["weaver_over_lora"] = round(t_fast / result["lora_merged_s"], 3)
     if not args.skip_reference:
         ref, t_ref = timed(lambda: reference_generate(mg, ids, mask, weaver))
         result["reference_s"] = round(t_ref, 3)
