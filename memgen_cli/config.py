@@ -380,3 +380,76 @@ class GRPOConfig:
     """Artifact to start from (usually an SFT weaver; recorded as the parent); null = fresh."""
     output: str = "runs/grpo-weaver"
     """Artifact directory (written atomically); checkpoints go to <output>.checkpoints/."""
+
+
+@dataclass
+class TriggerRLConfig:
+    penalty: float = 0.1
+    """λ of the sparsity penalty λ·Σ_j max(0, d_ij − p̄) (paper Eq. 9; the paper gives no value).
+    With binary task rewards, one unnecessary invocation then costs a tenth of a correct answer."""
+    initial_rate: float = 0.5
+    """INVOKE probability of the head at the start, for every state (unsaturated: the G
+    rollouts of a group decide differently, so advantages are not all zero)."""
+    entropy_coef: float = 0.0
+    """Weight of the decisions' mean Bernoulli entropy, added to the objective (0 = off)."""
+
+
+@dataclass
+class TriggerTrainingConfig:
+    learning_rate: float = 1e-4
+    """Peak learning rate of the trigger head (AdamW)."""
+    max_steps: int = 50
+    """Optimizer rollout steps: each draws batch_size / num_generations prompts."""
+    batch_size: int = 16
+    """Completions per step: a multiple of num_generations."""
+    num_generations: int = 8
+    """G: rollouts per prompt (>= 2; paper: 8)."""
+    temperature: float = 0.0
+    """Token sampling temperature of rollouts; 0 = greedy tokens (the official trigger
+    training): the decisions alone then make a group's rollouts differ."""
+    top_p: float = 1.0
+    """Nucleus sampling mass of rollout tokens (when temperature > 0)."""
+    max_completion_length: int = 256
+    """Most tokens per completion."""
+    loss_type: str = "bnpo"
+    """grpo | bnpo | dr_grpo | dapo, over decisions instead of tokens (see training/rl.py)."""
+    scale_rewards: str = "group"
+    """group | batch | none: divide advantages by the group's std, the batch's, or not at all."""
+    epsilon: float = 0.2
+    """Clipping range of the decision ratio: clip(ρ, 1 - epsilon, 1 + epsilon_high)."""
+    epsilon_high: float | None = None
+    """Upper clipping range; null = epsilon."""
+    num_iterations: int = 1
+    """μ: optimizer updates per rollout batch (cheap: the head re-reads recorded states)."""
+    scheduler: str = "constant"
+    """Learning-rate schedule (any transformers SchedulerType)."""
+    warmup: float = 0.0
+    """Warm-up: a fraction of all steps if < 1, else a number of steps."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 = off)."""
+    seed: int = 42
+    """Seed of prompt order and of decision and token sampling."""
+    logging_steps: int = 1
+    """Print and log metrics every this many steps."""
+    log_completions_steps: int = 10
+    """Write completions/step_NNNNN.jsonl (completion, reward, penalty, advantage, each
+    decision with its probability) at step 1 and every this many steps; 0 = never."""
+    save_steps: int = 25
+    """Write a resumable checkpoint every this many steps."""
+
+
+@dataclass
+class TriggerConfig:
+    """``memgen train-trigger``: RL on the trigger head of a weaver artifact, weaver frozen."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(size=None, heldout=0))
+    """``size`` null: a third of the training split, minus what the weaver saw (when the
+    artifact records it)."""
+    training: TriggerTrainingConfig = field(default_factory=TriggerTrainingConfig)
+    trigger: TriggerRLConfig = field(default_factory=TriggerRLConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    artifact: str | None = None
+    """The weaver artifact whose trigger is trained (its parent); required."""
+    output: str = "runs/train-trigger"
+    """Artifact directory (written atomically); checkpoints go to <output>.checkpoints/."""

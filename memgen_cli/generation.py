@@ -128,9 +128,15 @@ class _Run:
     """State of one batched generation (the numbered steps are in the module docstring)."""
 
     def __init__(
-        self, model: MemGenModel, input_ids, attention_mask, cfg: GenerationConfig, keep=None
+        self,
+        model: MemGenModel,
+        input_ids,
+        attention_mask,
+        cfg: GenerationConfig,
+        keep=None,
+        decide=None,
     ):
-        self.model, self.cfg, self.keep = model, cfg, keep
+        self.model, self.cfg, self.keep, self.decide = model, cfg, keep, decide
         self.memory = cfg.memory != "off"
         self.batch = input_ids.shape[0]
         device = input_ids.device
@@ -305,7 +311,9 @@ class _Run:
         trigger = self.model.trigger
         probs = trigger.probability(hidden) if trigger.is_trained else None
         invoke = eligible
-        if self.cfg.memory == "full" and probs is not None:
+        if self.decide is not None:  # trigger RL: sampled decisions (training/trigger_rl.py)
+            invoke = self.decide(hidden, eligible, token, self.emitted)
+        elif self.cfg.memory == "full" and probs is not None:
             invoke = eligible & (probs >= self.model.cfg.trigger_threshold)
         if not invoke.any():
             return []
@@ -323,6 +331,7 @@ def iter_generate(
     keep=None,
     repeat: int = 1,
     keep_logprobs=False,
+    decide=None,
 ) -> Iterator[StepEvent | GenerationOutput]:
     """Yield a StepEvent per generated token, then the GenerationOutput.
 
@@ -335,7 +344,7 @@ def iter_generate(
     check_mode(model, cfg.memory)
     model.eval()
     generator = torch.Generator(device=input_ids.device).manual_seed(cfg.seed)
-    run = _Run(model, input_ids, attention_mask, cfg, keep)
+    run = _Run(model, input_ids, attention_mask, cfg, keep, decide)
     trace = MemoryTrace()
     woven = run.weave("prompt", run.active.clone(), None) if run.memory else []
     if repeat > 1:
@@ -399,10 +408,11 @@ def generate(
     keep=None,
     repeat: int = 1,
     keep_logprobs=False,
+    decide=None,
 ):
     """Run ``iter_generate`` to the end and return its GenerationOutput."""
     *_, result = iter_generate(
-        model, input_ids, attention_mask, cfg, keep_logits, keep, repeat, keep_logprobs
+        model, input_ids, attention_mask, cfg, keep_logits, keep, repeat, keep_logprobs, decide
     )
     return result
 

@@ -1,0 +1,451 @@
+"""`memgen train-trigger`: learn when to weave. RL on the trigger head, weaver frozen.
+
+Reads top to bottom: validate (config values, batch divisible by G, the weaver artifact,
+resume point) -> build (the artifact's model, the head started unsaturated; prompts: by
+default a third of the training split, minus what the weaver saw) -> loop (per step: G
+rollouts per prompt with sampled INVOKE/SKIP decisions, task reward minus the sparsity penalty
+of paper Eq. 9, group advantages, the clipped objective over decisions; see
+``training/trigger_rl.py``) -> save (an atomic artifact with ``trigger.safetensors``, the
+weaver's tensors as they were, the parent in the manifest, ``metrics.jsonl``, ``completions/``).
+
+The trainable part is a two-layer head over recorded hidden states: no model forward runs in
+the loss, so the loop is a plain optimizer loop, not transformers' Trainer. Checkpoints go to
+``<output>.checkpoints/checkpoint-N`` (head, optimizer, scheduler, step); rollouts are seeded
+by step, so a resumed run regenerates exactly the rollouts it would have made. Ctrl-C writes
+a checkpoint; ``--resume auto`` continues. One process (the head is tiny; rollouts dominate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import load_file, save_file
+from transformers import get_scheduler, set_seed
+from transformers.trainer_utils import SchedulerType
+
+from memgen_cli.artifacts import (
+    TRIGGER_FILE,
+    load_artifact,
+    read_manifest,
+    require_kind,
+    save_artifact,
+)
+from memgen_cli.config import GenerationConfig, TriggerConfig, dump_yaml, load_recipe, to_dict
+from memgen_cli.data import Example, get_task, to_messages
+from memgen_cli.errors import MemgenError
+from memgen_cli.models.base import load_base
+from memgen_cli.training import rl, sft_run
+from memgen_cli.training.trigger_rl import (
+    init_head,
+    trigger_rollout,
+    trigger_update,
+)
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped training after writing a resumable checkpoint."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(str(checkpoint))
+        self.checkpoint = checkpoint
+
+
+# ----------------------------------------------------------------------------- config
+def resolve_config(
+    recipe: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    artifact: str | Path | None = None,
+    base: str | None = None,
+    data: str | None = None,
+    task_options: dict | None = None,
+    rewards: list[str] | None = None,
+    output: str | Path | None = None,
+) -> TriggerConfig:
+    """Recipe, then ``--set`` overrides, then the command's own flags (which win)."""
+    cfg = load_recipe(TriggerConfig, recipe, overrides)
+    r = cfg.reward
+    if rewards:
+        r = dataclasses.replace(r, functions=[*r.functions, *rewards])
+    return dataclasses.replace(
+        cfg,
+        model=cfg.model if base is None else dataclasses.replace(cfg.model, base=base),
+        data=sft_run.data_config(cfg.data, data, None, task_options),
+        reward=r,
+        artifact=str(artifact) if artifact is not None else cfg.artifact,
+        output=str(output) if output else cfg.output,
+    )
+
+
+def checkpoint_dir(cfg: TriggerConfig) -> Path:
+    out = Path(cfg.output)
+    return out.with_name(out.name + ".checkpoints")
+
+
+def validate(cfg: TriggerConfig, resume: str | None) -> tuple[dict, Path | None]:
+    """Check what the types cannot; return the artifact's manifest and the resume point."""
+    t, d, tr, r = cfg.training, cfg.data, cfg.trigger, cfg.reward
+    g, b = t.num_generations, t.batch_size
+    if cfg.artifact is None:
+        raise MemgenError(
+            "train-trigger needs --artifact DIR: a weaver artifact (from sft-weaver or "
+            "grpo-weaver) whose trigger to train."
+        )
+    if g < 2:
+        raise MemgenError(
+            f"training.num_generations must be >= 2 (got {g}): advantages compare the rewards "
+            "of a prompt's rollouts with each other."
+        )
+    if b < 1 or b % g:
+        raise MemgenError(
+            f"training.batch_size ({b}) must be a multiple of training.num_generations ({g}); "
+            f"e.g. --set training.batch_size={max(g, b // g * g)}."
+        )
+    for name, value, allowed in [
+        ("training.loss_type", t.loss_type, rl.LOSS_TYPES),
+        ("training.scale_rewards", t.scale_rewards, rl.SCALE_REWARDS),
+        ("training.scheduler", t.scheduler, tuple(s.value for s in SchedulerType)),
+    ]:
+        if value not in allowed:
+            raise MemgenError(f'{name} must be one of {", ".join(allowed)}; got "{value}".')
+    checks = [
+        (t.learning_rate > 0, "training.learning_rate must be > 0"),
+        (t.max_steps > 0, "training.max_steps must be > 0"),
+        (t.temperature >= 0, "training.temperature must be >= 0 (0 = greedy tokens)"),
+        (0 < t.top_p <= 1, "training.top_p must be in (0, 1]"),
+        (t.max_completion_length >= 1, "training.max_completion_length must be >= 1"),
+        (t.epsilon > 0, "training.epsilon must be > 0"),
+        (t.epsilon_high is None or t.epsilon_high > 0, "training.epsilon_high must be > 0"),
+        (t.num_iterations >= 1, "training.num_iterations must be >= 1"),
+        (t.save_steps >= 1, "training.save_steps must be >= 1"),
+        (tr.penalty >= 0, "trigger.penalty must be >= 0"),
+        (0 < tr.initial_rate < 1, "trigger.initial_rate must be in (0, 1)"),
+        (tr.entropy_coef >= 0, "trigger.entropy_coef must be >= 0"),
+        (d.size is None or d.size >= 1, "data.size must be >= 1 (or null for a third)"),
+        (d.heldout >= 0, "data.heldout must be >= 0"),
+        (
+            not r.weights or len(r.weights) == len(r.functions),
+            "reward.weights needs one value per reward function (or none)",
+        ),
+        (r.task_weight > 0 or r.functions, "reward.task_weight is 0 and no --reward is given"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise MemgenError(message + ".")
+    for spec in r.functions:
+        rl.load_reward(spec)
+    manifest = read_manifest(cfg.artifact)
+    require_kind(manifest, cfg.artifact, "weaver")
+    if not manifest.get("tensors", {}).get("weaver"):
+        raise MemgenError(f"{cfg.artifact} holds no weaver tensors; train a weaver first.")
+    ckpts = checkpoint_dir(cfg)
+    sections = ("model", "data", "training", "trigger", "reward")
+    point = sft_run.resume_point(ckpts, resume, to_dict(cfg), sections)
+    recipe = ckpts / "recipe.yaml"
+    if point is not None and recipe.exists():
+        before = yaml.safe_load(recipe.read_text()).get("artifact")
+        if before != cfg.artifact:
+            raise MemgenError(
+                f"The checkpoints in {ckpts} train the trigger of {before}, not {cfg.artifact}. "
+                f"Resume with the same --artifact, or delete {ckpts} to start over."
+            )
+    return manifest, point
+
+
+# ------------------------------------------------------------------------------- data
+def weaver_questions(task, manifest: dict, d) -> set[str]:
+    """The questions the artifact's weaver was trained on, when its manifest says which."""
+    rec = manifest.get("training", {})
+    if rec.get("data") != (d.path or d.task) or rec.get("split", "train") != d.split:
+        return set()
+    seen = (rec.get("samples") or rec.get("prompts") or 0) + (rec.get("dropped_too_long") or 0)
+    seen += (rec.get("heldout_samples") or 0) + (rec.get("heldout_dropped_too_long") or 0)
+    if seen <= 0:
+        return set()
+    return {e.question for e in task.load(d.split, limit=seen, seed=rec.get("data_seed"))}
+
+
+def select_examples(cfg: TriggerConfig, manifest: dict):
+    """(task, training prompts, held-out, how many the weaver's were left out).
+
+    By default (``data.size`` null) a third of the split, after removing the weaver's own
+    training questions (the paper trains the trigger on a separate third).
+    """
+    d = cfg.data
+    options = dict(d.options) | ({"path": d.path} if d.path else {})
+    task = get_task(d.task, **options)
+    seen = weaver_questions(task, manifest, d)
+    want = None if d.size is None else d.size + d.heldout + len(seen)
+    pool = task.load(d.split, limit=want, seed=d.seed)
+    fresh = [e for e in pool if e.question not in seen]
+    n = d.size if d.size is not None else max(1, len(pool) // 3)
+    train, held = fresh[:n], fresh[n : n + d.heldout]
+    if not train:
+        raise MemgenError(
+            f"{d.path or d.task} has no training prompts left after removing the "
+            f"{len(seen)} the weaver was trained on; set data.size or use another split."
+        )
+    return task, train, held, len(pool) - len(fresh)
+
+
+def prompt_order(n: int, seed: int, i: int) -> int:
+    """The i-th prompt drawn: a fresh seeded permutation per pass (resumable by construction)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + i // n))
+    return int(perm[i % n])
+
+
+# ------------------------------------------------------------------------ checkpoints
+def save_checkpoint(ckpts: Path, step: int, trigger, opt, sched) -> Path:
+    point = ckpts / f"checkpoint-{step}"
+    tmp = ckpts / f".tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in trigger.state_dict().items()}, tmp / TRIGGER_FILE)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    shutil.rmtree(point, ignore_errors=True)
+    tmp.rename(point)
+    for old in ckpts.glob("checkpoint-*"):  # keep the newest two
+        if old != point and int(old.name.split("-")[1]) < step - 1:
+            shutil.rmtree(old, ignore_errors=True)
+    return point
+
+
+def load_checkpoint(point: Path, trigger, opt, sched) -> int:
+    trigger.load_state_dict(load_file(point / TRIGGER_FILE))
+    state = torch.load(point / "optim.pt", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return int(json.loads((point / "trainer_state.json").read_text())["global_step"])
+
+
+class _CtrlC:
+    def __init__(self):
+        self.requested, self.previous = False, None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: no Ctrl-C hook
+            self.previous = None
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+# ------------------------------------------------------------------------------- run
+def run(
+    cfg: TriggerConfig,
+    resume: str | None = None,
+    console: Console | None = None,
+    callbacks: list | None = None,
+) -> Path:
+    """Train the trigger of ``cfg.artifact`` and write the new artifact; returns its path.
+
+    ``callbacks``: functions ``f(step, metrics)`` called after each step (tests, notebooks).
+    """
+    console = console or Console()
+    # 1. validate
+    manifest, resume_from = validate(cfg, resume)
+    t, d, tr = cfg.training, cfg.data, cfg.trigger
+    task, train, held, excluded = select_examples(cfg, manifest)
+    plugins = [rl.load_reward(spec) for spec in cfg.reward.functions]
+
+    # 2. build
+    set_seed(t.seed)
+    base = load_base(cfg.model.base, cfg.model.device, cfg.model.dtype, cfg.model.revision)
+    model, manifest, base = load_artifact(cfg.artifact, base)
+    model.set_trainable(weaver=False, trigger=True)
+    trigger = model.trigger
+    trigger.float()
+    recorded = manifest.get("prompt", {})
+    suffix = d.prompt_suffix or recorded.get("prompt_suffix") or ""
+    system = d.system if d.system is not None else recorded.get("system")
+    funcs = ([rl.task_reward(task)] if cfg.reward.task_weight > 0 else []) + plugins
+    weights = ([cfg.reward.task_weight] if cfg.reward.task_weight > 0 else []) + (
+        cfg.reward.weights or [1.0] * len(plugins)
+    )
+    init_head(trigger, tr.initial_rate)
+    opt = torch.optim.AdamW(trigger.parameters(), lr=t.learning_rate, weight_decay=0.0)
+    warmup = int(t.warmup * t.max_steps) if t.warmup < 1 else int(t.warmup)
+    sched = get_scheduler(t.scheduler, opt, num_warmup_steps=warmup, num_training_steps=t.max_steps)
+    ckpts = checkpoint_dir(cfg)
+    start = load_checkpoint(resume_from, trigger, opt, sched) if resume_from else 0
+    ckpts.mkdir(parents=True, exist_ok=True)
+    metrics_file = ckpts / "metrics.jsonl"
+    if resume_from is None:
+        (ckpts / "recipe.yaml").write_text(dump_yaml(cfg))
+        metrics_file.write_text("")
+    else:  # drop rows logged after the checkpoint: they will be logged again
+        rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
+        metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start))
+    g = t.num_generations
+    per_step = t.batch_size // g
+    console.print(
+        f"train-trigger: {len(train)} prompts from {task.name} ({excluded} seen by the weaver "
+        f"left out), G={g}, {per_step} prompts per step, λ={tr.penalty}, start rate "
+        f"{tr.initial_rate}, weaver frozen, from {cfg.artifact}"
+        + (f", resuming from {resume_from}" if resume_from else "")
+    )
+
+    # 3. loop
+    started = time.perf_counter()
+    history: list[dict] = []
+    with _CtrlC() as stop:
+        for step in range(start, t.max_steps):
+            exs = [
+                train[prompt_order(len(train), t.seed, step * per_step + k)]
+                for k in range(per_step)
+            ]
+            gen = GenerationConfig(
+                max_new_tokens=t.max_completion_length,
+                temperature=t.temperature,
+                top_p=t.top_p,
+                seed=t.seed * 100_003 + step,
+                memory="full",
+            )
+            msgs = [to_messages(e, suffix, system) for e in exs]
+            roll = trigger_rollout(model, msgs, gen, g)
+            m, per_row = train_step(model, roll, exs, msgs, funcs, weights, cfg, opt, sched)
+            m = {"step": step + 1, **m, "lr": sched.get_last_lr()[0]}
+            history.append(m)
+            if (step + 1) % t.logging_steps == 0 or step + 1 == t.max_steps:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(m) + "\n")
+                console.print(progress_line(m, t.max_steps))
+            if t.log_completions_steps and (step == 0 or (step + 1) % t.log_completions_steps == 0):
+                log_completions(
+                    ckpts / "completions", step + 1, model.tokenizer, msgs, roll, per_row
+                )
+            for cb in callbacks or []:
+                cb(step + 1, m)
+            if stop.requested:
+                raise TrainingInterrupted(save_checkpoint(ckpts, step + 1, trigger, opt, sched))
+            if (step + 1) % t.save_steps == 0 and step + 1 < t.max_steps:
+                save_checkpoint(ckpts, step + 1, trigger, opt, sched)
+    wall = time.perf_counter() - started
+
+    # 4. save
+    rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
+    summary = {
+        "stage": "train-trigger",
+        "task": task.name,
+        "data": d.path or d.task,
+        "split": d.split,
+        "task_options": dict(d.options),
+        "training_seed": t.seed,
+        "prompts": len(train),
+        "weaver_prompts_excluded": excluded,
+        "penalty": tr.penalty,
+        "initial_rate": tr.initial_rate,
+        "num_generations": g,
+        "steps": t.max_steps,
+        "first_invocation_rate": rows[0]["invocation_rate"] if rows else None,
+        "final_invocation_rate": rows[-1]["invocation_rate"] if rows else None,
+        "first_task_reward": rows[0]["task_reward"] if rows else None,
+        "final_task_reward": rows[-1]["task_reward"] if rows else None,
+        "wall_s": round(wall, 1),
+        "resumed_from": str(resume_from) if resume_from else None,
+    }
+    out = save_artifact(
+        model,
+        base,
+        cfg.output,
+        prompt={"prompt_suffix": suffix, "system": system},
+        recipe_yaml=dump_yaml(cfg),
+        training=summary,
+        parent=cfg.artifact,
+        metrics_file=metrics_file,
+    )
+    if (ckpts / "completions").is_dir():
+        shutil.move(str(ckpts / "completions"), str(out / "completions"))
+    shutil.rmtree(ckpts, ignore_errors=True)
+    console.print(summary_table(summary, out))
+    return Path(cfg.output)
+
+
+def train_step(model, roll, exs: list[Example], msgs, funcs, weights, cfg, opt, sched):
+    """Task rewards of the rollouts, then the head's update (``trigger_rl.trigger_update``).
+
+    Returns (step metrics, per-rollout task reward / penalty / advantage for the log)."""
+    g = cfg.training.num_generations
+    rep = [e for e in exs for _ in range(g)]
+    texts = model.tokenizer.batch_decode(roll.completion_ids, skip_special_tokens=True)
+    _, task_r = rl.score(
+        funcs, weights, [m for m in msgs for _ in range(g)], texts, rl.example_columns(rep)
+    )
+    return trigger_update(model.trigger, roll, task_r, opt, sched, cfg.training, cfg.trigger)
+
+
+def progress_line(m: dict, total: int) -> str:
+    rate = "-" if m["invocation_rate"] is None else f"{m['invocation_rate']:.2f}"
+    return (
+        f"step {m['step']}/{total}  reward {m['reward']:.3f} (task {m['task_reward']:.3f}, "
+        f"penalty {m['penalty']:.3f})  invoke {rate} p̄ {m['p_bar']:.2f}  "
+        f"decisions {m['decisions_per_completion']:.1f} invocations "
+        f"{m['invocations_per_completion']:.1f}/completion  entropy {m['entropy']:.3f}  "
+        f"clip {m['clip_ratio']:.2f}"
+    )
+
+
+def log_completions(folder: Path, step: int, tokenizer, msgs, roll, per_row: dict) -> None:
+    """completions/step_NNNNN.jsonl: each rollout with every decision's probability."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = roll.group_size
+    with (folder / f"step_{step:05d}.jsonl").open("w") as f:
+        for i, ids in enumerate(roll.completion_ids):
+            row = {
+                "step": step,
+                "group": i // g,
+                "prompt": msgs[i // g][-1]["content"],
+                "completion": tokenizer.decode(ids, skip_special_tokens=True),
+                **{k: round(float(v[i]), 4) for k, v in per_row.items()},
+                "decisions": [
+                    {
+                        "token_index": x.token_index,
+                        "token": tokenizer.decode([x.token]),
+                        "prob": round(x.prob, 4),
+                        "invoke": x.invoke,
+                    }
+                    for x in roll.decisions[i]
+                ],
+            }
+            f.write(json.dumps(row) + "\n")
+
+
+def summary_table(s: dict, out: Path) -> Table:
+    table = Table(title=f"train-trigger → {out}", show_header=False)
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    rows = [
+        ("task", f"{s['task']} ({s['prompts']} prompts, G={s['num_generations']})"),
+        ("λ (trigger.penalty)", f"{s['penalty']}"),
+        (
+            "invocation rate first → final",
+            f"{fmt(s['first_invocation_rate'])} → {fmt(s['final_invocation_rate'])}",
+        ),
+        (
+            "task reward first → final",
+            f"{fmt(s['first_task_reward'])} → {fmt(s['final_task_reward'])}",
+        ),
+        ("steps", str(s["steps"])),
+        ("wall time", f"{s['wall_s']:.0f} s"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
