@@ -51,13 +51,6 @@ PromptSuffix = Annotated[
 Json = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON object.")]
 
 
-def not_available(command: str) -> None:
-    raise MemgenError(
-        f"`memgen {command}` is not available yet in this version. "
-        "See README.md for the stages that are."
-    )
-
-
 def check_choice(name: str, value: str, choices) -> str:
     if value not in choices:
         raise MemgenError(f'{name} must be one of {", ".join(choices)}; got "{value}".')

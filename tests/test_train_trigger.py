@@ -1,0 +1,229 @@
+"""`memgen train-trigger`: the artifact, a frozen weaver, the penalty at work, resume, errors.
+
+Fast tests train the trigger of a tiny weaver artifact (2-layer Llama, ``--base DIR``) on a
+small GSM8K-format JSONL; the tiny model never answers right, so the task reward is 0 and the
+sparsity penalty alone moves the head. The core's golden values are in test_trigger_rl.py.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from helpers import tiny_artifact
+from memgen_cli.artifacts import FORMAT_VERSION, artifact_digest, load_artifact
+from memgen_cli.cli import app
+from memgen_cli.config import GenerationConfig
+from memgen_cli.stages import train_trigger as stage
+from memgen_cli.training.trigger_rl import decision_batch, trigger_rollout
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny" / "train-trigger.yaml"
+WEAVER_FILES = ("weaver.safetensors", "weaver/adapter_model.safetensors")
+# Sampled tokens and longer answers: tiny models then hit many clause boundaries.
+SAMPLED = ["training.temperature=1.0", "training.max_completion_length=32"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(base_dir, weaver artifact, data file)."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    base, art = tiny_artifact(tmp)
+    data = tmp / "train.jsonl"
+    # Answers of 4+ digits: a tiny model's bytes never hit one, so the task reward is 0.
+    rows = [
+        {"question": f"What is {a}000 + {a}007?", "answer": f"#### {2 * a}007"}
+        for a in range(1, 13)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return base, art, data
+
+
+def cfg_for(tiny, out: Path, *sets):
+    base, art, data = tiny
+    return stage.resolve_config(
+        TINY, [*SAMPLED, *sets], artifact=art, base=str(base), data=str(data), output=out
+    )
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def mean_probability(artifact: Path, base: Path) -> float:
+    """The trained head's mean INVOKE probability over fresh rollouts' decision states."""
+    from memgen_cli.models.base import load_base
+
+    model, _, _ = load_artifact(artifact, load_base(str(base), device="cpu"))
+    msgs = [[{"role": "user", "content": f"What is {a} + {a}?"}] for a in range(4)]
+    cfg = GenerationConfig(max_new_tokens=32, temperature=1.0, seed=99, memory="full")
+    b = decision_batch(trigger_rollout(model, msgs, cfg, 4))
+    with torch.no_grad():
+        p = model.trigger.probability(b["states"])
+    assert b["mask"].sum() >= 10
+    return float((p * b["mask"]).sum() / b["mask"].sum())
+
+
+def cli(*args):
+    return CliRunner().invoke(app, ["train-trigger", *map(str, args)])
+
+
+def test_cli_writes_a_trigger_artifact_with_the_weaver_unchanged(tiny, tmp_path):
+    base, art, data = tiny
+    out = tmp_path / "out"
+    sets = [f"--set={s}" for s in SAMPLED]
+    result = cli(
+        "--recipe", TINY, "--artifact", art, "--base", base, "--data", data, "--output", out, *sets
+    )
+    assert result.exit_code == 0, result.output
+    assert "invocation rate" in result.output
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert files == {
+        "memgen.json",
+        "recipe.yaml",
+        "metrics.jsonl",
+        "trigger.safetensors",
+        "weaver.safetensors",
+        "weaver/adapter_config.json",
+        "weaver/adapter_model.safetensors",
+        "completions/step_00001.jsonl",
+        "completions/step_00002.jsonl",
+    }
+    for name in WEAVER_FILES:  # the weaver is frozen: bit-identical tensors
+        a, b = load_file(art / name), load_file(out / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    manifest = json.loads((out / "memgen.json").read_text())
+    assert manifest["kind"] == "memgen" and manifest["trigger"]["trained"]
+    assert manifest["parent"] == {"name": str(art), "sha256": artifact_digest(art)}
+    assert manifest["training"]["stage"] == "train-trigger"
+    logged = rows(out / "metrics.jsonl")
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    for key in ("reward", "penalty", "invocation_rate", "p_bar", "entropy", "clip_ratio"):
+        assert key in logged[0], key
+    decisions = [d for r in rows(out / "completions/step_00001.jsonl") for d in r["decisions"]]
+    assert decisions and all(0 < d["prob"] < 1 and "invoke" in d for d in decisions)
+    model, _, _ = load_artifact(out, device="cpu", allow_base_mismatch=True)
+    assert model.trigger.is_trained
+    assert not (tmp_path / "out.checkpoints").exists()
+
+
+def test_a_large_penalty_lowers_the_invocation_rate(tiny, tmp_path):
+    base = tiny[0]
+    sets = ["training.max_steps=6", "training.learning_rate=0.05"]
+    none = stage.run(cfg_for(tiny, tmp_path / "none", *sets, "trigger.penalty=0"))
+    large = stage.run(cfg_for(tiny, tmp_path / "large", *sets, "trigger.penalty=5"))
+    # Task reward is 0 for every rollout: without the penalty all advantages are 0 and the
+    # head stays at its start (0.5); with it, invocations are punished.
+    assert mean_probability(none, base) == pytest.approx(0.5, abs=1e-6)
+    assert mean_probability(large, base) < 0.3
+    logged = rows(large / "metrics.jsonl")
+    assert all(r["penalty"] >= 0 for r in logged) and any(r["penalty"] > 0 for r in logged)
+    assert logged[-1]["invocation_rate"] < logged[0]["invocation_rate"]
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tiny, tmp_path):
+    sets = ["training.max_steps=4", "training.save_steps=10"]
+    straight = stage.run(cfg_for(tiny, tmp_path / "a", *sets))
+
+    def ctrl_c(step, metrics):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    cfg = cfg_for(tiny, tmp_path / "b", *sets)
+    with pytest.raises(stage.TrainingInterrupted) as stop:
+        stage.run(cfg, callbacks=[ctrl_c])
+    assert stop.value.checkpoint.name == "checkpoint-2"
+    assert not Path(cfg.output).exists()
+    with pytest.raises(Exception, match="--resume auto"):
+        stage.run(cfg)
+    resumed = stage.run(cfg, resume="auto")
+    a, b = load_file(straight / "trigger.safetensors"), load_file(resumed / "trigger.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    before, after = rows(straight / "metrics.jsonl"), rows(resumed / "metrics.jsonl")
+    assert [r["step"] for r in after] == [1, 2, 3, 4]
+    for key in ("reward", "invocation_rate", "grad_norm"):
+        assert [r[key] for r in after] == [r[key] for r in before], key
+
+
+def baseline_like(path: Path) -> Path:
+    path.mkdir()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "kind": "baseline",
+        **{k: {} for k in ("reasoner", "lora", "tensors", "prompt")},
+    }
+    (path / "memgen.json").write_text(json.dumps(manifest))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (path / name).write_text("{}")
+    return path
+
+
+def test_bad_input_exits_2_with_one_message_and_writes_nothing(tiny, tmp_path):
+    base, art, data = tiny
+    no_weaver = tmp_path / "no-weaver"
+    no_weaver.mkdir()
+    for p in art.rglob("*"):
+        if p.is_file() and p.name != "weaver.safetensors":
+            (no_weaver / p.relative_to(art)).parent.mkdir(parents=True, exist_ok=True)
+            (no_weaver / p.relative_to(art)).write_bytes(p.read_bytes())
+    baseline = baseline_like(tmp_path / "baseline")
+    common = ["--recipe", TINY, "--base", base, "--data", data]
+    out = tmp_path / "out"
+    cases = [
+        ([], "needs --artifact DIR"),
+        (["--artifact", tmp_path / "nowhere"], "does not exist"),
+        (["--artifact", no_weaver], "incomplete: missing weaver.safetensors"),
+        (["--artifact", baseline], "is a LoRA baseline"),
+        (["--artifact", art, "--set", "training.num_generations=1"], "must be >= 2"),
+        (["--artifact", art, "--set", "training.batch_size=6"], "must be a multiple"),
+        (["--artifact", art, "--set", "trigger.initial_rate=1"], "initial_rate must be in (0, 1)"),
+        (["--artifact", art, "--set", "trigger.penalti=1"], 'Did you mean "penalty"'),
+    ]
+    for extra, message in cases:
+        result = cli(*common, *extra, "--output", out)
+        assert result.exit_code == 2, (extra, result.output)
+        assert message in " ".join(result.output.split()), (extra, result.output)
+        assert "Traceback" not in result.output
+        assert not out.exists() and not (tmp_path / "out.checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------- slow
+@pytest.mark.slow
+def test_tiny_recipe_on_the_embedded_model(tmp_path):
+    """A weaver artifact on the embedded model (untrained weaver), then two trigger steps."""
+    from memgen_cli.artifacts import save_artifact
+    from memgen_cli.config import MemoryConfig
+    from memgen_cli.models.base import load_base
+    from memgen_cli.models.memgen import MemGenModel
+
+    base = load_base("smollm2-135m", device="cpu")
+    memory = MemoryConfig(prompt_latents=2, inference_latents=2, max_inference_insertions=2)
+    art = save_artifact(MemGenModel(base.model, base.tokenizer, memory), base, tmp_path / "w")
+    sets = ["training.max_steps=2", "training.batch_size=4", "training.num_generations=2"]
+    sets += ["training.max_completion_length=12"]
+    result = cli(
+        "--recipe",
+        TINY,
+        "--artifact",
+        art,
+        "--output",
+        tmp_path / "out",
+        *(f"--set={s}" for s in sets),
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "memgen.json").read_text())
+    assert manifest["trigger"]["trained"] and manifest["reasoner"]["name"] == "smollm2-135m"
