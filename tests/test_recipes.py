@@ -13,6 +13,7 @@ from memgen_cli.config import (
     BaselineConfig,
     GRPOConfig,
     SFTConfig,
+    TriggerConfig,
     dump_yaml,
     from_dict,
     load_recipe,
@@ -24,6 +25,7 @@ RECIPE_CONFIGS: dict[str, type] = {
     "sft-weaver": SFTConfig,
     "baseline-sft": BaselineConfig,
     "grpo-weaver": GRPOConfig,
+    "train-trigger": TriggerConfig,
 }
 ALL = sorted(RECIPES.rglob("*.yaml"))
 
@@ -68,3 +70,17 @@ def test_grpo_recipes_divide_their_batches_into_groups(tmp_path):
     for path in RECIPES.rglob("grpo-weaver.yaml"):
         cfg = load_recipe(GRPOConfig, path, ["init=null", f"output={tmp_path / 'out'}"])
         assert grpo_weaver.validate(cfg, None) is None, path
+
+
+def test_trigger_recipes_pass_the_stages_checks(tmp_path):
+    """Every train-trigger recipe passes the stage's up-front checks (G, batch, penalty, ...)."""
+    from helpers import tiny_artifact
+    from memgen_cli.stages import train_trigger
+
+    _, art = tiny_artifact(tmp_path)
+    paths = sorted(RECIPES.rglob("train-trigger.yaml"))
+    assert len(paths) >= 3
+    for path in paths:
+        cfg = load_recipe(TriggerConfig, path, [f"artifact={art}", f"output={tmp_path / 'o'}"])
+        manifest, point = train_trigger.validate(cfg, None)
+        assert point is None and manifest["kind"] == "weaver", path
