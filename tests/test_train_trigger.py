@@ -227,3 +227,26 @@ def test_tiny_recipe_on_the_embedded_model(tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "out" / "memgen.json").read_text())
     assert manifest["trigger"]["trained"] and manifest["reasoner"]["name"] == "smollm2-135m"
+
+
+def test_eval_and_generate_use_the_trained_trigger(tiny, tmp_path):
+    base, _, data = tiny
+    sets = ["training.max_steps=6", "training.learning_rate=0.05", "trigger.penalty=5"]
+    art = stage.run(cfg_for(tiny, tmp_path / "trig", *sets))
+    args = ["eval", "--data", data, "--artifact", art, "--base", base, "--limit", 8]
+    args += ["--memory", "off,weaver,full", "--max-new-tokens", 32, "--json"]
+    result = CliRunner().invoke(app, [*map(str, args), "--output", str(tmp_path / "ev")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    by_mode = {r["mode"]: r for r in report["results"]}
+    assert set(by_mode) == {"off", "weaver", "full"}
+    assert by_mode["full"]["mean_insertions"] < by_mode["weaver"]["mean_insertions"]
+    assert all(by_mode[m]["tokens_per_s"] for m in by_mode)
+    kinds = {}
+    for mode in ("weaver", "full"):
+        gen = ["generate", "What is 1000 + 1007?", "--artifact", art, "--base", base]
+        gen += ["--memory", mode, "--max-new-tokens", 32, "--json"]
+        result = CliRunner().invoke(app, [*map(str, gen)])
+        assert result.exit_code == 0, result.output
+        kinds[mode] = [i["kind"] for i in json.loads(result.stdout)["insertions"]]
+    assert "inference" in kinds["weaver"] and kinds["full"] == ["prompt"]  # the trigger skips
