@@ -56,11 +56,24 @@ class Insertion:
 
 
 @dataclass
+class Skip:
+    """A clause boundary where a trained trigger decided not to invoke the weaver."""
+
+    row: int
+    token_index: int  # completion tokens before the boundary's decision
+    trigger_prob: float
+
+
+@dataclass
 class MemoryTrace:
     insertions: list[Insertion] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)  # memory full, trained trigger only
 
     def for_row(self, row: int, include_dropped: bool = False) -> list[Insertion]:
         return [i for i in self.insertions if i.row == row and (i.inserted or include_dropped)]
+
+    def skips_for_row(self, row: int) -> list[Skip]:
+        return [s for s in self.skips if s.row == row]
 
 
 @dataclass
@@ -137,6 +150,7 @@ class _Run:
         decide=None,
     ):
         self.model, self.cfg, self.keep, self.decide = model, cfg, keep, decide
+        self.skips: list[Skip] = []
         self.memory = cfg.memory != "off"
         self.batch = input_ids.shape[0]
         device = input_ids.device
@@ -315,6 +329,9 @@ class _Run:
             invoke = self.decide(hidden, eligible, token, self.emitted)
         elif self.cfg.memory == "full" and probs is not None:
             invoke = eligible & (probs >= self.model.cfg.trigger_threshold)
+        if probs is not None and self.cfg.memory == "full":
+            for r in (eligible & ~invoke).nonzero().flatten().tolist():
+                self.skips.append(Skip(r, self.emitted, float(probs[r])))
         if not invoke.any():
             return []
         self.left = self.left - invoke.long()
@@ -377,6 +394,7 @@ def iter_generate(
         yield StepEvent(token, was_active, inserted)
         if not run.active.any():
             break
+    trace.skips = run.skips
     result = _collect(tokens, run, trace, step_logits if keep_logits else None)
     if keep_logprobs:
         grid = torch.stack(logprobs, dim=1).tolist() if logprobs else [[]] * run.batch

@@ -242,11 +242,20 @@ def test_eval_and_generate_use_the_trained_trigger(tiny, tmp_path):
     assert set(by_mode) == {"off", "weaver", "full"}
     assert by_mode["full"]["mean_insertions"] < by_mode["weaver"]["mean_insertions"]
     assert all(by_mode[m]["tokens_per_s"] for m in by_mode)
-    kinds = {}
+    answers = {}
     for mode in ("weaver", "full"):
         gen = ["generate", "What is 1000 + 1007?", "--artifact", art, "--base", base]
         gen += ["--memory", mode, "--max-new-tokens", 32, "--json"]
         result = CliRunner().invoke(app, [*map(str, gen)])
         assert result.exit_code == 0, result.output
-        kinds[mode] = [i["kind"] for i in json.loads(result.stdout)["insertions"]]
+        answers[mode] = json.loads(result.stdout)
+    kinds = {m: [i["kind"] for i in a["insertions"]] for m, a in answers.items()}
     assert "inference" in kinds["weaver"] and kinds["full"] == ["prompt"]  # the trigger skips
+    skipped = answers["full"]["skipped"]  # ... and says where, with its probability
+    assert skipped and all(s["trigger_prob"] < 0.5 for s in skipped)
+    assert answers["weaver"]["skipped"] == []
+    chat = ["generate", "--interactive", "--artifact", art, "--base", base, "--memory", "full"]
+    chat += ["--max-new-tokens", 32]
+    result = CliRunner().invoke(app, [*map(str, chat)], input="What is 1000 + 1007?\n/trace\n")
+    assert result.exit_code == 0, result.output
+    assert "skipped" in result.output  # /trace lists the boundaries the trigger skipped

@@ -19,6 +19,8 @@ from memgen_cli.config import GenerationConfig
 from memgen_cli.errors import MemgenError
 from memgen_cli.generation import (
     GenerationOutput,
+    Insertion,
+    Skip,
     StepEvent,
     encode_prompts,
     generate,
@@ -102,6 +104,10 @@ def record(
         "num_tokens": len(out.tokens[row]),
         "finished": out.finished[row],
         "insertions": [insertion_record(i) for i in ins],
+        "skipped": [
+            {"token_index": k.token_index, "trigger_prob": round(k.trigger_prob, 4)}
+            for k in out.trace.skips_for_row(row)
+        ],
     }
 
 
@@ -225,11 +231,13 @@ def stream_reply(session: Session, gen: GenerationConfig, history, console: Cons
         for ins in event.insertions:
             console.print(Text(MARKER.format(ins.latents.shape[0]), style="dim cyan"), end="")
     console.print()
-    trace = result.trace.for_row(0) if result else []
+    trace = (result.trace.for_row(0) + result.trace.skips_for_row(0)) if result else []
     return tok.decode(result.tokens[0], skip_special_tokens=True), trace
 
 
-def trace_table(insertions) -> Table:
+def trace_table(events) -> Table:
+    """Insertions of the last answer, and (memory full) the boundaries the trigger skipped."""
+    insertions = [e for e in events if isinstance(e, Insertion)]
     table = Table(title="insertions in the last answer")
     for col in ("#", "kind", "after token", "trigger p", "K", "mean ‖latent‖"):
         table.add_column(col)
@@ -240,4 +248,6 @@ def trace_table(insertions) -> Table:
         table.add_row(
             str(n), ins.kind, str(ins.token_index), p, str(rec["num_latents"]), f"{mean:.3f}"
         )
+    for skip in sorted((e for e in events if isinstance(e, Skip)), key=lambda k: k.token_index):
+        table.add_row("-", "skipped", str(skip.token_index), f"{skip.trigger_prob:.3f}", "0", "-")
     return table
