@@ -259,3 +259,15 @@ def test_eval_and_generate_use_the_trained_trigger(tiny, tmp_path):
     result = CliRunner().invoke(app, [*map(str, chat)], input="What is 1000 + 1007?\n/trace\n")
     assert result.exit_code == 0, result.output
     assert "skipped" in result.output  # /trace lists the boundaries the trigger skipped
+
+
+def test_default_prompts_are_a_third_of_the_split_without_the_weavers(tiny, tmp_path):
+    _, _, data = tiny  # 12 problems, in file order
+    cfg = cfg_for(tiny, tmp_path / "o", "data.size=null")
+    questions = [json.loads(x)["question"] for x in data.read_text().splitlines()]
+    seen = {"data": str(data), "split": "train", "samples": 5, "heldout_samples": 1}
+    _, train, _, excluded = stage.select_examples(cfg, {"training": seen})
+    assert excluded == 6 and [e.question for e in train] == questions[6:10]  # 12 // 3 = 4
+    # An artifact trained on another task (or recording nothing) excludes nothing.
+    _, train, _, excluded = stage.select_examples(cfg, {"training": {"data": "gsm8k"}})
+    assert excluded == 0 and [e.question for e in train] == questions[:4]
