@@ -227,6 +227,9 @@ def test_tiny_recipe_on_the_embedded_model(tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "out" / "memgen.json").read_text())
     assert manifest["trigger"]["trained"] and manifest["reasoner"]["name"] == "smollm2-135m"
+    logged = rows(tmp_path / "out" / "metrics.jsonl")
+    assert [r["step"] for r in logged] == [1, 2]
+    assert any(r["decisions_per_completion"] > 0 for r in logged), logged  # the head was asked
 
 
 def test_eval_and_generate_use_the_trained_trigger(tiny, tmp_path):
