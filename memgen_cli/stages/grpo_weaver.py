@@ -15,7 +15,6 @@ of G), gradients are averaged, and rank 0 writes the artifact.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import shutil
 import time
@@ -26,7 +25,6 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 from transformers import PrinterCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import SchedulerType
 
 from memgen_cli.artifacts import load_artifact, read_manifest, save_artifact
 from memgen_cli.config import GRPOConfig, MemoryConfig, dump_yaml, from_dict, load_recipe, to_dict
@@ -95,69 +93,10 @@ def checkpoint_dir(cfg: GRPOConfig) -> Path:
 def validate(cfg: GRPOConfig, resume: str | None) -> Path | None:
     """Check values the dataclass types cannot; return the checkpoint to resume from."""
     t, d, r = cfg.training, cfg.data, cfg.reward
-    g, b = t.num_generations, t.batch_size
-    if g < 2:
-        raise MemgenError(
-            f"training.num_generations must be >= 2 (got {g}): advantages compare the rewards "
-            "of a prompt's completions with each other."
-        )
-    if b < 1 or b % g:
-        fits = sorted({g, 2 * g, max(g, b // g * g)})
-        raise MemgenError(
-            f"training.batch_size ({b}) must be a multiple of training.num_generations ({g}): "
-            f"each process answers batch_size / num_generations prompts with {g} completions "
-            f"each. Set --set training.batch_size={' or '.join(map(str, fits))}, or change "
-            "training.num_generations to a divisor of the batch size."
-        )
-    choices = [
-        ("training.loss_type", t.loss_type, rl.LOSS_TYPES),
-        ("training.scale_rewards", t.scale_rewards, rl.SCALE_REWARDS),
-        ("training.memory", t.memory, MEMORY),
-    ]
-    for name, value, allowed in choices:
-        if value not in allowed:
-            raise MemgenError(f'{name} must be one of {", ".join(allowed)}; got "{value}".')
-    try:
-        SchedulerType(t.scheduler)
-    except ValueError:
-        names = ", ".join(s.value for s in SchedulerType)
-        raise MemgenError(
-            f'training.scheduler "{t.scheduler}" is unknown; use one of {names}.'
-        ) from None
-    for name in (n.strip() for n in t.report_to.split(",")):
-        if name not in sft_run.REPORTERS:
-            raise MemgenError(f'--report-to must be none, tensorboard or wandb; got "{name}".')
-        if name != "none" and not any(importlib.util.find_spec(m) for m in sft_run.MODULES[name]):
-            raise MemgenError(f"--report-to {name} needs the {name} package: pip install {name}")
-    checks = [
-        (t.learning_rate > 0, "training.learning_rate must be > 0"),
-        (t.grad_accumulation >= 1, "training.grad_accumulation must be >= 1"),
-        (t.max_steps > 0 or t.epochs > 0, "set training.epochs > 0 or training.max_steps > 0"),
-        (
-            t.temperature > 0,
-            "training.temperature must be > 0: with greedy rollouts a group's completions are "
-            "identical and nothing learns",
-        ),
-        (0 < t.top_p <= 1, "training.top_p must be in (0, 1]"),
-        (t.max_completion_length >= 1, "training.max_completion_length must be >= 1"),
-        (t.epsilon > 0, "training.epsilon must be > 0"),
-        (t.epsilon_high is None or t.epsilon_high > 0, "training.epsilon_high must be > 0"),
-        (t.num_iterations >= 1, "training.num_iterations must be >= 1"),
-        (t.beta >= 0, "training.beta must be >= 0"),
-        (d.size is None or d.size >= 1, "data.size must be >= 1 (or null for all)"),
-        (d.heldout >= 0, "data.heldout must be >= 0"),
-        (
-            not r.weights or len(r.weights) == len(r.functions),
-            f"reward.weights has {len(r.weights)} values for {len(r.functions)} reward "
-            "functions; give one --reward-weight per --reward (or none)",
-        ),
-        (r.task_weight > 0 or r.functions, "reward.task_weight is 0 and no --reward is given"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise MemgenError(message + ".")
-    for spec in r.functions:
-        rl.load_reward(spec)  # fails now, not after the model has loaded
+    rl.check_settings(t, r)
+    if t.memory not in MEMORY:
+        raise MemgenError(f'training.memory must be one of {", ".join(MEMORY)}; got "{t.memory}".')
+    sft_run.validate_training(t, d)  # schedule, reporters, steps, data sizes
     if cfg.init is not None:
         manifest = read_manifest(cfg.init)
         if t.memory == "full" and not manifest["trigger"].get("trained"):

@@ -21,7 +21,9 @@ Everything here is a plain function of tensors or lists, with golden-value tests
 - ``group_advantages``: (r - group mean) / (std + 1e-4), std per group, over the batch, or none;
 - ``policy_loss``: the clipped surrogate (PPO/GRPO) with TRL's four aggregations;
 - ``task_reward``: a task's own grader as a TRL reward function (binary accuracy);
-- ``load_reward`` / ``score``: plug-in rewards ``module:function``, checked on every call.
+- ``load_reward`` / ``score``: plug-in rewards ``module:function``, checked on every call;
+- ``check_settings``: the checks of a GRPO training + reward section that their types cannot
+  express (shared by ``grpo-weaver`` and ``baseline grpo``).
 
 With ``num_iterations`` = 1 the ratio is exactly 1, so the loss shown is about 0 whatever the
 policy learns (TRL #2703, #3452): watch ``reward`` and the gradient norm, not the loss.
@@ -288,3 +290,56 @@ def score(
     total = (table * w).nansum(dim=1)
     total[torch.isnan(table).all(dim=1)] = math.nan
     return table, total
+
+
+# ------------------------------------------------------------------------------- settings
+def check_settings(t, r) -> None:
+    """Check a ``GRPOTrainingConfig`` (``t``) and ``RewardConfig`` (``r``) beyond their types:
+    G >= 2 and the batch a multiple of G, known loss and scaling names, sampling that lets a
+    group's completions differ, clipping and iteration ranges, one weight per reward function,
+    and reward plug-ins that import. Raises one MemgenError that says how to fix it."""
+    g, b = t.num_generations, t.batch_size
+    if g < 2:
+        raise MemgenError(
+            f"training.num_generations must be >= 2 (got {g}): advantages compare the rewards "
+            "of a prompt's completions with each other."
+        )
+    if b < 1 or b % g:
+        fits = sorted({g, 2 * g, max(g, b // g * g)})
+        raise MemgenError(
+            f"training.batch_size ({b}) must be a multiple of training.num_generations ({g}): "
+            f"each process answers batch_size / num_generations prompts with {g} completions "
+            f"each. Set --set training.batch_size={' or '.join(map(str, fits))}, or change "
+            "training.num_generations to a divisor of the batch size."
+        )
+    choices = [
+        ("training.loss_type", t.loss_type, LOSS_TYPES),
+        ("training.scale_rewards", t.scale_rewards, SCALE_REWARDS),
+    ]
+    for name, value, allowed in choices:
+        if value not in allowed:
+            raise MemgenError(f'{name} must be one of {", ".join(allowed)}; got "{value}".')
+    checks = [
+        (
+            t.temperature > 0,
+            "training.temperature must be > 0: with greedy rollouts a group's completions are "
+            "identical and nothing learns",
+        ),
+        (0 < t.top_p <= 1, "training.top_p must be in (0, 1]"),
+        (t.max_completion_length >= 1, "training.max_completion_length must be >= 1"),
+        (t.epsilon > 0, "training.epsilon must be > 0"),
+        (t.epsilon_high is None or t.epsilon_high > 0, "training.epsilon_high must be > 0"),
+        (t.num_iterations >= 1, "training.num_iterations must be >= 1"),
+        (t.beta >= 0, "training.beta must be >= 0"),
+        (
+            not r.weights or len(r.weights) == len(r.functions),
+            f"reward.weights has {len(r.weights)} values for {len(r.functions)} reward "
+            "functions; give one --reward-weight per --reward (or none)",
+        ),
+        (r.task_weight > 0 or r.functions, "reward.task_weight is 0 and no --reward is given"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise MemgenError(message + ".")
+    for spec in r.functions:
+        load_reward(spec)  # fails now, not after the model has loaded

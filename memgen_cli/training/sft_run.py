@@ -1,13 +1,15 @@
-"""What every SFT stage shares (``sft-weaver``, ``baseline sft``), so that a LoRA baseline and a
-weaver trained from the same recipe sections see the same examples, batches and schedule:
+"""What every Trainer stage shares (``sft-weaver``, ``baseline sft``; ``grpo-weaver`` and
+``baseline grpo`` use the data, checks and arguments too), so that a LoRA baseline and a weaver
+trained from the same recipe sections see the same examples, batches and schedule:
 
 - ``data_config``: the ``--data`` / ``--columns`` flags onto a recipe's ``DataConfig``;
 - ``load_examples``: the task, its training and held-out examples, and the data seed used;
-- ``validate_training``: the checks of ``SFTTrainingConfig`` / ``DataConfig`` values that their
-  types cannot express;
+- ``validate_training``: the checks of a training section (``SFTTrainingConfig`` or
+  ``GRPOTrainingConfig``) and ``DataConfig`` that their types cannot express;
 - ``resume_point``: the checkpoint to resume from, refusing a resume with other settings;
-- ``trainer_arguments``: ``SFTTrainingConfig`` as keyword arguments of transformers'
-  ``TrainingArguments`` (TRL's configs extend it, so the same dict feeds ``trl.SFTConfig``).
+- ``trainer_arguments``: a training section as keyword arguments of transformers'
+  ``TrainingArguments`` (TRL's configs extend it, so the same dict feeds ``trl.SFTConfig`` and
+  ``trl.GRPOConfig``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import yaml
 from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
-from memgen_cli.config import DataConfig, SFTTrainingConfig
+from memgen_cli.config import DataConfig, GRPOTrainingConfig, SFTTrainingConfig
 from memgen_cli.data import Example, Task, get_task
 from memgen_cli.errors import MemgenError
 
@@ -74,7 +76,7 @@ def load_examples(cfg) -> tuple[Task, list[Example], list[Example], int | None]:
     return task, examples[:cut], examples[cut:], seed
 
 
-def validate_training(t: SFTTrainingConfig, d: DataConfig) -> None:
+def validate_training(t: SFTTrainingConfig | GRPOTrainingConfig, d: DataConfig) -> None:
     try:
         SchedulerType(t.scheduler)
     except ValueError:
@@ -148,9 +150,13 @@ def _check_same_run(ckpts: Path, now: dict, sections: tuple[str, ...]) -> None:
         )
 
 
-def trainer_arguments(t: SFTTrainingConfig, ckpts: Path, device: torch.device) -> dict:
-    """The optimizer, schedule, batching, logging and checkpoint settings of an SFT stage."""
+def trainer_arguments(
+    t: SFTTrainingConfig | GRPOTrainingConfig, ckpts: Path, device: torch.device
+) -> dict:
+    """The optimizer, schedule, batching, logging and checkpoint settings of a stage
+    (``batch_size`` is per device: samples for SFT, completions for TRL's GRPO)."""
     reporters = [r.strip() for r in t.report_to.split(",") if r.strip() != "none"]
+    grouped = getattr(t, "group_by_length", False)  # GRPO: TRL's trainer samples prompts itself
     return dict(
         output_dir=str(ckpts),
         per_device_train_batch_size=t.batch_size,
@@ -167,7 +173,7 @@ def trainer_arguments(t: SFTTrainingConfig, ckpts: Path, device: torch.device) -
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         seed=t.seed,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        train_sampling_strategy="group_by_length" if grouped else "random",
         bf16=t.bf16,
         report_to=reporters or "none",
         disable_tqdm=True,  # RichProgress draws the progress line
