@@ -15,8 +15,9 @@ weaver's (``lora.r: null``; both counts are recorded). Reads top to bottom:
 4. save: the main process writes the baseline artifact atomically (a PEFT adapter directory
    plus ``memgen.json`` of kind ``baseline``).
 
-Designed for more methods beside ``sft`` (``METHODS``): a GRPO baseline would add its own
-``run`` over the same artifact format.
+The pieces every baseline method shares (LoRA settings at the weaver's budget, callbacks, the
+train call with Ctrl-C, the summary's common fields, the artifact) are the helpers below;
+``stages/baseline_grpo.py`` (``memgen baseline grpo``) builds on them.
 """
 
 from __future__ import annotations
@@ -35,9 +36,18 @@ from rich.table import Table
 from transformers import PrinterCallback, set_seed
 
 from memgen_cli.artifacts import save_baseline
-from memgen_cli.config import BaselineConfig, MemoryConfig, dump_yaml, load_recipe, to_dict
+from memgen_cli.config import (
+    BaselineConfig,
+    BaselineGRPOConfig,
+    BaselineLoraConfig,
+    MemoryConfig,
+    dump_yaml,
+    load_recipe,
+    to_dict,
+)
+from memgen_cli.data import Task
 from memgen_cli.errors import MemgenError
-from memgen_cli.models.base import load_base
+from memgen_cli.models.base import LoadedBase, load_base
 from memgen_cli.models.weaver import Weaver
 from memgen_cli.training.sft_data import tokenize_samples
 from memgen_cli.training.sft_run import (
@@ -55,7 +65,7 @@ from memgen_cli.training.trainer_parts import (
     world_size,
 )
 
-METHODS = ("sft",)
+METHODS = ("sft", "grpo")
 IGNORE = -100
 
 
@@ -94,20 +104,23 @@ def resolve_config(
     )
 
 
-def checkpoint_dir(cfg: BaselineConfig) -> Path:
+def checkpoint_dir(cfg: BaselineConfig | BaselineGRPOConfig) -> Path:
     out = Path(cfg.output)
     return out.with_name(out.name + ".checkpoints")
 
 
-def validate(cfg: BaselineConfig, resume: str | None) -> Path | None:
-    """Check values the dataclass types cannot; return the checkpoint to resume from."""
-    lora = cfg.lora
+def validate_lora(lora: BaselineLoraConfig) -> None:
     if lora.r is not None and lora.r < 1:
         raise MemgenError(f"lora.r must be >= 1 (or null to match the weaver); got {lora.r}.")
     if not 0.0 <= lora.dropout < 1.0:
         raise MemgenError(f"lora.dropout must be in [0, 1); got {lora.dropout}.")
     if not lora.targets:
         raise MemgenError("lora.targets needs at least one module name (e.g. [q_proj, v_proj]).")
+
+
+def validate(cfg: BaselineConfig, resume: str | None) -> Path | None:
+    """Check values the dataclass types cannot; return the checkpoint to resume from."""
+    validate_lora(cfg.lora)
     validate_training(cfg.training, cfg.data)
     sections = ("model", "lora", "weaver", "data")
     return resume_point(checkpoint_dir(cfg), resume, to_dict(cfg), sections)
@@ -142,6 +155,36 @@ def matched_rank(model, targets: list[str], budget: int) -> int:
     """The rank whose LoRA parameter count is closest to ``budget`` (at least 1)."""
     unit = lora_params_per_rank(model, targets)
     return max(1, round(budget / unit))
+
+
+def lora_settings(
+    base: LoadedBase, cfg: BaselineLoraConfig, weaver: MemoryConfig
+) -> tuple[dict, LoraConfig, int]:
+    """(the LoRA settings recorded in the manifest, PEFT's config, the weaver's trainable
+    parameter count): the rank is ``cfg.r``, or the weaver's budget when that is null."""
+    if not lora_targets(base.model, cfg.targets):
+        raise MemgenError(
+            f"lora.targets {cfg.targets} match no linear layer of {base.name}; name modules "
+            "of this architecture (e.g. q_proj, v_proj)."
+        )
+    weaver_count = weaver_trainable_params(base.model, weaver)
+    rank = cfg.r or matched_rank(base.model, cfg.targets, weaver_count)
+    lora = {
+        "r": rank,
+        "alpha": cfg.alpha or 2 * rank,
+        "dropout": cfg.dropout,
+        "targets": list(cfg.targets),
+        "rank_rule": "set" if cfg.r else "matched to the weaver's trainable parameters",
+    }
+    peft_config = LoraConfig(
+        r=rank,
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["targets"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return lora, peft_config, weaver_count
 
 
 # ------------------------------------------------------------------------------- data
@@ -210,28 +253,7 @@ def run(
             f"All {dropped} training samples are longer than data.max_length={d.max_length} "
             "tokens; raise it with --set data.max_length=N."
         )
-    if not lora_targets(base.model, cfg.lora.targets):
-        raise MemgenError(
-            f"lora.targets {cfg.lora.targets} match no linear layer of {base.name}; name modules "
-            "of this architecture (e.g. q_proj, v_proj)."
-        )
-    weaver_count = weaver_trainable_params(base.model, cfg.weaver)
-    rank = cfg.lora.r or matched_rank(base.model, cfg.lora.targets, weaver_count)
-    lora = {
-        "r": rank,
-        "alpha": cfg.lora.alpha or 2 * rank,
-        "dropout": cfg.lora.dropout,
-        "targets": list(cfg.lora.targets),
-        "rank_rule": "set" if cfg.lora.r else "matched to the weaver's trainable parameters",
-    }
-    peft_config = LoraConfig(
-        r=rank,
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=lora["targets"],
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    lora, peft_config, weaver_count = lora_settings(base, cfg.lora, cfg.weaver)
     ckpts = checkpoint_dir(cfg)
     args = trl.SFTConfig(
         **trainer_arguments(t, ckpts, base.model.device),
@@ -247,9 +269,7 @@ def run(
         # LoRA's B starts at zero: before training, the adapted reasoner is the plain one.
         losses["memory_off"] = heldout_loss(base.model, held, tok.pad_token_id, t.batch_size)
     if main:
-        ckpts.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:
-            (ckpts / "recipe.yaml").write_text(dump_yaml(cfg))
+        begin_checkpoints(ckpts, cfg, resume_from)
     clock = Throughput(t.batch_size * t.grad_accumulation * args.world_size)
     stop = StopOnSignal()
     datasets.disable_progress_bars()  # TRL maps the dataset once; no bar for that
@@ -259,18 +279,13 @@ def run(
         train_dataset=as_dataset(train),
         processing_class=tok,
         peft_config=peft_config,
-        callbacks=[
-            RichProgress(clock, console),
-            MetricsLog(ckpts / "metrics.jsonl", clock),
-            stop,
-            *(callbacks or []),
-        ],
+        callbacks=trainer_callbacks(RichProgress(clock, console), ckpts, clock, stop, callbacks),
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress replaces the raw dict printer
     model = trainer.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(
-        f"baseline sft: LoRA r {rank} on {', '.join(lora['targets'])}, {trainable:,} trainable "
+        f"baseline sft: LoRA r {lora['r']} on {', '.join(lora['targets'])}, {trainable:,} trainable "
         f"parameters (the weaver: {weaver_count:,}); {len(train)} samples from {task.name} "
         f"({dropped} dropped as longer than {d.max_length} tokens), {world_size()} process(es)"
         + (f", resuming from {resume_from}" if resume_from else "")
@@ -279,11 +294,7 @@ def run(
         say(f"--resume auto: no checkpoint in {ckpts}, starting from scratch")
 
     # 3. loop
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    wall = time.perf_counter() - started
-    if stop.stopped_at is not None:
-        raise TrainingInterrupted(ckpts / f"checkpoint-{stop.stopped_at}")
+    result, wall = fit(trainer, resume_from, stop, ckpts)
 
     # 4. save (main process; the others wait so that the run ends together)
     if main:
@@ -293,43 +304,97 @@ def run(
         summary = {
             "stage": "baseline-sft",
             "method": "lora-sft",
-            "task": task.name,
-            "data": d.path or d.task,
-            "split": d.split,
-            "task_options": dict(d.options),
-            "data_seed": data_seed,
-            "eval_seed": task.eval_seed,
-            "training_seed": t.seed,
+            **data_summary(task, cfg, data_seed),
             "samples": len(train),
             "dropped_too_long": dropped,
             "heldout_samples": len(held),
             "heldout_dropped_too_long": held_dropped,
             "heldout_loss": {k: round(v, 5) for k, v in losses.items()},
-            "steps": trainer.state.global_step,
-            "epochs": round(trainer.state.epoch or 0.0, 4),
             "final_loss": logged[-1] if logged else None,
             "mean_loss": result.training_loss,
-            "samples_per_s": clock.rate(trainer.state.global_step),
-            "wall_s": round(wall, 1),
-            "world_size": args.world_size,
-            "resumed_from": str(resume_from) if resume_from else None,
+            **run_summary(trainer, clock, wall, resume_from),
         }
         budget = {"trainable_params": trainable, "weaver_trainable_params": weaver_count}
-        out = save_baseline(
-            model,
-            base,
-            cfg.output,
-            lora=lora,
-            budget=budget,
-            prompt={"prompt_suffix": d.prompt_suffix, "system": d.system},
-            recipe_yaml=dump_yaml(cfg),
-            training=summary,
-            metrics_file=ckpts / "metrics.jsonl",
-        )
-        shutil.rmtree(ckpts, ignore_errors=True)  # the run is finished: nothing to resume
+        out = save(model, base, cfg, lora, budget, summary)
         console.print(summary_table(summary, lora, budget, out))
     trainer.accelerator.wait_for_everyone()
     return Path(cfg.output)
+
+
+# ---------------------------------------------------------------------- shared by methods
+def begin_checkpoints(ckpts: Path, cfg, resume_from: Path | None) -> None:
+    """The checkpoint folder, with the recipe that ``--resume`` compares against."""
+    ckpts.mkdir(parents=True, exist_ok=True)
+    if resume_from is None:
+        (ckpts / "recipe.yaml").write_text(dump_yaml(cfg))
+
+
+def trainer_callbacks(progress, ckpts: Path, clock: Throughput, stop: StopOnSignal, extra) -> list:
+    """Progress line, ``metrics.jsonl``, Ctrl-C, then the caller's own callbacks."""
+    return [progress, MetricsLog(ckpts / "metrics.jsonl", clock), stop, *(extra or [])]
+
+
+def fit(trainer, resume_from: Path | None, stop: StopOnSignal, ckpts: Path):
+    """``trainer.train`` from the resume point; returns (its result, wall seconds). Raises
+    ``TrainingInterrupted`` after a Ctrl-C checkpoint; on a ``MemgenError`` (a reward function
+    failing, say) a fresh run leaves no checkpoint folder behind."""
+    started = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except MemgenError:
+        fresh = resume_from is None and not list(ckpts.glob("checkpoint-*"))
+        if trainer.args.process_index == 0 and fresh:
+            shutil.rmtree(ckpts, ignore_errors=True)
+        raise
+    if stop.stopped_at is not None:
+        raise TrainingInterrupted(ckpts / f"checkpoint-{stop.stopped_at}")
+    return result, time.perf_counter() - started
+
+
+def data_summary(task: Task, cfg, data_seed: int | None) -> dict:
+    """What the run trained on, as ``memgen eval`` reads it back (task, options, seeds)."""
+    d = cfg.data
+    return {
+        "task": task.name,
+        "data": d.path or d.task,
+        "split": d.split,
+        "task_options": dict(d.options),
+        "data_seed": data_seed,
+        "eval_seed": task.eval_seed,
+        "training_seed": cfg.training.seed,
+    }
+
+
+def run_summary(trainer, clock: Throughput, wall: float, resume_from: Path | None) -> dict:
+    state = trainer.state
+    return {
+        "steps": state.global_step,
+        "epochs": round(state.epoch or 0.0, 4),
+        "samples_per_s": clock.rate(state.global_step),
+        "wall_s": round(wall, 1),
+        "world_size": trainer.args.world_size,
+        "resumed_from": str(resume_from) if resume_from else None,
+    }
+
+
+def save(model, base: LoadedBase, cfg, lora: dict, budget: dict, summary: dict, parent=None):
+    """The baseline artifact (main process), then the finished run's checkpoints removed."""
+    ckpts = checkpoint_dir(cfg)
+    d = cfg.data
+    out = save_baseline(
+        model,
+        base,
+        cfg.output,
+        lora=lora,
+        budget=budget,
+        prompt={"prompt_suffix": d.prompt_suffix, "system": d.system},
+        recipe_yaml=dump_yaml(cfg),
+        training=summary,
+        metrics_file=ckpts / "metrics.jsonl",
+        parent=parent,
+    )
+    shutil.rmtree(ckpts, ignore_errors=True)  # the run is finished: nothing to resume
+    return out
 
 
 def summary_table(s: dict, lora: dict, budget: dict, out: Path) -> Table:
