@@ -304,8 +304,10 @@ def save_baseline(
     recipe_yaml: str | None = None,
     training: dict | None = None,
     metrics_file: str | Path | None = None,
+    parent: str | Path | None = None,
 ) -> Path:
-    """Write a baseline artifact (a PEFT adapter directory + manifest) atomically."""
+    """Write a baseline artifact (a PEFT adapter directory + manifest) atomically; ``parent``:
+    the baseline it was trained from (``baseline grpo``'s init), by name and digest."""
     out = Path(out)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors
@@ -320,7 +322,7 @@ def save_baseline(
             "budget": budget,
             "prompt": {"chat_template": base.tokenizer.chat_template, **(prompt or {})},
             "tensors": {"adapter": {k: list(v.shape) for k, v in adapter.items()}},
-            "parent": None,
+            "parent": _parent(parent),
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "training": training or {},
         }
@@ -339,8 +341,10 @@ def load_baseline(
     device: str = "auto",
     dtype: str = "auto",
     allow_base_mismatch: bool = False,
+    trainable: bool = False,
 ) -> tuple[PeftModel, dict, LoadedBase]:
-    """The reasoner with a baseline's adapter, validated; returns (model, manifest, base)."""
+    """The reasoner with a baseline's adapter, validated; returns (model, manifest, base).
+    ``trainable``: the adapter's tensors require grad (to train it further), else eval mode."""
     path = Path(path)
     manifest = read_manifest(path)
     require_kind(manifest, path, "baseline")
@@ -350,7 +354,7 @@ def load_baseline(
     file = path / "adapter_model.safetensors"
     _check_shapes(file, _load_tensors(file), manifest["tensors"].get("adapter", {}))
     try:
-        model = PeftModel.from_pretrained(base.model, str(path))
+        model = PeftModel.from_pretrained(base.model, str(path), is_trainable=trainable)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise MemgenError(f"{path} does not fit base {base.name}: {exc}") from exc
-    return model.eval(), manifest, base
+    return (model if trainable else model.eval()), manifest, base

@@ -383,6 +383,36 @@ class GRPOConfig:
 
 
 @dataclass
+class BaselineGRPOConfig:
+    """``memgen baseline grpo``: LoRA-GRPO of the reasoner itself with TRL's ``GRPOTrainer``.
+
+    ``model``, ``data``, ``training`` and ``reward`` mean what they mean in ``GRPOConfig``, with
+    the same defaults, so a grpo-weaver recipe's sections can be copied as they are: same
+    prompts, G, sampling, loss, steps, batches and schedule. ``training.batch_size`` counts
+    completions, as TRL's ``per_device_train_batch_size`` does. Weaver-only fields are not read:
+    ``training.memory`` and ``training.log_completions_steps`` (there are no latents, and TRL
+    logs its own completions only to its trackers). ``lora`` and ``weaver`` mean what they
+    mean in ``BaselineConfig``.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: BaselineLoraConfig = field(default_factory=BaselineLoraConfig)
+    """The adapter of a fresh run; with ``init`` the artifact's adapter is trained as it is
+    (its rank, alpha, dropout and targets) and this section is not read."""
+    weaver: MemoryConfig = field(default_factory=MemoryConfig)
+    """The weaver this baseline is compared with: its trainable-parameter count sets ``lora.r``
+    when that is null, and is recorded beside the adapter's. Nothing else is read."""
+    data: DataConfig = field(default_factory=DataConfig)
+    training: GRPOTrainingConfig = field(default_factory=GRPOTrainingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    init: str | None = None
+    """A ``baseline sft`` artifact whose adapter is the starting point (trained further;
+    recorded as the parent), as grpo-weaver starts from an SFT weaver; null = a fresh LoRA."""
+    output: str = "runs/baseline-grpo"
+    """Artifact directory (written atomically); checkpoints go to <output>.checkpoints/."""
+
+
+@dataclass
 class TriggerRLConfig:
     penalty: float = 0.1
     """λ of the sparsity penalty λ·Σ_j max(0, d_ij − p̄) (paper Eq. 9; the paper gives no value).

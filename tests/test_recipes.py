@@ -11,6 +11,7 @@ import yaml
 
 from memgen_cli.config import (
     BaselineConfig,
+    BaselineGRPOConfig,
     GRPOConfig,
     SFTConfig,
     TriggerConfig,
@@ -24,6 +25,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE_CONFIGS: dict[str, type] = {
     "sft-weaver": SFTConfig,
     "baseline-sft": BaselineConfig,
+    "baseline-grpo": BaselineGRPOConfig,
     "grpo-weaver": GRPOConfig,
     "train-trigger": TriggerConfig,
 }
@@ -70,6 +72,17 @@ def test_grpo_recipes_divide_their_batches_into_groups(tmp_path):
     for path in RECIPES.rglob("grpo-weaver.yaml"):
         cfg = load_recipe(GRPOConfig, path, ["init=null", f"output={tmp_path / 'out'}"])
         assert grpo_weaver.validate(cfg, None) is None, path
+
+
+def test_baseline_grpo_recipes_pass_the_stages_checks(tmp_path):
+    """Every baseline-grpo recipe passes the stage's up-front checks (G, batch, rewards, ...)."""
+    from memgen_cli.stages import baseline_grpo
+
+    paths = sorted(RECIPES.rglob("baseline-grpo.yaml"))
+    assert len(paths) >= 2
+    for path in paths:
+        cfg = load_recipe(BaselineGRPOConfig, path, ["init=null", f"output={tmp_path / 'out'}"])
+        assert baseline_grpo.validate(cfg, None) == (None, None), path
 
 
 def test_trigger_recipes_pass_the_stages_checks(tmp_path):

@@ -50,6 +50,33 @@ PromptSuffix = Annotated[
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON object.")]
 
+# Training stages
+Set = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe key: a.b=value (repeatable)."),
+]
+Output = Annotated[Path | None, typer.Option("--output", help="Artifact directory.")]
+Resume = Annotated[
+    str | None,
+    typer.Option(
+        "--resume", help="auto (latest checkpoint of this output, if any) or a checkpoint folder."
+    ),
+]
+ReportTo = Annotated[str | None, typer.Option("--report-to", help="none | tensorboard | wandb.")]
+Reward = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--reward",
+        help="Extra reward module:function with TRL's signature "
+        "f(prompts, completions, **columns) (repeatable; the task's grader always counts "
+        "unless reward.task_weight=0).",
+    ),
+]
+RewardWeight = Annotated[
+    list[float] | None,
+    typer.Option("--reward-weight", help="Weight of each --reward, in order (default 1)."),
+]
+
 
 def check_choice(name: str, value: str, choices) -> str:
     if value not in choices:

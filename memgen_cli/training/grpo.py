@@ -383,8 +383,8 @@ def _num(x) -> float | None:
 
 
 class GRPOProgress(RichProgress):
-    """The progress line: step, reward ± std, loss, insertions and length per completion,
-    samples/s, ETA."""
+    """The progress line: step, reward ± std, loss, insertions (when logged: not by TRL's
+    trainer, as ``baseline grpo`` uses) and length per completion, samples/s, ETA."""
 
     def __init__(self, clock, console=None):
         super().__init__(clock, console)
@@ -397,8 +397,8 @@ class GRPOProgress(RichProgress):
     def _info(self, state) -> str:
         g = lambda key: self.last.get(key, float("nan"))  # noqa: E731
         rate = self.clock.rate(state.global_step)
+        ins = f"ins {g('insertions/mean'):.1f}  " if "insertions/mean" in self.last else ""
         return (
-            f"reward {g('reward'):.3f}±{g('reward_std'):.3f}  loss {self.loss:.4f}  "
-            f"ins {g('insertions/mean'):.1f}  len {g('completions/mean_length'):.0f}  "
-            + (f"{rate:.2f} samples/s" if rate else "")
+            f"reward {g('reward'):.3f}±{g('reward_std'):.3f}  loss {self.loss:.4f}  {ins}"
+            f"len {g('completions/mean_length'):.0f}  " + (f"{rate:.2f} samples/s" if rate else "")
         )

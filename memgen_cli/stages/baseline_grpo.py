@@ -1,0 +1,331 @@
+"""``memgen baseline grpo``: LoRA-GRPO of the reasoner itself, the RL comparison for grpo-weaver.
+
+A LoRA adapter on the reasoner (no weaving, a plain PEFT model), trained with TRL's
+``GRPOTrainer`` through its public API: for a plain model it is exactly right (RL.md). The
+recipe's ``data``, ``training`` and ``reward`` sections are grpo-weaver's, mapped onto
+``trl.GRPOConfig`` (G, sampling, loss type, reward scaling, beta, clipping, iterations, steps,
+batches, schedule), so both see the same prompts (rendered by ``data.to_messages`` and the
+tokenizer's chat template, as ``generate`` and grpo-weaver render them), the same rewards
+(the task's grader, ``rl.task_reward``, plus ``--reward`` plug-ins with their weights) and the
+same budget of completions. The rank is matched to the weaver's trainable parameters when
+``lora.r`` is null; ``init`` starts from a ``baseline sft`` artifact, as grpo-weaver starts from
+an SFT weaver. Reads top to bottom:
+
+1. validate: config values (``rl.check_settings``: G, batch divisible by G, ...), the reward
+   plug-ins, the ``init`` artifact, the resume point, the task and its prompts;
+2. build: the base model (with ``init``'s adapter, trainable), the prompts as a dataset with an
+   ``index`` column that maps each completion back to its example's columns
+   (``rl.example_columns``), TRL's ``GRPOTrainer`` with our progress, metrics and Ctrl-C
+   callbacks;
+3. loop: ``GRPOTrainer.train`` (rollouts, rewards, advantages, loss, checkpoints, ``--resume``);
+4. save: the main process writes the baseline artifact atomically (the same kind as
+   ``baseline sft``'s, so ``memgen eval --artifact`` scores it the same way), with ``init`` as
+   its parent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import datasets
+import torch
+import trl
+import yaml
+from rich.console import Console
+from rich.table import Table
+from transformers import PrinterCallback, set_seed
+
+from memgen_cli.artifacts import load_baseline, read_manifest
+from memgen_cli.config import BaselineGRPOConfig, load_recipe, to_dict
+from memgen_cli.data import Example, to_messages
+from memgen_cli.errors import MemgenError
+from memgen_cli.generation import encode_prompts
+from memgen_cli.models.base import load_base
+from memgen_cli.stages.baseline import (
+    TrainingInterrupted,
+    begin_checkpoints,
+    checkpoint_dir,
+    data_summary,
+    fit,
+    lora_settings,
+    run_summary,
+    save,
+    trainer_callbacks,
+    validate_lora,
+    weaver_trainable_params,
+)
+from memgen_cli.training import rl, sft_run
+from memgen_cli.training.grpo import GRPOProgress
+from memgen_cli.training.trainer_parts import StopOnSignal, Throughput, world_size
+
+__all__ = ["TrainingInterrupted", "resolve_config", "run", "validate"]
+
+
+# ----------------------------------------------------------------------------- config
+def resolve_config(
+    recipe: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    base: str | None = None,
+    data: str | None = None,
+    task_options: dict | None = None,
+    init: str | Path | None = None,
+    rewards: list[str] | None = None,
+    reward_weights: list[float] | None = None,
+    output: str | Path | None = None,
+    report_to: str | None = None,
+) -> BaselineGRPOConfig:
+    """Recipe, then ``--set`` overrides, then the command's own flags (which win)."""
+    cfg = load_recipe(BaselineGRPOConfig, recipe, overrides)
+    r = cfg.reward
+    if rewards:
+        r = dataclasses.replace(r, functions=[*r.functions, *rewards])
+    if reward_weights:
+        r = dataclasses.replace(r, weights=[*r.weights, *map(float, reward_weights)])
+    t = cfg.training
+    if report_to is not None:
+        t = dataclasses.replace(t, report_to=report_to)
+    return dataclasses.replace(
+        cfg,
+        model=cfg.model if base is None else dataclasses.replace(cfg.model, base=base),
+        data=sft_run.data_config(cfg.data, data, None, task_options),
+        training=t,
+        reward=r,
+        init=str(init) if init is not None else cfg.init,
+        output=str(output) if output else cfg.output,
+    )
+
+
+def validate(cfg: BaselineGRPOConfig, resume: str | None) -> tuple[Path | None, dict | None]:
+    """Check values the dataclass types cannot; return (the checkpoint to resume from, the
+    ``init`` artifact's manifest or None)."""
+    validate_lora(cfg.lora)
+    rl.check_settings(cfg.training, cfg.reward)
+    sft_run.validate_training(cfg.training, cfg.data)
+    manifest = None
+    if cfg.init is not None:
+        manifest = read_manifest(cfg.init)
+        if manifest["kind"] != "baseline":
+            raise MemgenError(
+                f"init {cfg.init} is a {manifest['kind']} artifact (a trained weaver), not a LoRA "
+                "baseline: baseline grpo starts from an artifact of `memgen baseline sft` (or "
+                f"from a fresh LoRA, init: null). To continue a weaver by GRPO, use "
+                f"`memgen grpo-weaver --init {cfg.init}`."
+            )
+    ckpts = checkpoint_dir(cfg)
+    sections = ("model", "lora", "weaver", "data", "reward")
+    point = sft_run.resume_point(ckpts, resume, to_dict(cfg), sections)
+    recipe = ckpts / "recipe.yaml"
+    if point is not None and recipe.exists():
+        before = yaml.safe_load(recipe.read_text()).get("init")
+        if before != cfg.init:
+            raise MemgenError(
+                f"The checkpoints in {ckpts} started from init {before}, not {cfg.init}. "
+                f"Resume with the same init, or delete {ckpts} to start over."
+            )
+    return point, manifest
+
+
+def check_init_base(cfg: BaselineGRPOConfig, manifest: dict, base) -> None:
+    want = manifest["reasoner"]
+    if want.get("fingerprint") != base.fingerprint:
+        raise MemgenError(
+            f'init {cfg.init} was trained on base "{want.get("name")}" (fingerprint '
+            f"{str(want.get('fingerprint'))[:12]}), not on {base.name} (fingerprint "
+            f"{base.fingerprint[:12]}): pass --base {want.get('name')}, or an init trained on "
+            f"{base.name}."
+        )
+
+
+# ---------------------------------------------------------------------------- rewards
+def by_index(fn: rl.RewardFn, examples: list[Example]) -> rl.RewardFn:
+    """``fn`` as TRL calls it, with the columns grpo-weaver gives rewards: each completion's
+    example (``rl.example_columns``, looked up by the dataset's ``index`` column) and
+    ``completion_ids``. Goes through ``rl.score``, so a failing or malformed reward stops the
+    run with one message naming it."""
+
+    def reward(prompts, completions, index, completion_ids=None, **_):
+        columns = rl.example_columns([examples[i] for i in index])
+        columns["completion_ids"] = completion_ids
+        table, _ = rl.score([fn], [1.0], prompts, completions, columns)
+        return [None if math.isnan(v) else v for v in table[:, 0].tolist()]
+
+    reward.__name__ = reward.__qualname__ = rl.reward_name(fn)  # TRL's metric names
+    return reward
+
+
+@torch.no_grad()
+def heldout_accuracy(model, tok, examples, reward, cfg: BaselineGRPOConfig, batch=8) -> float:
+    """Greedy accuracy (the task's grader) on held-out problems, as ``memgen eval`` scores a
+    baseline (its prompt, greedy answers of at most ``max_completion_length`` tokens)."""
+    was_training = model.training
+    model.eval()
+    d, device = cfg.data, model.get_input_embeddings().weight.device
+    eos = model.generation_config.eos_token_id
+    eos = sorted({tok.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])})
+    hits = []
+    for i in range(0, len(examples), batch):
+        part = examples[i : i + batch]
+        msgs = [to_messages(e, d.prompt_suffix, d.system) for e in part]
+        enc = encode_prompts(tok, msgs, device)
+        out = model.generate(
+            **enc,
+            max_new_tokens=cfg.training.max_completion_length,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=tok.pad_token_id,
+        )
+        text = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        hits += reward(prompts=msgs, completions=text, **rl.example_columns(part))
+    model.train(was_training)
+    return sum(hits) / max(len(hits), 1)
+
+
+# ------------------------------------------------------------------------------- run
+def run(
+    cfg: BaselineGRPOConfig,
+    resume: str | None = None,
+    console: Console | None = None,
+    callbacks: list | None = None,
+) -> Path:
+    """Train the LoRA baseline by GRPO and write the artifact to ``cfg.output``; returns it."""
+    console = console or Console()
+    # 1. validate
+    resume_from, init = validate(cfg, resume)
+    task, train, held, data_seed = sft_run.load_examples(cfg)
+    plugins = [rl.load_reward(spec) for spec in cfg.reward.functions]
+
+    # 2. build
+    d, t, r = cfg.data, cfg.training, cfg.reward
+    set_seed(t.seed)
+    base = load_base(cfg.model.base, cfg.model.device, cfg.model.dtype, cfg.model.revision)
+    tok = base.tokenizer
+    if init is not None:
+        check_init_base(cfg, init, base)
+        model, _, _ = load_baseline(cfg.init, base, trainable=True)
+        lora, peft_config = dict(init["lora"]), None
+        weaver_count = weaver_trainable_params(base.model, cfg.weaver)
+        recorded = init.get("prompt", {}).get("prompt_suffix")
+        if recorded is not None and recorded != d.prompt_suffix:
+            console.print(
+                f"[yellow]warning:[/] data.prompt_suffix {d.prompt_suffix!r} differs from the one "
+                f"{cfg.init} was trained with ({recorded!r})."
+            )
+    else:
+        model = base.model
+        lora, peft_config, weaver_count = lora_settings(base, cfg.lora, cfg.weaver)
+    accuracy = rl.task_reward(task)
+    funcs = ([accuracy] if r.task_weight > 0 else []) + plugins
+    weights = ([r.task_weight] if r.task_weight > 0 else []) + (r.weights or [1.0] * len(plugins))
+    ckpts = checkpoint_dir(cfg)
+    args = trl.GRPOConfig(
+        **sft_run.trainer_arguments(t, ckpts, base.model.device),  # batch_size: completions
+        num_generations=t.num_generations,
+        temperature=t.temperature,
+        top_p=t.top_p,
+        max_completion_length=t.max_completion_length,
+        loss_type=t.loss_type,
+        scale_rewards=t.scale_rewards,
+        beta=t.beta,
+        epsilon=t.epsilon,
+        epsilon_high=t.epsilon_high,
+        num_iterations=t.num_iterations,
+        mask_truncated_completions=t.mask_truncated_completions,
+        disable_dropout=t.disable_dropout,
+        reward_weights=weights,
+        activation_checkpointing=False,  # TRL turns it on by default; grpo-weaver does not
+        log_completions=False,
+    )
+    main = args.process_index == 0
+    say = console.print if main else (lambda *a, **k: None)
+    acc: dict[str, float] = {}
+    if held and main and resume_from is None:
+        # A fresh LoRA's B is zero: before training, the adapted reasoner is the plain one.
+        acc["initial"] = heldout_accuracy(model, tok, held, accuracy, cfg)
+    if main:
+        begin_checkpoints(ckpts, cfg, resume_from)
+    clock = Throughput(t.batch_size * t.grad_accumulation * args.world_size)
+    stop = StopOnSignal()
+    prompts = [
+        {"prompt": to_messages(e, d.prompt_suffix, d.system), "index": i}
+        for i, e in enumerate(train)
+    ]
+    datasets.disable_progress_bars()
+    trainer = trl.GRPOTrainer(
+        model=model,
+        reward_funcs=[by_index(f, train) for f in funcs],
+        args=args,
+        train_dataset=datasets.Dataset.from_list(prompts),
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=trainer_callbacks(GRPOProgress(clock, console), ckpts, clock, stop, callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)  # the progress line replaces the raw dict printer
+    model = trainer.model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(
+        f"baseline grpo: LoRA r {lora['r']} on {', '.join(lora['targets'])}"
+        + (f" from {cfg.init}" if cfg.init else "")
+        + f", {trainable:,} trainable parameters (the weaver: {weaver_count:,}); "
+        f"{len(train)} prompts from {task.name}, G={t.num_generations}, rewards "
+        f"{', '.join(rl.reward_name(f) for f in funcs)}, {world_size()} process(es)"
+        + (f", resuming from {resume_from}" if resume_from else "")
+    )
+    if resume == "auto" and resume_from is None:
+        say(f"--resume auto: no checkpoint in {ckpts}, starting from scratch")
+
+    # 3. loop
+    _, wall = fit(trainer, resume_from, stop, ckpts)
+
+    # 4. save (main process; the others wait so that the run ends together)
+    if main:
+        if "ref" in model.peft_config:  # TRL's frozen copy of init's adapter for beta > 0
+            model.delete_adapter("ref")
+        if held:
+            acc["final"] = heldout_accuracy(model, tok, held, accuracy, cfg)
+        logged = [row for row in trainer.state.log_history if "reward" in row]
+        summary = {
+            "stage": "baseline-grpo",
+            "method": "lora-grpo",
+            **data_summary(task, cfg, data_seed),
+            "samples": len(train),  # prompts: what `memgen eval` counts as drawn
+            "heldout_samples": len(held),
+            "heldout_accuracy": {k: round(v, 4) for k, v in acc.items()},
+            "rewards": [rl.reward_name(f) for f in funcs],
+            "reward_weights": weights,
+            "num_generations": t.num_generations,
+            "loss_type": t.loss_type,
+            "beta": t.beta,
+            "init": cfg.init,
+            "first_reward": logged[0]["reward"] if logged else None,
+            "final_reward": logged[-1]["reward"] if logged else None,
+            **run_summary(trainer, clock, wall, resume_from),
+        }
+        budget = {"trainable_params": trainable, "weaver_trainable_params": weaver_count}
+        out = save(model, base, cfg, lora, budget, summary, parent=cfg.init)
+        console.print(summary_table(summary, lora, budget, out))
+    trainer.accelerator.wait_for_everyone()
+    return Path(cfg.output)
+
+
+def summary_table(s: dict, lora: dict, budget: dict, out: Path) -> Table:
+    table = Table(title=f"baseline grpo → {out}", show_header=False)
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    rows = [
+        ("task", f"{s['task']} ({s['samples']} prompts, G={s['num_generations']})"),
+        ("LoRA", f"r {lora['r']}, alpha {lora['alpha']} on {', '.join(lora['targets'])}"),
+        (
+            "trainable parameters",
+            f"{budget['trainable_params']:,} (weaver: {budget['weaver_trainable_params']:,})",
+        ),
+        ("steps / epochs", f"{s['steps']} / {s['epochs']}"),
+        ("reward first → final", f"{fmt(s['first_reward'])} → {fmt(s['final_reward'])}"),
+        ("samples/s", f"{s['samples_per_s']:.2f}" if s["samples_per_s"] else "-"),
+        ("wall time", f"{s['wall_s']:.0f} s on {s['world_size']} process(es)"),
+    ]
+    rows += [(f"held-out accuracy ({k})", f"{v:.3f}") for k, v in s["heldout_accuracy"].items()]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
