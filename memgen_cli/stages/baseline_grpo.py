@@ -204,9 +204,9 @@ def run(
     tok = base.tokenizer
     if init is not None:
         check_init_base(cfg, init, base)
+        weaver_count = weaver_trainable_params(base.model, cfg.weaver)  # before LoRA wraps it
         model, _, _ = load_baseline(cfg.init, base, trainable=True)
         lora, peft_config = dict(init["lora"]), None
-        weaver_count = weaver_trainable_params(base.model, cfg.weaver)
         recorded = init.get("prompt", {}).get("prompt_suffix")
         if recorded is not None and recorded != d.prompt_suffix:
             console.print(
