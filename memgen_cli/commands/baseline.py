@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from memgen_cli.commands import options as o
+from memgen_cli.commands.grpo_weaver import DATA_HELP as GRPO_DATA_HELP
 from memgen_cli.commands.sft_weaver import DATA_HELP, _columns
 from memgen_cli.stages import baseline as sft_stage
 from memgen_cli.stages import baseline_grpo as grpo_stage
@@ -93,7 +94,7 @@ def grpo(
     ] = None,
     set_: o.Set = None,
     base: o.Base = None,
-    data: Data = None,
+    data: Annotated[str | None, typer.Option("--data", help=GRPO_DATA_HELP)] = None,
     task_option: TaskOption = None,
     init: Annotated[
         Path | None,
