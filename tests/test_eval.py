@@ -461,12 +461,20 @@ def test_two_artifacts_two_modes_one_row_per_pair_on_the_same_problems(tiny, mor
         expected = ev.paired(by[keys[0]], by[key])
         assert row["vs_first"] == {"artifact": str(first), "mode": "off", **expected}
         assert row["accuracy"] == sum(by[key]) / 5
-    # Memory off is the plain reasoner whichever weaver is loaded: the same completions.
+    # Memory off is the plain reasoner whichever weaver is loaded: it runs once and the
+    # second artifact's row reuses it; a run of the second artifact alone gives the same.
     off = [
         [p["completion"] for p in preds if p["mode"] == "off" and p["artifact"] == str(a)]
         for a in (first, second)
     ]
     assert off[0] == off[1]
+    alone = eval_json(
+        "--artifact", second, "--data", data, "--memory", "off", "--limit", 5,
+        "--max-new-tokens", 8, "--batch-size", 2, "--output", tmp_path / "alone",
+    )  # fmt: skip
+    assert [p["completion"] for p in read_predictions(tmp_path / "alone")] == off[1]
+    assert alone["results"][0]["accuracy"] == rows[2]["accuracy"]
+    assert rows[2]["reused_from"] == str(first) and "reused_from" not in rows[0]
     args = [
         "eval",
         "--artifact",
@@ -646,3 +654,18 @@ def test_embedded_model_off_mode_matches_plain_transformers_generate(tmp_path):
         text = tok.decode(ids, skip_special_tokens=True)
         assert p["completion"] == text
         assert p["prompt"].endswith("Put your final answer within \\boxed{}.")
+
+
+def test_full_runs_only_where_an_artifact_has_a_trained_trigger(tmp_path):
+    quiet = Console(file=open(os.devnull, "w"))
+    _, plain = tiny_artifact(tmp_path / "a")
+    _, triggered = tiny_artifact(tmp_path / "b", trained_trigger=True)
+    entries = ev.plan_entries([plain, triggered], "off,weaver,full", quiet)
+    assert [(e.path, e.modes) for e in entries] == [
+        (plain, ["off", "weaver"]),
+        (triggered, ["off", "weaver", "full"]),
+    ]
+    entries = ev.plan_entries([plain, triggered], "full", quiet)
+    assert [(e.path, e.modes) for e in entries] == [(triggered, ["full"])]
+    with pytest.raises(MemgenError, match="needs a trained trigger"):
+        ev.plan_entries([plain], "off,full", quiet)  # alone: asked for what it cannot do

@@ -124,6 +124,7 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
     started = time.perf_counter()
     results, predictions, used = [], [], []
     sampling_seed = opts.gen.seed if opts.seed is None else opts.seed
+    plain: dict[tuple, tuple[str | None, list[dict], dict]] = {}  # memory-off runs, for reuse
     for entry in entries:
         session = open_entry(entry, opts, device)
         suffix = resolve_suffix(session, opts.prompt_suffix, notes)
@@ -137,10 +138,25 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
             batches = make_batches(session.model.tokenizer, items, opts.batch_size)
             mine = distributed.shard(list(enumerate(batches)), dist.rank, dist.world_size)
             for mode in entry.modes:
+                # Memory off of a weaver artifact is its plain reasoner: the same for every
+                # artifact on the same base with the same prompt, so it runs once.
+                key = (label, session.base.fingerprint, suffix, system)
+                if mode == "off" and not entry.is_baseline and key in plain:
+                    first, done, row = plain[key]
+                    if dist.is_main:
+                        notes.print(
+                            f"{_short(entry.label)} · memory off: the same reasoner, prompt and "
+                            f"problems as {_short(first)}'s; its answers are reused"
+                        )
+                        results.append({**row, "artifact": entry.label, "reused_from": first})
+                        predictions += [{**r, "artifact": entry.label} for r in done]
+                    continue
                 gen = replace(opts.gen, memory=mode, seed=sampling_seed)
                 part = run_mode(session, task, label, mine, gen, notes, show=dist.is_main)
                 parts = distributed.gather_to_main(part)
                 if not dist.is_main:
+                    if mode == "off" and not entry.is_baseline:
+                        plain[key] = (entry.label, [], {})
                     continue
                 records = sorted((r for p in parts for r in p["records"]), key=lambda r: r["index"])
                 for r in records:
@@ -151,6 +167,8 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
                 )
                 results.append({"artifact": entry.label, **row})
                 predictions += records
+                if mode == "off" and not entry.is_baseline:
+                    plain[key] = (entry.label, records, row)
         del session  # one model in memory at a time
     if not dist.is_main:
         return {}
@@ -197,6 +215,10 @@ def artifact_paths(artifact) -> list[Path]:
     return [Path(s) for s in dict.fromkeys(s for s in specs if s)]
 
 
+def asked_modes(memory: str | None) -> list[str]:
+    return [m.strip() for m in (memory or "").split(",") if m.strip()]
+
+
 def plan_entries(paths: list[Path], memory: str | None, notes: Console) -> list[Entry]:
     """What runs: without artifacts the plain reasoner (memory off); a weaver artifact in the
     modes asked for (default: off + every mode it supports); a LoRA baseline as the adapted
@@ -204,10 +226,18 @@ def plan_entries(paths: list[Path], memory: str | None, notes: Console) -> list[
     if not paths:
         return [Entry(None, None, None, parse_modes(memory, None, notes))]
     entries = []
+    weavers = [p for p in paths if read_manifest(p).get("kind") != "baseline"]
+    triggered = [p for p in weavers if read_manifest(p)["trigger"].get("trained")]
     for path in paths:
         manifest = read_manifest(path)
         if manifest.get("kind") == "baseline":
             entries.append(Entry(str(path), path, manifest, ["off"]))
+        elif triggered and path not in triggered and "full" in asked_modes(memory):
+            # Several artifacts: full runs where there is a trained trigger to run it.
+            rest = ",".join(m for m in memory.split(",") if m.strip() != "full")
+            notes.print(f"{path}: no trained trigger, so no memory full row for it.")
+            if rest.strip(", "):
+                entries.append(Entry(str(path), path, manifest, parse_modes(rest, manifest, notes)))
         else:
             entries.append(Entry(str(path), path, manifest, parse_modes(memory, manifest, notes)))
     asked = [m for m in (memory or "").split(",") if m.strip() and m.strip() != "off"]
