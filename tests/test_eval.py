@@ -421,7 +421,8 @@ def test_artifact_lists_split_on_commas_and_drop_repeats():
 
 @pytest.fixture(scope="module")
 def more(tiny, tmp_path_factory):
-    """A second weaver (other weaver tensors, same tiny base) and a LoRA baseline."""
+    """A second weaver artifact (another directory; seeded alike, so the same tensors) and a LoRA
+    baseline."""
     from memgen_cli.stages import baseline
 
     tmp = tmp_path_factory.mktemp("more")
@@ -669,3 +670,33 @@ def test_full_runs_only_where_an_artifact_has_a_trained_trigger(tmp_path):
     assert [(e.path, e.modes) for e in entries] == [(triggered, ["full"])]
     with pytest.raises(MemgenError, match="needs a trained trigger"):
         ev.plan_entries([plain], "off,full", quiet)  # alone: asked for what it cannot do
+
+
+def test_an_artifact_with_the_same_weaver_reuses_its_rows(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, first, data = tiny
+    copy = shutil.copytree(first, tmp_path / "copy")  # e.g. a trigger artifact's weaver
+    second = shutil.copytree(first, tmp_path / "second")  # the same but one weaver tensor
+    tensors = load_file(second / "weaver.safetensors")
+    tensors["queries.prompt"] = tensors["queries.prompt"] + 0.5
+    save_file(tensors, second / "weaver.safetensors")
+    got = eval_json(
+        "--artifact", f"{first},{second},{copy}", "--data", data, "--memory", "off,weaver",
+        "--limit", 4, "--max-new-tokens", 8, "--batch-size", 2, "--output", tmp_path / "e",
+    )  # fmt: skip
+    reused = [(r["artifact"], r["mode"], r.get("reused_from")) for r in got["results"]]
+    assert reused == [
+        (str(first), "off", None),
+        (str(first), "weaver", None),
+        (str(second), "off", str(first)),
+        (str(second), "weaver", None),  # other weaver tensors: run
+        (str(copy), "off", str(first)),
+        (str(copy), "weaver", str(first)),
+    ]
+    preds = read_predictions(tmp_path / "e")
+    rows = {
+        (a, m): [p["completion"] for p in preds if (p["artifact"], p["mode"]) == (a, m)]
+        for a, m, _ in reused
+    }
+    assert rows[(str(copy), "weaver")] == rows[(str(first), "weaver")]

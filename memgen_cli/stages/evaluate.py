@@ -17,11 +17,12 @@ run computes exactly what a single process computes, only spread out.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -124,7 +125,7 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
     started = time.perf_counter()
     results, predictions, used = [], [], []
     sampling_seed = opts.gen.seed if opts.seed is None else opts.seed
-    plain: dict[tuple, tuple[str | None, list[dict], dict]] = {}  # memory-off runs, for reuse
+    done: dict[tuple, tuple[str | None, list[dict], dict]] = {}  # runs that can be reused
     for entry in entries:
         session = open_entry(entry, opts, device)
         suffix = resolve_suffix(session, opts.prompt_suffix, notes)
@@ -138,25 +139,23 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
             batches = make_batches(session.model.tokenizer, items, opts.batch_size)
             mine = distributed.shard(list(enumerate(batches)), dist.rank, dist.world_size)
             for mode in entry.modes:
-                # Memory off of a weaver artifact is its plain reasoner: the same for every
-                # artifact on the same base with the same prompt, so it runs once.
-                key = (label, session.base.fingerprint, suffix, system)
-                if mode == "off" and not entry.is_baseline and key in plain:
-                    first, done, row = plain[key]
+                key = same_run_key(entry, session, mode, (label, suffix, system))
+                if key in done:
+                    first, records, row = done[key]
                     if dist.is_main:
                         notes.print(
-                            f"{_short(entry.label)} · memory off: the same reasoner, prompt and "
+                            f"{_short(entry.label)} · memory {mode}: the same model, prompt and "
                             f"problems as {_short(first)}'s; its answers are reused"
                         )
                         results.append({**row, "artifact": entry.label, "reused_from": first})
-                        predictions += [{**r, "artifact": entry.label} for r in done]
+                        predictions += [{**r, "artifact": entry.label} for r in records]
                     continue
                 gen = replace(opts.gen, memory=mode, seed=sampling_seed)
                 part = run_mode(session, task, label, mine, gen, notes, show=dist.is_main)
                 parts = distributed.gather_to_main(part)
+                if key is not None:
+                    done[key] = (entry.label, [], {})
                 if not dist.is_main:
-                    if mode == "off" and not entry.is_baseline:
-                        plain[key] = (entry.label, [], {})
                     continue
                 records = sorted((r for p in parts for r in p["records"]), key=lambda r: r["index"])
                 for r in records:
@@ -167,8 +166,8 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
                 )
                 results.append({"artifact": entry.label, **row})
                 predictions += records
-                if mode == "off" and not entry.is_baseline:
-                    plain[key] = (entry.label, records, row)
+                if key is not None:
+                    done[key] = (entry.label, records, row)
         del session  # one model in memory at a time
     if not dist.is_main:
         return {}
@@ -213,6 +212,27 @@ def artifact_paths(artifact) -> list[Path]:
     items = artifact if isinstance(artifact, (list, tuple)) else [artifact]
     specs = [s.strip() for item in items if item is not None for s in str(item).split(",")]
     return [Path(s) for s in dict.fromkeys(s for s in specs if s)]
+
+
+def same_run_key(entry: Entry, session: Session, mode: str, where: tuple) -> tuple | None:
+    """What makes two rows the same computation, so that a later one reuses the first.
+
+    Memory off of a weaver artifact is its plain reasoner; memory weaver ignores the trigger.
+    So artifacts on the same base (a weaver and its GRPO or trigger children, say) share their
+    off rows, and a trigger artifact shares its weaver row with its parent. Sampling is seeded
+    per batch, so the reuse holds for sampled runs too. Baselines are never shared.
+    """
+    if entry.is_baseline or mode == "full":
+        return None
+    key = (*where, session.base.fingerprint, mode)
+    if mode == "off":
+        return key
+    model = session.model
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.weaver_parameters().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return (*key, digest.hexdigest(), json.dumps(asdict(model.cfg), sort_keys=True))
 
 
 def asked_modes(memory: str | None) -> list[str]:
