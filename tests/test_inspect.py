@@ -211,6 +211,7 @@ TOP_KEYS = {
     "accuracy",
     "examples",
     "insertions",
+    "skipped",
     "clusters",
     "drop_cluster",
     "plots",
@@ -331,7 +332,7 @@ def prompt_run(artifact, tmp_path_factory):
 
 def test_prompt_json_has_the_documented_stable_keys(prompt_run, artifact):
     data, out, before = prompt_run
-    assert set(data) == TOP_KEYS and data["schema_version"] == 1 and data["mode"] == "prompt"
+    assert set(data) == TOP_KEYS and data["schema_version"] == 2 and data["mode"] == "prompt"
     assert set(data["examples"][0]) == EXAMPLE_KEYS and set(data["timings"]) == TIMING_KEYS
     assert data["attention_implementation"] == "eager"
     recs = data["insertions"]
@@ -576,3 +577,23 @@ def test_probes_on_the_embedded_model(tmp_path):
     weight = mg.reasoner.get_input_embeddings().weight.detach()
     ids, _ = P.nearest_tokens(weight[[1000, 2000]], vocab, 3)
     assert ids[:, 0].tolist() == [1000, 2000]
+
+
+def test_skipped_boundaries_are_reported_with_the_trigger_probability():
+    from memgen_cli.inspection import report as R
+
+    mg = diverse(make_memgen("llama", trigger_threshold=0.999))
+    mg.trigger.trained.fill_(True)  # a trained trigger that (almost) never invokes
+    enc = encode_prompts(mg.tokenizer, [[{"role": "user", "content": QUESTION}]], "cpu")
+    gen = GenerationConfig(max_new_tokens=40, memory="full")
+    out = generate(mg, enc["input_ids"], enc["attention_mask"], gen)
+    skips = out.trace.skips_for_row(0)
+    assert skips, "the random clause table gives boundaries to skip"
+    got = R.skipped_records(mg.tokenizer, out.trace, 0, 3, out.tokens[0])
+    assert [r["token_index"] for r in got] == sorted(s.token_index for s in skips)
+    assert all(r["example"] == 3 and 0 < r["trigger_prob"] < 0.999 for r in got)
+    first = min(skips, key=lambda s: s.token_index)
+    text = mg.tokenizer.decode(out.tokens[0][: first.token_index], skip_special_tokens=True)
+    assert got[0]["text_before"] == text[-len(got[0]["text_before"]) :]
+    assert got[0]["trigger_prob"] == round(first.trigger_prob, 4)
+    assert [i.kind for i in out.trace.for_row(0)] == ["prompt"]  # nothing woven inside

@@ -53,6 +53,7 @@ def new_report(version, opts, session, digest, memory, suffix, vocab) -> dict:
         "accuracy": None,
         "examples": [],
         "insertions": [],
+        "skipped": [],
         "clusters": None,
         "drop_cluster": None,
         "plots": {},
@@ -121,6 +122,21 @@ def insertion_record(
         "cluster": None,
         "correct": None,
     }
+
+
+def skipped_records(tokenizer, trace, row: int, example: int, tokens) -> list[dict]:
+    """The clause boundaries where a trained trigger decided not to weave (memory full)."""
+    return [
+        {
+            "example": example,
+            "token_index": skip.token_index,
+            "text_before": tokenizer.decode(tokens[: skip.token_index], skip_special_tokens=True)[
+                -CONTEXT_CHARS:
+            ],
+            "trigger_prob": round(skip.trigger_prob, 4),
+        }
+        for skip in sorted(trace.skips_for_row(row), key=lambda k: k.token_index)
+    ]
 
 
 def ablation_record(logp_with, logp_without, completion, other, answer, other_answer) -> dict:
@@ -299,11 +315,23 @@ def print_terminal(console: Console, report: dict) -> None:
         )
         for rec in recs:
             console.print(insertion_table(rec))
+        for skip in report["skipped"]:
+            console.print(
+                Text(
+                    f"skipped · after {skip['token_index']} answer tokens "
+                    f"(…{skip['text_before'][-30:]!r}) · trigger {skip['trigger_prob']:.3f}",
+                    style="dim",
+                )
+            )
     else:
         n = len(report["examples"])
         console.print(
             f"[bold]{report['task']}[/]: {n} answers, accuracy {100 * report['accuracy']:.1f}%, "
             f"{len(recs)} insertions ({sum(r['kind'] == 'inference' for r in recs)} inside answers)"
+            + (
+                f", {len(report['skipped'])} boundaries skipped by the trigger"
+                * bool(report["skipped"])
+            )
         )
     if report["clusters"] is not None:
         console.print(cluster_table(report))

@@ -36,7 +36,7 @@ from memgen_cli.inspection import probe as P
 from memgen_cli.inspection import report as R
 from memgen_cli.stages.common import open_session, resolve_suffix, segments, user_message
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `skipped` (boundaries a trained trigger did not weave at)
 DEFAULT_CLUSTERS = 4
 
 
@@ -220,6 +220,7 @@ def inspect_prompt(job: Job, message: dict) -> None:
     example = R.example_record(0, message["content"], completion, len(tokens), eos is not None)
     example["answer"] = extract_math_answer(completion)
     report["examples"].append(example)
+    report["skipped"] = R.skipped_records(model.tokenizer, out.trace, 0, 0, tokens)
     job.latents = [ins.latents for ins in found]
     job.lap("generate_s")
 
@@ -289,6 +290,7 @@ def inspect_data(job: Job) -> None:
         completion, grade = _grade(job, out, row, e)
         record = R.example_record(e, ex.question, completion, len(tokens), out.finished[row], ex.id)
         record.update(answer=job.task.extract(completion), gold=ex.answer, correct=grade)
+        report["skipped"] += R.skipped_records(model.tokenizer, out.trace, row, e, tokens)
         first = len(report["insertions"])
         for ins in found:
             rec = R.describe(
