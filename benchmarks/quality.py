@@ -12,6 +12,17 @@ the paired difference of each row against memory off, mean insertions per answer
     .venv/bin/python benchmarks/quality.py --n 100 --no-lora --set training.max_steps=60
     .venv/bin/python benchmarks/quality.py --reuse runs/quality     # re-evaluate trained models
 
+``--table``: the paper's comparison (Table 3) on one recipe family: vanilla, LoRA-SFT,
+weaver-SFT, LoRA-GRPO, weaver-GRPO and weaver-GRPO + trained trigger, each trained by its stage
+from the recipes beside the SFT one (``baseline-sft``, ``grpo-weaver`` from the SFT weaver,
+``baseline-grpo`` from the LoRA-SFT adapter, ``train-trigger`` on the GRPO weaver), all scored in
+one ``memgen eval`` run on the same problems (rows that repeat a computation are reused, see
+``same_run_key``). One JSON table: per row, accuracy ± s.e. on both tasks, the paired figure
+against vanilla, training seconds (the stage's own, and the sum along its chain), trainable
+parameters and insertions per answer.
+
+    .venv/bin/python benchmarks/quality.py --table --reuse           # trains what is missing
+
 Run it alone on the machine: training and evaluation times are part of what it reports.
 """
 
@@ -20,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -28,7 +40,14 @@ from rich.console import Console
 
 from memgen_cli.artifacts import read_manifest
 from memgen_cli.config import BaselineConfig, GenerationConfig, SFTConfig, load_recipe
-from memgen_cli.stages import baseline, evaluate, sft_weaver
+from memgen_cli.stages import (
+    baseline,
+    baseline_grpo,
+    evaluate,
+    grpo_weaver,
+    sft_weaver,
+    train_trigger,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/smollm2-135m/basic_arithmetic/sft-weaver.yaml"
@@ -53,6 +72,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-lora", action="store_true", help="skip the LoRA-SFT reference")
     p.add_argument("--output", default="runs/quality", help="folder for models and evals")
     p.add_argument("--reuse", action="store_true", help="keep models already in --output")
+    p.add_argument("--table", action="store_true", help="the six rows of the paper's table")
+    p.add_argument(
+        "--rows", default=",".join(TABLE_ROWS), help="table rows to train and score (comma list)"
+    )
+    p.add_argument(
+        "--use",
+        action="append",
+        default=[],
+        help="NAME=DIR: take table artifact NAME (weaver, lora, weaver-grpo, lora-grpo, trigger) "
+        "from DIR instead of training it",
+    )
+    p.add_argument(
+        "--trigger-parent", default="weaver-grpo", help="the weaver the trigger is trained on"
+    )
+    for row in ("grpo", "lora-grpo", "trigger"):
+        p.add_argument(
+            f"--{row}-set", action="append", default=[], help=f"a.b=value for the {row} recipe"
+        )
     return p.parse_args(argv)
 
 
@@ -106,8 +143,159 @@ def evaluate_task(
     return {"task": task, "task_options": options, "seconds": metrics["seconds"], "rows": rows}
 
 
+# --------------------------------------------------------------------------- the table
+# row -> (artifact, memory mode); the artifacts' folders under --output
+TABLE_ROWS = {
+    "vanilla": ("weaver", "off"),
+    "lora-sft": ("lora", "off"),
+    "weaver-sft": ("weaver", "weaver"),
+    "lora-grpo": ("lora-grpo", "off"),
+    "weaver-grpo": ("weaver-grpo", "weaver"),
+    "weaver-grpo+trigger": ("trigger", "full"),
+}
+PARENT = {"weaver-grpo": "weaver", "lora-grpo": "lora", "trigger": "weaver-grpo"}
+
+
+def table_artifacts(args) -> tuple[list[str], dict[str, Path]]:
+    """The rows asked for, and the artifacts they need (given by --use, or trained in order)."""
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in TABLE_ROWS]
+    if unknown:
+        raise SystemExit(f"--rows: unknown {unknown}; choose from {list(TABLE_ROWS)}")
+    PARENT["trigger"] = args.trigger_parent
+    needed: list[str] = []
+
+    def need(name: str) -> None:
+        if name in PARENT:
+            need(PARENT[name])
+        if name not in needed:
+            needed.append(name)
+
+    for row in rows:
+        need(TABLE_ROWS[row][0])
+    given = dict(item.split("=", 1) for item in args.use)
+    return rows, {name: Path(given[name]) for name in needed if name in given} | {
+        name: Path(args.output) / name for name in needed if name not in given
+    }
+
+
+def train_table(args, cfg: SFTConfig, out: Path, quiet: Console) -> tuple[list, dict]:
+    """The SFT artifacts as ``train`` makes them, then the GRPO ones from them and the trigger
+    (each only where a row needs it and it is neither --use'd nor, with --reuse, on disk)."""
+    rows, paths = table_artifacts(args)
+    ready = {
+        n
+        for n, p in paths.items()
+        if p.parent != out or (args.reuse and (p / "memgen.json").is_file())
+    }
+    if not {"weaver", "lora"} <= ready:
+        train(cfg, out, "lora" in paths and "lora" not in ready, args.reuse, quiet)
+    family = Path(args.recipe).parent
+    stages = {
+        "weaver-grpo": (grpo_weaver, "grpo-weaver.yaml", args.grpo_set, "init"),
+        "lora-grpo": (baseline_grpo, "baseline-grpo.yaml", args.lora_grpo_set, "init"),
+        "trigger": (train_trigger, "train-trigger.yaml", args.trigger_set, "artifact"),
+    }
+    for name, (stage, recipe, overrides, parent_key) in stages.items():
+        if name not in paths or name in ready:
+            continue
+        parent = {parent_key: paths[PARENT[name]]}
+        conf = stage.resolve_config(family / recipe, overrides, output=paths[name], **parent)
+        stage.run(conf, console=quiet)
+    return rows, paths
+
+
+def trainable_params(path: Path, manifest: dict, lora_manifest: dict) -> int:
+    """What the row's last stage trained: a LoRA, the weaver, or the trigger head."""
+    if manifest.get("kind") == "baseline":
+        return manifest["budget"]["trainable_params"]
+    if manifest["training"].get("stage") == "train-trigger":
+        shapes = manifest["tensors"]["trigger"]
+        return sum(math.prod(s) for name, s in shapes.items() if name != "trained")
+    if lora_manifest is not None:
+        return lora_manifest["budget"]["weaver_trainable_params"]
+    return None  # counted by the LoRA baseline's stage; not trained here
+
+
+def table(args, cfg: SFTConfig, out: Path, quiet: Console) -> dict:
+    rows_asked, paths = train_table(args, cfg, out, quiet)
+    manifests = {name: read_manifest(path) for name, path in paths.items()}
+    own = [f"{k}={json.dumps(v)}" for k, v in cfg.data.options.items()]
+    cross_opts = CROSS_OPTIONS if args.cross_option is None else args.cross_option
+    specs = [(cfg.data.task, own, args.n)] + (
+        [(args.cross, cross_opts, args.cross_n)] * bool(args.cross)
+    )
+    names = list(paths)
+    evals = []
+    for task, options, n in specs:
+        opts = evaluate.EvalOptions(
+            data=[task],
+            artifact=[paths[name] for name in names],
+            memory=",".join(dict.fromkeys(TABLE_ROWS[r][1] for r in ["vanilla", *rows_asked])),
+            limit=n,
+            batch_size=args.batch_size,
+            gen=GenerationConfig(args.max_new_tokens, memory="off"),
+            task_options=options,
+            output=out / f"table-{task.replace(':', '-')}",
+            json=False,  # the table goes to stderr; stdout is this script's JSON
+        )
+        evals.append((task, evaluate.run(opts, console=quiet)))
+
+    def chain(name: str) -> float:  # training seconds along the row's lineage
+        own_s = manifests[name]["training"].get("wall_s") or 0.0
+        return own_s + (chain(PARENT[name]) if name in PARENT else 0.0)
+
+    parents = {n: PARENT[n] for n in paths if n in PARENT}
+
+    rows = []
+    for row in rows_asked:
+        name, mode = TABLE_ROWS[row]
+        entry = {"row": row, "artifact": str(paths[name]), "mode": mode}
+        if row != "vanilla":
+            entry["train_s"] = manifests[name]["training"].get("wall_s")
+            entry["train_s_total"] = round(chain(name), 1)
+            entry["trainable_params"] = trainable_params(
+                paths[name], manifests[name], manifests.get("lora")
+            )
+        for task, metrics in evals:
+            got = next(
+                r
+                for r in metrics["results"]
+                if r["artifact"] == str(paths[name]) and r["mode"] == mode
+            )
+            entry[task] = {
+                "accuracy": round(100 * got["accuracy"], 2),
+                "stderr": round(100 * got["stderr"], 2),
+                "n": got["n"],
+                "insertions_per_answer": round(got["mean_insertions"], 2),
+                "tokens_per_answer": round(got["mean_tokens"], 1),
+                "samples_per_s": got["samples_per_s"] and round(got["samples_per_s"], 2),
+                "vs_vanilla": got.get("vs_first"),
+            }
+        rows.append(entry)
+    return {
+        "table": rows,
+        "family": str(Path(args.recipe).parent),
+        "artifacts": {name: str(path) for name, path in paths.items()},
+        "parents": parents,
+        "overrides": {
+            "sft": args.overrides,
+            "grpo": args.grpo_set,
+            "lora-grpo": args.lora_grpo_set,
+            "trigger": args.trigger_set,
+        },
+        "eval_seconds": {task: metrics["seconds"] for task, metrics in evals},
+        "heldout_loss": manifests["weaver"]["training"].get("heldout_loss"),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.table:
+        cfg = load_recipe(SFTConfig, args.recipe, args.overrides)
+        print(json.dumps(table(args, cfg, Path(args.output), Console(file=sys.stderr))))
+        return
     torch_threads = os.environ.get("OMP_NUM_THREADS")
     cfg = load_recipe(SFTConfig, args.recipe, args.overrides)
     out = Path(args.output)
