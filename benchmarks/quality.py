@@ -250,7 +250,11 @@ def table(args, cfg: SFTConfig, out: Path, quiet: Console) -> dict:
     rows = []
     for row in rows_asked:
         name, mode = TABLE_ROWS[row]
-        entry = {"row": row, "artifact": str(paths[name]), "mode": mode}
+        label = row
+        if name == "trigger":  # named after the weaver it was trained on
+            label = {"weaver": "weaver-sft", "weaver-grpo": "weaver-grpo"}[PARENT["trigger"]]
+            label += "+trigger"
+        entry = {"row": label, "artifact": str(paths[name]), "mode": mode}
         if row != "vanilla":
             entry["train_s"] = manifests[name]["training"].get("wall_s")
             entry["train_s_total"] = round(chain(name), 1)
