@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default (offline model + offline data), under 10 minutes on 2 CPU
 # cores: train a weaver by SFT on step-by-step arithmetic -> evaluate memory off vs the weaver on
-# 150 held-out problems (the same problems for both) -> answer one question without and with it.
+# 100 held-out problems (the same problems for both) -> answer one question without and with it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MEMGEN=.venv/bin/memgen
@@ -17,8 +17,8 @@ rm -rf "$ART" "$ART.checkpoints"   # a fresh run each time (a half-finished one 
 $MEMGEN sft-weaver --recipe "$RECIPE" --output "$ART"
 took "training"
 
-step "2/3 memgen eval: memory off vs the weaver, the same 150 held-out problems"
-$MEMGEN eval --artifact "$ART" --data gym:basic_arithmetic --memory off,weaver --limit 150 \
+step "2/3 memgen eval: memory off vs the weaver, the same 100 held-out problems"
+$MEMGEN eval --artifact "$ART" --data gym:basic_arithmetic --memory off,weaver --limit 100 \
   --max-new-tokens 96 --batch-size 50 --output runs/demo/eval
 took "evaluation"
 
