@@ -112,6 +112,18 @@ def train(cfg: SFTConfig, out: Path, lora: bool, reuse: bool, quiet: Console) ->
     return paths
 
 
+def figures(r: dict) -> dict:
+    """One eval row's figures, in percent and rounded."""
+    return {
+        "accuracy": round(100 * r["accuracy"], 2),
+        "stderr": round(100 * r["stderr"], 2),
+        "n": r["n"],
+        "insertions_per_answer": round(r["mean_insertions"], 2),
+        "tokens_per_answer": round(r["mean_tokens"], 1),
+        "samples_per_s": r["samples_per_s"] and round(r["samples_per_s"], 2),
+    }
+
+
 def evaluate_task(
     paths: dict[str, Path], task: str, options: list[str], n: int, args, out: Path, quiet: Console
 ) -> dict:
@@ -131,15 +143,7 @@ def evaluate_task(
     rows = {}
     for r in metrics["results"]:
         name = "lora" if r["artifact"] == str(paths.get("lora")) else r["mode"]
-        rows[name] = {
-            "accuracy": round(100 * r["accuracy"], 2),
-            "stderr": round(100 * r["stderr"], 2),
-            "n": r["n"],
-            "insertions_per_answer": round(r["mean_insertions"], 2),
-            "tokens_per_answer": round(r["mean_tokens"], 1),
-            "samples_per_s": r["samples_per_s"] and round(r["samples_per_s"], 2),
-            "vs_off": r.get("vs_first"),
-        }
+        rows[name] = {**figures(r), "vs_off": r.get("vs_first")}
     return {"task": task, "task_options": options, "seconds": metrics["seconds"], "rows": rows}
 
 
@@ -267,15 +271,7 @@ def table(args, cfg: SFTConfig, out: Path, quiet: Console) -> dict:
                 for r in metrics["results"]
                 if r["artifact"] == str(paths[name]) and r["mode"] == mode
             )
-            entry[task] = {
-                "accuracy": round(100 * got["accuracy"], 2),
-                "stderr": round(100 * got["stderr"], 2),
-                "n": got["n"],
-                "insertions_per_answer": round(got["mean_insertions"], 2),
-                "tokens_per_answer": round(got["mean_tokens"], 1),
-                "samples_per_s": got["samples_per_s"] and round(got["samples_per_s"], 2),
-                "vs_vanilla": got.get("vs_first"),
-            }
+            entry[task] = {**figures(got), "vs_vanilla": got.get("vs_first")}
         rows.append(entry)
     return {
         "table": rows,
