@@ -17,12 +17,39 @@ weaver: its values do not change the cost). Prints one JSON object:
   ``weaver_over_lora`` = weaver time / merged-LoRA time;
 - peak_memory_ratio: peak RSS of a process running our generation / one running HF generate
   (each measured in its own child process, model loading included).
+
+With ``--artifact DIR`` it instead compares memory modes on a trained artifact (issue 12: is
+``full``, the trained trigger, faster than ``weaver``, inserting at every clause boundary?):
+
+    .venv/bin/python benchmarks/generation.py --artifact runs/trig/NAME [--memory full|weaver]
+        [--task SPEC] [--limit 32] [--batch 8] [--tokens 256] [--repeats 2]
+
+The artifact and its base load on the CPU (``load_artifact``, via ``open_session``); then, in
+the same process on the same prompts, memory ``off``, ``weaver`` and (``--memory full``, the
+default when the artifact has a trained trigger) ``full`` are timed. Prompts: ``--limit``
+held-out problems (default: one batch) of ``--task``, default the task the artifact recorded
+(``training.data``, with its task options), built as ``memgen eval`` builds them (its eval
+seed, the artifact's prompt suffix and system turn); synthetic GSM8K-style prompts when the
+artifact records no task. Greedy, at most ``--tokens`` new tokens, EOS ends a row
+(``ignore_eos`` false: the trigger's effect depends on real completions), so a batch runs
+until its last row ends and the modes may differ in length.
+
+Timed: the wall time of the ``generate`` calls of one mode, summed over its batches (prompts
+tokenized and batched beforehand, after a short warm-up run). Each mode runs ``--repeats``
+times, the order alternating (off, weaver, full, then full, weaver, off, ...), and the best
+time is kept. Prints one JSON object: ``off_s``, ``weaver_s``, ``full_s`` (seconds),
+``full_vs_weaver`` (full / weaver time: < 1 means full is faster), ``weaver_vs_off``,
+``full_vs_off``, per mode the mean completion tokens per row (``*_tokens_per_row``), for
+weaver and full the mean inference insertions per row (``*_insertions_per_row``, from the
+generation trace; prompt insertions are one per row in both), and full's skipped boundaries
+per row (``full_skips_per_row``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -31,12 +58,17 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from rich.console import Console
 
 from memgen_cli.config import GenerationConfig, MemoryConfig
+from memgen_cli.data import get_task, to_messages
+from memgen_cli.errors import MemgenError
 from memgen_cli.generation import encode_prompts, generate, reference_generate
 from memgen_cli.models.base import load_base
 from memgen_cli.models.memgen import MemGenModel
+from memgen_cli.stages import evaluate
 from memgen_cli.stages.baseline import matched_rank, weaver_trainable_params
+from memgen_cli.stages.common import Session, open_session, resolve_suffix
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
 FALLBACK = [
@@ -140,15 +172,147 @@ def peak_rss(kind: str, tokens: int, batch: int) -> int:
     return int(out.split()[-1])
 
 
+# ------------------------------------------------ --artifact: memory off vs weaver vs full
+def task_prompts(session: Session, spec: str | None, limit: int, notes: Console):
+    """(task label, chat messages of ``limit`` held-out problems), as ``memgen eval`` builds
+    them: the artifact's recorded task and options unless ``spec`` is given, its eval seed,
+    the artifact's prompt suffix and system turn."""
+    manifest = session.manifest
+    training = manifest.get("training") or {}
+    spec = spec or training.get("data") or training.get("task")
+    if spec is None:
+        notes.print("The artifact records no task and no --task given: synthetic prompts.")
+        return "synthetic", prompts(limit)
+    task = get_task(spec, **evaluate.task_options(spec, {}, [manifest], notes))
+    examples = task.load(None, limit, evaluate.data_seed(task, None, limit, manifest, notes))
+    if not examples:
+        raise MemgenError(f"task {spec!r} gave no problems; pass another --task.")
+    suffix = resolve_suffix(session, None)
+    system = (manifest.get("prompt") or {}).get("system")
+    return spec, [to_messages(ex, suffix, system) for ex in examples]
+
+
+def run_mode(model: MemGenModel, batches: list[dict], gen: GenerationConfig):
+    """(seconds of the generate calls, their outputs): one pass of one mode over the batches."""
+    outs, start = [], time.perf_counter()
+    for enc in batches:
+        outs.append(generate(model, enc["input_ids"], enc["attention_mask"], gen))
+    return time.perf_counter() - start, outs
+
+
+def per_row(outs, count) -> float:
+    rows = sum(len(o.tokens) for o in outs)
+    return round(sum(count(o) for o in outs) / rows, 3)
+
+
+def compare_modes(
+    model: MemGenModel, batches: list[dict], modes: list[str], tokens: int, repeats: int
+) -> dict:
+    """Best-of-``repeats`` generation time per memory mode, the order alternating per repeat
+    (greedy, EOS ends a row), with tokens, inference insertions and skips per row."""
+    best, outs = dict.fromkeys(modes, math.inf), {}
+    enc = batches[0]
+    generate(model, enc["input_ids"], enc["attention_mask"], GenerationConfig(8))  # warm-up
+    for r in range(repeats):
+        for mode in modes if r % 2 == 0 else modes[::-1]:
+            seconds, outs[mode] = run_mode(model, batches, GenerationConfig(tokens, memory=mode))
+            best[mode] = min(best[mode], seconds)
+    result = {f"{m}_s": round(best[m], 3) for m in modes}
+    for mode in modes:
+        result[f"{mode}_tokens_per_row"] = per_row(outs[mode], lambda o: sum(map(len, o.tokens)))
+        if mode != "off":
+            result[f"{mode}_insertions_per_row"] = per_row(
+                outs[mode],
+                lambda o: sum(i.kind == "inference" and i.inserted for i in o.trace.insertions),
+            )
+    result["weaver_vs_off"] = round(best["weaver"] / best["off"], 3)
+    if "full" in modes:
+        result["full_skips_per_row"] = per_row(outs["full"], lambda o: len(o.trace.skips))
+        result["full_vs_weaver"] = round(best["full"] / best["weaver"], 3)
+        result["full_vs_off"] = round(best["full"] / best["off"], 3)
+    return result
+
+
+def compare_artifact(
+    artifact: Path,
+    memory: str | None = None,
+    task: str | None = None,
+    limit: int = 8,
+    batch: int = 8,
+    tokens: int = 256,
+    repeats: int = 2,
+) -> dict:
+    """Load ``artifact`` on the CPU and time memory off, weaver and (``memory="full"``, the
+    default when it has a trained trigger) full on the same prompts; one JSON-ready dict."""
+    if min(limit, batch, tokens, repeats) < 1:
+        raise MemgenError("--limit, --batch, --tokens and --repeats must be at least 1.")
+    notes = Console(stderr=True)
+    torch.manual_seed(0)
+    session = open_session(None, artifact, device="cpu")
+    memory = memory or ("full" if session.has_trigger else "weaver")
+    if memory == "full" and not session.has_trigger:
+        raise MemgenError(
+            f"--memory full needs a trained trigger, and {artifact} has none: train one with "
+            "`memgen train-trigger`, or pass --memory weaver (off vs weaver)."
+        )
+    label, messages = task_prompts(session, task, limit, notes)
+    tok = session.model.tokenizer
+    batches = [
+        encode_prompts(tok, messages[i : i + batch], "cpu") for i in range(0, len(messages), batch)
+    ]
+    modes = ["off", "weaver", "full"] if memory == "full" else ["off", "weaver"]
+    with torch.no_grad():
+        timings = compare_modes(session.model, batches, modes, tokens, repeats)
+    return {
+        "artifact": str(artifact),
+        "task": label,
+        "problems": len(messages),
+        "batch": batch,
+        "max_new_tokens": tokens,
+        "repeats": repeats,
+        "max_inference_insertions": session.model.cfg.max_inference_insertions,
+        "trigger_threshold": session.model.cfg.trigger_threshold,
+        **timings,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--child", choices=["hf", "memgen"])
+    parser.add_argument("--artifact", type=Path, help="compare memory modes on this artifact")
+    parser.add_argument(
+        "--memory",
+        choices=["weaver", "full"],
+        help="with --artifact: time off + weaver, or off + weaver + full (default: full when "
+        "the artifact has a trained trigger)",
+    )
+    parser.add_argument("--task", help="with --artifact: prompts of this task (default: its own)")
+    parser.add_argument("--limit", type=int, help="with --artifact: problems (default: --batch)")
+    parser.add_argument("--repeats", type=int, default=2, help="with --artifact: best of N")
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.tokens, args.batch)
+    if args.artifact is None and (args.memory == "full" or args.task or args.limit):
+        parser.error(
+            "--memory full, --task and --limit need --artifact DIR (they compare memory modes)"
+        )
+    if args.artifact is not None:
+        try:
+            result = compare_artifact(
+                args.artifact,
+                args.memory,
+                args.task,
+                args.limit or args.batch,
+                args.batch,
+                args.tokens,
+                args.repeats,
+            )
+        except MemgenError as exc:
+            parser.exit(2, f"error: {exc}\n")
+        return print(json.dumps(result))
 
     base, enc = build(args.batch)
     mg = MemGenModel(base.model, base.tokenizer, MemoryConfig(max_inference_insertions=5)).eval()

@@ -1,0 +1,69 @@
+"""benchmarks/generation.py --artifact: memory off vs weaver vs full on a tiny artifact."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import tiny_artifact
+from memgen_cli.artifacts import load_artifact, save_artifact
+from memgen_cli.errors import MemgenError
+from memgen_cli.training.trigger_rl import init_head
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("bench_generation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def skipping_artifact(tmp: Path) -> Path:
+    """A tiny artifact whose trained trigger (almost) never invokes the weaver."""
+    _, art = tiny_artifact(tmp, trained_trigger=True, max_inference_insertions=3)
+    model, manifest, base = load_artifact(art, device="cpu")
+    init_head(model.trigger, 1e-6)
+    return save_artifact(model, base, tmp / "skip", prompt=manifest["prompt"], training={})
+
+
+def write_task(tmp: Path) -> Path:
+    rows = [
+        {"question": f"What is {a} + {b}? Say it, then stop.", "answer": f"#### {a + b}"}
+        for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 1)]
+    ]
+    path = tmp / "sums.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_full_inserts_less_than_weaver_and_reports_every_figure(tmp_path):
+    bench = load_benchmark()
+    art = skipping_artifact(tmp_path)
+    result = bench.compare_artifact(
+        art, task=str(write_task(tmp_path)), limit=5, batch=2, tokens=24, repeats=2
+    )
+    json.dumps(result)  # one JSON object
+    for key in ("off_s", "weaver_s", "full_s", "full_vs_weaver", "weaver_vs_off", "full_vs_off"):
+        assert result[key] > 0, key
+    assert result["problems"] == 5
+    assert result["task"].endswith("sums.jsonl")
+    assert result["weaver_insertions_per_row"] > 0
+    assert result["full_insertions_per_row"] < result["weaver_insertions_per_row"]
+    assert result["full_insertions_per_row"] == 0
+    assert result["full_skips_per_row"] > 0
+
+
+def test_full_needs_a_trained_trigger(tmp_path):
+    bench = load_benchmark()
+    _, art = tiny_artifact(tmp_path)  # weaver only
+    task = str(write_task(tmp_path))
+    with pytest.raises(MemgenError, match="trained trigger"):
+        bench.compare_artifact(art, memory="full", task=task, limit=1, batch=1, tokens=4)
+    result = bench.compare_artifact(art, task=task, limit=2, batch=2, tokens=6, repeats=1)
+    assert "full_s" not in result and "full_vs_weaver" not in result
+    assert result["weaver_s"] > 0 and result["weaver_insertions_per_row"] > 0
