@@ -228,7 +228,8 @@ class SFTTrainingConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 = off)."""
     schedule: str = "first"
-    """Insertion points in the target: first | random | all (see training/sft_data.py)."""
+    """Insertion points in the target: first | random | all | subsets (see
+    training/sft_data.py; subsets trains a weaver for a trigger that skips)."""
     group_by_length: bool = True
     """Batch samples of similar length together (transformers' LengthGroupedSampler): less
     padding, same samples per epoch. Off = uniformly shuffled batches."""

@@ -156,6 +156,16 @@ def test_schedules():
         rand.epoch = epoch
         draws.add(tuple(rand([item])["inference_points"][0]))
     assert len(draws) > 1  # a new subset per epoch
+    subsets = SFTCollator(0, "subsets", 3, seed=1)
+    seen, sizes = set(), []
+    for epoch in range(40):
+        subsets.epoch = epoch
+        pts = subsets([item])["inference_points"][0]
+        assert set(pts) <= {6, 9, 12} and pts == sorted(pts)  # only among the first cap
+        seen.add(tuple(pts))
+        sizes.append(len(pts))
+    assert len(seen) == 8  # every subset of the first three, the empty one included
+    assert 1.0 < sum(sizes) / len(sizes) < 2.0  # each point kept with probability 1/2
     off = SFTCollator(0, memory=False)([item])
     assert off["prompt_points"] is None and off["inference_points"] == [[]]
 

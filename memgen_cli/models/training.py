@@ -79,7 +79,8 @@ def select_points(candidates: list[int], schedule: str, cap: int, generator=None
     """Choose inference points among a target's delimiter positions.
 
     first: the first ``cap`` (the official code); random: a random subset of size ``cap`` (the
-    paper); all: every delimiter.
+    paper); all: every delimiter; subsets: each of the first ``cap`` kept with probability 1/2
+    (ours: the weaver then learns to work whatever subset a trained trigger invokes at).
 
     >>> select_points([3, 7, 9, 12], "first", 2)
     [3, 7]
@@ -95,7 +96,11 @@ def select_points(candidates: list[int], schedule: str, cap: int, generator=None
             return list(candidates)
         order = torch.randperm(len(candidates), generator=generator)[:cap]
         return sorted(candidates[i] for i in order.tolist())
-    raise ValueError(f"schedule must be first, random or all, not {schedule}")
+    if schedule == "subsets":
+        first = candidates[:cap]
+        keep = torch.rand(len(first), generator=generator) < 0.5
+        return [c for c, k in zip(first, keep.tolist(), strict=True) if k]
+    raise ValueError(f"schedule must be first, random, all or subsets, not {schedule}")
 
 
 def delimiter_positions(model: MemGenModel, ids: torch.Tensor, start: int, end: int) -> list[int]:

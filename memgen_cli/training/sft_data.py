@@ -14,7 +14,12 @@ prompt latents sit where the assistant turn begins) and inference points at deli
   with an untrained trigger (it inserts at every clause boundary until the cap);
 - ``random``: a random subset of ``cap`` delimiters (the paper's description), drawn anew per
   sample and epoch from ``(seed, epoch, sample index)`` so that a resumed run draws the same;
-- ``all``: every delimiter of the target, beyond the cap.
+- ``all``: every delimiter of the target, beyond the cap;
+- ``subsets``: each of the first ``cap`` delimiters kept with probability 1/2, drawn as
+  ``random`` is (ours, not the paper's). A weaver trained on every delimiter depends on all of
+  them: on the arithmetic recipe, latents at only some of its clause boundaries scored below
+  latents at none (25 % vs 35 % with all, n 200), so a trigger could not skip any. Trained on
+  random subsets, the weaver works whatever subset a trigger picks.
 
 ``heldout_loss`` scores encoded samples without training (memory off, or with a collator's
 insertion points).
@@ -37,7 +42,7 @@ from memgen_cli.models.training import (
     weave_forward,
 )
 
-SCHEDULES = ("first", "random", "all")
+SCHEDULES = ("first", "random", "all", "subsets")
 
 
 @dataclass
@@ -122,7 +127,7 @@ class SFTCollator:
         if not self.memory:
             return []
         gen = None
-        if self.schedule == "random":
+        if self.schedule in ("random", "subsets"):
             gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, item.index)) % 2**62)
         return select_points(item.candidates, self.schedule, self.cap, gen)
 
