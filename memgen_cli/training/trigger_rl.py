@@ -14,6 +14,10 @@ through the model, so ``num_iterations`` > 1 costs almost nothing.
 - ``decision_logprobs`` + ``rl.policy_loss``: the PPO-clipped objective over decisions.
 - ``init_head``: an unsaturated start (probability ``rate`` everywhere), so that a group's
   rollouts decide differently and advantages are not all zero (RL.md, "Pitfall").
+
+Under torchrun each process brings its own groups to ``trigger_update``; the head's gradients
+are averaged and the loss divided by every process's decisions, so a step equals one process
+doing all the groups (see ``trigger_update``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from memgen_cli.config import GenerationConfig, TriggerRLConfig, TriggerTrainingConfig
@@ -29,6 +34,7 @@ from memgen_cli.generation import encode_prompts, generate
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.models.trigger import Trigger
 from memgen_cli.training import rl
+from memgen_cli.training.trainer_parts import world_size
 
 
 def init_head(trigger: Trigger, rate: float) -> None:
@@ -216,6 +222,47 @@ def sparsity_penalty(
 
 
 # ------------------------------------------------------------------------------ update
+def _all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """``x`` summed (or ``op``) over processes, on the CPU (gloo); ``x`` itself on one."""
+    if world_size() == 1:
+        return x
+    y = x.detach().cpu().clone()
+    dist.all_reduce(y, op=op)
+    return y
+
+
+def _everywhere(x: torch.Tensor) -> torch.Tensor:
+    """Per-rollout values (..., N) of every process, joined in rank order (equal N each)."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
+def _pooled(value: float, weight: float = 1.0) -> float:
+    """The weighted mean of a per-process value over processes (the value on one)."""
+    if world_size() == 1:
+        return value
+    both = _all_reduce(torch.tensor([value * weight, weight], dtype=torch.float64))
+    return float(both[0] / both[1]) if both[1] > 0 else 0.0
+
+
+def average_grads(params: list[torch.nn.Parameter]) -> None:
+    """Replace each gradient by its mean over processes (one flat all_reduce).
+
+    A manual all_reduce, not DDP: the loss calls ``Trigger.logits`` rather than ``forward``
+    (DDP hooks ``forward``), and the head is a few thousand floats, so one collective of one
+    vector per update is all DDP would do here.
+    """
+    if world_size() == 1:
+        return
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = _all_reduce(torch.cat([g.flatten().float() for g in grads])) / world_size()
+    for p, part in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+        p.grad = part.view_as(p).to(p.device, p.dtype)
+
+
 def trigger_update(
     trigger: Trigger,
     roll: TriggerRollouts,
@@ -229,15 +276,26 @@ def trigger_update(
 
     Every decision of a rollout gets the rollout's advantage (the episode reward goes to each
     decision, as in the paper). Returns (metrics, per-rollout tensors for the completions log).
+    With several processes (each with the same number of groups), ``batch`` scaling uses the
+    std of all processes' rewards, the loss is normalised by all their decisions, the gradients
+    are averaged, and the metrics cover every rollout: the update and the metrics are those of
+    one process with all the groups, and every process's head takes the same step.
     """
-    g = t.num_generations
+    g, w = t.num_generations, world_size()
     task_r = torch.nan_to_num(task_rewards.float(), nan=0.0)
     inv, dec = roll.invocations(), roll.num_decisions()
     penalty, pbar = sparsity_penalty(task_r, inv, dec, g, tr.penalty)
     reward = task_r - penalty
-    adv, flat = rl.group_advantages(reward, g, t.scale_rewards)
+    lengths = torch.tensor([float(len(c)) for c in roll.completion_ids])
+    every = _everywhere(torch.stack([reward, task_r, penalty, pbar, inv, dec, lengths]))
+    batch_std = rl.nanstd(every[0]) if t.scale_rewards == "batch" else None
+    adv, flat = rl.group_advantages(reward, g, t.scale_rewards, batch_std)
     b = decision_batch(roll)
     mask = b["mask"]
+    total = _all_reduce(mask.sum())  # decisions of every process
+    share = total.clamp(min=1.0) / w  # the loss divides by this: all decisions, per process
+    width = int(_all_reduce(torch.tensor(mask.shape[1]), dist.ReduceOp.MAX))
+    params = list(trigger.parameters())
     for _ in range(t.num_iterations):
         logps, entropy = decision_logprobs(trigger, b["states"], b["actions"])
         parts = rl.policy_loss(
@@ -248,30 +306,35 @@ def trigger_update(
             loss_type=t.loss_type,
             epsilon_low=t.epsilon,
             epsilon_high=t.epsilon if t.epsilon_high is None else t.epsilon_high,
-            max_completion_length=mask.shape[1],
+            max_completion_length=width,
         )
-        ent = (entropy * mask).sum() / mask.sum().clamp(min=1.0)
-        loss = parts.loss - tr.entropy_coef * ent
+        loss = parts.loss
+        if t.loss_type in ("bnpo", "dapo") and w > 1:  # divided by our decisions: by all instead
+            loss = loss * mask.sum().clamp(min=1.0) / share
+        ent = (entropy * mask).sum() / share
+        loss = loss - tr.entropy_coef * ent
         opt.zero_grad()
         loss.backward()
+        average_grads(params)
         limit = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(trigger.parameters(), limit)
+        norm = torch.nn.utils.clip_grad_norm_(params, limit)
         opt.step()
         sched.step()
-    n = max(len(roll.decisions), 1)
+    reward, task_r_all, pen_all, pbar_all, inv_all, dec_all, len_all = every
+    n = max(every.shape[1], 1)
     metrics = {
         "reward": float(reward.mean()),
-        "task_reward": float(task_r.mean()),
-        "penalty": float(penalty.mean()),
-        "invocation_rate": float(inv.sum() / dec.sum()) if dec.sum() > 0 else None,
-        "p_bar": float(pbar.mean()),
-        "decisions_per_completion": float(dec.sum()) / n,
-        "invocations_per_completion": float(inv.sum()) / n,
-        "entropy": float(ent.detach()),
-        "clip_ratio": parts.clip_region,
-        "frac_reward_zero_std": float(flat.float().mean()),
-        "completion_length": sum(map(len, roll.completion_ids)) / n,
-        "loss": float(loss.detach()),
+        "task_reward": float(task_r_all.mean()),
+        "penalty": float(pen_all.mean()),
+        "invocation_rate": float(inv_all.sum() / dec_all.sum()) if dec_all.sum() > 0 else None,
+        "p_bar": float(pbar_all.mean()),
+        "decisions_per_completion": float(dec_all.sum()) / n,
+        "invocations_per_completion": float(inv_all.sum()) / n,
+        "entropy": _pooled(float(ent.detach())),
+        "clip_ratio": _pooled(parts.clip_region, float(mask.sum())),
+        "frac_reward_zero_std": float(_everywhere(flat.float()).mean()),
+        "completion_length": float(len_all.sum()) / n,
+        "loss": _pooled(float(loss.detach())),
         "grad_norm": float(norm),
     }
     return metrics, {"task_reward": task_r, "penalty": penalty, "advantage": adv}
