@@ -3,25 +3,38 @@
 Fast tests train the trigger of a tiny weaver artifact (2-layer Llama, ``--base DIR``) on a
 small GSM8K-format JSONL; the tiny model never answers right, so the task reward is 0 and the
 sparsity penalty alone moves the head. The core's golden values are in test_trigger_rl.py.
+The slow ones use the embedded SmolLM2 model and torchrun.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import socket
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import distributed as dist
+from torch import multiprocessing as mp
 from typer.testing import CliRunner
 
-from helpers import tiny_artifact
+from helpers import tiny_artifact, torchrun
 from memgen_cli.artifacts import FORMAT_VERSION, artifact_digest, load_artifact
 from memgen_cli.cli import app
-from memgen_cli.config import GenerationConfig
+from memgen_cli.config import GenerationConfig, TriggerRLConfig, TriggerTrainingConfig
+from memgen_cli.errors import MemgenError
+from memgen_cli.models.trigger import Trigger
 from memgen_cli.stages import train_trigger as stage
-from memgen_cli.training.trigger_rl import decision_batch, trigger_rollout
+from memgen_cli.training.trigger_rl import (
+    Decision,
+    TriggerRollouts,
+    decision_batch,
+    init_head,
+    trigger_rollout,
+    trigger_update,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny" / "train-trigger.yaml"
@@ -201,6 +214,93 @@ def test_bad_input_exits_2_with_one_message_and_writes_nothing(tiny, tmp_path):
         assert not out.exists() and not (tmp_path / "out.checkpoints").exists()
 
 
+def test_prompts_per_step_must_split_evenly_over_the_processes(tiny, tmp_path):
+    cfg = cfg_for(tiny, tmp_path / "o", "training.batch_size=12")  # G=4: 3 prompts per step
+    with pytest.raises(MemgenError) as error:
+        stage.validate(cfg, None, world_size=2)
+    assert str(error.value) == (
+        "3 prompts per step (training.batch_size 12 / training.num_generations 4) do not split "
+        "evenly over 2 processes; set training.batch_size to a multiple of 8, e.g. --set "
+        "training.batch_size=16, or change --nproc_per_node."
+    )
+    stage.validate(cfg_for(tiny, tmp_path / "o", "training.batch_size=8"), None, world_size=2)
+
+
+# ---------------------------------------------------------------------- several processes
+def synthetic_head() -> tuple[Trigger, torch.Generator]:
+    torch.manual_seed(0)  # nn.Linear's bias: the same start in every process
+    gen = torch.Generator().manual_seed(0)
+    head = Trigger(8, hidden=16)
+    init_head(head, 0.4)
+    with torch.no_grad():
+        head.head[0].weight.normal_(generator=gen)
+    return head, gen
+
+
+def synthetic_update(rows: range, loss_type: str, out: Path) -> None:
+    """``trigger_update`` on the given rows of a fixed synthetic batch (16 rollouts, G=4);
+    writes the head and the metrics as JSON."""
+    head, gen = synthetic_head()
+    widths = torch.randint(0, 6, (16,), generator=gen).tolist()  # rows 0..: some without any
+    states = [torch.randn(w, 8, generator=gen) for w in widths]
+    acts = [(torch.rand(w, generator=gen) < 0.5).tolist() for w in widths]
+    task_r = (torch.rand(16, generator=gen) < 0.5).float()
+    roll = TriggerRollouts(
+        group_size=4,
+        completion_ids=[[1] * (3 + i) for i in rows],
+        finished=[True] * len(rows),
+        decisions=[
+            [Decision(j, 7, 0.4, a, -0.9 + 0.1 * j) for j, a in enumerate(acts[i])] for i in rows
+        ],
+        states=[states[i] for i in rows],
+    )
+    t = TriggerTrainingConfig(
+        num_generations=4, loss_type=loss_type, scale_rewards="batch", num_iterations=2
+    )
+    opt = torch.optim.AdamW(head.parameters(), lr=0.05, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    tr = TriggerRLConfig(penalty=0.3, entropy_coef=0.01)
+    m, _ = trigger_update(head, roll, task_r[list(rows)], opt, sched, t, tr)
+    flat = torch.cat([p.detach().flatten() for p in head.parameters()]).tolist()
+    out.write_text(json.dumps({"head": flat, "metrics": m}))
+
+
+LOSS_TYPES = ("bnpo", "grpo", "dr_grpo", "dapo")
+
+
+def _worker(rank: int, port: int, folder: Path) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        for loss_type in LOSS_TYPES:
+            rows = range(8 * rank, 8 * rank + 8)
+            synthetic_update(rows, loss_type, folder / f"{loss_type}-rank{rank}.json")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_update_the_head_as_one_process_with_all_groups(tmp_path):
+    """Halves of a batch on two gloo processes: the same step, and the same metrics, as the
+    whole batch on one (batch-std advantages, every loss type's normaliser, entropy)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: the workers inherit the loaded modules instead of importing the CLI again
+    mp.start_processes(_worker, args=(port, tmp_path), nprocs=2, start_method="fork")
+    start = torch.cat([p.detach().flatten() for p in synthetic_head()[0].parameters()])
+    for loss_type in LOSS_TYPES:
+        synthetic_update(range(16), loss_type, tmp_path / f"{loss_type}-one.json")
+        one, *two = (
+            json.loads((tmp_path / f"{loss_type}-{n}.json").read_text())
+            for n in ("one", "rank0", "rank1")
+        )
+        assert two[0]["head"] == two[1]["head"], loss_type  # bit-identical on every process
+        assert two[0]["head"] == pytest.approx(one["head"], abs=1e-6), loss_type
+        assert one["head"] != pytest.approx(start.tolist(), abs=1e-4)  # it did move
+        for key, value in one["metrics"].items():
+            assert two[0]["metrics"][key] == pytest.approx(value, abs=1e-6), (loss_type, key)
+
+
 # ------------------------------------------------------------------------------- slow
 @pytest.mark.slow
 def test_tiny_recipe_on_the_embedded_model(tmp_path):
@@ -230,6 +330,43 @@ def test_tiny_recipe_on_the_embedded_model(tmp_path):
     logged = rows(tmp_path / "out" / "metrics.jsonl")
     assert [r["step"] for r in logged] == [1, 2]
     assert any(r["decisions_per_completion"] > 0 for r in logged), logged  # the head was asked
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_writes_one_artifact(tiny, tmp_path):
+    base, art, data = tiny
+    out = tmp_path / "out"
+    sets = [f"--set={s}" for s in [*SAMPLED, "training.max_steps=2"]]
+    args = ["train-trigger", "--recipe", TINY, "--artifact", art, "--base", base]
+    proc = torchrun([*args, "--data", data, "--output", out, *sets], cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.stdout.count("invocation rate") == 1  # one summary: rank 0's
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert files == {
+        "memgen.json",
+        "recipe.yaml",
+        "metrics.jsonl",
+        "trigger.safetensors",
+        "weaver.safetensors",
+        "weaver/adapter_config.json",
+        "weaver/adapter_model.safetensors",
+        "completions/step_00001.jsonl",
+        "completions/step_00002.jsonl",
+    }
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out"]
+    for name in WEAVER_FILES:  # the weaver is frozen: bit-identical tensors
+        a, b = load_file(art / name), load_file(out / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    manifest = json.loads((out / "memgen.json").read_text())
+    assert manifest["training"]["world_size"] == 2 and manifest["trigger"]["trained"]
+    assert manifest["parent"] == {"name": str(art), "sha256": artifact_digest(art)}
+    logged = rows(out / "metrics.jsonl")
+    assert [r["step"] for r in logged] == [1, 2] and {r["world_size"] for r in logged} == {2}
+    # batch_size 8, G=4: 2 prompts per step, one per process; the log holds both groups.
+    shown = rows(out / "completions" / "step_00001.jsonl")
+    assert len(shown) == 8 and [r["group"] for r in shown] == [0] * 4 + [1] * 4
+    model, _, _ = load_artifact(out, device="cpu", allow_base_mismatch=True)
+    assert model.trigger.is_trained
 
 
 def test_eval_and_generate_use_the_trained_trigger(tiny, tmp_path):

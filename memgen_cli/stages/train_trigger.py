@@ -12,7 +12,9 @@ The trainable part is a two-layer head over recorded hidden states: no model for
 the loss, so the loop is a plain optimizer loop, not transformers' Trainer. Checkpoints go to
 ``<output>.checkpoints/checkpoint-N`` (head, optimizer, scheduler, step); rollouts are seeded
 by step, so a resumed run regenerates exactly the rollouts it would have made. Ctrl-C writes
-a checkpoint; ``--resume auto`` continues. One process (the head is tiny; rollouts dominate).
+a checkpoint; ``--resume auto`` continues. With torchrun the step's prompts are split across
+processes (whole groups of G each), the head's gradients and the metrics are averaged over
+them, and rank 0 writes the metrics, checkpoints and the artifact while the others wait.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from transformers import get_scheduler, set_seed
 from transformers.trainer_utils import SchedulerType
 
+from memgen_cli import distributed
 from memgen_cli.artifacts import (
     TRIGGER_FILE,
     load_artifact,
@@ -44,11 +47,7 @@ from memgen_cli.data import Example, get_task, to_messages
 from memgen_cli.errors import MemgenError
 from memgen_cli.models.base import load_base
 from memgen_cli.training import rl, sft_run
-from memgen_cli.training.trigger_rl import (
-    init_head,
-    trigger_rollout,
-    trigger_update,
-)
+from memgen_cli.training.trigger_rl import init_head, trigger_rollout, trigger_update
 
 
 class TrainingInterrupted(Exception):
@@ -91,7 +90,9 @@ def checkpoint_dir(cfg: TriggerConfig) -> Path:
     return out.with_name(out.name + ".checkpoints")
 
 
-def validate(cfg: TriggerConfig, resume: str | None) -> tuple[dict, Path | None]:
+def validate(
+    cfg: TriggerConfig, resume: str | None, world_size: int = 1
+) -> tuple[dict, Path | None]:
     """Check what the types cannot; return the artifact's manifest and the resume point."""
     t, d, tr, r = cfg.training, cfg.data, cfg.trigger, cfg.reward
     g, b = t.num_generations, t.batch_size
@@ -109,6 +110,13 @@ def validate(cfg: TriggerConfig, resume: str | None) -> tuple[dict, Path | None]
         raise MemgenError(
             f"training.batch_size ({b}) must be a multiple of training.num_generations ({g}); "
             f"e.g. --set training.batch_size={max(g, b // g * g)}."
+        )
+    if (b // g) % world_size:  # each process answers whole groups, as many as the others
+        raise MemgenError(
+            f"{b // g} prompts per step (training.batch_size {b} / training.num_generations "
+            f"{g}) do not split evenly over {world_size} processes; set training.batch_size to a "
+            f"multiple of {g * world_size}, e.g. --set training.batch_size="
+            f"{-(-b // (g * world_size)) * g * world_size}, or change --nproc_per_node."
         )
     for name, value, allowed in [
         ("training.loss_type", t.loss_type, rl.LOSS_TYPES),
@@ -244,6 +252,13 @@ class _CtrlC:
             raise KeyboardInterrupt
         self.requested = True
 
+    def anywhere(self) -> bool:
+        """Whether any process was asked to stop (every rank must stop at the same step)."""
+        flag = torch.tensor([int(self.requested)])
+        if distributed.info().enabled:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
     def __exit__(self, *exc):
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
@@ -258,18 +273,29 @@ def run(
 ) -> Path:
     """Train the trigger of ``cfg.artifact`` and write the new artifact; returns its path.
 
-    ``callbacks``: functions ``f(step, metrics)`` called after each step (tests, notebooks).
+    ``callbacks``: functions ``f(step, metrics)`` called after each step (tests, notebooks),
+    on every process, with the metrics of all of them.
     """
-    console = console or Console()
+    dist = distributed.init()  # gloo: the collectives move small CPU tensors
+    try:
+        return _run(cfg, resume, console or Console(), callbacks or [], dist)
+    finally:
+        distributed.finish()
+
+
+def _run(cfg: TriggerConfig, resume, console: Console, callbacks: list, dist) -> Path:
+    main = dist.is_main
+    say = console.print if main else (lambda *a, **k: None)
     # 1. validate
-    manifest, resume_from = validate(cfg, resume)
+    manifest, resume_from = validate(cfg, resume, dist.world_size)
     t, d, tr = cfg.training, cfg.data, cfg.trigger
     task, train, held, excluded = select_examples(cfg, manifest)
     plugins = [rl.load_reward(spec) for spec in cfg.reward.functions]
 
     # 2. build
     set_seed(t.seed)
-    base = load_base(cfg.model.base, cfg.model.device, cfg.model.dtype, cfg.model.revision)
+    device = distributed.device_for_rank(cfg.model.device, dist.local_rank)
+    base = load_base(cfg.model.base, device, cfg.model.dtype, cfg.model.revision)
     model, manifest, base = load_artifact(cfg.artifact, base)
     model.set_trainable(weaver=False, trigger=True)
     trigger = model.trigger
@@ -287,97 +313,122 @@ def run(
     sched = get_scheduler(t.scheduler, opt, num_warmup_steps=warmup, num_training_steps=t.max_steps)
     ckpts = checkpoint_dir(cfg)
     start = load_checkpoint(resume_from, trigger, opt, sched) if resume_from else 0
-    ckpts.mkdir(parents=True, exist_ok=True)
     metrics_file = ckpts / "metrics.jsonl"
-    if resume_from is None:
-        (ckpts / "recipe.yaml").write_text(dump_yaml(cfg))
-        metrics_file.write_text("")
-    else:  # drop rows logged after the checkpoint: they will be logged again
-        rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
-        metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start))
-    g = t.num_generations
+    if main:
+        ckpts.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:
+            (ckpts / "recipe.yaml").write_text(dump_yaml(cfg))
+            metrics_file.write_text("")
+        else:  # drop rows logged after the checkpoint: they will be logged again
+            rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
+            kept = "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start)
+            metrics_file.write_text(kept)
+    g, w = t.num_generations, dist.world_size
     per_step = t.batch_size // g
-    console.print(
+    mine = per_step // w  # this process's prompts: the step's k-th block of them
+    say(
         f"train-trigger: {len(train)} prompts from {task.name} ({excluded} seen by the weaver "
-        f"left out), G={g}, {per_step} prompts per step, λ={tr.penalty}, start rate "
-        f"{tr.initial_rate}, weaver frozen, from {cfg.artifact}"
-        + (f", resuming from {resume_from}" if resume_from else "")
+        f"left out), G={g}, {per_step} prompts per step"
+        + (f" ({mine} per process)" if w > 1 else "")
+        + f", λ={tr.penalty}, start rate {tr.initial_rate}, weaver frozen, from {cfg.artifact}, "
+        f"{w} process(es)" + (f", resuming from {resume_from}" if resume_from else "")
     )
 
     # 3. loop
     started = time.perf_counter()
-    history: list[dict] = []
     with _CtrlC() as stop:
         for step in range(start, t.max_steps):
-            exs = [
-                train[prompt_order(len(train), t.seed, step * per_step + k)]
-                for k in range(per_step)
-            ]
+            first = step * per_step + dist.rank * mine
+            exs = [train[prompt_order(len(train), t.seed, first + k)] for k in range(mine)]
             gen = GenerationConfig(
                 max_new_tokens=t.max_completion_length,
                 temperature=t.temperature,
                 top_p=t.top_p,
-                seed=t.seed * 100_003 + step,
+                seed=t.seed * 100_003 + step + 1_000_003 * dist.rank,  # rank 0: one process's
                 memory="full",
             )
             msgs = [to_messages(e, suffix, system) for e in exs]
             roll = trigger_rollout(model, msgs, gen, g)
             m, per_row = train_step(model, roll, exs, msgs, funcs, weights, cfg, opt, sched)
-            m = {"step": step + 1, **m, "lr": sched.get_last_lr()[0]}
-            history.append(m)
-            if (step + 1) % t.logging_steps == 0 or step + 1 == t.max_steps:
+            m = {"step": step + 1, **m, "lr": sched.get_last_lr()[0], "world_size": w}
+            if main and ((step + 1) % t.logging_steps == 0 or step + 1 == t.max_steps):
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(m) + "\n")
                 console.print(progress_line(m, t.max_steps))
             if t.log_completions_steps and (step == 0 or (step + 1) % t.log_completions_steps == 0):
-                log_completions(
-                    ckpts / "completions", step + 1, model.tokenizer, msgs, roll, per_row
+                shown = completion_rows(
+                    step + 1, model.tokenizer, msgs, roll, per_row, dist.rank * mine
                 )
-            for cb in callbacks or []:
+                parts = distributed.gather_to_main(shown)
+                if main:
+                    write_rows(ckpts / "completions" / f"step_{step + 1:05d}.jsonl", parts)
+            for cb in callbacks:
                 cb(step + 1, m)
-            if stop.requested:
-                raise TrainingInterrupted(save_checkpoint(ckpts, step + 1, trigger, opt, sched))
+            if stop.anywhere():
+                point = ckpts / f"checkpoint-{step + 1}"
+                if main:
+                    save_checkpoint(ckpts, step + 1, trigger, opt, sched)
+                distributed.barrier()
+                raise TrainingInterrupted(point)
             if (step + 1) % t.save_steps == 0 and step + 1 < t.max_steps:
-                save_checkpoint(ckpts, step + 1, trigger, opt, sched)
+                if main:
+                    save_checkpoint(ckpts, step + 1, trigger, opt, sched)
+                distributed.barrier()
     wall = time.perf_counter() - started
+    require_same_head(trigger)
 
-    # 4. save
-    rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
-    summary = {
-        "stage": "train-trigger",
-        "task": task.name,
-        "data": d.path or d.task,
-        "split": d.split,
-        "task_options": dict(d.options),
-        "training_seed": t.seed,
-        "prompts": len(train),
-        "weaver_prompts_excluded": excluded,
-        "penalty": tr.penalty,
-        "initial_rate": tr.initial_rate,
-        "num_generations": g,
-        "steps": t.max_steps,
-        "first_invocation_rate": rows[0]["invocation_rate"] if rows else None,
-        "final_invocation_rate": rows[-1]["invocation_rate"] if rows else None,
-        "first_task_reward": rows[0]["task_reward"] if rows else None,
-        "final_task_reward": rows[-1]["task_reward"] if rows else None,
-        "wall_s": round(wall, 1),
-        "resumed_from": str(resume_from) if resume_from else None,
-    }
-    out = save_artifact(
-        model,
-        base,
-        cfg.output,
-        prompt={"prompt_suffix": suffix, "system": system},
-        recipe_yaml=dump_yaml(cfg),
-        training=summary,
-        parent=cfg.artifact,
-        metrics_file=metrics_file,
-    )
-    if (ckpts / "completions").is_dir():
-        shutil.move(str(ckpts / "completions"), str(out / "completions"))
-    shutil.rmtree(ckpts, ignore_errors=True)
-    console.print(summary_table(summary, out))
+    # 4. save (rank 0; the others wait so that the run ends together)
+    if main:
+        rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
+        summary = {
+            "stage": "train-trigger",
+            "task": task.name,
+            "data": d.path or d.task,
+            "split": d.split,
+            "task_options": dict(d.options),
+            "training_seed": t.seed,
+            "prompts": len(train),
+            "weaver_prompts_excluded": excluded,
+            "penalty": tr.penalty,
+            "initial_rate": tr.initial_rate,
+            "num_generations": g,
+            "steps": t.max_steps,
+            "first_invocation_rate": rows[0]["invocation_rate"] if rows else None,
+            "final_invocation_rate": rows[-1]["invocation_rate"] if rows else None,
+            "first_task_reward": rows[0]["task_reward"] if rows else None,
+            "final_task_reward": rows[-1]["task_reward"] if rows else None,
+            "wall_s": round(wall, 1),
+            "world_size": w,
+            "resumed_from": str(resume_from) if resume_from else None,
+        }
+        out = save_artifact(
+            model,
+            base,
+            cfg.output,
+            prompt={"prompt_suffix": suffix, "system": system},
+            recipe_yaml=dump_yaml(cfg),
+            training=summary,
+            parent=cfg.artifact,
+            metrics_file=metrics_file,
+        )
+        if (ckpts / "completions").is_dir():
+            shutil.move(str(ckpts / "completions"), str(out / "completions"))
+        shutil.rmtree(ckpts, ignore_errors=True)
+        console.print(summary_table(summary, out))
+    distributed.barrier()
     return Path(cfg.output)
+
+
+def require_same_head(trigger) -> None:
+    """Every process's head must be the same (same start, same averaged steps); else a bug."""
+    if not distributed.info().enabled:
+        return
+    flat = torch.cat([p.detach().float().cpu().flatten() for p in trigger.parameters()])
+    low, high = flat.clone(), flat.clone()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    if not torch.equal(low, high):  # every rank sees the same verdict: none is left waiting
+        raise RuntimeError("the processes' trigger heads differ after training")
 
 
 def train_step(model, roll, exs: list[Example], msgs, funcs, weights, cfg, opt, sched):
@@ -404,29 +455,37 @@ def progress_line(m: dict, total: int) -> str:
     )
 
 
-def log_completions(folder: Path, step: int, tokenizer, msgs, roll, per_row: dict) -> None:
-    """completions/step_NNNNN.jsonl: each rollout with every decision's probability."""
-    folder.mkdir(parents=True, exist_ok=True)
+def completion_rows(step: int, tokenizer, msgs, roll, per_row: dict, first_group: int = 0):
+    """A completions log's rows: each rollout with every decision's probability.
+
+    ``first_group``: the number of this process's first group in the step (its rank's offset).
+    """
     g = roll.group_size
-    with (folder / f"step_{step:05d}.jsonl").open("w") as f:
-        for i, ids in enumerate(roll.completion_ids):
-            row = {
-                "step": step,
-                "group": i // g,
-                "prompt": msgs[i // g][-1]["content"],
-                "completion": tokenizer.decode(ids, skip_special_tokens=True),
-                **{k: round(float(v[i]), 4) for k, v in per_row.items()},
-                "decisions": [
-                    {
-                        "token_index": x.token_index,
-                        "token": tokenizer.decode([x.token]),
-                        "prob": round(x.prob, 4),
-                        "invoke": x.invoke,
-                    }
-                    for x in roll.decisions[i]
-                ],
-            }
-            f.write(json.dumps(row) + "\n")
+    return [
+        {
+            "step": step,
+            "group": first_group + i // g,
+            "prompt": msgs[i // g][-1]["content"],
+            "completion": tokenizer.decode(ids, skip_special_tokens=True),
+            **{k: round(float(v[i]), 4) for k, v in per_row.items()},
+            "decisions": [
+                {
+                    "token_index": x.token_index,
+                    "token": tokenizer.decode([x.token]),
+                    "prob": round(x.prob, 4),
+                    "invoke": x.invoke,
+                }
+                for x in roll.decisions[i]
+            ],
+        }
+        for i, ids in enumerate(roll.completion_ids)
+    ]
+
+
+def write_rows(file: Path, parts: list[list[dict]]) -> None:
+    """completions/step_NNNNN.jsonl: every process's rows, in rank order."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text("".join(json.dumps(row) + "\n" for part in parts for row in part))
 
 
 def summary_table(s: dict, out: Path) -> Table:
@@ -444,7 +503,7 @@ def summary_table(s: dict, out: Path) -> Table:
             f"{fmt(s['first_task_reward'])} → {fmt(s['final_task_reward'])}",
         ),
         ("steps", str(s["steps"])),
-        ("wall time", f"{s['wall_s']:.0f} s"),
+        ("wall time", f"{s['wall_s']:.0f} s on {s['world_size']} process(es)"),
     ]
     for key, value in rows:
         table.add_row(key, value)
