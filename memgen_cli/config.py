@@ -423,6 +423,11 @@ class TriggerRLConfig:
     rollouts of a group decide differently, so advantages are not all zero)."""
     entropy_coef: float = 0.0
     """Weight of the decisions' mean Bernoulli entropy, added to the objective (0 = off)."""
+    reference: str = "median"
+    """Whose invocation rate p̄ is: ``median`` (the group's rollouts with task reward at least
+    the group median, as specified) or ``successful`` (those with a positive task reward; a
+    group where none succeeded is not penalised, since no rollout shows that fewer invocations
+    suffice)."""
 
 
 @dataclass

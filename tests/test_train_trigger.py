@@ -204,6 +204,10 @@ def test_bad_input_exits_2_with_one_message_and_writes_nothing(tiny, tmp_path):
         (["--artifact", art, "--set", "training.num_generations=1"], "must be >= 2"),
         (["--artifact", art, "--set", "training.batch_size=6"], "must be a multiple"),
         (["--artifact", art, "--set", "trigger.initial_rate=1"], "initial_rate must be in (0, 1)"),
+        (
+            ["--artifact", art, "--set", "trigger.reference=best"],
+            "trigger.reference must be one of median, successful",
+        ),
         (["--artifact", art, "--set", "trigger.penalti=1"], 'Did you mean "penalty"'),
     ]
     for extra, message in cases:

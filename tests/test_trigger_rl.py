@@ -73,6 +73,23 @@ def test_penalty_and_advantages_when_all_task_rewards_are_equal():
     assert adv0.tolist() == [0.0] * 4 and flat0.all()
 
 
+def test_penalty_with_successful_reference_spares_groups_where_nothing_succeeded():
+    # Group 1: no rollout succeeded -> no penalty (p̄ still reported: mean rate 0.625).
+    # Group 2: every rollout succeeded -> as the median reference: 0.375 per invocation.
+    # Group 3: rows 0, 2 succeeded (rates 1/2, 3/4 -> p̄ 0.625), λ 1: 0.375 per invocation.
+    rewards = t(0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 1, 0)
+    inv, dec = t(0, 1, 2, 2, 0, 1, 2, 2, 1, 2, 3, 0), t(2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 4, 0)
+    pen, pbar = sparsity_penalty(rewards, inv, dec, 4, 1.0, "successful")
+    torch.testing.assert_close(pen, t(0, 0, 0, 0, 0, 0.375, 0.75, 0.75, 0.375, 0.75, 1.125, 0))
+    torch.testing.assert_close(pbar, t(*[0.625] * 12))
+    adv, _ = rl.group_advantages(rewards - pen, 4, "none")
+    assert adv[:4].tolist() == [0.0] * 4  # all failed: nothing to learn, nothing pushed down
+    median, _ = sparsity_penalty(rewards, inv, dec, 4, 1.0)
+    assert median[:4].tolist() == [0.0, 0.375, 0.75, 0.75]  # the median reference charges them
+    with pytest.raises(ValueError, match="reference"):
+        sparsity_penalty(rewards, inv, dec, 4, 1.0, "best")
+
+
 def test_penalty_with_rows_without_decisions():
     # The successful rows 0, 1 made no decisions: p̄ falls back to the rows with decisions.
     pen, pbar = sparsity_penalty(t(1, 1, 0, 0), t(0, 0, 1, 2), t(0, 0, 2, 2), 4, 1.0)

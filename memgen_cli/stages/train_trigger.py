@@ -46,7 +46,7 @@ from memgen_cli.config import GenerationConfig, TriggerConfig, dump_yaml, load_r
 from memgen_cli.data import Example, get_task, to_messages
 from memgen_cli.errors import MemgenError
 from memgen_cli.models.base import load_base
-from memgen_cli.training import rl, sft_run
+from memgen_cli.training import rl, sft_run, trigger_rl
 from memgen_cli.training.trigger_rl import init_head, trigger_rollout, trigger_update
 
 
@@ -137,6 +137,10 @@ def validate(
         (t.save_steps >= 1, "training.save_steps must be >= 1"),
         (tr.penalty >= 0, "trigger.penalty must be >= 0"),
         (0 < tr.initial_rate < 1, "trigger.initial_rate must be in (0, 1)"),
+        (
+            tr.reference in trigger_rl.REFERENCES,
+            f"trigger.reference must be one of {', '.join(trigger_rl.REFERENCES)}",
+        ),
         (tr.entropy_coef >= 0, "trigger.entropy_coef must be >= 0"),
         (d.size is None or d.size >= 1, "data.size must be >= 1 (or null for a third)"),
         (d.heldout >= 0, "data.heldout must be >= 0"),

@@ -181,6 +181,9 @@ def decision_logprobs(
 
 
 # ----------------------------------------------------------------------------- reward
+REFERENCES = ("median", "successful")
+
+
 def group_median(x: torch.Tensor) -> torch.Tensor:
     """Median of each row of (groups, G): the mean of the two middle values when G is even."""
     s = x.sort(dim=1).values
@@ -194,12 +197,15 @@ def sparsity_penalty(
     decisions: torch.Tensor,
     group_size: int,
     penalty: float,
+    reference: str = "median",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paper Eq. 9: λ Σ_j max(0, d_ij − p̄) for each rollout, and p̄ per rollout.
 
     p̄ is the mean invocation rate (invocations / decisions) of the rollouts of the same group
     whose task reward is at least the group median (rollouts without decisions have no rate
     and are left out; if none is left, the group's every rollout with decisions counts). With
+    ``reference="successful"`` only rollouts with a positive task reward count, and a group
+    without one pays no penalty. With
     d ∈ {0, 1} the sum is (1 − p̄) × invocations: a skip is never penalised, and an invocation
     costs less the more often the successful rollouts invoked.
 
@@ -214,10 +220,16 @@ def sparsity_penalty(
     inv, dec = invocations.view(-1, group_size), decisions.view(-1, group_size)
     has = dec > 0
     rate = torch.where(has, inv / dec.clamp(min=1), torch.zeros_like(inv))
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}, not {reference!r}")
     top = (r >= group_median(r)[:, None]) & has
+    charged = torch.ones_like(r[:, :1])
+    if reference == "successful":
+        top = top & (r > 0)
+        charged = top.any(dim=1, keepdim=True).to(r.dtype)  # no success: nothing to copy
     top = torch.where(top.any(dim=1, keepdim=True), top, has)
     pbar = (rate * top).sum(1) / top.sum(1).clamp(min=1)
-    pen = penalty * (1 - pbar)[:, None] * inv
+    pen = penalty * (1 - pbar)[:, None] * inv * charged
     return pen.flatten(), pbar.repeat_interleave(group_size)
 
 
@@ -284,7 +296,7 @@ def trigger_update(
     g, w = t.num_generations, world_size()
     task_r = torch.nan_to_num(task_rewards.float(), nan=0.0)
     inv, dec = roll.invocations(), roll.num_decisions()
-    penalty, pbar = sparsity_penalty(task_r, inv, dec, g, tr.penalty)
+    penalty, pbar = sparsity_penalty(task_r, inv, dec, g, tr.penalty, tr.reference)
     reward = task_r - penalty
     lengths = torch.tensor([float(len(c)) for c in roll.completion_ids])
     every = _everywhere(torch.stack([reward, task_r, penalty, pbar, inv, dec, lengths]))
