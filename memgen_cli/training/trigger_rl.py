@@ -173,7 +173,8 @@ def decision_logprobs(
 
     The head applied to the states recorded at sampling time: no model pass.
     """
-    logits = trigger.logits(states).float()
+    device = trigger.head[0].weight.device  # states are recorded on the CPU; the head may not be
+    logits = trigger.logits(states.to(device)).float().to(states.device)
     logps = torch.where(actions.bool(), F.logsigmoid(logits), F.logsigmoid(-logits))
     p = torch.sigmoid(logits)
     entropy = -(p * F.logsigmoid(logits) + (1 - p) * F.logsigmoid(-logits))
