@@ -52,7 +52,8 @@ def tiny_artifact(
 def torchrun(args: list, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node 2 -m memgen_cli ARGS``, one thread per worker.
 
-    Runs in its own process group, killed if it outlives ``timeout``: never leaves workers behind.
+    Runs in its own process group, stopped if it outlives ``timeout`` (the launcher is asked to
+    stop its workers first, then killed).
     """
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -71,5 +72,11 @@ def torchrun(args: list, cwd: Path, timeout: int = 300) -> subprocess.CompletedP
         out, err = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            # torchrun starts its workers in sessions of their own, out of reach of killpg:
+            # SIGTERM lets the launcher stop them first; SIGKILL if it does not within 20 s.
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
