@@ -53,6 +53,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="best of this many timings")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--loss-rows",
+        type=int,
+        default=8,
+        help="completions per backward in the step's loss (all 32 at once took 23 GB on CPU)",
+    )
     a = ap.parse_args()
     quiet_libraries()
     if a.threads:
@@ -110,11 +116,19 @@ def main() -> None:
     start = time.perf_counter()
     b = policy_inputs(roll, base.tokenizer.pad_token_id)
     keys = ("input_ids", "attention_mask", "completion_index", "completion_mask")
-    logps, _ = policy_logprobs(
-        model, *(b[k].to(model.device) for k in keys), b["prompt_points"], b["inference_points"]
-    )
-    mask = b["completion_mask"].to(model.device)
-    rl.policy_loss(logps, logps.detach(), adv.to(model.device), mask).loss.backward()
+    rows = b["input_ids"].shape[0]
+    for lo in range(0, rows, a.loss_rows):  # micro-batches, as the trainer's accumulation
+        part = slice(lo, lo + a.loss_rows)
+        prompt_points = b["prompt_points"][part] if b["prompt_points"] is not None else None
+        logps, _ = policy_logprobs(
+            model,
+            *(b[k][part].to(model.device) for k in keys),
+            prompt_points,
+            b["inference_points"][part],
+        )
+        mask = b["completion_mask"][part].to(model.device)
+        loss = rl.policy_loss(logps, logps.detach(), adv[part].to(model.device), mask).loss
+        (loss * logps.shape[0] / rows).backward()
     loss_s = time.perf_counter() - start
 
     print(
@@ -125,6 +139,7 @@ def main() -> None:
                 "generations": g,
                 "max_new_tokens": n,
                 "threads": torch.get_num_threads(),
+                "loss_rows": a.loss_rows,
                 "hf_generate_s": round(hf_s, 3),
                 "rollout_off_s": round(off_s, 3),
                 "rollout_weaver_s": round(weaver_s, 3),
