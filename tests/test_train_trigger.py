@@ -42,6 +42,19 @@ WEAVER_FILES = ("weaver.safetensors", "weaver/adapter_model.safetensors")
 # Sampled tokens and longer answers: tiny models then hit many clause boundaries.
 SAMPLED = ["training.temperature=1.0", "training.max_completion_length=32"]
 
+# What a two-step run with completions logged every step writes: the artifact's exact file set.
+ARTIFACT_FILES = {
+    "memgen.json",
+    "recipe.yaml",
+    "metrics.jsonl",
+    "trigger.safetensors",
+    "weaver.safetensors",
+    "weaver/adapter_config.json",
+    "weaver/adapter_model.safetensors",
+    "completions/step_00001.jsonl",
+    "completions/step_00002.jsonl",
+}
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -105,17 +118,7 @@ def test_cli_writes_a_trigger_artifact_with_the_weaver_unchanged(tiny, tmp_path)
     assert result.exit_code == 0, result.output
     assert "invocation rate" in result.output
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
-    assert files == {
-        "memgen.json",
-        "recipe.yaml",
-        "metrics.jsonl",
-        "trigger.safetensors",
-        "weaver.safetensors",
-        "weaver/adapter_config.json",
-        "weaver/adapter_model.safetensors",
-        "completions/step_00001.jsonl",
-        "completions/step_00002.jsonl",
-    }
+    assert files == ARTIFACT_FILES
     for name in WEAVER_FILES:  # the weaver is frozen: bit-identical tensors
         a, b = load_file(art / name), load_file(out / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -346,17 +349,7 @@ def test_two_process_torchrun_writes_one_artifact(tiny, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert proc.stdout.count("invocation rate") == 1  # one summary: rank 0's
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
-    assert files == {
-        "memgen.json",
-        "recipe.yaml",
-        "metrics.jsonl",
-        "trigger.safetensors",
-        "weaver.safetensors",
-        "weaver/adapter_config.json",
-        "weaver/adapter_model.safetensors",
-        "completions/step_00001.jsonl",
-        "completions/step_00002.jsonl",
-    }
+    assert files == ARTIFACT_FILES
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out"]
     for name in WEAVER_FILES:  # the weaver is frozen: bit-identical tensors
         a, b = load_file(art / name), load_file(out / name)

@@ -394,6 +394,8 @@ def _run(cfg: TriggerConfig, resume, console: Console, callbacks: list, dist) ->
             "prompts": len(train),
             "weaver_prompts_excluded": excluded,
             "penalty": tr.penalty,
+            "reference": tr.reference,
+            "scale_rewards": t.scale_rewards,
             "initial_rate": tr.initial_rate,
             "num_generations": g,
             "steps": t.max_steps,
