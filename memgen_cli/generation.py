@@ -6,9 +6,11 @@ Per step, for all rows at once (see ``_Run``):
   3. rows whose token ends a clause, with insertions left, ask the trigger;
   4. each invoking row's weaver reads the context that row has not read yet (its own cache)
      and writes K latents; only those rows run the K-position chunk through the reasoner (a
-     sub-batch of their cache rows), and the chunk goes back into the batch cache with
-     masked slots for the rows that did not invoke, so the batch stays rectangular; invoking
-     rows take the logits after their latents, and their text positions shift by K.
+     sub-batch of their cache rows), and the chunk goes back into the batch cache, into K
+     masked columns of each invoking row where it has them (``kv.write_rows``), else into K
+     new columns masked for the rows that did not invoke, so the batch stays rectangular
+     without growing by K for every row's every insertion; invoking rows take the logits
+     after their latents, and their text positions shift by K.
 Prompt latents are woven once, right after the prompt (where the assistant turn begins).
 With ``repeat=G`` (GRPO rollouts) each prompt is prefilled and woven once, then its caches are
 copied to G rows, instead of running G copies of the prompt as TRL's sampler does.
@@ -28,7 +30,7 @@ import torch
 from transformers import DynamicCache
 
 from memgen_cli.config import MEMORY_MODES, GenerationConfig
-from memgen_cli.models.kv import append_rows, take_rows
+from memgen_cli.models.kv import append_rows, free_slots, reusable, take_rows, write_rows
 from memgen_cli.models.latents import chunk_mask, latent_positions, positions_from_mask
 from memgen_cli.models.memgen import MemGenModel, WeaverCache
 
@@ -168,6 +170,7 @@ class _Run:
         self.read = [0] * self.batch
         self.weaver_caches: list[WeaverCache | None] = [None] * self.batch
         self.eos = _eos_ids(model.tokenizer).to(device)
+        self.reuse = reusable(model.reasoner.config)  # latents may fill masked columns
         embeds = model.embed(input_ids)
         positions = positions_from_mask(attention_mask)
         hidden = model.reasoner_hidden(embeds, attention_mask, positions, self.cache)
@@ -232,7 +235,8 @@ class _Run:
     def _insert(self, latents: torch.Tensor, rows: torch.Tensor) -> None:
         """Append K latents of ``rows`` to the reasoner's cache (masked slots for the others).
 
-        Only the weaving rows run through the reasoner (a copy of their cache rows); the
+        Only the weaving rows run through the reasoner (a copy of their cache rows). Their
+        chunk goes into masked columns they already have, or into K new columns where the
         other rows get zero slots, which their mask hides.
         """
         k = latents.shape[1]
@@ -245,8 +249,13 @@ class _Run:
             sub_mask = torch.cat([self.mask[index], self.mask.new_ones(len(index), k)], dim=1)
             hidden = self.model.reasoner_hidden(latents[index], sub_mask, positions[index], part)
             hidden = hidden[:, -1]
-            append_rows(self.cache, part, index, k)
-            self.mask = torch.cat([self.mask, chunk_mask(rows, k)], dim=1)
+            cols = free_slots(self.mask, index, k) if self.reuse else None
+            if cols is None:
+                append_rows(self.cache, part, index, k)
+                self.mask = torch.cat([self.mask, chunk_mask(rows, k)], dim=1)
+            else:
+                write_rows(self.cache, part, index, cols)
+                self.mask = self.mask.index_put((index[:, None], cols), self.mask.new_ones(()))
             self._remember(latents * rows[:, None, None], chunk_mask(rows, k), positions)
         self.logits = self.logits.index_copy(0, index, self.model.lm_head(hidden))  # rows of index
         self.next_pos = self.next_pos + rows.long() * k

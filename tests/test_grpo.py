@@ -220,6 +220,74 @@ def test_policy_inputs_layout():
     assert r.texts_ids == [[10, 11], []]
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_the_loss_skips_zero_advantage_rows_with_the_same_loss_and_gradient(loss_type, iterations):
+    """With beta 0 only rows with a non-zero advantage run the training forward; loss and
+    gradients equal those of every row run (skipped rows keep their place in the normalisers)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from memgen_cli.training import grpo
+    from memgen_cli.training.grpo import GRPOSettings, GRPOTrainer, PolicyObjective
+
+    mg = make_memgen("llama")
+    mg.set_trainable(weaver=True, trigger=False)
+    r = rollout(mg, MESSAGES, GenerationConfig(max_new_tokens=10, temperature=1.0, seed=3), 2)
+    b = policy_inputs(r, mg.tokenizer.pad_token_id)
+    b["advantages"] = torch.tensor([0.7, -0.7, 0.0, 0.0, 0.0, 0.0])  # only prompt 0 informs
+    b["loss_mask"] = b["completion_mask"].clone()
+    b["iteration"] = 0
+    if iterations > 1:  # old log-probs from an earlier pass, not equal to the current ones
+        b["old_logps"] = b["sampling_logps"] - 0.05 * torch.arange(6.0)[:, None]
+    settings = GRPOSettings(
+        num_generations=2,
+        temperature=1.0,
+        top_p=1.0,
+        max_completion_length=10,
+        memory="weaver",
+        loss_type=loss_type,
+        scale_rewards="group",
+        beta=0.0,
+        epsilon=0.2,
+        epsilon_high=0.2,
+        num_iterations=iterations,
+        mask_truncated_completions=False,
+        disable_dropout=True,
+        seed=0,
+        log_completions_steps=0,
+        prompt_suffix="",
+        system=None,
+    )
+    objective = PolicyObjective(mg)
+    calls = []
+    objective.register_forward_hook(
+        lambda m, args, kw, out: calls.append(len(kw["input_ids"])), with_kwargs=True
+    )
+
+    def loss_and_grads(skip: bool):
+        fake = SimpleNamespace(
+            s=settings, _metrics=defaultdict(list), current_gradient_accumulation_steps=1
+        )
+        mg.zero_grad()
+        with pytest.MonkeyPatch.context() as patch:
+            if not skip:  # the reference: every row through the training forward
+                patch.setattr(grpo, "scored_rows", lambda adv, beta: torch.arange(len(adv)))
+            loss = GRPOTrainer.compute_loss(fake, objective, dict(b), num_items_in_batch=40.0)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in mg.weaver_parameters().items() if p.grad is not None}
+        return loss.detach(), grads, fake._metrics
+
+    loss_all, grads_all, _ = loss_and_grads(skip=False)
+    loss_skip, grads_skip, metrics = loss_and_grads(skip=True)
+    assert calls == [6, 2]  # the second pass ran the two informative rows only
+    torch.testing.assert_close(loss_skip, loss_all, atol=1e-6, rtol=1e-5)
+    assert grads_all.keys() == grads_skip.keys() and grads_all
+    for name, grad in grads_all.items():
+        torch.testing.assert_close(grads_skip[name], grad, atol=1e-7, rtol=1e-4)
+    assert metrics["logp_diff/max"][0] < 1e-4
+
+
 # ------------------------------------------------------------------------------ training
 def first_token_probs(mg: MemGenModel, cfg: GRPOConfig) -> torch.Tensor:
     """The policy's exact distribution of the first completion token on the training prompts."""

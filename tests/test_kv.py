@@ -3,7 +3,7 @@
 import torch
 from transformers import DynamicCache, LlamaConfig
 
-from memgen_cli.models.kv import append_rows, take_rows
+from memgen_cli.models.kv import append_rows, free_slots, reusable, take_rows, write_rows
 
 CONFIG = LlamaConfig(
     num_hidden_layers=2, hidden_size=8, num_attention_heads=2, num_key_value_heads=1
@@ -43,3 +43,32 @@ def test_append_rows_puts_new_positions_on_their_rows_and_zeros_elsewhere():
     assert torch.equal(keys[1, :, 4:], new[0]) and torch.equal(values[1, :, 4:], -new[0])
     assert keys[[0, 2], :, 4:].abs().sum() == 0 and values[[0, 2], :, 4:].abs().sum() == 0
     assert torch.equal(keys[:, :, :4], k)
+
+
+def test_free_slots_finds_each_rows_first_masked_columns_or_none():
+    mask = torch.tensor([[0, 0, 1, 0, 1], [1, 1, 1, 0, 1], [1, 0, 0, 0, 1]])
+    assert free_slots(mask, torch.tensor([0, 2]), 2).tolist() == [[0, 1], [1, 2]]
+    assert free_slots(mask, torch.tensor([2]), 3).tolist() == [[1, 2, 3]]
+    assert free_slots(mask, torch.tensor([0, 1]), 2) is None  # row 1 has one free column
+    assert free_slots(mask, torch.tensor([1]), 1).tolist() == [[3]]
+
+
+def test_write_rows_fills_the_given_columns_of_the_given_rows_only():
+    k = torch.arange(3 * 5, dtype=torch.float).reshape(3, 1, 5, 1)
+    cache = cache_of([k, k + 100])
+    part = take_rows(cache, CONFIG, torch.tensor([2, 0]))
+    new = torch.tensor([[7.0, 8.0], [9.0, 10.0]]).reshape(2, 1, 2, 1)
+    for layer in range(2):
+        part.update(new + layer, -(new + layer), layer)
+    write_rows(cache, part, torch.tensor([2, 0]), torch.tensor([[1, 3], [0, 4]]))
+    keys, values = cache.layers[1].keys, cache.layers[1].values
+    assert keys.shape == (3, 1, 5, 1)  # nothing appended
+    assert keys[2, 0, :, 0].tolist() == [110.0, 8.0, 112.0, 9.0, 114.0]
+    assert keys[0, 0, :, 0].tolist() == [10.0, 101.0, 102.0, 103.0, 11.0]
+    assert values[0, 0, 0, 0] == -10.0 and torch.equal(keys[1], (k + 100)[1])
+
+
+def test_reusable_only_without_an_active_sliding_window():
+    assert reusable(CONFIG)
+    assert reusable(type("C", (), {"sliding_window": 4096, "use_sliding_window": False})())
+    assert not reusable(type("C", (), {"sliding_window": 4096})())

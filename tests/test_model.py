@@ -8,6 +8,7 @@ import torch
 from conftest import make_memgen, make_model
 from memgen_cli.config import GenerationConfig
 from memgen_cli.generation import encode_prompts, generate, reference_generate
+from memgen_cli.models import kv
 from memgen_cli.models.training import Points, reference_weave_forward, weave_forward
 
 PROMPTS = [
@@ -69,7 +70,15 @@ def _compare(mg, cfg):
 
 
 @pytest.mark.parametrize("kind,weaver_kind", [("llama", None), ("qwen2", None), ("llama", "qwen2")])
-def test_cached_generation_equals_reference(kind, weaver_kind):
+@pytest.mark.parametrize("reuse", [True, False])
+def test_cached_generation_equals_reference(kind, weaver_kind, reuse, monkeypatch):
+    """With latents written into masked columns (``kv.write_rows``) and with every chunk
+    appended as new columns, as on a sliding-window model."""
+    from memgen_cli import generation
+
+    writes = []
+    monkeypatch.setattr(generation, "reusable", lambda config: reuse)
+    monkeypatch.setattr(generation, "write_rows", lambda *a: writes.append(1) or kv.write_rows(*a))
     mg = _diverse(make_memgen(kind, weaver_kind))
     cfg = GenerationConfig(max_new_tokens=40, memory="weaver")
     enc = encode_prompts(mg.tokenizer, PROMPTS, "cpu")
@@ -82,6 +91,7 @@ def test_cached_generation_equals_reference(kind, weaver_kind):
     assert any(out.finished) and not all(out.finished), "some rows must finish early"
     assert len({tuple(p) for p in per_row}) > 1, "rows must weave at different steps"
     assert max(len(p) for p in per_row) == mg.cfg.max_inference_insertions  # the cap binds
+    assert bool(writes) == reuse  # the reuse path really ran (or really did not)
 
 
 def test_cached_generation_with_trained_trigger_equals_reference():

@@ -4,7 +4,16 @@ Generation keeps one rectangular reasoner cache for the batch. When a few rows w
 K-position chunk is run on those rows alone (``take_rows``) and the new keys/values are
 appended back with zero, masked slots for the other rows (``append_rows``); a masked slot gets
 zero attention weight, so the result equals running the chunk on the whole batch with masked
-slots, at a fraction of the cost. Only the public ``DynamicCache.update`` is used to write.
+slots, at a fraction of the cost.
+
+Rows weave at different steps, so appending K slots per event for the whole batch would grow
+every row's cache by K for each other row's insertion (32 rows x 4 insertions x K 8 = 1,000
+masked columns that every later decode step reads and copies). ``write_rows`` instead puts a
+row's chunk into K of its own masked columns (left padding, or slots another row's event made):
+keys carry their rotary positions from when they were computed and a decode step attends to
+every earlier column its mask allows, so which column holds a key does not change the result
+(full attention; ``free_slots`` says where this holds). New columns are appended only when a
+row has fewer than K free slots.
 """
 
 from __future__ import annotations
@@ -41,3 +50,38 @@ def append_rows(cache: DynamicCache, part: DynamicCache, rows: torch.Tensor, k: 
         keys[rows] = sub.keys[:, :, -k:]
         values[rows] = sub.values[:, :, -k:]
         cache.update(keys, values, index)
+
+
+def reusable(config) -> bool:
+    """Whether a row's keys may sit in any earlier column: full causal attention only (a
+    sliding window masks by column distance, so a reused early column could fall outside it)."""
+    window = getattr(config, "sliding_window", None)
+    return not window or getattr(config, "use_sliding_window", True) is False
+
+
+def free_slots(mask: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The first ``k`` masked columns of each of ``rows`` in ``mask`` (B, T): (len(rows), k),
+    or None when some row has fewer than ``k``.
+
+    >>> free_slots(torch.tensor([[0, 1, 0, 0], [1, 1, 0, 1]]), torch.tensor([0]), 2).tolist()
+    [[0, 2]]
+    >>> free_slots(torch.tensor([[0, 1, 0, 0], [1, 1, 0, 1]]), torch.tensor([0, 1]), 2) is None
+    True
+    """
+    free = mask[rows] == 0
+    if bool((free.sum(-1) < k).any()):
+        return None
+    # the k smallest column indices with free == True: stable sort puts them first
+    order = torch.sort((~free).to(torch.int8), dim=-1, stable=True).indices
+    return order[:, :k]
+
+
+def write_rows(cache: DynamicCache, part: DynamicCache, rows: torch.Tensor, cols: torch.Tensor):
+    """Write the last k positions of ``part`` (a cache of ``rows``) into columns ``cols``
+    (len(rows), k) of those rows of ``cache``, in place; the caller unmasks them."""
+    k = cols.shape[1]
+    r = rows[:, None]
+    for layer, sub in zip(cache.layers, part.layers, strict=True):
+        # (n, heads, k, dim) -> (n, k, heads, dim): advanced indices on dims 0 and 2 go first
+        layer.keys[r, :, cols] = sub.keys[:, :, -k:].transpose(1, 2)
+        layer.values[r, :, cols] = sub.values[:, :, -k:].transpose(1, 2)

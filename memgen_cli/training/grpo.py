@@ -11,7 +11,13 @@ One optimizer step, on each process (each process owns whole groups of G complet
    checkpointed: a resumed run regenerates them (TRL #3247).
 2. ``compute_loss`` (public): the policy's log-probs of the sampled tokens from the batched
    training forward at the trace's exact insertion points, then ``rl.policy_loss``; already
-   normalised for gradient accumulation (``loss_is_scaled_for_ga``).
+   normalised for gradient accumulation (``loss_is_scaled_for_ga``). With ``beta`` = 0 a
+   completion whose advantage is 0 (its group's rewards all equal: most groups on a task the
+   policy finds all-easy or all-hard) adds nothing to the gradient, so only the other rows run
+   the training forward (``scored_rows``); the skipped rows keep their place in every
+   normaliser, with ratio 1, so the loss and its gradient are those of the full batch
+   (tests/test_grpo.py), at the cost of the informative rows only. ``entropy`` and
+   ``logp_diff`` are then measured on the rows that ran.
 3. ``log`` (public): TRL's metric names, averaged since the last log, plus ``insertions/mean``
    and ``logp_diff/mean|max`` (training-forward vs sampling-time log-probs: the check that
    rollout and loss see the same policy).
@@ -102,6 +108,37 @@ def weaver_weights(model: MemGenModel, state: dict[str, torch.Tensor]):
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(saved[n])
+
+
+def scored_rows(advantages: torch.Tensor, beta: float) -> torch.Tensor:
+    """The rows the loss must run: all with ``beta`` > 0 (the KL term needs every row), else
+    those with a non-zero advantage, or the first row when none has one (a step still needs
+    a graph to back-propagate, and every process must take part in it).
+
+    >>> scored_rows(torch.tensor([0.0, 0.5, 0.0, -0.5]), 0.0).tolist()
+    [1, 3]
+    >>> scored_rows(torch.tensor([0.0, 0.0]), 0.0).tolist(), scored_rows(torch.zeros(2), 0.1).tolist()
+    ([0], [0, 1])
+    """
+    if beta > 0:
+        return torch.arange(len(advantages), device=advantages.device)
+    rows = (advantages != 0).nonzero().flatten()
+    return rows if len(rows) else rows.new_zeros(1)
+
+
+def take_policy_rows(inputs: dict, rows: torch.Tensor) -> dict:
+    """``POLICY_KEYS`` of ``inputs`` for ``rows`` only (all of them: the same dict's values)."""
+    if len(rows) == len(inputs["advantages"]):
+        return {k: inputs[k] for k in POLICY_KEYS}
+    picked = rows.tolist()
+    out = {}
+    for key in POLICY_KEYS:
+        value = inputs[key]
+        if torch.is_tensor(value):
+            out[key] = value[rows]
+        else:  # per-row lists (insertion points), or None when there are no prompt latents
+            out[key] = None if value is None else [value[i] for i in picked]
+    return out
 
 
 def _gather_list(values: list) -> list:
@@ -251,11 +288,18 @@ class GRPOTrainer(Trainer):
         s = self.s
         if s.disable_dropout:
             model.eval()  # LoRA dropout off: the loss sees the policy that sampled (TRL default)
-        out = model(temperature=s.temperature, **{k: inputs[k] for k in POLICY_KEYS})
-        logps, entropy = out["logps"], out["entropy"]
-        real = inputs["completion_mask"].to(logps.dtype)
+        rows = scored_rows(inputs["advantages"], s.beta)
+        out = model(temperature=s.temperature, **take_policy_rows(inputs, rows))
+        part, entropy = out["logps"], out["entropy"]
+        real = inputs["completion_mask"][rows].to(part.dtype)
         old = inputs.get("old_logps")
-        old = logps.detach() if old is None else old
+        if len(rows) == len(inputs["advantages"]):
+            logps = part
+            old = logps.detach() if old is None else old
+        else:  # skipped rows: ratio 1 and advantage 0, so they add 0 but count in normalisers
+            if old is None:  # one iteration: the old policy is this one
+                old = inputs["sampling_logps"].to(part.dtype).index_copy(0, rows, part.detach())
+            logps = old.index_copy(0, rows, part)
         parts = rl.policy_loss(
             logps,
             old,
@@ -279,7 +323,7 @@ class GRPOTrainer(Trainer):
         if parts.kl is not None:
             m["kl"].append(parts.kl)
         if inputs["iteration"] == 0:  # parameters as at sampling: the two must agree
-            gap = (logps.detach() - inputs["sampling_logps"]).abs() * real
+            gap = (part.detach() - inputs["sampling_logps"][rows]).abs() * real
             m["logp_diff/mean"].append(float(gap.sum() / real.sum().clamp(min=1)))
             m["logp_diff/max"].append(float(gap.max()))
         return (parts.loss, out) if return_outputs else parts.loss
