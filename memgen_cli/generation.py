@@ -232,6 +232,34 @@ class _Run:
         )
         return latents[0], states[0]
 
+    def _weave_rows(self, kind: str, index: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The weaves of every row in ``index`` at this step, as one weaver pass.
+
+        Each row's cache and unread context are right-padded to the longest with masked
+        slots (positions are explicit, so padding changes nothing), run together, and split
+        back into one cache per row without the padding: one pass over the rows that weave
+        together instead of one per row.
+        """
+        if len(index) == 1:
+            return [self._weave_row(kind, index[0])]
+        config = self.model.weaver_lm.config
+        unread = [self._unread(r) for r in index]
+        ctx, ctx_mask, ctx_pos = (
+            torch.cat([_pad_right(t, max(u[0].shape[1] for u in unread)) for t in kind_parts])
+            for kind_parts in zip(*unread, strict=True)
+        )
+        caches = [self.weaver_caches[r] for r in index]
+        state = _merge_weaver_caches(caches, self.model.new_weaver_cache(), config, ctx_mask)
+        start = self.next_pos[index]
+        latents, states = self.model.weave(kind, ctx, ctx_mask, ctx_pos, state, start)
+        for i, r in enumerate(index):
+            real = state.mask[i].bool()
+            rows = torch.tensor([i], device=real.device)
+            self.weaver_caches[r] = WeaverCache(
+                take_rows(state.cache, config, rows, real), state.mask[i : i + 1, real]
+            )
+        return [(latents[i], states[i]) for i in range(len(index))]
+
     def _insert(self, latents: torch.Tensor, rows: torch.Tensor) -> None:
         """Append K latents of ``rows`` to the reasoner's cache (masked slots for the others).
 
@@ -291,7 +319,7 @@ class _Run:
         if kind == "prompt":
             latents, states = self._weave_all(kind)
         else:
-            woven = [self._weave_row(kind, r) for r in index]
+            woven = self._weave_rows(kind, index)
             where = torch.tensor(index, device=rows.device)
             latents, states = (
                 self._scatter(torch.stack(part), where) for part in zip(*woven, strict=True)
@@ -345,6 +373,46 @@ class _Run:
             return []
         self.left = self.left - invoke.long()
         return self.weave("inference", invoke, probs)
+
+
+def _pad_right(t: torch.Tensor, length: int) -> torch.Tensor:
+    """(1, T, ...) -> (1, length, ...) with zeros after the T real entries."""
+    extra = length - t.shape[1]
+    if extra == 0:
+        return t
+    return torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], dim=1)
+
+
+def _merge_weaver_caches(
+    caches: list[WeaverCache | None], empty: WeaverCache, config, like: torch.Tensor
+) -> WeaverCache:
+    """One batch cache from single-row weaver caches, right-padded with masked slots."""
+    lengths = [0 if c is None or c.mask is None else c.mask.shape[1] for c in caches]
+    longest = max(lengths)
+    if longest == 0:
+        return empty
+    ref = next(c for c, n in zip(caches, lengths, strict=True) if n)
+    merged = DynamicCache(config=config)
+    for layer, ref_layer in enumerate(ref.cache.layers):
+        keys, values = [], []
+        for c, n in zip(caches, lengths, strict=True):
+            if n:
+                k, v = c.cache.layers[layer].keys, c.cache.layers[layer].values
+            else:
+                k = ref_layer.keys.new_zeros(1, ref_layer.keys.shape[1], 0, ref_layer.keys.shape[3])
+                v = ref_layer.values.new_zeros(
+                    1, ref_layer.values.shape[1], 0, ref_layer.values.shape[3]
+                )
+            keys.append(_pad_right(k.transpose(1, 2), longest).transpose(1, 2))
+            values.append(_pad_right(v.transpose(1, 2), longest).transpose(1, 2))
+        merged.update(torch.cat(keys), torch.cat(values), layer)
+    mask = torch.cat(
+        [
+            _pad_right(c.mask if n else like.new_zeros(1, 0), longest)
+            for c, n in zip(caches, lengths, strict=True)
+        ]
+    )
+    return WeaverCache(merged, mask)
 
 
 @torch.no_grad()

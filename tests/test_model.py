@@ -79,6 +79,13 @@ def test_cached_generation_equals_reference(kind, weaver_kind, reuse, monkeypatc
     writes = []
     monkeypatch.setattr(generation, "reusable", lambda config: reuse)
     monkeypatch.setattr(generation, "write_rows", lambda *a: writes.append(1) or kv.write_rows(*a))
+    together = []  # rows per weaver pass: several rows weaving at one step share one
+    weave_rows = generation._Run._weave_rows
+    monkeypatch.setattr(
+        generation._Run,
+        "_weave_rows",
+        lambda run, kind, index: together.append(len(index)) or weave_rows(run, kind, index),
+    )
     mg = _diverse(make_memgen(kind, weaver_kind))
     cfg = GenerationConfig(max_new_tokens=40, memory="weaver")
     enc = encode_prompts(mg.tokenizer, PROMPTS, "cpu")
@@ -92,6 +99,7 @@ def test_cached_generation_equals_reference(kind, weaver_kind, reuse, monkeypatc
     assert len({tuple(p) for p in per_row}) > 1, "rows must weave at different steps"
     assert max(len(p) for p in per_row) == mg.cfg.max_inference_insertions  # the cap binds
     assert bool(writes) == reuse  # the reuse path really ran (or really did not)
+    assert max(together) > 1 and min(together) == 1  # both weaver paths ran
 
 
 def test_cached_generation_with_trained_trigger_equals_reference():
