@@ -419,6 +419,18 @@ def test_math_accuracy_reward_length_mismatch():
         math_accuracy_reward(["1"], answer=["1", "2"])
 
 
+def test_equation_steps_reward_scores_each_written_step():
+    completions = [
+        "23 + 45 = 68\n68 - 12 = 56\nThe answer is \\boxed{56}.",  # both steps right
+        "23 + 45 = 68\n68 - 12 = 46\nThe answer is \\boxed{46}.",  # the second wrong
+        "8 / 0 = 0 and 2 * 3 * 4 = 24",  # no value for 8 / 0; precedence as written
+        "x = 3, 10 = 10, 1.5 + 1.5 = 3.0",  # 'x' and a bare number are not steps
+        "The answer is 56.",  # no steps at all
+    ]
+    assert graders.equation_steps_reward(completions, answer=["56"] * 5) == [1.0, 0.5, 0.5, 1.0, 0.0]
+    assert graders.equation_steps_reward(["2 + 3 * 4 = 14"]) == [1.0]
+
+
 @pytest.mark.parametrize("module", [graders, base])
 def test_doctests(module):
     result = doctest.testmod(module)

@@ -408,3 +408,53 @@ def math_accuracy_reward(completions: list, answer: list[str], **kwargs) -> list
         float(math_equal(extract_math_answer(completion_text(c)), _gold_number(str(a))))
         for c, a in zip(completions, answer, strict=True)
     ]
+
+
+_NUM = r"-?\d+(?:\.\d+)?"
+_STEP = re.compile(rf"({_NUM}(?:\s*[-+*/]\s*{_NUM})+)\s*=\s*({_NUM})(?![\d.])")
+
+
+def _arith(expr: str) -> float | None:
+    """The value of ``expr``: numbers and + - * / only (no names, calls or powers)."""
+    import ast
+
+    def value(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return float(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = value(node.operand)
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+            a, b = value(node.left), value(node.right)
+            ops = {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b}
+            return ops[type(node.op)] if type(node.op) in ops else (a / b if b else math.nan)
+        raise ValueError("not arithmetic")
+
+    try:
+        return value(ast.parse(expr, mode="eval").body)
+    except (SyntaxError, ValueError, RecursionError):
+        return None
+
+
+def equation_steps_reward(completions: list, **kwargs) -> list[float]:
+    """TRL reward: the fraction of the completion's written steps ``a op b ... = c`` that are
+    right, a process reward for step-by-step arithmetic (0 where it writes none).
+
+    Dense where accuracy is not: on a multi-step problem the policy mostly gets wrong, the
+    completions of one prompt still differ in how many steps they get right. Use it beside
+    the task's accuracy (``--reward memgen_cli.data.graders:equation_steps_reward``).
+
+    >>> equation_steps_reward(["2 - 6 = -4\\n-4 + 3 = -1\\nThe answer is -1.", "12 + 7 = 18", "7"])
+    [1.0, 0.0, 0.0]
+    >>> equation_steps_reward([[{"role": "assistant", "content": "3 * 4 = 12, 12 - 5 = 8"}]])
+    [0.5]
+    """
+    out = []
+    for c in completions:
+        steps = _STEP.findall(completion_text(c))
+        right = 0
+        for lhs, rhs in steps:
+            got = _arith(lhs)
+            right += got is not None and abs(got - float(rhs)) < 1e-6
+        out.append(right / len(steps) if steps else 0.0)
+    return out
