@@ -43,6 +43,29 @@ def best_of(repeats: int, fn) -> float:
     return min(times)
 
 
+def positions(roll, k: int, prompt_k: int) -> dict:
+    """Positions each path runs per completion, from the trace: decode steps; the weaver's
+    (the tokens a row wrote since its last weave, the latents it inserted then, K queries);
+    latent chunks through the reasoner (K per insertion). On a CPU a position costs about
+    the same in each, so ``(decode + weaver + latents) / decode`` is the floor of
+    ``rollout_weaver_s / rollout_off_s`` however the passes are batched."""
+    decode = weaver = latents = 0
+    for ids, points in zip(roll.completion_ids, roll.inference_points, strict=True):
+        decode += len(ids)
+        last, previous = 0, prompt_k
+        for t in points:
+            weaver += (t - last) + previous + k
+            latents += k
+            last, previous = t, k
+    n = len(roll.completion_ids)
+    return {
+        "decode": round(decode / n, 1),
+        "weaver": round(weaver / n, 1),
+        "latents": round(latents / n, 1),
+        "floor_weaver_vs_off": round((decode + weaver + latents) / max(decode, 1), 2),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="smollm2-135m")
@@ -146,6 +169,9 @@ def main() -> None:
                 "rollout_off_vs_hf": round(off_s / hf_s, 3),
                 "rollout_weaver_vs_hf": round(weaver_s / hf_s, 3),
                 "insertions_per_completion": sum(map(len, roll.inference_points)) / len(text),
+                "positions_per_completion": positions(
+                    roll, model.cfg.inference_latents, model.cfg.prompt_latents
+                ),
                 "step": {
                     "rollout_s": round(rollout_s, 3),
                     "score_s": round(score_s, 3),
