@@ -46,9 +46,11 @@ def best_of(repeats: int, fn) -> float:
 def positions(roll, k: int, prompt_k: int) -> dict:
     """Positions each path runs per completion, from the trace: decode steps; the weaver's
     (the tokens a row wrote since its last weave, the latents it inserted then, K queries);
-    latent chunks through the reasoner (K per insertion). On a CPU a position costs about
-    the same in each, so ``(decode + weaver + latents) / decode`` is the floor of
-    ``rollout_weaver_s / rollout_off_s`` however the passes are batched."""
+    latent chunks through the reasoner (K per insertion). ``position_ratio`` = (decode +
+    weaver + latents) / decode is what weaving multiplies the work by; the time ratio
+    ``rollout_weaver_s / rollout_off_s`` stays below it because a weaver pass or a latent
+    chunk runs many positions per row at once, which costs less per position than decode
+    steps of one position per row."""
     decode = weaver = latents = 0
     for ids, points in zip(roll.completion_ids, roll.inference_points, strict=True):
         decode += len(ids)
@@ -62,7 +64,7 @@ def positions(roll, k: int, prompt_k: int) -> dict:
         "decode": round(decode / n, 1),
         "weaver": round(weaver / n, 1),
         "latents": round(latents / n, 1),
-        "floor_weaver_vs_off": round((decode + weaver + latents) / max(decode, 1), 2),
+        "position_ratio": round((decode + weaver + latents) / max(decode, 1), 2),
     }
 
 
