@@ -318,6 +318,7 @@ def test_the_arithmetic_recipe_matches_grpo_weaver_and_the_sft_task():
     weaver_only = ("memory", "log_completions_steps")
     assert mine["training"] == {k: v for k, v in grpo["training"].items() if k not in weaver_only}
     assert mine["weaver"] == sft["memory"]
+    assert mine.get("reward") == grpo.get("reward")  # the same rewards, plug-ins included
     init = yaml.safe_load((here / "baseline-sft.yaml").read_text())
     assert mine["init"] == init["output"]
     assert init["data"] == sft["data"] and init["weaver"] == sft["memory"]
