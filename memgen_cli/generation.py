@@ -212,15 +212,19 @@ class _Run:
         )
         state = self.model.new_weaver_cache()
         latents, states = self.model.weave(kind, ctx, ctx_mask, ctx_pos, state, self.next_pos)
-        config = self.model.weaver_lm.config
-        for r in range(self.batch):
-            real = state.mask[r].bool()
-            rows = torch.tensor([r], device=real.device)
-            self.weaver_caches[r] = WeaverCache(
-                take_rows(state.cache, config, rows, real), state.mask[r : r + 1, real]
-            )
-            self.read[r] = self.dropped + len(self.pieces)
+        self._split_weaver_cache(state, list(range(self.batch)))
+        self.read = [self.dropped + len(self.pieces)] * self.batch
         return latents, states
+
+    def _split_weaver_cache(self, state: WeaverCache, index: list[int]) -> None:
+        """Row i of a batch weaver cache becomes row ``index[i]``'s own, masked slots dropped."""
+        config = self.model.weaver_lm.config
+        for i, r in enumerate(index):
+            real = state.mask[i].bool()
+            rows = torch.tensor([i], device=real.device)
+            self.weaver_caches[r] = WeaverCache(
+                take_rows(state.cache, config, rows, real), state.mask[i : i + 1, real]
+            )
 
     def _weave_row(self, kind: str, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.weaver_caches[row] is None:
@@ -252,12 +256,7 @@ class _Run:
         state = _merge_weaver_caches(caches, self.model.new_weaver_cache(), config, ctx_mask)
         start = self.next_pos[index]
         latents, states = self.model.weave(kind, ctx, ctx_mask, ctx_pos, state, start)
-        for i, r in enumerate(index):
-            real = state.mask[i].bool()
-            rows = torch.tensor([i], device=real.device)
-            self.weaver_caches[r] = WeaverCache(
-                take_rows(state.cache, config, rows, real), state.mask[i : i + 1, real]
-            )
+        self._split_weaver_cache(state, index)
         return [(latents[i], states[i]) for i in range(len(index))]
 
     def _insert(self, latents: torch.Tensor, rows: torch.Tensor) -> None:
