@@ -427,8 +427,34 @@ def test_equation_steps_reward_scores_each_written_step():
         "x = 3, 10 = 10, 1.5 + 1.5 = 3.0",  # 'x' and a bare number are not steps
         "The answer is 56.",  # no steps at all
     ]
-    assert graders.equation_steps_reward(completions, answer=["56"] * 5) == [1.0, 0.5, 0.5, 1.0, 0.0]
+    assert graders.equation_steps_reward(completions, answer=["56"] * 5) == [
+        1.0,
+        0.5,
+        0.5,
+        1.0,
+        0.0,
+    ]
     assert graders.equation_steps_reward(["2 + 3 * 4 = 14"]) == [1.0]
+
+
+def test_chain_steps_reward_follows_the_chain_left_to_right():
+    q = "Calculate 62 - 66 + 47 - 5."
+    completions = [
+        "62 - 66 = -4\n-4 + 47 = 43\n43 - 5 = 38\nThe answer is \\boxed{38}.",  # all three
+        "62 - 66 = -4\n-4 + 47 = 41\n41 - 5 = 36",  # a wrong sum is still a step taken
+        "62 - 66 = -4\n4 + 47 = 51\n51 - 5 = 46",  # carries the wrong operand: 1 of 3
+        "62 - 66 = -4\n-4 - 47 = -51",  # the wrong operator
+        "62 - 66 + 47 - 5 = 38",  # no step: the whole chain at once
+        "66 - 62 = 4",  # not the chain's first operation
+        [{"role": "assistant", "content": "62-66=-4, -4+47=43"}],  # TRL's conversational form
+    ]
+    got = graders.chain_steps_reward(completions, question=[q] * len(completions))
+    assert got == [1.0, 1.0, 1 / 3, 1 / 3, 0.0, 0.0, 2 / 3]
+    assert graders.chain_steps_reward(["1 + 2 = 3"], question=["What is one plus two?"]) == [None]
+    # a decimal chain; extra steps after the last operation are ignored
+    assert graders.chain_steps_reward(
+        ["1.5 + 2 = 3.5\n3.5 + 3.5 = 7"], question=["Calculate 1.5 + 2."]
+    ) == [1.0]
 
 
 @pytest.mark.parametrize("module", [graders, base])

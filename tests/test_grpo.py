@@ -288,6 +288,41 @@ def test_the_loss_skips_zero_advantage_rows_with_the_same_loss_and_gradient(loss
     assert metrics["logp_diff/max"][0] < 1e-4
 
 
+@pytest.mark.parametrize(
+    "dtype, dropout_off, recomputed",
+    [(torch.float32, True, False), (torch.float32, False, True), (torch.bfloat16, True, True)],
+)
+def test_old_logprobs_are_the_sampling_ones_only_where_they_are_exact(
+    dtype, dropout_off, recomputed
+):
+    """num_iterations > 1 needs the sampling policy's log-probs: in fp32 without dropout the
+    rollout's own (equal to the training forward's within 1e-4, the test above), otherwise the
+    training forward recomputes them."""
+    from types import SimpleNamespace
+
+    from memgen_cli.training.grpo import GRPOTrainer
+
+    mg = make_memgen("llama")
+    r = rollout(mg, MESSAGES, GenerationConfig(max_new_tokens=8, temperature=1.0, seed=5), 2)
+    b = policy_inputs(r, mg.tokenizer.pad_token_id)
+    scored = []
+    fake = SimpleNamespace(
+        policy=SimpleNamespace(dtype=dtype),
+        s=SimpleNamespace(disable_dropout=dropout_off),
+        _score=lambda batch: scored.append(batch) or torch.zeros_like(batch["sampling_logps"]),
+    )
+    old = GRPOTrainer._old_logps(fake, b)
+    assert bool(scored) == recomputed
+    if not recomputed:
+        assert old.dtype == torch.float32 and torch.equal(old, b["sampling_logps"])
+        keys = ("input_ids", "attention_mask", "completion_index", "completion_mask")
+        logps, _ = policy_logprobs(
+            mg, *(b[k] for k in keys), b["prompt_points"], b["inference_points"], 1.0
+        )
+        real = b["completion_mask"].bool()
+        assert float((logps - old).abs()[real].max()) < 1e-4
+
+
 # ------------------------------------------------------------------------------ training
 def first_token_probs(mg: MemGenModel, cfg: GRPOConfig) -> torch.Tensor:
     """The policy's exact distribution of the first completion token on the training prompts."""

@@ -424,7 +424,9 @@ def _arith(expr: str) -> float | None:
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             v = value(node.operand)
             return -v if isinstance(node.op, ast.USub) else v
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+        if isinstance(node, ast.BinOp) and isinstance(
+            node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)
+        ):
             a, b = value(node.left), value(node.right)
             ops = {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b}
             return ops[type(node.op)] if type(node.op) in ops else (a / b if b else math.nan)
@@ -457,4 +459,60 @@ def equation_steps_reward(completions: list, **kwargs) -> list[float]:
             got = _arith(lhs)
             right += got is not None and abs(got - float(rhs)) < 1e-6
         out.append(right / len(steps) if steps else 0.0)
+    return out
+
+
+_CHAIN = re.compile(rf"{_NUM}(?:\s*[-+]\s*{_NUM})+")
+_BINARY_STEP = re.compile(rf"({_NUM})\s*([-+])\s*({_NUM})\s*=\s*({_NUM})(?![\d.])")
+
+
+def _chain(question: str) -> tuple[list[float], list[str]] | None:
+    """The flat ``+``/``-`` chain a question asks for (its longest), as (numbers, operators)."""
+    found = _CHAIN.findall(question or "")
+    if not found:
+        return None
+    expr = max(found, key=len)
+    first = re.match(_NUM, expr)
+    nums, ops = [float(first[0])], []
+    for m in re.finditer(rf"\s*([-+])\s*({_NUM})", expr[first.end() :]):
+        ops.append(m[1])
+        nums.append(float(m[2]))
+    return nums, ops
+
+
+def chain_steps_reward(completions: list, question: list, **kwargs) -> list[float | None]:
+    """TRL reward: the fraction of the question's ``+``/``-`` chain that the completion works
+    through one operation per step, left to right, each step starting from the result the
+    previous step wrote (``62 - 66 = -4``, then ``-4 - 47 = ...``), right or wrong.
+
+    A structure reward for chained arithmetic (as a format reward is for a reasoning format):
+    it scores what accuracy cannot see on the problems a policy mostly gets wrong, skipping a
+    step (``62 - 66 - 47 = 12``) or carrying the wrong operand or operator into the next one,
+    while the arithmetic itself is left to the accuracy reward beside it (``--reward
+    memgen_cli.data.graders:chain_steps_reward``). ``None`` (does not apply) where the question
+    holds no chain of two or more numbers.
+
+    >>> q = "Calculate 62 - 66 - 47."
+    >>> chain_steps_reward(["62 - 66 = -4\\n-4 - 47 = -50\\nThe answer is -50.",
+    ...     "62 - 66 = -4\\n4 - 47 = -43", "62 - 66 - 47 = 12", "62 - 66 = 3"], question=[q] * 4)
+    [1.0, 0.5, 0.0, 0.5]
+    >>> chain_steps_reward(["7 + 8 = 16"], question=["What is the total?"])
+    [None]
+    """
+    out: list[float | None] = []
+    for c, q in zip(completions, question, strict=True):
+        chain = _chain(q)
+        if chain is None:
+            out.append(None)
+            continue
+        nums, ops = chain
+        current, done = nums[0], 0
+        for m in _BINARY_STEP.finditer(completion_text(c)):
+            if done == len(ops):
+                break
+            a, op, b, result = float(m[1]), m[2], float(m[3]), float(m[4])
+            if a != current or op != ops[done] or b != nums[done + 1]:
+                break
+            current, done = result, done + 1
+        out.append(done / len(ops))
     return out

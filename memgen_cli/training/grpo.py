@@ -262,7 +262,7 @@ class GRPOTrainer(Trainer):
             b["loss_mask"] = loss_mask
             b = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in b.items()}
             if s.num_iterations > 1:
-                b["old_logps"] = self._score(b)
+                b["old_logps"] = self._old_logps(b)
             if self.reference is not None:
                 with weaver_weights(model, self.reference):
                     b["ref_logps"] = self._score(b)
@@ -272,6 +272,15 @@ class GRPOTrainer(Trainer):
         if self._should_log_completions(step + 1):
             self._log_completions(step + 1, rows, rolls, tables, rewards, adv)
         return out
+
+    def _old_logps(self, b: dict) -> torch.Tensor:
+        """The sampling policy's log-probs for ``num_iterations`` > 1. In fp32 without dropout
+        they are the sampling-time log-probs (the training forward equals them within 1e-4:
+        ``logp_diff``, tests/test_grpo.py), so no scoring pass over the whole batch; in half
+        precision (where cached decoding and the batched forward round differently) or with
+        dropout on, the training forward recomputes them, as TRL does."""
+        exact = self.policy.dtype == torch.float32 and self.s.disable_dropout
+        return b["sampling_logps"].to(torch.float32) if exact else self._score(b)
 
     @torch.no_grad()
     def _score(self, b: dict) -> torch.Tensor:
