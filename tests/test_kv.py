@@ -3,7 +3,15 @@
 import torch
 from transformers import DynamicCache, LlamaConfig
 
-from memgen_cli.models.kv import append_rows, free_slots, reusable, take_rows, write_rows
+from memgen_cli.models.kv import (
+    GrowingLayer,
+    append_rows,
+    free_slots,
+    growing_cache,
+    reusable,
+    take_rows,
+    write_rows,
+)
 
 CONFIG = LlamaConfig(
     num_hidden_layers=2, hidden_size=8, num_attention_heads=2, num_key_value_heads=1
@@ -72,3 +80,40 @@ def test_reusable_only_without_an_active_sliding_window():
     assert reusable(CONFIG)
     assert reusable(type("C", (), {"sliding_window": 4096, "use_sliding_window": False})())
     assert not reusable(type("C", (), {"sliding_window": 4096})())
+
+
+def test_growing_layers_match_dynamic_ones_through_updates_crops_and_row_writes():
+    plain, grown = DynamicCache(config=CONFIG), growing_cache(CONFIG)
+    assert all(isinstance(layer, GrowingLayer) for layer in grown.layers)
+    torch.manual_seed(0)
+    for n in (5, 1, 1, 70, 3):  # 70 passes the spare capacity: the buffer grows
+        for layer in range(2):
+            k, v = torch.randn(3, 1, n, 4), torch.randn(3, 1, n, 4)
+            want, got = plain.update(k, v, layer), grown.update(k, v, layer)
+            assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+        if n == 1:
+            plain.crop(-1), grown.crop(-1)
+    assert grown.get_seq_length() == plain.get_seq_length() == 78
+    buffer = grown.layers[0]._buffers[0]
+    assert buffer.shape[2] > 78 and grown.layers[0].keys.data_ptr() == buffer.data_ptr()
+    part = take_rows(plain, CONFIG, torch.tensor([1]))
+    new = torch.full((1, 1, 2, 4), 9.0)
+    for layer in range(2):
+        part.update(new, -new, layer)
+    for cache in (plain, grown):  # in place, into the buffer's view
+        write_rows(cache, part, torch.tensor([1]), torch.tensor([[0, 2]]))
+    assert torch.equal(grown.layers[1].values, plain.layers[1].values)
+    grown.layers[0].keys = grown.layers[0].keys[[2, 0]]  # assigned from outside: adopted
+    grown.layers[0].values = grown.layers[0].values[[2, 0]]
+    k = torch.randn(2, 1, 1, 4)
+    keys, _ = grown.update(k, k, 0)
+    assert torch.equal(keys, torch.cat([plain.layers[0].keys[[2, 0]], k], dim=2))
+
+
+def test_growing_layers_concatenate_under_autograd():
+    cache = growing_cache(CONFIG)
+    cache.update(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4), 0)
+    k = torch.randn(1, 1, 1, 4, requires_grad=True)
+    keys, values = cache.update(k, k * 2, 0)
+    (keys.sum() + values.sum()).backward()  # an in-place write would have broken this
+    assert torch.equal(k.grad, torch.full_like(k, 3.0))

@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_memgen, make_model
 from memgen_cli.config import GenerationConfig
-from memgen_cli.generation import encode_prompts, generate, reference_generate
+from memgen_cli.generation import encode_prompts, generate, reference_generate, sample
 from memgen_cli.models import kv
 from memgen_cli.models.training import Points, reference_weave_forward, weave_forward
 
@@ -141,6 +141,17 @@ def test_sampling_is_seeded():
         GenerationConfig(max_new_tokens=10, temperature=1.0, seed=4),
     ).tokens
     assert a == b and a != c
+
+
+def test_sampling_draws_each_token_with_its_probability_and_never_an_impossible_one():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 2.0]])  # rows need not sum to 1
+    draws = sample(probs.repeat(50_000, 1), torch.Generator().manual_seed(0)).view(-1, 2)
+    freq = torch.stack([torch.bincount(draws[:, i], minlength=4) for i in range(2)]) / 50_000
+    torch.testing.assert_close(freq[0], probs[0], atol=0.01, rtol=0)  # 4 sigma is 0.009
+    assert freq[0, 1] == 0 and freq[1].tolist() == [0.0, 0.0, 0.0, 1.0]
+    # u at its extremes: 0 and just below the total still land on possible tokens
+    cdf_edges = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]])
+    assert set(sample(cdf_edges.repeat(10_000, 1)).tolist()) == {1, 3}
 
 
 def _training_batch(mg):
