@@ -89,7 +89,7 @@ class GenerationOutput:
     tokens: list[list[int]]  # completion token ids per row, EOS excluded
     trace: MemoryTrace
     finished: list[bool]  # stopped at EOS (vs. ran out of max_new_tokens)
-    step_logits: list[torch.Tensor] | None = None  # per step (B, V), if asked for
+    step_logits: list[torch.Tensor] | None = None  # per token index (B, V), if asked for
     # If asked for: log-prob of each chosen token under softmax(logits / temperature) (1 when
     # greedy), per row, plus the stop token's when the row finished; and that stop token's id.
     logprobs: list[list[float]] | None = None
@@ -104,7 +104,7 @@ class StepEvent:
     """
 
     tokens: torch.Tensor | None  # (B,), None for the prompt-insertion event
-    active: torch.Tensor  # (B,) rows still generating before this token
+    active: torch.Tensor  # (B,) rows that picked a token at this step (others: placeholders)
     insertions: list[Insertion]
 
 
@@ -185,7 +185,11 @@ class _Run:
         self.next_pos = positions_from_mask(attention_mask)[:, -1] + 1
         self.left = torch.full((self.batch,), model.cfg.max_inference_insertions, device=device)
         self.active = torch.ones(self.batch, dtype=torch.bool, device=device)
-        self.emitted = 0  # completion tokens fed so far (the same for every active row)
+        self.chosen = torch.zeros(self.batch, dtype=torch.long, device=device)  # tokens picked
+        self.emitted = torch.zeros_like(self.chosen)  # tokens fed (a row's last is not)
+        # Rows whose weave waits a step (see ``step``), and their trigger probabilities.
+        self.due = torch.zeros_like(self.active)
+        self.due_probs: torch.Tensor | None = None
         # What the reasoner has read, as (embeds, mask, positions) pieces for the whole batch;
         # row r's weaver has read pieces[: read[r] - dropped]. Rows weave at different steps,
         # so each row has its own weaver cache, made on its first weave.
@@ -198,7 +202,10 @@ class _Run:
         embeds = model.embed(input_ids)
         positions = positions_from_mask(attention_mask)
         hidden = model.reasoner_hidden(embeds, attention_mask, positions, self.cache)
-        self.logits = model.lm_head(hidden[:, -1])
+        # The reasoner's last hidden state per row; logits come from it once per step, so rows
+        # that took latents this step share the step's one LM-head pass (SmolLM2's head is a
+        # fifth of its weights: one pass per weaving event was 1.3 % of a rollout).
+        self.last = hidden[:, -1]
         self._remember(embeds, attention_mask, positions)
 
     def _remember(self, embeds, mask, positions) -> None:
@@ -224,7 +231,11 @@ class _Run:
 
     def _forget_read(self) -> None:
         """Drop the pieces that no row that may still weave has left to read."""
-        waiting = [self.read[r] for r in range(self.batch) if self.active[r] and self.left[r] > 0]
+        waiting = [
+            self.read[r]
+            for r in range(self.batch)
+            if self.active[r] and (self.left[r] > 0 or self.due[r])
+        ]
         done = min(waiting, default=self.dropped + len(self.pieces)) - self.dropped
         del self.pieces[:done]
         self.dropped += done
@@ -308,18 +319,23 @@ class _Run:
                 write_rows(self.cache, part, index, cols)
                 self.mask = self.mask.index_put((index[:, None], cols), self.mask.new_ones(()))
             self._remember(latents * rows[:, None, None], chunk_mask(rows, k), positions)
-        self.logits = self.logits.index_copy(0, index, self.model.lm_head(hidden))  # rows of index
+        self.last = self.last.index_copy(0, index, hidden)  # rows of index
         self.next_pos = self.next_pos + rows.long() * k
 
     def repeat_rows(self, g: int) -> None:
-        """Copy every row's state (caches, masks, positions, logits) to ``g`` adjacent rows."""
+        """Copy every row's state (caches, masks, positions, hidden) to ``g`` adjacent rows."""
         index = torch.arange(self.batch, device=self.mask.device).repeat_interleave(g)
         self.cache = take_rows(self.cache, self.model.reasoner.config, index)
         self.mask, self.next_pos = self.mask[index], self.next_pos[index]
-        self.left, self.active, self.logits = (
+        self.left, self.active, self.last = (
             self.left[index],
             self.active[index],
-            self.logits[index],
+            self.last[index],
+        )
+        self.chosen, self.emitted, self.due = (
+            self.chosen[index],
+            self.emitted[index],
+            self.due[index],
         )
         self.pieces = [tuple(t[index] for t in piece) for piece in self.pieces]
         self.read = [self.read[r] for r in index.tolist()]
@@ -350,7 +366,7 @@ class _Run:
         events = [
             Insertion(
                 row=r,
-                token_index=self.emitted,
+                token_index=int(self.emitted[r]),
                 kind=kind,
                 trigger_prob=None if probs is None else float(probs[r]),
                 latents=latents[r].detach().float().cpu(),
@@ -367,21 +383,43 @@ class _Run:
         self._forget_read()
         return events
 
-    def step(self, token: torch.Tensor) -> list[Insertion]:
-        """Feed the chosen tokens; weave where a row ends a clause and its trigger invokes."""
-        self.emitted += 1
-        hidden = self._feed(
-            self.model.embed(token[:, None]),
-            torch.ones_like(token)[:, None],
-            self.next_pos[:, None],
-        )
-        self.next_pos = self.next_pos + 1
-        self.logits = self.model.lm_head(hidden)
+    # A clause boundary's weave may wait one step, to run in one weaver pass and one latent
+    # chunk with the next step's (each pass streams every weight once: a 1-row pass costs a
+    # third of a 32-row decode step on the 2-core CPU). Waiting changes no result: a waiting
+    # row picks no token and its decode column is masked. Tests compare both schedules.
+    DEFER = True
+
+    def step(self, token: torch.Tensor, feed: torch.Tensor) -> list[Insertion]:
+        """Feed the tokens of rows ``feed``; weave where a row ends a clause and its trigger
+        invokes, now or together with the next step's (``DEFER``)."""
+        if feed.any():
+            hidden = self._feed(
+                self.model.embed(token[:, None]), feed.long()[:, None], self.next_pos[:, None]
+            )
+            self.emitted = self.emitted + feed.long()
+            self.next_pos = self.next_pos + feed.long()
+            self.last = torch.where(feed[:, None], hidden, self.last)
         if not self.memory:
             return []
-        eligible = self.active & self.model.delimiters[token] & (self.left > 0)
-        if not eligible.any():
+        invoke, probs = feed & False, None
+        eligible = feed & self.model.delimiters[token] & (self.left > 0)
+        if eligible.any():
+            invoke, probs = self._decide(hidden, eligible, token)
+            self.left = self.left - invoke.long()
+        due = self.due
+        if not (invoke.any() or due.any()):
             return []
+        others = self.active & ~(due | invoke)  # rows that pick a token next step
+        if self.DEFER and not due.any() and others.any():
+            self.due, self.due_probs = invoke, probs  # wait for the next step's weaves
+            return []
+        if self.due_probs is not None:
+            probs = self.due_probs if probs is None else torch.where(due, self.due_probs, probs)
+        self.due, self.due_probs = torch.zeros_like(due), None
+        return self.weave("inference", invoke | due, probs)
+
+    def _decide(self, hidden, eligible, token) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Which eligible rows invoke the weaver, and the trained trigger's probabilities."""
         trigger = self.model.trigger
         probs = trigger.probability(hidden) if trigger.is_trained else None
         invoke = eligible
@@ -391,11 +429,8 @@ class _Run:
             invoke = eligible & (probs >= self.model.cfg.trigger_threshold)
         if probs is not None and self.cfg.memory == "full":
             for r in (eligible & ~invoke).nonzero().flatten().tolist():
-                self.skips.append(Skip(r, self.emitted, float(probs[r])))
-        if not invoke.any():
-            return []
-        self.left = self.left - invoke.long()
-        return self.weave("inference", invoke, probs)
+                self.skips.append(Skip(r, int(self.emitted[r]), float(probs[r])))
+        return invoke, probs
 
 
 def _pad_right(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -474,39 +509,47 @@ def iter_generate(
     if run.memory:
         trace.insertions += woven
         yield StepEvent(None, run.active.clone(), woven)
-    tokens, step_logits, logprobs = [], [], []
-    for step in range(cfg.max_new_tokens):
+    tokens, picked, step_logits, logprobs = [], [], [], []
+    run.active &= cfg.max_new_tokens > 0
+    while run.active.any():
+        ready = run.active & ~run.due  # rows whose weave waits pick no token this step
+        logits = model.lm_head(run.last)
         if keep_logits:
-            step_logits.append(run.logits.clone())
-        token = _pick(run.logits, cfg, generator)
+            step_logits.append(logits)
+        token = _pick(logits, cfg, generator)
         if keep_logprobs:
-            scaled = run.logits / (cfg.temperature if cfg.temperature > 0 else 1.0)
+            scaled = logits / (cfg.temperature if cfg.temperature > 0 else 1.0)
             logprobs.append(scaled.log_softmax(-1).gather(1, token[:, None])[:, 0])
-        token = torch.where(run.active, token, run.eos[0])
-        was_active = run.active.clone()
+        token = torch.where(ready, token, run.eos[0])
         tokens.append(token)
+        picked.append(ready)
+        run.chosen = run.chosen + ready.long()
         if not cfg.ignore_eos:
-            run.active = run.active & ~torch.isin(token, run.eos)
-        inserted = []
-        if run.active.any() and step + 1 < cfg.max_new_tokens:
-            inserted = run.step(token)
-            trace.insertions += inserted
-        yield StepEvent(token, was_active, inserted)
-        if not run.active.any():
-            break
+            run.active = run.active & ~(ready & torch.isin(token, run.eos))
+        run.active = run.active & (run.chosen < cfg.max_new_tokens)  # a row's last is not fed
+        inserted = run.step(token, ready & run.active) if run.active.any() else []
+        trace.insertions += inserted
+        yield StepEvent(token, ready, inserted)
     trace.skips = run.skips
-    result = _collect(tokens, run, trace, step_logits if keep_logits else None)
+    result = _collect(tokens, picked, run, trace, step_logits if keep_logits else None)
     if keep_logprobs:
-        grid = torch.stack(logprobs, dim=1).tolist() if logprobs else [[]] * run.batch
+        lps = _per_row(logprobs, picked, lambda t: t.tolist()) if logprobs else [[]] * run.batch
         result.logprobs = [
             lp[: len(row) + done]
-            for lp, row, done in zip(grid, result.tokens, result.finished, strict=True)
+            for lp, row, done in zip(lps, result.tokens, result.finished, strict=True)
         ]
     yield result
 
 
-def _collect(tokens, run: _Run, trace: MemoryTrace, step_logits) -> GenerationOutput:
-    grid = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in range(run.batch)]
+def _per_row(steps: list[torch.Tensor], picked: list[torch.Tensor], convert) -> list:
+    """Per row, the entries of per-step (B, ...) tensors at the steps where the row picked a
+    token, in order (a row whose weave waited skips that step)."""
+    grid, mask = torch.stack(steps, dim=1), torch.stack(picked, dim=1)  # (B, steps, ...)
+    return [convert(grid[r][mask[r]]) for r in range(grid.shape[0])]
+
+
+def _collect(tokens, picked, run: _Run, trace: MemoryTrace, step_logits) -> GenerationOutput:
+    grid = _per_row(tokens, picked, lambda t: t.tolist()) if tokens else [[]] * run.batch
     eos = set() if run.cfg.ignore_eos else set(run.eos.tolist())
     out, finished, stops = [], [], []
     for row in grid:
@@ -514,6 +557,12 @@ def _collect(tokens, run: _Run, trace: MemoryTrace, step_logits) -> GenerationOu
         out.append(row if cut is None else row[:cut])
         finished.append(cut is not None)
         stops.append(None if cut is None else row[cut])
+    if step_logits:  # per token index (B, V): row r's logits when it picked its i-th token
+        rows = _per_row(step_logits, picked, lambda t: t)
+        longest, blank = max(len(r) for r in rows), torch.zeros_like(step_logits[0][0])
+        step_logits = [
+            torch.stack([r[i] if i < len(r) else blank for r in rows]) for i in range(longest)
+        ]
     return GenerationOutput(out, trace, finished, step_logits, stop_tokens=stops)
 
 

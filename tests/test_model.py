@@ -70,12 +70,21 @@ def _compare(mg, cfg):
 
 
 @pytest.mark.parametrize("kind,weaver_kind", [("llama", None), ("qwen2", None), ("llama", "qwen2")])
-@pytest.mark.parametrize("reuse", [True, False])
-def test_cached_generation_equals_reference(kind, weaver_kind, reuse, monkeypatch):
+@pytest.mark.parametrize("reuse,defer", [(True, True), (False, True), (True, False)])
+def test_cached_generation_equals_reference(kind, weaver_kind, reuse, defer, monkeypatch):
     """With latents written into masked columns (``kv.write_rows``) and with every chunk
-    appended as new columns, as on a sliding-window model."""
+    appended as new columns, as on a sliding-window model; with weaves that wait a step to
+    share a pass with the next step's (``_Run.DEFER``) and without."""
     from memgen_cli import generation
 
+    monkeypatch.setattr(generation._Run, "DEFER", defer)
+    waited = []  # steps after which some row's weave waits for the next step
+    step = generation._Run.step
+    monkeypatch.setattr(
+        generation._Run,
+        "step",
+        lambda run, *a: (step(run, *a), waited.append(bool(run.due.any())))[0],
+    )
     writes = []
     monkeypatch.setattr(generation, "reusable", lambda config: reuse)
     monkeypatch.setattr(generation, "write_rows", lambda *a: writes.append(1) or kv.write_rows(*a))
@@ -100,6 +109,7 @@ def test_cached_generation_equals_reference(kind, weaver_kind, reuse, monkeypatc
     assert max(len(p) for p in per_row) == mg.cfg.max_inference_insertions  # the cap binds
     assert bool(writes) == reuse  # the reuse path really ran (or really did not)
     assert max(together) > 1 and min(together) == 1  # both weaver paths ran
+    assert any(waited) == defer
 
 
 def test_cached_generation_with_trained_trigger_equals_reference():

@@ -86,7 +86,7 @@ class DecisionSampler:
             self.states.setdefault(r, []).append(hidden[r].detach().float().cpu())
             self.decisions.setdefault(r, []).append(
                 Decision(
-                    token_index=emitted,
+                    token_index=int(emitted[r]),
                     token=int(token[r]),
                     prob=float(torch.sigmoid(logits[r])),
                     invoke=act,
