@@ -7,7 +7,13 @@ import torch
 
 from conftest import make_memgen, make_model
 from memgen_cli.config import GenerationConfig
-from memgen_cli.generation import encode_prompts, generate, reference_generate, sample
+from memgen_cli.generation import (
+    encode_prompts,
+    generate,
+    pass_groups,
+    reference_generate,
+    sample,
+)
 from memgen_cli.models import kv
 from memgen_cli.models.training import Points, reference_weave_forward, weave_forward
 
@@ -89,11 +95,13 @@ def test_cached_generation_equals_reference(kind, weaver_kind, reuse, defer, mon
     monkeypatch.setattr(generation, "reusable", lambda config: reuse)
     monkeypatch.setattr(generation, "write_rows", lambda *a: writes.append(1) or kv.write_rows(*a))
     together = []  # rows per weaver pass: several rows weaving at one step share one
-    weave_rows = generation._Run._weave_rows
+    weave_pass = generation._Run._weave_pass
     monkeypatch.setattr(
         generation._Run,
-        "_weave_rows",
-        lambda run, kind, index: together.append(len(index)) or weave_rows(run, kind, index),
+        "_weave_pass",
+        lambda run, kind, index, unread: (
+            together.append(len(index)) or weave_pass(run, kind, index, unread)
+        ),
     )
     mg = _diverse(make_memgen(kind, weaver_kind))
     cfg = GenerationConfig(max_new_tokens=40, memory="weaver")
@@ -162,6 +170,14 @@ def test_sampling_draws_each_token_with_its_probability_and_never_an_impossible_
     # u at its extremes: 0 and just below the total still land on possible tokens
     cdf_edges = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]])
     assert set(sample(cdf_edges.repeat(10_000, 1)).tolist()) == {1, 3}
+
+
+def test_pass_groups_trade_a_pass_against_padding():
+    assert pass_groups([40, 3, 5, 38], fixed=16) == [[1, 2], [3, 0]]  # 26 + 96 < 176 in one
+    assert pass_groups([40, 3, 5, 38], fixed=200) == [[1, 2, 3, 0]]  # a pass costs too much
+    assert pass_groups([7, 7, 7], fixed=0) == [[0, 1, 2]]  # no padding to save: one pass
+    assert pass_groups([1, 100], fixed=0) == [[0], [1]]
+    assert pass_groups([], fixed=16) == []
 
 
 def _training_batch(mg):
