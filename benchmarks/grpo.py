@@ -34,13 +34,16 @@ from memgen_cli.training import rl
 from memgen_cli.training.rollouts import policy_inputs, policy_logprobs, rollout
 
 
-def best_of(repeats: int, fn) -> float:
-    times = []
+def best_of(repeats: int, fns: list) -> list[float]:
+    """Each function's best time over ``repeats`` rounds; a round runs each once, in turn, so
+    a slow spell of this shared machine hits every path alike rather than one path's block."""
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for fn, out in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return [min(t) for t in times]
 
 
 def positions(roll, k: int, prompt_k: int) -> dict:
@@ -75,7 +78,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=2, help="best of this many timings")
+    ap.add_argument("--repeats", type=int, default=3, help="best of this many rounds")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument(
@@ -120,9 +123,7 @@ def main() -> None:
     with torch.no_grad():
         hf()  # warm-up (allocator, kernels)
         ours("weaver")()
-        hf_s = best_of(a.repeats, hf)
-        off_s = best_of(a.repeats, ours("off"))
-        weaver_s = best_of(a.repeats, ours("weaver"))
+        hf_s, off_s, weaver_s = best_of(a.repeats, [hf, ours("off"), ours("weaver")])
 
     # One GRPO step, as the trainer runs it (rollout -> rewards -> loss + backward).
     model.set_trainable(weaver=True, trigger=False)
