@@ -11,6 +11,9 @@ Per step, for all rows at once (see ``_Run``):
      new columns masked for the rows that did not invoke, so the batch stays rectangular
      without growing by K for every row's every insertion; invoking rows take the logits
      after their latents, and their text positions shift by K.
+An invoking row's weave may wait one step (``_Run.DEFER``) to share the weaver pass and the
+latent chunk with the next step's; a waiting row picks no token meanwhile, so nothing changes
+but the number of passes.
 Prompt latents are woven once, right after the prompt (where the assistant turn begins).
 With ``repeat=G`` (GRPO rollouts) each prompt is prefilled and woven once, then its caches are
 copied to G rows, instead of running G copies of the prompt as TRL's sampler does.
@@ -406,7 +409,7 @@ class _Run:
             self.last = torch.where(feed[:, None], hidden, self.last)
         if not self.memory:
             return []
-        invoke, probs = feed & False, None
+        invoke, probs = torch.zeros_like(feed), None
         eligible = feed & self.model.delimiters[token] & (self.left > 0)
         if eligible.any():
             invoke, probs = self._decide(hidden, eligible, token)
