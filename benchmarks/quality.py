@@ -22,6 +22,12 @@ against vanilla, training seconds (the stage's own, and the sum along its chain)
 parameters and insertions per answer.
 
     .venv/bin/python benchmarks/quality.py --table --reuse           # trains what is missing
+    .venv/bin/python benchmarks/quality.py --table --reuse --markdown README.md --markdown docs/results.md
+
+``--markdown PATH`` (repeatable, with ``--table``) also writes the table as Markdown, with its
+settings (recipes, n, seeds, commit, date, machine, torch), into the block between
+``<!-- quality-table:begin -->`` and ``<!-- quality-table:end -->`` of PATH: the block is
+replaced where it exists and appended otherwise; the rest of the file is left as it is.
 
 Run it alone on the machine: training and evaluation times are part of what it reports.
 """
@@ -30,9 +36,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import json
 import math
 import os
+import platform
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -90,7 +100,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(
             f"--{row}-set", action="append", default=[], help=f"a.b=value for the {row} recipe"
         )
-    return p.parse_args(argv)
+    p.add_argument(
+        "--markdown",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="with --table: write the table and its settings as Markdown into the marked "
+        "block of PATH (replaced if present, appended otherwise; repeatable)",
+    )
+    args = p.parse_args(argv)
+    if args.markdown and not args.table:
+        p.error("--markdown writes the --table table; add --table")
+    return args
 
 
 def train(cfg: SFTConfig, out: Path, lora: bool, reuse: bool, quiet: Console) -> dict[str, Path]:
@@ -275,6 +296,15 @@ def table(args, cfg: SFTConfig, out: Path, quiet: Console) -> dict:
         rows.append(entry)
     return {
         "table": rows,
+        "tasks": {
+            task: {"n": n, "options": options, "seed": seeds_of(metrics)}
+            for (task, options, n), (_, metrics) in zip(specs, evals, strict=True)
+        },
+        "seeds": {"train": cfg.training.seed},
+        "lora_rank": (manifests.get("lora") or {}).get("lora", {}).get("r"),
+        "measured": provenance(),
+        "command": command_line(),
+        "recipe": str(args.recipe),
         "family": str(Path(args.recipe).parent),
         "artifacts": {name: str(path) for name, path in paths.items()},
         "parents": parents,
@@ -290,11 +320,167 @@ def table(args, cfg: SFTConfig, out: Path, quiet: Console) -> dict:
     }
 
 
+def seeds_of(metrics: dict) -> list:
+    """The data seeds an eval run drew its problems with (gym tasks: held out from training)."""
+    tasks = metrics.get("config", {}).get("tasks", {})
+    return sorted({t.get("seed") for t in tasks.values()}, key=str)
+
+
+# --------------------------------------------------------------------------- --markdown
+BEGIN, END = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
+LABELS = {
+    "vanilla": "vanilla (memory off)",
+    "lora-sft": "LoRA-SFT (TRL)",
+    "weaver-sft": "weaver-SFT",
+    "lora-grpo": "LoRA-GRPO (TRL)",
+    "weaver-grpo": "weaver-GRPO",
+    "weaver-grpo+trigger": "weaver-GRPO + trained trigger",
+    "weaver-sft+trigger": "weaver-SFT + trained trigger",
+}
+
+
+def provenance() -> dict:
+    """Where and when the table was measured: commit, date, machine and torch version."""
+    import torch
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    return {
+        "commit": commit,
+        "date": dt.date.today().isoformat(),
+        "machine": f"{platform.platform()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+    }
+
+
+def command_line() -> str:
+    """This run's command, with the thread count that its timings depend on."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    cmd = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
+    return f"OMP_NUM_THREADS={threads} {cmd}" if threads else cmd
+
+
+def rel(path: str) -> str:
+    """A path relative to the repository when it lies inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else path
+
+
+def markdown_table(result: dict) -> str:
+    """The ``--table`` result as a Markdown table plus the settings it was measured with.
+
+    Columns: accuracy ± s.e. and the paired difference against vanilla on the training task,
+    insertions per answer there, accuracy on every other task, training seconds along the
+    row's lineage, trainable parameters.
+    """
+    tasks = list(result["tasks"])
+    first, others = tasks[0], tasks[1:]
+
+    def acc(cell: dict) -> str:
+        return f"{cell['accuracy']:.1f} ± {cell['stderr']:.1f} %"
+
+    def vs(cell: dict) -> str:
+        v = cell.get("vs_vanilla")
+        return "–" if not v else f"{100 * v['diff']:+.1f} ± {100 * v['diff_stderr']:.1f}"
+
+    def count(x, fmt: str = ",.0f") -> str:
+        return "–" if x is None else format(x, fmt)
+
+    def insertions(x: float) -> str:
+        return "0" if not x else f"{x:.2f}"
+
+    def name(task: str) -> str:
+        return f"{task.removeprefix('gym:')} (n {result['tasks'][task]['n']})"
+
+    head = [
+        "row",
+        name(first),
+        "vs vanilla",
+        "insertions per answer",
+        *map(name, others),
+        "training s (chain)",
+        "trainable params",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["table"]:
+        label = LABELS.get(r["row"], r["row"])
+        if r["row"] == "lora-sft" and result.get("lora_rank"):
+            label = f"LoRA-SFT (r {result['lora_rank']}, TRL)"
+        cells = [
+            label,
+            acc(r[first]),
+            vs(r[first]),
+            insertions(r[first]["insertions_per_answer"]),
+            *(acc(r[t]) for t in others),
+            count(r.get("train_s_total")),
+            count(r.get("trainable_params")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    m = result["measured"]
+    overrides = {k: v for k, v in result.get("overrides", {}).items() if v}
+    problems = "; ".join(
+        f"{t} n {s['n']}"
+        + (f", options {' '.join(s['options'])}" if s.get("options") else "")
+        + f", data seed {', '.join(map(str, s.get('seed') or ['default']))}"
+        for t, s in result["tasks"].items()
+    )
+    evals = " + ".join(f"{s:.0f} s" for s in result.get("eval_seconds", {}).values())
+    settings = [
+        f"- measured {m['date']} at commit `{m['commit']}` on {m['machine']}, torch {m['torch']}",
+        f"- command: `{result['command']}`",
+        f"- recipes: `{rel(result['recipe'])}` (weaver-SFT and LoRA-SFT), and beside it "
+        "`grpo-weaver.yaml`, `baseline-grpo.yaml`, `train-trigger.yaml`; overrides: "
+        f"{json.dumps(overrides) if overrides else 'none'}",
+        f"- problems (greedy, the same for every row): {problems}",
+        f"- training seed {result.get('seeds', {}).get('train')}; "
+        f"OMP_NUM_THREADS {result.get('omp_num_threads') or 'unset'}; eval {evals}",
+    ]
+    return "\n".join(lines) + "\n\n" + "\n".join(settings) + "\n"
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    """Put the table between the markers in ``path``: replace that block if present, else
+    append it (creating the file). Nothing outside the block changes; the write is atomic."""
+    block = (
+        f"{BEGIN}\n<!-- written by benchmarks/quality.py --table --markdown; "
+        f"edits inside this block are overwritten -->\n\n{markdown_table(result)}\n{END}"
+    )
+    text = ""
+    if path.exists():
+        with open(path, encoding="utf-8", newline="") as f:  # newline="": keep the file's own
+            text = f.read()
+    start = text.find(BEGIN)
+    if start >= 0:
+        end = text.find(END, start)
+        if end < 0:
+            raise SystemExit(f"{path}: {BEGIN} without {END} after it; fix the file by hand")
+        text = text[:start] + block + text[end + len(END) :]
+    else:
+        sep = "" if not text or text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
+        text = text + sep + block + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.table:
         cfg = load_recipe(SFTConfig, args.recipe, args.overrides)
-        print(json.dumps(table(args, cfg, Path(args.output), Console(file=sys.stderr))))
+        result = table(args, cfg, Path(args.output), Console(file=sys.stderr))
+        for path in args.markdown:
+            write_markdown(Path(path), result)
+        print(json.dumps(result))
         return
     torch_threads = os.environ.get("OMP_NUM_THREADS")
     cfg = load_recipe(SFTConfig, args.recipe, args.overrides)
