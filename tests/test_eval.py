@@ -700,3 +700,41 @@ def test_an_artifact_with_the_same_weaver_reuses_its_rows(tiny, tmp_path):
         for a, m, _ in reused
     }
     assert rows[(str(copy), "weaver")] == rows[(str(first), "weaver")]
+
+
+# --------------------------------------------------------------------------- the printed table
+def scripted_grades(monkeypatch):
+    """Grade by rule instead of by answer (tiny models never answer right): memory off solves
+    every third problem, any other row every second, so the table has figures to print."""
+    real = ev.prediction
+
+    def prediction(task, label, mode, problem, *rest):
+        record = real(task, label, mode, problem, *rest)
+        hit = problem.index % (3 if mode == "off" else 2) == 0
+        return {**record, "score": float(hit), "correct": hit}
+
+    monkeypatch.setattr(ev, "prediction", prediction)
+
+
+def test_a_log_gets_the_whole_table_at_any_width(tiny, tmp_path, monkeypatch):
+    """Printed where stdout is no terminal (a log), no cell is cut to 80 columns with an ellipsis."""
+    base, art, _ = tiny
+    scripted_grades(monkeypatch)
+    name = "held-out-sums-with-a-name-too-long-for-eighty-columns.jsonl"
+    data = write_gsm8k(tmp_path / name, QUESTIONS)
+    second = shutil.copytree(art, tmp_path / "a-second-weaver-with-a-long-directory-name")
+    out = tmp_path / "out"
+    args = ["eval", "--artifact", f"{art},{second}", "--data", str(data), "--memory", "off,weaver"]
+    args += ["--max-new-tokens", "4", "--batch-size", "4", "--output", str(out)]
+    result = runner.invoke(app, args, env={"COLUMNS": "80"}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    table = result.stdout
+    assert "…" not in table and name in table and second.name in table
+    rows = json.loads((out / "metrics.json").read_text())["results"]
+    assert [r["accuracy"] for r in rows] == [3 / 7, 4 / 7] * 2  # indices 0, 3, 6 | 0, 2, 4, 6
+    for r in rows:
+        assert f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}" in table
+        if r["vs_first"] is not None:
+            v = r["vs_first"]
+            paired = f"{100 * v['diff']:+.1f}±{100 * v['diff_stderr']:.1f} p={v['mcnemar_p']:.2g}"
+            assert paired in table, paired

@@ -11,6 +11,7 @@ from rich.console import Console
 from memgen_cli.commands import options as o
 from memgen_cli.commands.grpo_weaver import DATA_HELP as GRPO_DATA_HELP
 from memgen_cli.commands.sft_weaver import DATA_HELP, _columns
+from memgen_cli.console import make_console
 from memgen_cli.stages import baseline as sft_stage
 from memgen_cli.stages import baseline_grpo as grpo_stage
 from memgen_cli.stages.evaluate import parse_task_options
@@ -36,7 +37,7 @@ TaskOption = Annotated[
 def _train(stage, cfg, resume: str | None) -> None:
     """Run a baseline stage; Ctrl-C leaves a checkpoint and exits 130."""
     try:
-        stage.run(cfg, resume=resume, console=Console())
+        stage.run(cfg, resume=resume, console=make_console())
     except stage.TrainingInterrupted as stop:
         Console(stderr=True).print(
             f"interrupted: checkpoint saved in {stop.checkpoint}; continue with --resume auto"

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from memgen_cli.commands import options as o
+from memgen_cli.console import make_console
 from memgen_cli.stages import grpo_weaver as stage
 from memgen_cli.stages.evaluate import parse_task_options
 
@@ -82,7 +83,7 @@ def command(
         report_to=report_to,
     )
     try:
-        stage.run(cfg, resume=resume, console=Console())
+        stage.run(cfg, resume=resume, console=make_console())
     except stage.TrainingInterrupted as stop:
         Console(stderr=True).print(
             f"interrupted: checkpoint saved in {stop.checkpoint}; continue with --resume auto"

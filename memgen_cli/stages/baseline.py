@@ -45,6 +45,7 @@ from memgen_cli.config import (
     load_recipe,
     to_dict,
 )
+from memgen_cli.console import make_console
 from memgen_cli.data import Task
 from memgen_cli.errors import MemgenError
 from memgen_cli.models.base import LoadedBase, load_base
@@ -234,7 +235,7 @@ def run(
     callbacks: list | None = None,
 ) -> Path:
     """Train the LoRA baseline and write the artifact to ``cfg.output``; returns its path."""
-    console = console or Console()
+    console = console or make_console()
     # 1. validate
     resume_from = validate(cfg, resume)
     task, train_examples, held_examples, data_seed = load_examples(cfg)

@@ -39,6 +39,7 @@ from transformers import PrinterCallback, set_seed
 
 from memgen_cli.artifacts import load_baseline, read_manifest
 from memgen_cli.config import BaselineGRPOConfig, load_recipe, to_dict
+from memgen_cli.console import make_console
 from memgen_cli.data import Example, to_messages
 from memgen_cli.errors import MemgenError
 from memgen_cli.generation import encode_prompts
@@ -191,7 +192,7 @@ def run(
     callbacks: list | None = None,
 ) -> Path:
     """Train the LoRA baseline by GRPO and write the artifact to ``cfg.output``; returns it."""
-    console = console or Console()
+    console = console or make_console()
     # 1. validate
     resume_from, init = validate(cfg, resume)
     task, train, held, data_seed = sft_run.load_examples(cfg)

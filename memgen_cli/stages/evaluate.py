@@ -33,6 +33,7 @@ from rich.table import Table
 from memgen_cli import __version__, distributed
 from memgen_cli.artifacts import artifact_digest, load_baseline, read_manifest
 from memgen_cli.config import MEMORY_MODES, GenerationConfig, MemoryConfig
+from memgen_cli.console import make_console
 from memgen_cli.data import Example, Task, get_task, to_messages
 from memgen_cli.errors import MemgenError, did_you_mean
 from memgen_cli.generation import encode_prompts, generate
@@ -82,8 +83,8 @@ class Problem:
 def run(opts: EvalOptions, console: Console | None = None) -> dict:
     """Evaluate; return the metrics object (on rank 0; an empty dict on the other ranks)."""
     dist = distributed.init()
-    console = console or Console()
-    notes = Console(stderr=True, quiet=not dist.is_main)
+    console = console or make_console()
+    notes = make_console(stderr=True, quiet=not dist.is_main)
     try:
         return _evaluate(opts, dist, console, notes)
     finally:

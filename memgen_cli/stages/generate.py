@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from memgen_cli.config import GenerationConfig
+from memgen_cli.console import make_console
 from memgen_cli.errors import MemgenError
 from memgen_cli.generation import (
     GenerationOutput,
@@ -57,7 +58,7 @@ class GenerateOptions:
 
 def run(opts: GenerateOptions, console: Console | None = None) -> object:
     """Validate, build, then answer (one-shot, batch or interactive)."""
-    console = console or Console()
+    console = console or make_console()
     modes = sum([opts.prompt is not None, opts.input is not None, opts.interactive])
     if modes != 1:
         raise MemgenError("Give exactly one of: a PROMPT argument, --input FILE, or --interactive.")

@@ -28,6 +28,7 @@ from transformers import PrinterCallback, TrainingArguments, set_seed
 
 from memgen_cli.artifacts import load_artifact, read_manifest, save_artifact
 from memgen_cli.config import GRPOConfig, MemoryConfig, dump_yaml, from_dict, load_recipe, to_dict
+from memgen_cli.console import make_console
 from memgen_cli.data import to_messages
 from memgen_cli.errors import MemgenError
 from memgen_cli.generation import GenerationConfig
@@ -183,7 +184,7 @@ def run(
     callbacks: list | None = None,
 ) -> Path:
     """Train the weaver with GRPO and write the artifact to ``cfg.output``; returns its path."""
-    console = console or Console()
+    console = console or make_console()
     # 1. validate
     resume_from = validate(cfg, resume)
     task, train, held, data_seed = sft_run.load_examples(cfg)

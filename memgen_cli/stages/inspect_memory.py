@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from memgen_cli.artifacts import MANIFEST, WEAVER_FILES, artifact_digest
 from memgen_cli.config import GenerationConfig
+from memgen_cli.console import make_console
 from memgen_cli.data import get_task, to_messages
 from memgen_cli.data.graders import extract_math_answer
 from memgen_cli.errors import MemgenError
@@ -90,8 +91,8 @@ class Job:
 
 def run(opts: InspectOptions, console: Console | None = None) -> dict:
     """Inspect, print (terminal view or JSON) and write the requested files; return the report."""
-    console = console or Console()
-    note = Console(stderr=True) if opts.json else console  # stdout stays pure JSON
+    console = console or make_console()
+    note = make_console(stderr=True) if opts.json else console  # stdout stays pure JSON
     k = validate(opts)
     start = time.perf_counter()
     session = open_session(

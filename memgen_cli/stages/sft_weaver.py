@@ -34,6 +34,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from memgen_cli.artifacts import save_artifact
 from memgen_cli.config import SFTConfig, dump_yaml, load_recipe, to_dict
+from memgen_cli.console import make_console
 from memgen_cli.errors import MemgenError
 from memgen_cli.models.base import load_base
 from memgen_cli.models.memgen import MemGenModel
@@ -124,7 +125,7 @@ def run(
     callbacks: list | None = None,
 ) -> Path:
     """Train the weaver and write the artifact to ``cfg.output``; returns its path."""
-    console = console or Console()
+    console = console or make_console()
     # 1. validate
     resume_from = validate(cfg, resume)
     task, train_examples, held_examples, data_seed = load_examples(cfg)

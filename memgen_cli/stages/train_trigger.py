@@ -43,6 +43,7 @@ from memgen_cli.artifacts import (
     save_artifact,
 )
 from memgen_cli.config import GenerationConfig, TriggerConfig, dump_yaml, load_recipe, to_dict
+from memgen_cli.console import make_console
 from memgen_cli.data import Example, get_task, to_messages
 from memgen_cli.errors import MemgenError
 from memgen_cli.models.base import load_base
@@ -282,7 +283,7 @@ def run(
     """
     dist = distributed.init()  # gloo: the collectives move small CPU tensors
     try:
-        return _run(cfg, resume, console or Console(), callbacks or [], dist)
+        return _run(cfg, resume, console or make_console(), callbacks or [], dist)
     finally:
         distributed.finish()
 
