@@ -124,7 +124,7 @@ def train(cfg: SFTConfig, out: Path, lora: bool, reuse: bool, quiet: Console) ->
         if not (reuse and (paths["lora"] / "memgen.json").is_file()):
             ref = BaselineConfig(
                 model=cfg.model,
-                weaver=cfg.memory,
+                memory=cfg.memory,
                 data=cfg.data,
                 training=cfg.training,
                 output=str(paths["lora"]),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from memgen_cli.console import make_console
 from memgen_cli.errors import MemgenError, did_you_mean
 
 
@@ -124,12 +125,33 @@ def from_dict(cls, data: dict, where: str = ""):
     """Build dataclass ``cls`` from ``data``; unknown keys are errors with a suggestion."""
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
-    for key, value in (data or {}).items():
+    for key, value in _renamed(cls, data or {}, where).items():
         path = f"{where}.{key}" if where else key
         if key not in names:
             raise MemgenError(f'Unknown config key "{path}".{did_you_mean(key, names)}')
         kwargs[key] = _coerce(value, _field_type(cls, key), path)
     return cls(**kwargs)
+
+
+def _renamed(cls, data: dict, where: str) -> dict:
+    """``data`` with the sections ``cls.RENAMED`` gave new names under them: an old name still
+    reads, with a note; the old and the new name together are an error."""
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if old not in data:
+            continue
+        at = f"{where}." if where else ""
+        if new in data:
+            raise MemgenError(
+                f'"{at}{old}" and "{at}{new}" are one section ("{old}" is its old name), given '
+                f'twice: keep "{new}" only.'
+            )
+        make_console(stderr=True).print(
+            f'[yellow]note:[/] config section "{at}{old}" is now called "{at}{new}" (read as '
+            "such); rename it.",
+            highlight=False,
+        )
+        data = {new if key == old else key: value for key, value in data.items()}
+    return data
 
 
 def to_dict(cfg) -> dict:
@@ -263,7 +285,7 @@ class SFTConfig:
 class BaselineLoraConfig:
     r: int | None = None
     """LoRA rank of the baseline adapter; null: the rank whose trainable-parameter count is
-    closest to the weaver's described in ``weaver`` (an equal budget)."""
+    closest to the weaver's described in ``memory`` (an equal budget)."""
     alpha: int | None = None
     """LoRA alpha; null: 2 × r (the paper's r 16 / alpha 32 ratio)."""
     dropout: float = 0.1
@@ -276,21 +298,30 @@ class BaselineLoraConfig:
 class BaselineConfig:
     """``memgen baseline sft``: LoRA-SFT of the reasoner itself, at the weaver's budget.
 
-    ``model``, ``data`` and ``training`` mean what they mean in ``SFTConfig``, with the same
-    defaults, so a weaver recipe's sections can be copied as they are: same examples, steps,
-    batches and learning-rate schedule. ``training.schedule`` and ``training.prompt_insertion``
-    place latents and do not apply here.
+    A weaver's recipe drives its baseline as it stands (``memgen baseline sft --recipe
+    sft-weaver.yaml``): ``model``, ``memory``, ``data`` and ``training`` mean what they mean in
+    ``SFTConfig``, with the same defaults, so both train on the same examples, steps, batches
+    and learning-rate schedule. Keys only the weaver reads are accepted and not read here:
+    ``training.schedule`` and ``training.prompt_insertion`` (they place latents), and the
+    ``memory`` fields that place latents. ``lora`` is this stage's own section (a weaver recipe
+    leaves it out: the defaults). tests/test_recipes.py loads every weaver recipe as both.
     """
+
+    RENAMED: typing.ClassVar[dict[str, str]] = {"weaver": "memory"}
+    """Sections read under their old names too (with a note)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: BaselineLoraConfig = field(default_factory=BaselineLoraConfig)
-    weaver: MemoryConfig = field(default_factory=MemoryConfig)
-    """The weaver this baseline is compared with (a weaver recipe's ``memory`` section): its
-    trainable-parameter count sets ``lora.r`` when that is null. Nothing else is read."""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """The weaver this baseline is compared with, as the weaver's recipe writes it: its
+    trainable-parameter count sets ``lora.r`` when that is null; the fields that place latents
+    (delimiters, insertion caps, ...) are not read. Formerly ``weaver``, which still reads."""
     data: DataConfig = field(default_factory=DataConfig)
     training: SFTTrainingConfig = field(default_factory=SFTTrainingConfig)
     output: str = "runs/baseline-sft"
-    """Artifact directory (written atomically); checkpoints go to <output>.checkpoints/."""
+    """Artifact directory (written atomically); checkpoints go to <output>.checkpoints/. In a
+    weaver stage's recipe (``sft-weaver.yaml``) this is the weaver's directory, and the baseline
+    writes beside it, as ``baseline-sft`` (``stages/baseline.py: counterpart``)."""
 
 
 @dataclass
@@ -390,27 +421,35 @@ class BaselineGRPOConfig:
     ``model``, ``data``, ``training`` and ``reward`` mean what they mean in ``GRPOConfig``, with
     the same defaults, so a grpo-weaver recipe's sections can be copied as they are: same
     prompts, G, sampling, loss, steps, batches and schedule. ``training.batch_size`` counts
-    completions, as TRL's ``per_device_train_batch_size`` does. Weaver-only fields are not read:
+    completions, as TRL's ``per_device_train_batch_size`` does. A grpo-weaver recipe drives it
+    as it stands; keys only the weaver reads are accepted and not read here:
     ``training.memory`` and ``training.log_completions_steps`` (there are no latents, and TRL
-    logs its own completions only to its trackers). ``lora`` and ``weaver`` mean what they
-    mean in ``BaselineConfig``.
+    logs its own completions only to its trackers). ``lora`` and ``memory`` mean what they
+    mean in ``BaselineConfig``; a grpo-weaver recipe's ``init`` and ``output`` name weavers,
+    read as the baselines beside them (``init``, ``output``).
     """
+
+    RENAMED: typing.ClassVar[dict[str, str]] = {"weaver": "memory"}
+    """Sections read under their old names too (with a note)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: BaselineLoraConfig = field(default_factory=BaselineLoraConfig)
     """The adapter of a fresh run; with ``init`` the artifact's adapter is trained as it is
     (its rank, alpha, dropout and targets) and this section is not read."""
-    weaver: MemoryConfig = field(default_factory=MemoryConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     """The weaver this baseline is compared with: its trainable-parameter count sets ``lora.r``
-    when that is null, and is recorded beside the adapter's. Nothing else is read."""
+    when that is null, and is recorded beside the adapter's. Formerly ``weaver``."""
     data: DataConfig = field(default_factory=DataConfig)
     training: GRPOTrainingConfig = field(default_factory=GRPOTrainingConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     init: str | None = None
     """A ``baseline sft`` artifact whose adapter is the starting point (trained further;
-    recorded as the parent), as grpo-weaver starts from an SFT weaver; null = a fresh LoRA."""
+    recorded as the parent), as grpo-weaver starts from an SFT weaver; null = a fresh LoRA. In
+    a grpo-weaver recipe this names the SFT weaver: read as the ``baseline-sft`` beside it."""
     output: str = "runs/baseline-grpo"
-    """Artifact directory (written atomically); checkpoints go to <output>.checkpoints/."""
+    """Artifact directory (written atomically); checkpoints go to <output>.checkpoints/. In a
+    grpo-weaver recipe: the weaver's directory, and the baseline writes beside it, as
+    ``baseline-grpo``."""
 
 
 @dataclass

@@ -199,7 +199,7 @@ def test_artifact_file_set_manifest_and_plain_peft_reload(tiny_base, tmp_path):
     base = load_base(str(tiny_base), "cpu")
     assert manifest["reasoner"]["fingerprint"] == base.fingerprint
     budget, lora = manifest["budget"], manifest["lora"]
-    weaver = stage.weaver_trainable_params(base.model, cfg.weaver)
+    weaver = stage.weaver_trainable_params(base.model, cfg.memory)
     assert budget == {
         "trainable_params": lora["r"] * stage.lora_params_per_rank(base.model, lora["targets"]),
         "weaver_trainable_params": weaver,

@@ -188,7 +188,7 @@ def test_artifact_file_set_manifest_plain_peft_reload_and_eval(tiny_base, tmp_pa
     assert manifest["reasoner"]["fingerprint"] == base.fingerprint
     budget, lora = manifest["budget"], manifest["lora"]
     unit = sft_stage.lora_params_per_rank(base.model, lora["targets"])
-    weaver = sft_stage.weaver_trainable_params(base.model, cfg.weaver)
+    weaver = sft_stage.weaver_trainable_params(base.model, cfg.memory)
     assert budget == {"trainable_params": lora["r"] * unit, "weaver_trainable_params": weaver}
     assert abs(budget["trainable_params"] - weaver) <= unit / 2  # the closest rank
     s = manifest["training"]
@@ -317,11 +317,11 @@ def test_the_arithmetic_recipe_matches_grpo_weaver_and_the_sft_task():
     }
     weaver_only = ("memory", "log_completions_steps")
     assert mine["training"] == {k: v for k, v in grpo["training"].items() if k not in weaver_only}
-    assert mine["weaver"] == sft["memory"]
+    assert mine["memory"] == sft["memory"]
     assert mine.get("reward") == grpo.get("reward")  # the same rewards, plug-ins included
     init = yaml.safe_load((here / "baseline-sft.yaml").read_text())
     assert mine["init"] == init["output"]
-    assert init["data"] == sft["data"] and init["weaver"] == sft["memory"]
+    assert init["data"] == sft["data"] and init["memory"] == sft["memory"]
 
 
 # -------------------------------------------------------------------------- bad inputs

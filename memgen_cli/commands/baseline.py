@@ -50,7 +50,9 @@ def sft(
     recipe: Annotated[
         Path | None,
         typer.Option(
-            "--recipe", help="Recipe YAML (a BaselineConfig; a weaver recipe's sections fit)."
+            "--recipe",
+            help="Recipe YAML: a BaselineConfig, or an sft-weaver.yaml as it stands (the "
+            "baseline then writes beside the weaver's output, as baseline-sft).",
         ),
     ] = None,
     set_: o.Set = None,
@@ -67,7 +69,7 @@ def sft(
 ) -> None:
     """LoRA-SFT of the reasoner with TRL's SFTTrainer: the same examples, prompt, target, steps,
     batches and schedule as sft-weaver. By default (lora.r: null) the rank is the one whose
-    trainable-parameter count is closest to the weaver's (the recipe's weaver section); both
+    trainable-parameter count is closest to the weaver's (the recipe's memory section); both
     counts are printed and recorded in memgen.json. The artifact is a PEFT adapter directory."""
     cfg = sft_stage.resolve_config(
         recipe,
@@ -90,7 +92,9 @@ def grpo(
         Path | None,
         typer.Option(
             "--recipe",
-            help="Recipe YAML (a BaselineGRPOConfig; a grpo-weaver recipe's sections fit).",
+            help="Recipe YAML: a BaselineGRPOConfig, or a grpo-weaver.yaml as it stands (its "
+            "init and output name weavers: read as the baseline-sft and baseline-grpo beside "
+            "them).",
         ),
     ] = None,
     set_: o.Set = None,

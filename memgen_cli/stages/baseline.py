@@ -92,6 +92,8 @@ def resolve_config(
 ) -> BaselineConfig:
     """Recipe, then ``--set`` overrides, then the command's own flags (which win)."""
     cfg = load_recipe(BaselineConfig, recipe, overrides)
+    if output is None and "output" not in set_keys(overrides):
+        output = counterpart(recipe, cfg.output, "baseline-sft")
     model = cfg.model if base is None else dataclasses.replace(cfg.model, base=base)
     t = cfg.training
     if report_to is not None:
@@ -103,6 +105,32 @@ def resolve_config(
         training=t,
         output=str(output) if output else cfg.output,
     )
+
+
+# Recipes are named for their stage (recipes/<model>/<task>/<stage>.yaml). A weaver stage's
+# recipe names weaver artifacts in `output` (and grpo-weaver's `init`, an SFT weaver); when it
+# drives a baseline, the baseline's own artifacts are the ones beside them.
+WEAVER_RECIPES = ("sft-weaver", "grpo-weaver")
+
+
+def counterpart(recipe: str | Path | None, path: str | None, name: str) -> str | None:
+    """``path`` as a baseline reads it from ``recipe``: in a weaver stage's recipe a weaver
+    artifact, whose baseline is the directory ``name`` beside it (``runs/x/sft-weaver`` ->
+    ``runs/x/baseline-sft``); in any other recipe, ``path`` itself.
+
+    >>> counterpart("recipes/a/sft-weaver.yaml", "runs/a/sft-weaver", "baseline-sft")
+    'runs/a/baseline-sft'
+    >>> counterpart("recipes/a/baseline-sft.yaml", "runs/a/lora", "baseline-sft")
+    'runs/a/lora'
+    """
+    if recipe is None or path is None or Path(recipe).stem not in WEAVER_RECIPES:
+        return path
+    return str(Path(path).with_name(name))
+
+
+def set_keys(overrides: list[str] | None) -> set[str]:
+    """The keys ``--set`` gives: those are the user's own, never mapped."""
+    return {item.split("=", 1)[0].strip() for item in overrides or []}
 
 
 def checkpoint_dir(cfg: BaselineConfig | BaselineGRPOConfig) -> Path:
@@ -123,7 +151,7 @@ def validate(cfg: BaselineConfig, resume: str | None) -> Path | None:
     """Check values the dataclass types cannot; return the checkpoint to resume from."""
     validate_lora(cfg.lora)
     validate_training(cfg.training, cfg.data)
-    sections = ("model", "lora", "weaver", "data")
+    sections = ("model", "lora", "memory", "data")
     return resume_point(checkpoint_dir(cfg), resume, to_dict(cfg), sections)
 
 
@@ -254,7 +282,7 @@ def run(
             f"All {dropped} training samples are longer than data.max_length={d.max_length} "
             "tokens; raise it with --set data.max_length=N."
         )
-    lora, peft_config, weaver_count = lora_settings(base, cfg.lora, cfg.weaver)
+    lora, peft_config, weaver_count = lora_settings(base, cfg.lora, cfg.memory)
     ckpts = checkpoint_dir(cfg)
     args = trl.SFTConfig(
         **trainer_arguments(t, ckpts, base.model.device),

@@ -48,11 +48,13 @@ from memgen_cli.stages.baseline import (
     TrainingInterrupted,
     begin_checkpoints,
     checkpoint_dir,
+    counterpart,
     data_summary,
     fit,
     lora_settings,
     run_summary,
     save,
+    set_keys,
     trainer_callbacks,
     validate_lora,
     weaver_trainable_params,
@@ -80,6 +82,11 @@ def resolve_config(
 ) -> BaselineGRPOConfig:
     """Recipe, then ``--set`` overrides, then the command's own flags (which win)."""
     cfg = load_recipe(BaselineGRPOConfig, recipe, overrides)
+    given = set_keys(overrides)
+    if output is None and "output" not in given:
+        output = counterpart(recipe, cfg.output, "baseline-grpo")
+    if init is None:
+        init = cfg.init if "init" in given else counterpart(recipe, cfg.init, "baseline-sft")
     r = cfg.reward
     if rewards:
         r = dataclasses.replace(r, functions=[*r.functions, *rewards])
@@ -94,7 +101,7 @@ def resolve_config(
         data=sft_run.data_config(cfg.data, data, None, task_options),
         training=t,
         reward=r,
-        init=str(init) if init is not None else cfg.init,
+        init=str(init) if init is not None else None,
         output=str(output) if output else cfg.output,
     )
 
@@ -116,7 +123,7 @@ def validate(cfg: BaselineGRPOConfig, resume: str | None) -> tuple[Path | None, 
                 f"`memgen grpo-weaver --init {cfg.init}`."
             )
     ckpts = checkpoint_dir(cfg)
-    sections = ("model", "lora", "weaver", "data", "reward")
+    sections = ("model", "lora", "memory", "data", "reward")
     point = sft_run.resume_point(ckpts, resume, to_dict(cfg), sections)
     recipe = ckpts / "recipe.yaml"
     if point is not None and recipe.exists():
@@ -205,7 +212,7 @@ def run(
     tok = base.tokenizer
     if init is not None:
         check_init_base(cfg, init, base)
-        weaver_count = weaver_trainable_params(base.model, cfg.weaver)  # before LoRA wraps it
+        weaver_count = weaver_trainable_params(base.model, cfg.memory)  # before LoRA wraps it
         model, _, _ = load_baseline(cfg.init, base, trainable=True)
         lora, peft_config = dict(init["lora"]), None
         recorded = init.get("prompt", {}).get("prompt_suffix")
@@ -216,7 +223,7 @@ def run(
             )
     else:
         model = base.model
-        lora, peft_config, weaver_count = lora_settings(base, cfg.lora, cfg.weaver)
+        lora, peft_config, weaver_count = lora_settings(base, cfg.lora, cfg.memory)
     accuracy = rl.task_reward(task)
     funcs = ([accuracy] if r.task_weight > 0 else []) + plugins
     weights = ([r.task_weight] if r.task_weight > 0 else []) + (r.weights or [1.0] * len(plugins))
