@@ -46,6 +46,7 @@ from memgen_cli.config import MemoryConfig, from_dict, to_dict
 from memgen_cli.errors import MemgenError
 from memgen_cli.models.base import LoadedBase, load_base
 from memgen_cli.models.memgen import ADAPTER, MemGenModel
+from memgen_cli.versions import environment_versions
 
 FORMAT_VERSION = 1
 MANIFEST = "memgen.json"
@@ -109,6 +110,7 @@ def save_artifact(
         "format_version": FORMAT_VERSION,
         "kind": "memgen" if model.trigger.is_trained else "weaver",
         "memgen_version": __version__,
+        "versions": environment_versions(),  # python and the libraries that made it
         "reasoner": {
             "name": base.name,
             "source": base.source,
@@ -317,6 +319,7 @@ def save_baseline(
             "format_version": FORMAT_VERSION,
             "kind": "baseline",
             "memgen_version": __version__,
+            "versions": environment_versions(),
             "reasoner": {"name": base.name, "source": base.source, "fingerprint": base.fingerprint},
             "lora": lora,
             "budget": budget,

@@ -1,4 +1,5 @@
-"""requirements/lock.txt pins what `make setup` installs: the running environment must match it.
+"""requirements/lock.txt pins what `make setup` installs: the running environment must match it,
+and every artifact and eval output records the versions that made it.
 
 The same recipe gave 30.8 % in one .venv and 38.2 % in another, built on different days from
 lower bounds only. These tests catch a .venv that has drifted from the lock (rebuild it with
@@ -8,17 +9,25 @@ lower bounds only. These tests catch a .venv that has drifted from the lock (reb
 from __future__ import annotations
 
 import doctest
+import json
 import re
 import tomllib
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
+import torch
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+from peft import LoraConfig, get_peft_model
+from typer.testing import CliRunner
 
+from helpers import tiny_artifact
 from memgen_cli import versions
+from memgen_cli.artifacts import load_artifact, load_baseline, save_baseline
+from memgen_cli.cli import app
+from memgen_cli.models.base import load_base
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "lock.txt"
@@ -93,3 +102,62 @@ def test_environment_versions_match_installed_packages():
     for key, dist in versions.PACKAGES.items():
         assert env[key] == version(dist)
     assert doctest.testmod(versions).failed == 0
+
+
+# --------------------------------------------------------------------------- recorded versions
+OLD = {**versions.environment_versions(), "torch": "2.4.0", "transformers": "5.0.0"}
+
+
+def _rewrite_versions(artifact: Path, recorded: dict) -> None:
+    file = artifact / "memgen.json"
+    manifest = json.loads(file.read_text())
+    file.write_text(json.dumps({**manifest, "versions": recorded}))
+
+
+def test_weaver_artifact_records_versions_and_loads_when_they_differ(tmp_path):
+    base_dir, art = tiny_artifact(tmp_path)
+    manifest = json.loads((art / "memgen.json").read_text())
+    assert manifest["versions"] == versions.environment_versions()
+    assert manifest["versions"]["torch"] == torch.__version__
+    _rewrite_versions(art, OLD)  # as if trained in an older .venv
+    model, loaded, _ = load_artifact(art, device="cpu")
+    assert loaded["versions"] == OLD and model.weaver is not None
+    del loaded["versions"]  # an artifact from before versions were recorded
+    assert versions.version_differences(loaded.get("versions")) == []
+
+
+def test_baseline_artifact_records_versions_and_loads_when_they_differ(tmp_path):
+    base_dir, _ = tiny_artifact(tmp_path)
+    base = load_base(str(base_dir), device="cpu")
+    peft = get_peft_model(base.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    out = save_baseline(peft, base, tmp_path / "lora", lora={"r": 2}, budget={})
+    assert json.loads((out / "memgen.json").read_text())["versions"] == (
+        versions.environment_versions()
+    )
+    _rewrite_versions(out, OLD)
+    _, manifest, _ = load_baseline(out, device="cpu")
+    assert manifest["versions"]["torch"] == "2.4.0"
+
+
+@pytest.fixture
+def one_thread():
+    """A tiny model gains nothing from threads; on a busy 2-core machine they cost a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_eval_records_both_environments_and_notes_the_difference(tmp_path, one_thread):
+    base_dir, art = tiny_artifact(tmp_path)
+    _rewrite_versions(art, OLD)
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
+    args = ["eval", "--artifact", art, "--data", tmp_path / "q.jsonl", "--memory", "off"]
+    args += ["--max-new-tokens", 2, "--output", tmp_path / "eval"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    now = versions.environment_versions()
+    note = f"made with other versions (torch 2.4.0 -> {now['torch']}, transformers 5.0.0 -> "
+    assert note in " ".join(result.stderr.split())
+    config = json.loads((tmp_path / "eval" / "metrics.json").read_text())["config"]
+    assert config["versions"] == now and config["artifacts"][0]["versions"] == OLD

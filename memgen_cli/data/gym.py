@@ -4,12 +4,17 @@
 solution; ``gym:<name>`` gives any of reasoning_gym's datasets (``gym:chain_sum``,
 ``gym:basic_arithmetic``, ...). The split picks the generator seed: ``train`` uses
 ``TRAIN_SEED`` and every evaluation split uses ``EVAL_SEED``, unless the caller passes one.
+
+A reasoning_gym scorer that raises is an error, not a wrong answer: the answer scores 0 but
+``grade_checked`` returns the exception, ``memgen eval`` and the GRPO reward count them
+(``grader_errors``), and ``GraderErrors.check`` stops a run where they pass the tolerance.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from memgen_cli.data.arithmetic import worked_solution
@@ -29,6 +34,11 @@ TRAIN_SEED = 42
 EVAL_SEED = 1_000_000
 EVAL_SPLITS = ("test", "validation", "eval")
 DEFAULT_SIZE = {"train": 5000, "eval": 500}
+# A scorer may choke on the odd completion now and then, but one that raises on more than 2 %
+# of the answers it grades (and on at least 3) is broken: its zeros would read as the model's
+# failures, so the run stops instead.
+MAX_GRADER_ERROR_RATE = 0.02
+MIN_GRADER_ERRORS = 3
 
 
 def gym_names() -> list[str]:
@@ -186,8 +196,13 @@ class GymTask(Task):
         return extract_gym_answer(completion)
 
     def grade(self, completion: str, example: Example) -> float:
+        return self.grade_checked(completion, example)[0]
+
+    def grade_checked(self, completion: str, example: Example) -> tuple[float, str | None]:
+        """``grade`` and, where reasoning_gym's scorer raised, what it raised (the answer then
+        scores 0.0): ``"<example id>: <exception type>: <message>"``, else None."""
         if to_number(example.answer) is not None:
-            return float(numeric_equal(self.extract(completion, example), example.answer))
+            return float(numeric_equal(self.extract(completion, example), example.answer)), None
         if self._scorer is None:
             self._scorer = self._dataset(self.train_seed, 1).score_answer
         entry = {
@@ -197,9 +212,10 @@ class GymTask(Task):
         }
         try:
             score = float(self._scorer(self.extract(completion), entry))
-        except Exception:  # a scorer choking on odd model output is a wrong answer
-            return 0.0
-        return 1.0 if score >= 1.0 - 1e-9 else 0.0  # partial credit is not a solved problem
+        except Exception as exc:  # counted by the callers; too many stop the run
+            return 0.0, f"{example.id}: {type(exc).__name__}: {exc}"
+        # partial credit is not a solved problem
+        return (1.0 if score >= 1.0 - 1e-9 else 0.0), None
 
 
 class GSMSymbolicTask(GymTask):
@@ -227,3 +243,48 @@ class GSMSymbolicTask(GymTask):
 
     def extract(self, completion: str, example: Example | None = None) -> str | None:
         return extract_math_answer(completion)
+
+
+# --------------------------------------------------------------------------- grader errors
+
+
+def grade_checked(task: Task, completion: str, example: Example) -> tuple[float, str | None]:
+    """Any task's grade, with the scorer exception a reasoning_gym task caught (else None)."""
+    if isinstance(task, GymTask):
+        return task.grade_checked(completion, example)
+    return float(task.grade(completion, example)), None
+
+
+@dataclass
+class GraderErrors:
+    """The scorer exceptions of one run of a task: how many answers were graded, which raised.
+
+    >>> tally = GraderErrors(graded=100, errors=["t/0: KeyError: 'x'"] * 2)
+    >>> tally.check("gym:demo")  # 2 of 100: under the tolerance
+    >>> tally.graded, tally.errors = 100, tally.errors * 2
+    >>> tally.check("gym:demo")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    memgen_cli.errors.MemgenError: the grader of gym:demo raised on 4 of 100 answers ...
+    """
+
+    graded: int = 0
+    errors: list[str] = field(default_factory=list)  # grade_checked's messages, in order
+
+    def add(self, error: str | None) -> None:
+        self.graded += 1
+        if error is not None:
+            self.errors.append(error)
+
+    def check(self, task: str) -> None:
+        """Raise MemgenError where the errors pass the tolerance (``MAX_GRADER_ERROR_RATE`` of
+        the answers graded, and at least ``MIN_GRADER_ERRORS``)."""
+        n = len(self.errors)
+        if n < MIN_GRADER_ERRORS or n <= MAX_GRADER_ERROR_RATE * self.graded:
+            return
+        raise MemgenError(
+            f"the grader of {task} raised on {n} of {self.graded} answers (more than "
+            f"{MAX_GRADER_ERROR_RATE:.0%}), so its zeros say nothing about the model; the "
+            f"first: {self.errors[0]}. Check the task's config and the installed reasoning_gym "
+            "(requirements/lock.txt pins the tested version; `make setup` installs it)."
+        )

@@ -35,11 +35,13 @@ from memgen_cli.artifacts import artifact_digest, load_baseline, read_manifest
 from memgen_cli.config import MEMORY_MODES, GenerationConfig, MemoryConfig
 from memgen_cli.console import make_console
 from memgen_cli.data import Example, Task, get_task, to_messages
+from memgen_cli.data.gym import GraderErrors, grade_checked
 from memgen_cli.errors import MemgenError, did_you_mean
 from memgen_cli.generation import encode_prompts, generate
 from memgen_cli.models.base import LoadedBase, load_base
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.stages.common import Session, open_session, resolve_suffix
+from memgen_cli.versions import environment_versions, version_differences
 
 # When the artifact records a train seed but not how many items it drew, assume this many
 # (reasoning_gym item i comes from Random(seed + i), so a seed names a range of generators).
@@ -132,6 +134,8 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
         suffix = resolve_suffix(session, opts.prompt_suffix, notes)
         system = ((entry.manifest or {}).get("prompt") or {}).get("system")
         used.append(entry_config(entry, session, suffix))
+        if changed := version_differences((entry.manifest or {}).get("versions")):
+            notes.print(f"{_short(entry.label)}: made with other versions ({', '.join(changed)})")
         for label, task in tasks.items():
             items = [
                 Problem(i, ex, to_messages(ex, suffix, system))
@@ -165,6 +169,8 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
                 row = summarize(
                     label, task, mode, records, seconds, sum(p["grade_s"] for p in parts)
                 )
+                errors = [r["grader_error"] for r in records if r["grader_error"]]
+                GraderErrors(len(records), errors).check(f"{label} (memory {mode})")
                 results.append({"artifact": entry.label, **row})
                 predictions += records
                 if key is not None:
@@ -300,6 +306,7 @@ def entry_config(entry: Entry, session: Session, suffix: str) -> dict:
         "base": {"name": session.base.name, "fingerprint": session.base.fingerprint},
         "device": str(session.model.device),
         "dtype": str(session.base.model.dtype).removeprefix("torch."),
+        "versions": (entry.manifest or {}).get("versions"),  # the environment that made it
     }
 
 
@@ -595,7 +602,7 @@ def run_mode(
 
 def prediction(task: Task, label: str, mode: str, problem: Problem, out, row: int, tok) -> dict:
     completion = tok.decode(out.tokens[row], skip_special_tokens=True)
-    score = float(task.grade(completion, problem.example))
+    score, grader_error = grade_checked(task, completion, problem.example)
     return {
         "task": label,
         "mode": mode,
@@ -607,6 +614,7 @@ def prediction(task: Task, label: str, mode: str, problem: Problem, out, row: in
         "gold": problem.example.answer,
         "score": score,
         "correct": score >= 1.0,
+        "grader_error": grader_error,  # what the task's scorer raised (the score is then 0)
         "num_tokens": len(out.tokens[row]),
         "finished": out.finished[row],
         "insertions": [ins.summary() for ins in out.trace.for_row(row)],
@@ -638,6 +646,7 @@ def summarize(
         "tokens_per_s": tokens / seconds if seconds > 0 else None,
         "generate_s": round(seconds, 3),
         "grade_s": round(grade_s, 3),
+        "grader_errors": sum(1 for r in records if r.get("grader_error")),
     }
 
 
@@ -650,6 +659,7 @@ def run_config(
     first = used[0]
     return {
         "memgen_version": __version__,
+        "versions": environment_versions(),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "base": first["base"],
         "artifact": None
@@ -701,8 +711,10 @@ def results_table(
     labels = short_labels([r.get("artifact") for r in results])
     artifacts = len(set(labels.values())) > 1
     paired_rows = any(r.get("vs_first") for r in results)
+    errors = any(r.get("grader_errors") for r in results)  # scorer exceptions, scored 0
     names = ["task", *(["artifact"] if artifacts else []), "mode", "accuracy %", "n"]
-    names += ["insertions", "samples/s", "tokens/s", *(["Δ vs first"] if paired_rows else [])]
+    names += ["insertions", "samples/s", "tokens/s", *(["grader errors"] if errors else [])]
+    names += ["Δ vs first"] if paired_rows else []
     for name in names:
         table.add_column(name, justify="left" if name in ("task", "artifact", "mode") else "right")
     for r in results:
@@ -710,6 +722,7 @@ def results_table(
         speeds = [_rate(r["samples_per_s"], 2), _rate(r["tokens_per_s"], 1)]
         row = [_short(r["task"]), *([labels[r.get("artifact")]] if artifacts else [])]
         row += [r["mode"], accuracy, str(r["n"]), f"{r['mean_insertions']:.2f}", *speeds]
+        row += [str(r.get("grader_errors", 0))] if errors else []
         if paired_rows:
             v = r.get("vs_first")
             row.append(

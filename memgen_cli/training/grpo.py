@@ -352,6 +352,8 @@ class GRPOTrainer(Trainer):
             name = rl.reward_name(fn)
             m[f"rewards/{name}/mean"].append(float(torch.nanmean(table[:, j])))
             m[f"rewards/{name}/std"].append(float(rl.nanstd(table[:, j])))
+            if (tally := getattr(fn, "grader_errors", None)) is not None:  # so far, all ranks
+                m[f"rewards/{name}/grader_errors"].append(sum(_gather_list([len(tally.errors)])))
         m["frac_reward_zero_std"].append(sum(flat) / len(flat))
         m["completions/mean_length"].append(sum(lengths) / len(lengths))
         m["completions/min_length"].append(min(lengths))
@@ -365,7 +367,8 @@ class GRPOTrainer(Trainer):
         if "loss" in logs:  # a training log (not the end-of-training summary)
             for key, values in self._metrics.items():
                 if values:
-                    logs[key] = max(values) if key.endswith("/max") else sum(values) / len(values)
+                    last = key.endswith(("/max", "/grader_errors"))  # a peak, a running count
+                    logs[key] = max(values) if last else sum(values) / len(values)
             self._metrics.clear()
             self._watch_clipping(logs.get("completions/clipped_ratio"))
         super().log(logs, start_time)

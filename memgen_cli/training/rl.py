@@ -20,7 +20,8 @@ Everything here is a plain function of tensors or lists, with golden-value tests
 
 - ``group_advantages``: (r - group mean) / (std + 1e-4), std per group, over the batch, or none;
 - ``policy_loss``: the clipped surrogate (PPO/GRPO) with TRL's four aggregations;
-- ``task_reward``: a task's own grader as a TRL reward function (binary accuracy);
+- ``task_reward``: a task's own grader as a TRL reward function (binary accuracy), counting
+  grader errors (``reward.grader_errors``; too many stop the run);
 - ``load_reward`` / ``score``: plug-in rewards ``module:function``, checked on every call;
 - ``check_settings``: the checks of a GRPO training + reward section that their types cannot
   express (shared by ``grpo-weaver`` and ``baseline grpo``).
@@ -41,6 +42,7 @@ import torch
 
 from memgen_cli.data.base import Example, Task
 from memgen_cli.data.graders import completion_text
+from memgen_cli.data.gym import GraderErrors, grade_checked
 from memgen_cli.errors import MemgenError
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -198,8 +200,11 @@ def task_reward(task: Task, name: str = "accuracy") -> RewardFn:
     Completions may be strings or TRL's conversational form (``[{"role": ..., "content":
     ...}]``); the columns are those of ``example_columns`` (``answer`` is required). Partial
     credit (some reasoning-gym scorers) counts as wrong, as accuracy does in ``memgen eval``;
-    code tasks run through the task's sandbox.
+    code tasks run through the task's sandbox. A scorer that raises gives 0 and is counted in
+    ``reward.grader_errors`` (a ``GraderErrors`` over the whole run, which GRPO logs); once
+    they pass its tolerance the call raises MemgenError and the run stops.
     """
+    tally = GraderErrors()
 
     def reward(prompts, completions, answer, id=None, question=None, solution=None, meta=None, **_):
         n = len(completions)
@@ -213,13 +218,17 @@ def task_reward(task: Task, name: str = "accuracy") -> RewardFn:
             )
             for i in range(n)
         ]
-        return [
-            float(task.grade(completion_text(c), ex) >= 1.0)
-            for c, ex in zip(completions, examples, strict=True)
-        ]
+        scores = []
+        for c, ex in zip(completions, examples, strict=True):
+            score, error = grade_checked(task, completion_text(c), ex)
+            tally.add(error)
+            scores.append(float(score >= 1.0))
+        tally.check(task.name)
+        return scores
 
     reward.__name__ = name
     reward.__qualname__ = name
+    reward.grader_errors = tally
     return reward
 
 
@@ -259,7 +268,8 @@ def score(
     ``None`` becomes NaN and is skipped in the weighted sum (TRL's ``nansum``); a row every
     function skipped gets a NaN total (it is then left out of its group's mean, advantage 0).
     A function that raises, returns the wrong number of values, or a non-number fails the run
-    with one message naming it.
+    with one message naming it (a MemgenError, such as ``task_reward``'s grader-error stop,
+    passes through as it is).
     """
     n = len(completions)
     table = torch.full((n, len(funcs)), math.nan)
@@ -267,6 +277,8 @@ def score(
         name = reward_name(fn)
         try:
             values = fn(prompts=prompts, completions=completions, **columns)
+        except MemgenError:
+            raise
         except Exception as exc:
             raise MemgenError(
                 f"reward function {name} raised {type(exc).__name__}: {exc}"
