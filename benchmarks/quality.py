@@ -118,7 +118,8 @@ def train(cfg: SFTConfig, out: Path, lora: bool, reuse: bool, quiet: Console) ->
     """The weaver and (optionally) its LoRA reference, trained on the same samples and steps."""
     paths = {"weaver": out / "weaver"}
     if not (reuse and (paths["weaver"] / "memgen.json").is_file()):
-        sft_weaver.run(dataclasses.replace(cfg, output=str(paths["weaver"])), console=quiet)
+        weaver = dataclasses.replace(cfg, output=str(paths["weaver"]))
+        sft_weaver.run(weaver, console=quiet, overwrite=True)  # retrain: replace an earlier one
     if lora:
         paths["lora"] = out / "lora"
         if not (reuse and (paths["lora"] / "memgen.json").is_file()):
@@ -129,7 +130,7 @@ def train(cfg: SFTConfig, out: Path, lora: bool, reuse: bool, quiet: Console) ->
                 training=cfg.training,
                 output=str(paths["lora"]),
             )
-            baseline.run(ref, console=quiet)
+            baseline.run(ref, console=quiet, overwrite=True)
     return paths
 
 
@@ -159,6 +160,7 @@ def evaluate_task(
         task_options=options,
         output=out / f"eval-{task.replace(':', '-')}",
         json=True,
+        overwrite=True,  # this script's own folder: a rerun replaces the earlier eval
     )
     metrics = evaluate.run(opts, console=quiet)
     rows = {}
@@ -226,7 +228,7 @@ def train_table(args, cfg: SFTConfig, out: Path, quiet: Console) -> tuple[list, 
             continue
         parent = {parent_key: paths[PARENT[name]]}
         conf = stage.resolve_config(family / recipe, overrides, output=paths[name], **parent)
-        stage.run(conf, console=quiet)
+        stage.run(conf, console=quiet, overwrite=True)
     return rows, paths
 
 
@@ -263,6 +265,7 @@ def table(args, cfg: SFTConfig, out: Path, quiet: Console) -> dict:
             task_options=options,
             output=out / f"table-{task.replace(':', '-')}",
             json=False,  # the table goes to stderr; stdout is this script's JSON
+            overwrite=True,
         )
         evals.append((task, evaluate.run(opts, console=quiet)))
 

@@ -374,6 +374,7 @@ def test_prompt_run_writes_files_and_never_touches_the_artifact(prompt_run, arti
         "effects.png",
         "inspect.json",
         "latent_norms.png",
+        "memgen-output.json",  # the marker that lets --overwrite recognise this output
     ]
     assert all(
         (out / "plots" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -427,7 +428,7 @@ def test_data_mode_clusters_and_drop_cluster(artifact, tmp_path):
     )
     assert drop["warning"] is None
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["cluster_stats.png", "clusters_pca.png", "clusters_tsne.png", "inspect.json", "latent_norms.png"]  # fmt: skip
+    assert names == ["cluster_stats.png", "clusters_pca.png", "clusters_tsne.png", "inspect.json", "latent_norms.png", "memgen-output.json"]  # fmt: skip
     again = json.loads(invoke(*args).stdout)
     assert [r["cluster"] for r in again["insertions"]] == labels  # seeded: the same clusters
 

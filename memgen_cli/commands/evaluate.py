@@ -81,6 +81,7 @@ def command(
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
     allow_base_mismatch: o.AllowMismatch = False,
+    overwrite: o.Overwrite = False,
 ) -> None:
     """Benchmark memory modes side by side: accuracy ± s.e., insertions, throughput."""
     gen = GenerationConfig(max_new_tokens, temperature, top_p, 0, "off")
@@ -102,5 +103,6 @@ def command(
             device,
             dtype,
             allow_base_mismatch,
+            overwrite,
         )
     )

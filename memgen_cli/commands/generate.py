@@ -38,6 +38,7 @@ def command(
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
     allow_base_mismatch: o.AllowMismatch = False,
+    overwrite: o.Overwrite = False,
 ) -> None:
     """Answer with memory: inline ⟨mem K⟩ markers show where latents were woven."""
     gen = GenerationConfig(max_new_tokens, temperature, top_p, seed, memory)
@@ -56,5 +57,6 @@ def command(
             batch_size,
             json,
             gen,
+            overwrite,
         )
     )

@@ -67,6 +67,7 @@ def command(
     report_to: Annotated[
         str | None, typer.Option("--report-to", help="none | tensorboard | wandb.")
     ] = None,
+    overwrite: o.Overwrite = False,
 ) -> None:
     """Train the weaver by GRPO: G sampled answers per prompt with latents woven, rewarded by
     the task's grader; only the weaver learns."""
@@ -83,7 +84,7 @@ def command(
         report_to=report_to,
     )
     try:
-        stage.run(cfg, resume=resume, console=make_console())
+        stage.run(cfg, resume=resume, console=make_console(), overwrite=overwrite)
     except stage.TrainingInterrupted as stop:
         Console(stderr=True).print(
             f"interrupted: checkpoint saved in {stop.checkpoint}; continue with --resume auto"

@@ -78,6 +78,7 @@ def command(
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
     allow_base_mismatch: o.AllowMismatch = False,
+    overwrite: o.Overwrite = False,
 ) -> None:
     """Look inside the latent memory: nearest tokens, logit lens, norms, attention, ablations, clusters."""
     stage.run(
@@ -87,5 +88,6 @@ def command(
             html=html, json=json, output=output, memory=memory, max_new_tokens=max_new_tokens,
             seed=seed, batch_size=batch_size, prompt_suffix=prompt_suffix, base=base,
             device=device, dtype=dtype, allow_base_mismatch=allow_base_mismatch,
+            overwrite=overwrite,
         )
     )  # fmt: skip

@@ -55,6 +55,7 @@ def command(
     report_to: Annotated[
         str | None, typer.Option("--report-to", help="none | tensorboard | wandb.")
     ] = None,
+    overwrite: o.Overwrite = False,
 ) -> None:
     """Train the weaver by SFT: the frozen reasoner learns nothing; latents learn to help it."""
     cfg = stage.resolve_config(
@@ -68,7 +69,7 @@ def command(
         report_to=report_to,
     )
     try:
-        stage.run(cfg, resume=resume, console=make_console())
+        stage.run(cfg, resume=resume, console=make_console(), overwrite=overwrite)
     except stage.TrainingInterrupted as stop:
         Console(stderr=True).print(
             f"interrupted: checkpoint saved in {stop.checkpoint}; continue with --resume auto"

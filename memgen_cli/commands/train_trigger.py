@@ -47,6 +47,7 @@ def command(
             help="auto (latest checkpoint of this output, if any) or a checkpoint folder.",
         ),
     ] = None,
+    overwrite: o.Overwrite = False,
 ) -> None:
     """Train the memory trigger by RL: G rollouts per prompt with sampled INVOKE/SKIP decisions,
     rewarded by the task's grader minus the sparsity penalty (paper Eq. 9); the weaver is
@@ -62,7 +63,7 @@ def command(
         output=output,
     )
     try:
-        stage.run(cfg, resume=resume, console=make_console())
+        stage.run(cfg, resume=resume, console=make_console(), overwrite=overwrite)
     except stage.TrainingInterrupted as stop:
         Console(stderr=True).print(
             f"interrupted: checkpoint saved in {stop.checkpoint}; continue with --resume auto"

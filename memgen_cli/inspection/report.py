@@ -5,7 +5,6 @@ written (PNGs, inspect.json, the HTML page)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from memgen_cli.artifacts import atomic_dir, write_output
 from memgen_cli.inspection import plots, probe
 
 TIMINGS = (
@@ -358,26 +358,20 @@ def print_terminal(console: Console, report: dict) -> None:
 
 # --------------------------------------------------------------------------------- files
 def write_outputs(report: dict, figures: dict[str, bytes], output, html, console: Console) -> None:
-    """PNGs and inspect.json into ``output``; the self-contained page to ``html`` (atomically)."""
+    """PNGs and inspect.json into the folder ``output``, the self-contained page to ``html``;
+    each atomically (an interrupted run leaves the old output or the new one, never half)."""
     if output is not None:
         out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, png in figures.items():
-            _atomic_write(out / f"{name}.png", png)
-            report["plots"][name] = str(out / f"{name}.png")
-        _atomic_write(
-            out / "inspect.json", json.dumps(report, ensure_ascii=False, indent=1).encode()
-        )
+        with atomic_dir(out, "inspect-memory") as tmp:
+            for name, png in figures.items():
+                (tmp / f"{name}.png").write_bytes(png)
+                report["plots"][name] = str(out / f"{name}.png")
+            (tmp / "inspect.json").write_text(
+                json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8"
+            )
         console.print(f"wrote {len(figures)} plots and inspect.json to {out}", style="dim")
     if html is not None:
         from memgen_cli.inspection.html import page
 
-        Path(html).parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(Path(html), page(report, figures).encode())
+        write_output(html, page(report, figures), kind="html")
         console.print(f"wrote {html}", style="dim")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # an interrupted run never leaves half a file

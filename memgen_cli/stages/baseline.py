@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PrinterCallback, set_seed
 
-from memgen_cli.artifacts import save_baseline
+from memgen_cli.artifacts import check_output, save_baseline
 from memgen_cli.config import (
     BaselineConfig,
     BaselineGRPOConfig,
@@ -261,11 +261,17 @@ def run(
     resume: str | None = None,
     console: Console | None = None,
     callbacks: list | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Train the LoRA baseline and write the artifact to ``cfg.output``; returns its path."""
+    """Train the LoRA baseline and write the artifact to ``cfg.output``; returns its path.
+
+    ``overwrite``: replace an artifact already at ``cfg.output`` (a ``resume`` consents too);
+    anything else there is refused before any model is loaded (``check_output``).
+    """
     console = console or make_console()
     # 1. validate
     resume_from = validate(cfg, resume)
+    check_output(cfg.output, kind="artifact", overwrite=overwrite or resume is not None)
     task, train_examples, held_examples, data_seed = load_examples(cfg)
 
     # 2. build

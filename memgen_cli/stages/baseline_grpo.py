@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PrinterCallback, set_seed
 
-from memgen_cli.artifacts import load_baseline, read_manifest
+from memgen_cli.artifacts import check_output, load_baseline, read_manifest
 from memgen_cli.config import BaselineGRPOConfig, load_recipe, to_dict
 from memgen_cli.console import make_console
 from memgen_cli.data import Example, to_messages
@@ -197,11 +197,17 @@ def run(
     resume: str | None = None,
     console: Console | None = None,
     callbacks: list | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Train the LoRA baseline by GRPO and write the artifact to ``cfg.output``; returns it."""
+    """Train the LoRA baseline by GRPO and write the artifact to ``cfg.output``; returns it.
+
+    ``overwrite``: replace an artifact already at ``cfg.output`` (a ``resume`` consents too);
+    anything else there is refused before any model is loaded (``check_output``).
+    """
     console = console or make_console()
     # 1. validate
     resume_from, init = validate(cfg, resume)
+    check_output(cfg.output, kind="artifact", overwrite=overwrite or resume is not None)
     task, train, held, data_seed = sft_run.load_examples(cfg)
     plugins = [rl.load_reward(spec) for spec in cfg.reward.functions]
 

@@ -20,7 +20,6 @@ import datetime as dt
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,7 +30,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from memgen_cli import __version__, distributed
-from memgen_cli.artifacts import artifact_digest, load_baseline, read_manifest
+from memgen_cli.artifacts import (
+    artifact_digest,
+    atomic_dir,
+    check_output,
+    load_baseline,
+    read_manifest,
+)
 from memgen_cli.config import MEMORY_MODES, GenerationConfig, MemoryConfig
 from memgen_cli.console import make_console
 from memgen_cli.data import Example, Task, get_task, to_messages
@@ -73,6 +78,8 @@ class EvalOptions:
     device: str = "auto"
     dtype: str = "auto"
     allow_base_mismatch: bool = False
+    overwrite: bool = False
+    """Replace an earlier eval output at ``output``; anything else there is refused."""
 
 
 @dataclass
@@ -99,6 +106,8 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
         raise MemgenError(f"--limit must be at least 1 (got {opts.limit}); omit it for all.")
     if opts.batch_size < 1:
         raise MemgenError(f"--batch-size must be at least 1 (got {opts.batch_size}).")
+    out = opts.output or Path("runs") / "eval" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    check_output(out, kind="eval", overwrite=opts.overwrite)
     entries = plan_entries(artifact_paths(opts.artifact), opts.memory, notes)
     manifests = [e.manifest for e in entries if e.manifest is not None]
     options = parse_task_options(opts.task_options)
@@ -189,7 +198,6 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
         "warnings": warnings,
         "config": run_config(opts, used, seeds, problems, dist.world_size, per_task),
     }
-    out = opts.output or Path("runs") / "eval" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     write_outputs(out, metrics, predictions)
     metrics["output"] = str(out)
     if opts.json:
@@ -688,16 +696,13 @@ def run_config(
 
 
 def write_outputs(out: Path, metrics: dict, predictions: list[dict]) -> None:
-    """Each file via a temporary name and a rename: an interrupted run never leaves half a file."""
-    out.mkdir(parents=True, exist_ok=True)
-    files = {
-        "predictions.jsonl": "".join(json.dumps(p) + "\n" for p in predictions),
-        "metrics.json": json.dumps(metrics, indent=2) + "\n",  # last: its presence means done
-    }
-    for name, text in files.items():
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+    """The output folder, written whole in a temporary folder and swapped in: an interrupted run
+    leaves the old one or the new one, never half of either."""
+    with atomic_dir(out, "eval") as tmp:
+        (tmp / "predictions.jsonl").write_text(
+            "".join(json.dumps(p) + "\n" for p in predictions), encoding="utf-8"
+        )
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
 
 def results_table(

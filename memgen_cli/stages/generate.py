@@ -6,7 +6,6 @@ Every memory insertion is shown inline as a dim marker such as ``⟨mem 8⟩``.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from memgen_cli.artifacts import check_output, write_output
 from memgen_cli.config import GenerationConfig
 from memgen_cli.console import make_console
 from memgen_cli.errors import MemgenError
@@ -54,6 +54,7 @@ class GenerateOptions:
     batch_size: int = 8
     json: bool = False
     gen: GenerationConfig = field(default_factory=GenerationConfig)
+    overwrite: bool = False  # replace an answers file of an earlier run at ``output``
 
 
 def run(opts: GenerateOptions, console: Console | None = None) -> object:
@@ -66,6 +67,7 @@ def run(opts: GenerateOptions, console: Console | None = None) -> object:
         prompts = read_prompts(opts.input)
         if opts.output is None:
             raise MemgenError("--input needs --output OUT.jsonl for the answers.")
+        check_output(opts.output, kind="generate", overwrite=opts.overwrite)
     session = open_session(
         opts.base, opts.artifact, opts.device, opts.dtype, opts.allow_base_mismatch
     )
@@ -157,10 +159,8 @@ def answer_file(session, gen, suffix, prompts, output: Path, batch_size, console
             out = _run_batch(session, gen, [[user_message(q, suffix)] for q in chunk])
             rows += [record(session, q, out, i, gen) for i, q in enumerate(chunk)]
             progress.advance(task, len(chunk))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, output)  # atomic: an interrupted run never leaves half a file
+    # atomic: an interrupted run never leaves half a file
+    write_output(output, "".join(json.dumps(r) + "\n" for r in rows), kind="generate")
     console.print(f"wrote {len(rows)} answers to {output}")
     return output
 

@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from memgen_cli.artifacts import MANIFEST, WEAVER_FILES, artifact_digest
+from memgen_cli.artifacts import MANIFEST, WEAVER_FILES, artifact_digest, check_output
 from memgen_cli.config import GenerationConfig
 from memgen_cli.console import make_console
 from memgen_cli.data import get_task, to_messages
@@ -65,6 +65,7 @@ class InspectOptions:
     device: str = "auto"
     dtype: str = "auto"
     allow_base_mismatch: bool = False
+    overwrite: bool = False  # replace an earlier inspect-memory output at ``output``/``html``
 
 
 @dataclass
@@ -195,6 +196,10 @@ def validate(opts: InspectOptions) -> int | None:
             raise MemgenError(
                 f"{target} lies inside the artifact {art}; inspect-memory never writes there."
             )
+    if opts.output is not None:
+        check_output(opts.output, kind="inspect-memory", overwrite=opts.overwrite)
+    if opts.html is not None:
+        check_output(opts.html, kind="html", overwrite=opts.overwrite, flag="--html")
     return k
 
 

@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
-from memgen_cli.artifacts import save_artifact
+from memgen_cli.artifacts import check_output, save_artifact
 from memgen_cli.config import SFTConfig, dump_yaml, load_recipe, to_dict
 from memgen_cli.console import make_console
 from memgen_cli.errors import MemgenError
@@ -123,11 +123,17 @@ def run(
     resume: str | None = None,
     console: Console | None = None,
     callbacks: list | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Train the weaver and write the artifact to ``cfg.output``; returns its path."""
+    """Train the weaver and write the artifact to ``cfg.output``; returns its path.
+
+    ``overwrite``: replace an artifact already at ``cfg.output`` (a ``resume`` consents too);
+    anything else there is refused before any model is loaded (``check_output``).
+    """
     console = console or make_console()
     # 1. validate
     resume_from = validate(cfg, resume)
+    check_output(cfg.output, kind="artifact", overwrite=overwrite or resume is not None)
     task, train_examples, held_examples, data_seed = load_examples(cfg)
 
     # 2. build

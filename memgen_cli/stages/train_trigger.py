@@ -37,6 +37,7 @@ from transformers.trainer_utils import SchedulerType
 from memgen_cli import distributed
 from memgen_cli.artifacts import (
     TRIGGER_FILE,
+    check_output,
     load_artifact,
     read_manifest,
     require_kind,
@@ -275,24 +276,30 @@ def run(
     resume: str | None = None,
     console: Console | None = None,
     callbacks: list | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Train the trigger of ``cfg.artifact`` and write the new artifact; returns its path.
 
     ``callbacks``: functions ``f(step, metrics)`` called after each step (tests, notebooks),
-    on every process, with the metrics of all of them.
+    on every process, with the metrics of all of them. ``overwrite``: replace an artifact
+    already at ``cfg.output`` (even ``cfg.artifact`` itself, read whole before it is replaced;
+    a ``resume`` consents too); anything else there is refused before any model is loaded.
     """
     dist = distributed.init()  # gloo: the collectives move small CPU tensors
     try:
-        return _run(cfg, resume, console or make_console(), callbacks or [], dist)
+        return _run(cfg, resume, console or make_console(), callbacks or [], dist, overwrite)
     finally:
         distributed.finish()
 
 
-def _run(cfg: TriggerConfig, resume, console: Console, callbacks: list, dist) -> Path:
+def _run(
+    cfg: TriggerConfig, resume, console: Console, callbacks: list, dist, overwrite: bool
+) -> Path:
     main = dist.is_main
     say = console.print if main else (lambda *a, **k: None)
     # 1. validate
     manifest, resume_from = validate(cfg, resume, dist.world_size)
+    check_output(cfg.output, kind="artifact", overwrite=overwrite or resume is not None)
     t, d, tr = cfg.training, cfg.data, cfg.trigger
     task, train, held, excluded = select_examples(cfg, manifest)
     plugins = [rl.load_reward(spec) for spec in cfg.reward.functions]
