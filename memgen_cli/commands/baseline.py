@@ -34,10 +34,10 @@ TaskOption = Annotated[
 ]
 
 
-def _train(stage, cfg, resume: str | None) -> None:
+def _train(stage, cfg, resume: str | None, overwrite: bool) -> None:
     """Run a baseline stage; Ctrl-C leaves a checkpoint and exits 130."""
     try:
-        stage.run(cfg, resume=resume, console=make_console())
+        stage.run(cfg, resume=resume, console=make_console(), overwrite=overwrite)
     except stage.TrainingInterrupted as stop:
         Console(stderr=True).print(
             f"interrupted: checkpoint saved in {stop.checkpoint}; continue with --resume auto"
@@ -66,6 +66,7 @@ def sft(
     output: o.Output = None,
     resume: o.Resume = None,
     report_to: o.ReportTo = None,
+    overwrite: o.Overwrite = False,
 ) -> None:
     """LoRA-SFT of the reasoner with TRL's SFTTrainer: the same examples, prompt, target, steps,
     batches and schedule as sft-weaver. By default (lora.r: null) the rank is the one whose
@@ -81,7 +82,7 @@ def sft(
         output=output,
         report_to=report_to,
     )
-    _train(sft_stage, cfg, resume)
+    _train(sft_stage, cfg, resume, overwrite)
 
 
 @app.command(
@@ -113,6 +114,7 @@ def grpo(
     output: o.Output = None,
     resume: o.Resume = None,
     report_to: o.ReportTo = None,
+    overwrite: o.Overwrite = False,
 ) -> None:
     """LoRA-GRPO of the reasoner with TRL's GRPOTrainer: G sampled answers per prompt, rewarded
     by the task's grader (and any --reward), with grpo-weaver's prompts, G, sampling, loss,
@@ -131,4 +133,4 @@ def grpo(
         output=output,
         report_to=report_to,
     )
-    _train(grpo_stage, cfg, resume)
+    _train(grpo_stage, cfg, resume, overwrite)

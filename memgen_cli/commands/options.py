@@ -49,6 +49,15 @@ PromptSuffix = Annotated[
     ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON object.")]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace an existing --output (and inspect-memory's --html), atomically, when "
+        "memgen wrote it: an artifact, or this command's own earlier output. Without it an "
+        "existing output is refused; a path holding anything else is refused even with it.",
+    ),
+]
 
 # Training stages
 Set = Annotated[
