@@ -743,3 +743,56 @@ def test_a_log_gets_the_whole_table_at_any_width(tiny, tmp_path, monkeypatch):
             v = r["vs_first"]
             paired = f"{100 * v['diff']:+.1f}±{100 * v['diff_stderr']:.1f} p={v['mcnemar_p']:.2g}"
             assert paired in table, paired
+
+
+def test_show_prints_the_first_problems_with_gold_and_each_rows_mark(tiny, tmp_path, monkeypatch):
+    _, art, data = tiny
+    scripted_grades(monkeypatch)
+    args = ["eval", "--artifact", str(art), "--data", str(data), "--memory", "off,weaver"]
+    args += ["--max-new-tokens", "4", "--show", "3", "--output", str(tmp_path / "o")]
+    result = runner.invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    table = result.stdout.split("the first 3 problems of each task")[1]
+    preds = {(p["mode"], p["index"]): p for p in read_predictions(tmp_path / "o")}
+    # off solves every third problem, weaver every second: problems 0, 1, 2 read ✓✓, ✗✗, ✗✓.
+    for index, marks in enumerate([["✓", "✓"], ["✗", "✗"], ["✗", "✓"]]):
+        (line,) = [line for line in table.splitlines() if QUESTIONS[index] in line]
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]  # task # question gold off weaver
+        assert cells[1:2] + cells[3:4] == [str(index), str(2 * index + 2)], line
+        answers = [preds[(mode, index)]["extracted"] or "∅" for mode in ("off", "weaver")]
+        assert cells[4:] == [
+            f"{mark} {answer}" for mark, answer in zip(marks, answers, strict=True)
+        ], line
+    assert not any(q in table for q in QUESTIONS[3:])  # the first three only
+    quiet = runner.invoke(app, [*args[:-2], "--output", str(tmp_path / "j"), "--json"])
+    assert json.loads(quiet.stdout)["results"]  # --json stays one JSON object
+
+
+def test_paired_figures_pair_each_problem_with_itself(tmp_path):
+    """Hand-built predictions, rows listed in other orders: of 10 problems the reference row
+    alone solves #3, the other row alone #4, #5 and #6, both #0-#2, neither #7-#9. Differences:
+    six 0, one -1, three +1: mean 0.2; sample variance (6 × 0.2² + 1.2² + 3 × 0.8²) / 9 = 0.4,
+    s.e. √(0.4 / 10) = 0.2; exact McNemar on 1 vs 3: 2 × (C(4,0) + C(4,1)) / 2⁴ = 0.625."""
+    ref = {0, 1, 2, 3}
+    other = {0, 1, 2, 4, 5, 6}
+
+    def rows(artifact, mode, solved, order):
+        return [
+            {"task": "t", "artifact": artifact, "mode": mode, "index": i, "correct": i in solved}
+            for i in order
+        ]
+
+    predictions = rows("a", "off", ref, range(10)) + rows("a", "weaver", other, range(9, -1, -1))
+    predictions += rows("b", "off", ref, [5, 0, 8, 3, 1, 9, 2, 7, 4, 6])  # the same as the first
+    results = [{"task": "t", "artifact": a, "mode": m} for a, m in (("a", "off"), ("a", "weaver"))]
+    results.append({"task": "t", "artifact": "b", "mode": "off"})
+    ev.add_paired(results, predictions)
+    assert results[0]["vs_first"] is None
+    got = results[1]["vs_first"]
+    assert (got["artifact"], got["mode"]) == ("a", "off")
+    assert (got["reference_only"], got["row_only"]) == (1, 3)
+    assert got["diff"] == pytest.approx(0.2) and got["diff_stderr"] == pytest.approx(0.2)
+    assert got["mcnemar_p"] == pytest.approx(0.625)
+    same = results[2]["vs_first"]
+    assert (same["diff"], same["diff_stderr"], same["mcnemar_p"]) == (0.0, 0.0, 1.0)
+    assert (same["reference_only"], same["row_only"]) == (0, 0)

@@ -77,6 +77,15 @@ def command(
             "(e.g. grader=numeric, columns.prompt=problem, path=file.jsonl). Repeatable.",
         ),
     ] = None,
+    show: Annotated[
+        int,
+        typer.Option(
+            "--show",
+            min=0,
+            help="After the table, the first N problems of each task with the gold answer and "
+            "each row's answer, ✓ / ✗ (predictions.jsonl holds them all).",
+        ),
+    ] = 0,
     base: o.Base = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
@@ -104,5 +113,6 @@ def command(
             dtype,
             allow_base_mismatch,
             overwrite,
+            show=show,
         )
     )

@@ -80,6 +80,9 @@ class EvalOptions:
     allow_base_mismatch: bool = False
     overwrite: bool = False
     """Replace an earlier eval output at ``output``; anything else there is refused."""
+    show: int = 0
+    """After the table, the first ``show`` problems of each task: question, gold answer, and
+    per row the answer extracted with ✓ / ✗ (table output only)."""
 
 
 @dataclass
@@ -204,6 +207,8 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
         console.print(json.dumps(metrics), markup=False, highlight=False, soft_wrap=True)
     else:
         console.print(results_table(results, metrics["seconds"], out, warnings))
+        if opts.show:
+            console.print(examples_table(predictions, opts.show))
     return metrics
 
 
@@ -737,6 +742,40 @@ def results_table(
             )
         table.add_row(*row)
     return table
+
+
+def examples_table(predictions: list[dict], n: int) -> Table:
+    """The first ``n`` problems of each task, in problem order (not picked by outcome): the
+    question, the gold answer, and per row of the results table the answer it gave, ✓ or ✗."""
+    rows = list(dict.fromkeys((p.get("artifact"), p["mode"]) for p in predictions))
+    labels = short_labels([artifact for artifact, _ in rows])
+    several = len({artifact for artifact, _ in rows}) > 1
+    table = Table(
+        title=f"the first {n} problems of each task",
+        caption="each row's answer as the grader read it: ✓ right, ✗ wrong, ∅ none found",
+    )
+    for name in ("task", "#", "question", "gold"):
+        table.add_column(
+            name, justify="right" if name == "#" else "left", no_wrap=name != "question"
+        )
+    for artifact, mode in rows:
+        table.add_column(f"{labels[artifact]} · {mode}" if several else mode, no_wrap=True)
+    by = {(p["task"], p.get("artifact"), p["mode"], p["index"]): p for p in predictions}
+    for task in dict.fromkeys(p["task"] for p in predictions):
+        for index in sorted({p["index"] for p in predictions if p["task"] == task})[:n]:
+            shown = [by.get((task, artifact, mode, index)) for artifact, mode in rows]
+            first = next(p for p in shown if p is not None)
+            question = " ".join(first["prompt"].split())
+            cells = [_answer_cell(p) for p in shown]
+            table.add_row(_short(task), str(index), question, str(first["gold"]), *cells)
+    return table
+
+
+def _answer_cell(p: dict | None) -> str:
+    if p is None:
+        return "-"
+    answer = "∅" if p["extracted"] in (None, "") else str(p["extracted"])
+    return f"{'✓' if p['correct'] else '✗'} {answer}"
 
 
 def short_labels(paths: list[str | None]) -> dict[str | None, str]:
