@@ -15,6 +15,7 @@ import warnings
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from memgen_cli import __version__
 from memgen_cli.commands import (
@@ -58,7 +59,8 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MemgenError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escape: a message quotes user input, and "[/x]" in it is not rich markup
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -122,7 +122,8 @@ def _pick(logits: torch.Tensor, cfg: GenerationConfig, generator) -> torch.Tenso
     probs = torch.softmax(logits / cfg.temperature, dim=-1)
     if cfg.top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p  # always keeps the top token
+        keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p
+        keep[..., 0] = True  # the top token always stays (top_p 0: nothing else would)
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return sample(probs, generator)

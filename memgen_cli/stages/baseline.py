@@ -56,6 +56,7 @@ from memgen_cli.training.sft_run import (
     load_examples,
     resume_point,
     trainer_arguments,
+    validate_memory,
     validate_training,
 )
 from memgen_cli.training.trainer_parts import (
@@ -151,6 +152,7 @@ def validate(cfg: BaselineConfig, resume: str | None) -> Path | None:
     """Check values the dataclass types cannot; return the checkpoint to resume from."""
     validate_lora(cfg.lora)
     validate_training(cfg.training, cfg.data)
+    validate_memory(cfg.memory)
     sections = ("model", "lora", "memory", "data")
     return resume_point(checkpoint_dir(cfg), resume, to_dict(cfg), sections)
 

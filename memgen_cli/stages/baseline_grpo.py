@@ -112,6 +112,7 @@ def validate(cfg: BaselineGRPOConfig, resume: str | None) -> tuple[Path | None, 
     validate_lora(cfg.lora)
     rl.check_settings(cfg.training, cfg.reward)
     sft_run.validate_training(cfg.training, cfg.data)
+    sft_run.validate_memory(cfg.memory)
     manifest = None
     if cfg.init is not None:
         manifest = read_manifest(cfg.init)

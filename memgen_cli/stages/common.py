@@ -57,10 +57,16 @@ def open_session(
     return Session(MemGenModel(loaded.model, loaded.tokenizer, MemoryConfig()).eval(), loaded, None)
 
 
-def resolve_memory(session: Session, memory: str, console: Console | None = None) -> str:
-    """Check a memory mode against what the session can do; say plainly when memory is off."""
+def check_memory(memory: str) -> str:
+    """A known memory mode, checked before any model is loaded."""
     if memory not in ("off", "weaver", "full"):
         raise MemgenError(f'--memory must be off, weaver or full; got "{memory}".')
+    return memory
+
+
+def resolve_memory(session: Session, memory: str, console: Console | None = None) -> str:
+    """Check a memory mode against what the session can do; say plainly when memory is off."""
+    check_memory(memory)
     if memory != "off" and not session.has_memory:
         if console is not None:
             console.print("[yellow]No --artifact given: memory is off (plain reasoner).[/]")

@@ -30,6 +30,7 @@ from memgen_cli.generation import (
 from memgen_cli.stages.common import (
     MARKER,
     Session,
+    check_memory,
     insertion_record,
     open_session,
     resolve_memory,
@@ -68,6 +69,7 @@ def run(opts: GenerateOptions, console: Console | None = None) -> object:
         if opts.output is None:
             raise MemgenError("--input needs --output OUT.jsonl for the answers.")
         check_output(opts.output, kind="generate", overwrite=opts.overwrite)
+    check_memory(opts.gen.memory)
     session = open_session(
         opts.base, opts.artifact, opts.device, opts.dtype, opts.allow_base_mismatch
     )
@@ -129,9 +131,14 @@ def answer_one(session, gen, suffix, question, as_json, console) -> dict:
 def read_prompts(path: Path) -> list[str]:
     """A JSONL file with one object per line holding "prompt" (or "question")."""
     if not path.is_file():
-        raise MemgenError(f"--input {path} does not exist.")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise MemgenError(f"--input {path} {what}; give a JSONL file of prompts.")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as exc:
+        raise MemgenError(f"--input {path} is not UTF-8 text ({exc.reason}).") from None
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

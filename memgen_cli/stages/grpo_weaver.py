@@ -26,7 +26,13 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PrinterCallback, TrainingArguments, set_seed
 
-from memgen_cli.artifacts import check_output, load_artifact, read_manifest, save_artifact
+from memgen_cli.artifacts import (
+    check_output,
+    load_artifact,
+    read_manifest,
+    require_kind,
+    save_artifact,
+)
 from memgen_cli.config import GRPOConfig, MemoryConfig, dump_yaml, from_dict, load_recipe, to_dict
 from memgen_cli.console import make_console
 from memgen_cli.data import to_messages
@@ -100,6 +106,7 @@ def validate(cfg: GRPOConfig, resume: str | None) -> Path | None:
     sft_run.validate_training(t, d)  # schedule, reporters, steps, data sizes
     if cfg.init is not None:
         manifest = read_manifest(cfg.init)
+        require_kind(manifest, cfg.init, "weaver")  # now, not after the base has loaded
         if t.memory == "full" and not manifest["trigger"].get("trained"):
             raise MemgenError(
                 f"training.memory full needs a trained trigger, and {cfg.init} has none; "
@@ -107,6 +114,8 @@ def validate(cfg: GRPOConfig, resume: str | None) -> Path | None:
             )
     elif t.memory == "full":
         raise MemgenError("training.memory full needs --init with a trained trigger.")
+    else:
+        sft_run.validate_memory(cfg.memory)  # with --init the artifact's memory applies
     return _resume_point(cfg, resume)
 
 

@@ -44,6 +44,7 @@ from memgen_cli.training.sft_run import (
     load_examples,
     resume_point,
     trainer_arguments,
+    validate_memory,
     validate_training,
 )
 from memgen_cli.training.trainer_parts import (
@@ -103,6 +104,7 @@ def validate(cfg: SFTConfig, resume: str | None) -> Path | None:
             f'training.schedule must be one of {", ".join(SCHEDULES)}; got "{cfg.training.schedule}".'
         )
     validate_training(cfg.training, cfg.data)
+    validate_memory(cfg.memory)
     return resume_point(checkpoint_dir(cfg), resume, to_dict(cfg), ("model", "memory", "data"))
 
 

@@ -22,9 +22,10 @@ import torch
 import yaml
 from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
-from memgen_cli.config import DataConfig, GRPOTrainingConfig, SFTTrainingConfig
+from memgen_cli.config import DataConfig, GRPOTrainingConfig, MemoryConfig, SFTTrainingConfig
 from memgen_cli.data import Example, Task, get_task
 from memgen_cli.errors import MemgenError
+from memgen_cli.models.weaver import INITS
 
 REPORTERS = ("none", "tensorboard", "wandb")
 MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
@@ -96,6 +97,7 @@ def validate_training(t: SFTTrainingConfig | GRPOTrainingConfig, d: DataConfig) 
             "batch_size and grad_accumulation must be >= 1",
         ),
         (t.max_steps > 0 or t.epochs > 0, "set training.epochs > 0 or training.max_steps > 0"),
+        (t.warmup >= 0, "training.warmup must be >= 0 (a fraction if < 1, else steps)"),
         (d.max_length > 1, "data.max_length must be > 1"),
         (d.size is None or d.size >= 1, "data.size must be >= 1 (or null for all)"),
         (d.heldout >= 0, "data.heldout must be >= 0"),
@@ -103,6 +105,27 @@ def validate_training(t: SFTTrainingConfig | GRPOTrainingConfig, d: DataConfig) 
     for ok, message in checks:
         if not ok:
             raise MemgenError(message + ".")
+
+
+def validate_memory(m: MemoryConfig) -> None:
+    """The checks of a recipe's ``memory`` section that its types cannot express, before any
+    model is built (a baseline's too: it sets the LoRA rank)."""
+    checks = [
+        (
+            m.prompt_latents >= 0 and m.inference_latents >= 0,
+            "prompt_latents and inference_latents must be >= 0",
+        ),
+        (m.max_inference_insertions >= 0, "max_inference_insertions must be >= 0"),
+        (m.lora_r >= 1 and m.lora_alpha > 0, "lora_r must be >= 1 and lora_alpha > 0"),
+        (0 <= m.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+        (bool(m.lora_targets), "lora_targets needs at least one module name (e.g. q_proj,v_proj)"),
+        (m.projection_init in INITS, f"projection_init must be one of {', '.join(INITS)}"),
+        (m.trigger_hidden >= 1, "trigger_hidden must be >= 1"),
+        (0 <= m.trigger_threshold <= 1, "trigger_threshold must be in [0, 1]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise MemgenError(f"memory.{message}.")
 
 
 def resume_point(
