@@ -32,7 +32,6 @@ from pathlib import Path
 import datasets
 import torch
 import trl
-import yaml
 from rich.console import Console
 from rich.table import Table
 from transformers import PrinterCallback, set_seed
@@ -45,8 +44,8 @@ from memgen_cli.errors import MemgenError
 from memgen_cli.generation import encode_prompts
 from memgen_cli.models.base import load_base
 from memgen_cli.stages.baseline import (
+    WEAVER_ONLY,
     TrainingInterrupted,
-    begin_checkpoints,
     checkpoint_dir,
     counterpart,
     data_summary,
@@ -123,18 +122,9 @@ def validate(cfg: BaselineGRPOConfig, resume: str | None) -> tuple[Path | None, 
                 f"from a fresh LoRA, init: null). To continue a weaver by GRPO, use "
                 f"`memgen grpo-weaver --init {cfg.init}`."
             )
-    ckpts = checkpoint_dir(cfg)
-    sections = ("model", "lora", "memory", "data", "reward")
-    point = sft_run.resume_point(ckpts, resume, to_dict(cfg), sections)
-    recipe = ckpts / "recipe.yaml"
-    if point is not None and recipe.exists():
-        before = yaml.safe_load(recipe.read_text()).get("init")
-        if before != cfg.init:
-            raise MemgenError(
-                f"The checkpoints in {ckpts} started from init {before}, not {cfg.init}. "
-                f"Resume with the same init, or delete {ckpts} to start over."
-            )
-    return point, manifest
+    # With init the artifact's adapter is trained, whatever lora says.
+    unread = WEAVER_ONLY + (("lora",) if cfg.init else ())
+    return sft_run.resume_point(checkpoint_dir(cfg), resume, to_dict(cfg), unread), manifest
 
 
 def check_init_base(cfg: BaselineGRPOConfig, manifest: dict, base) -> None:
@@ -259,8 +249,8 @@ def run(
     if held and main and resume_from is None:
         # A fresh LoRA's B is zero: before training, the adapted reasoner is the plain one.
         acc["initial"] = heldout_accuracy(model, tok, held, accuracy, cfg)
-    if main:
-        begin_checkpoints(ckpts, cfg, resume_from)
+    if main:  # a resumed run reads back what its fresh start measured
+        acc = sft_run.begin_checkpoints(ckpts, cfg, resume_from, acc)
     clock = Throughput(t.batch_size * t.grad_accumulation * args.world_size)
     stop = StopOnSignal()
     prompts = [
@@ -292,7 +282,7 @@ def run(
         say(f"--resume auto: no checkpoint in {ckpts}, starting from scratch")
 
     # 3. loop
-    _, wall = fit(trainer, resume_from, stop, ckpts)
+    wall = fit(trainer, resume_from, stop, ckpts)
 
     # 4. save (main process; the others wait so that the run ends together)
     if main:

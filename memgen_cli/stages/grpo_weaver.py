@@ -8,7 +8,8 @@ names the --init artifact as its parent, with ``metrics.jsonl`` and ``completion
 
 Checkpoints go to ``<output>.checkpoints/`` (weaver tensors, optimizer, scheduler, RNG) while
 a run is unfinished; Ctrl-C writes one and ``--resume auto`` continues (rollouts are
-regenerated, never restored). With torchrun each process answers its own prompts (whole groups
+regenerated, never restored; the same settings, but for ``sft_run.RESUMABLE`` ones, and with
+--init the artifact's memory). With torchrun each process answers its own prompts (whole groups
 of G), gradients are averaged, and rank 0 writes the artifact.
 """
 
@@ -21,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from rich.console import Console
 from rich.table import Table
 from transformers import PrinterCallback, TrainingArguments, set_seed
@@ -116,24 +116,10 @@ def validate(cfg: GRPOConfig, resume: str | None) -> Path | None:
         raise MemgenError("training.memory full needs --init with a trained trigger.")
     else:
         sft_run.validate_memory(cfg.memory)  # with --init the artifact's memory applies
-    return _resume_point(cfg, resume)
-
-
-def _resume_point(cfg: GRPOConfig, resume: str | None) -> Path | None:
-    """The checkpoint to continue from; refused when model, data, rewards or --init differ."""
-    ckpts = checkpoint_dir(cfg)
-    # With --init the recorded memory section is the artifact's, which the recipe need not say.
-    sections = ("model", "data", "reward") + (() if cfg.init else ("memory",))
-    point = sft_run.resume_point(ckpts, resume, to_dict(cfg), sections)
-    recipe = ckpts / "recipe.yaml"
-    if point is not None and recipe.exists():
-        before = yaml.safe_load(recipe.read_text()).get("init")
-        if before != cfg.init:
-            raise MemgenError(
-                f"The checkpoints in {ckpts} started from --init {before}, not {cfg.init}. "
-                f"Resume with the same --init, or delete {ckpts} to start over."
-            )
-    return point
+    settings = to_dict(cfg)
+    if cfg.init is not None:  # run() trains the artifact's memory settings, not the recipe's
+        settings["memory"] = to_dict(from_dict(MemoryConfig, manifest["memory"]))
+    return sft_run.resume_point(checkpoint_dir(cfg), resume, settings)
 
 
 # ------------------------------------------------------------------------------- data
@@ -262,10 +248,8 @@ def run(
     acc: dict[str, float] = {}
     if held and main and resume_from is None:
         acc["weaver_initial"] = heldout_accuracy(model, held, accuracy, settings, "weaver")
-    if main:
-        ckpts.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:
-            (ckpts / "recipe.yaml").write_text(dump_yaml(cfg))
+    if main:  # a resumed run reads back what its fresh start measured
+        acc = sft_run.begin_checkpoints(ckpts, cfg, resume_from, acc)
     clock = Throughput(t.batch_size * t.grad_accumulation * args.world_size)
     stop = StopOnSignal()
     trainer = GRPOTrainer(
@@ -284,6 +268,7 @@ def run(
             GRPOProgress(clock, console),
             MetricsLog(ckpts / "metrics.jsonl", clock),
             stop,
+            sft_run.ResumedIntervals(),
             *(callbacks or []),
         ],
     )

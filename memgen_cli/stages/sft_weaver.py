@@ -16,7 +16,9 @@ LoRA, query latents, norms, scales and both projections). Reads top to bottom:
 Checkpoints (``<output>.checkpoints/checkpoint-N/``) are the Trainer's own: ``model.safetensors``
 holds only the weaver's tensors (``trainer_parts.WeaverObjective.state_dict``), next to the optimizer,
 scheduler and RNG states that resuming needs. They exist while a run is unfinished and are
-removed once its artifact is written.
+removed once its artifact is written. Beside them, ``recipe.yaml`` and ``run.json`` hold what
+``--resume`` compares (only ``sft_run.RESUMABLE`` settings may change) and reads back (the
+held-out loss before training), so a resumed run's artifact says what an uninterrupted one's does.
 """
 
 from __future__ import annotations
@@ -40,8 +42,11 @@ from memgen_cli.models.base import load_base
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.training.sft_data import SCHEDULES, SFTCollator, encode_examples, heldout_loss
 from memgen_cli.training.sft_run import (
+    ResumedIntervals,
+    begin_checkpoints,
     data_config,
     load_examples,
+    mean_loss,
     resume_point,
     trainer_arguments,
     validate_memory,
@@ -105,7 +110,7 @@ def validate(cfg: SFTConfig, resume: str | None) -> Path | None:
         )
     validate_training(cfg.training, cfg.data)
     validate_memory(cfg.memory)
-    return resume_point(checkpoint_dir(cfg), resume, to_dict(cfg), ("model", "memory", "data"))
+    return resume_point(checkpoint_dir(cfg), resume, to_dict(cfg))
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -173,10 +178,8 @@ def run(
     losses: dict[str, float] = {}
     if held and main and resume_from is None:
         losses["weaver_initial"] = heldout_loss(model, held, held_collate, t.batch_size)
-    if main:
-        ckpts.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:
-            (ckpts / "recipe.yaml").write_text(dump_yaml(cfg))
+    if main:  # a resumed run reads back what its fresh start measured
+        losses = begin_checkpoints(ckpts, cfg, resume_from, losses)
     objective = WeaverObjective(model)
     clock = Throughput(t.batch_size * t.grad_accumulation * args.world_size)
     stop = StopOnSignal()
@@ -189,6 +192,7 @@ def run(
             RichProgress(clock, console),
             MetricsLog(ckpts / "metrics.jsonl", clock),
             stop,
+            ResumedIntervals(),
             SetEpoch(collate),
             *(callbacks or []),
         ],
@@ -197,7 +201,7 @@ def run(
 
     # 3. loop
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - started
     if stop.stopped_at is not None:
         raise TrainingInterrupted(ckpts / f"checkpoint-{stop.stopped_at}")
@@ -227,7 +231,7 @@ def run(
             "steps": trainer.state.global_step,
             "epochs": round(trainer.state.epoch or 0.0, 4),
             "final_loss": logged[-1] if logged else None,
-            "mean_loss": result.training_loss,
+            "mean_loss": mean_loss(trainer.state.log_history),
             "samples_per_s": clock.rate(trainer.state.global_step),
             "wall_s": round(wall, 1),
             "world_size": args.world_size,

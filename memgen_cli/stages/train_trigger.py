@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file, save_file
@@ -161,18 +160,7 @@ def validate(
     require_kind(manifest, cfg.artifact, "weaver")
     if not manifest.get("tensors", {}).get("weaver"):
         raise MemgenError(f"{cfg.artifact} holds no weaver tensors; train a weaver first.")
-    ckpts = checkpoint_dir(cfg)
-    sections = ("model", "data", "training", "trigger", "reward")
-    point = sft_run.resume_point(ckpts, resume, to_dict(cfg), sections)
-    recipe = ckpts / "recipe.yaml"
-    if point is not None and recipe.exists():
-        before = yaml.safe_load(recipe.read_text()).get("artifact")
-        if before != cfg.artifact:
-            raise MemgenError(
-                f"The checkpoints in {ckpts} train the trigger of {before}, not {cfg.artifact}. "
-                f"Resume with the same --artifact, or delete {ckpts} to start over."
-            )
-    return manifest, point
+    return manifest, sft_run.resume_point(checkpoint_dir(cfg), resume, to_dict(cfg))
 
 
 # ------------------------------------------------------------------------------- data
@@ -327,9 +315,8 @@ def _run(
     start = load_checkpoint(resume_from, trigger, opt, sched) if resume_from else 0
     metrics_file = ckpts / "metrics.jsonl"
     if main:
-        ckpts.mkdir(parents=True, exist_ok=True)
+        sft_run.begin_checkpoints(ckpts, cfg, resume_from, {})
         if resume_from is None:
-            (ckpts / "recipe.yaml").write_text(dump_yaml(cfg))
             metrics_file.write_text("")
         else:  # drop rows logged after the checkpoint: they will be logged again
             rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]

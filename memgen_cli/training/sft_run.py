@@ -6,7 +6,12 @@ trained from the same recipe sections see the same examples, batches and schedul
 - ``load_examples``: the task, its training and held-out examples, and the data seed used;
 - ``validate_training``: the checks of a training section (``SFTTrainingConfig`` or
   ``GRPOTrainingConfig``) and ``DataConfig`` that their types cannot express;
-- ``resume_point``: the checkpoint to resume from, refusing a resume with other settings;
+- ``resume_point``: the checkpoint to resume from, refusing a resume that changes a setting
+  outside ``RESUMABLE`` (naming each key with both values); every stage's one rule;
+- ``begin_checkpoints``: the checkpoint folder with what a resume compares and reads back
+  (the recipe, the process count, the values only a fresh start computes), so a resumed
+  run's manifest equals an uninterrupted one's except in ``EXECUTION_FIELDS``;
+- ``ResumedIntervals``, ``mean_loss``: the Trainer stages' logging made resume-proof;
 - ``trainer_arguments``: a training section as keyword arguments of transformers'
   ``TrainingArguments`` (TRL's configs extend it, so the same dict feeds ``trl.SFTConfig`` and
   ``trl.GRPOConfig``).
@@ -16,13 +21,22 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
 import yaml
+from transformers import TrainerCallback
 from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
-from memgen_cli.config import DataConfig, GRPOTrainingConfig, MemoryConfig, SFTTrainingConfig
+from memgen_cli import distributed
+from memgen_cli.config import (
+    DataConfig,
+    GRPOTrainingConfig,
+    MemoryConfig,
+    SFTTrainingConfig,
+    dump_yaml,
+)
 from memgen_cli.data import Example, Task, get_task
 from memgen_cli.errors import MemgenError
 from memgen_cli.models.weaver import INITS
@@ -128,11 +142,46 @@ def validate_memory(m: MemoryConfig) -> None:
             raise MemgenError(f"memory.{message}.")
 
 
+# ----------------------------------------------------------------------------- resume
+# The settings that may change when a run is resumed: how long it trains, where it computes and
+# writes, and how often it logs or saves. Every other key of the resolved config (and the
+# number of processes) changes the data, the model or the optimisation trajectory, so a resume
+# that changes one is refused. Keys a stage does not read are left out by the stage (``unread``).
+RESUMABLE = {
+    "output": "where the artifact goes (a --resume PATH may continue another output's run)",
+    "model.device": "where the run computes",
+    "training.max_steps": "how long to train; a schedule that depends on the length (cosine, "
+    "linear, a fractional warm-up) is laid over the new length from the checkpoint on",
+    "training.epochs": "how long to train when max_steps is -1 (as max_steps)",
+    "training.logging_steps": "how often metrics are logged",
+    "training.log_completions_steps": "how often completions are written",
+    "training.save_steps": "how often checkpoints are written",
+    "training.save_total_limit": "how many checkpoints are kept",
+    "training.report_to": "which trackers receive the metrics",
+}
+# Manifest fields about the run's execution, not its result: the manifest of a resumed run
+# equals an uninterrupted run's except in these (and in RESUMABLE settings it changed).
+EXECUTION_FIELDS = {
+    "created_at": "when the artifact was written",
+    "versions": "the libraries of the call that wrote the artifact",
+    "training.wall_s": "wall time of the last call",
+    "training.samples_per_s": "throughput of the last call",
+    "training.samples_per_rank": "samples each process trained on in the last call",
+    "training.resumed_from": "the checkpoint the last call continued from",
+}
+RUN_FILE = "run.json"  # beside recipe.yaml: the process count and what only a fresh start computes
+
+
 def resume_point(
-    ckpts: Path, resume: str | None, settings: dict, sections: tuple[str, ...]
+    ckpts: Path, resume: str | None, settings: dict, unread: tuple[str, ...] = ()
 ) -> Path | None:
-    """The checkpoint to resume from (None: start afresh). ``settings`` is the run's config as a
-    dict; resuming is refused when its ``sections`` differ from the checkpoints' recipe."""
+    """The checkpoint to resume from (None: start afresh).
+
+    ``settings``: the run's resolved config as a dict (``to_dict``), as ``begin_checkpoints``
+    records it. Resuming is refused, naming every key with both values, when a key outside
+    ``RESUMABLE`` differs from the checkpoints' recipe, or the number of processes differs;
+    ``unread``: keys or whole sections this stage does not read in this configuration.
+    """
     last = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
     if resume is None:
         if last is not None:
@@ -150,27 +199,101 @@ def resume_point(
                 f"--resume {resume}: not a checkpoint folder (no trainer_state.json)."
             )
     if point is not None:
-        _check_same_run(point.parent, settings, sections)
+        _check_same_run(point.parent, settings, unread)
     return point
 
 
-def _check_same_run(ckpts: Path, now: dict, sections: tuple[str, ...]) -> None:
-    """Resuming with another model, memory or data would silently train something else."""
+def _check_same_run(ckpts: Path, now: dict, unread: tuple[str, ...]) -> None:
+    """Resuming with other settings would silently train something else, and record only the
+    new values in the artifact's recipe."""
     file = ckpts / "recipe.yaml"
     if not file.exists():
         return
-    before = yaml.safe_load(file.read_text())
+    before, after = _flat(yaml.safe_load(file.read_text()) or {}), _flat(now)
+    run = ckpts / RUN_FILE
+    if run.exists():  # checkpoints of older versions did not record it
+        before["processes"] = json.loads(run.read_text())["world_size"]
+        after["processes"] = distributed.info().world_size
+    skip = set(RESUMABLE) | set(unread)
+    keys = [k for k in {**before, **after} if k not in skip and k.split(".")[0] not in skip]
+    old, new = ({k: d.get(k, _ABSENT) for k in keys} for d in (before, after))
     diff = [
-        f"{section}.{key}"
-        for section in sections
-        for key in now[section]
-        if before.get(section, {}).get(key) != now[section][key]
+        f"  {k}: {_show(old[k])} (checkpoint) vs {_show(new[k])} (now)"
+        for k in keys
+        if old[k] != new[k]
     ]
     if diff:
+        processes = " and as many processes" if old.get("processes") != new.get("processes") else ""
         raise MemgenError(
-            f"The checkpoints in {ckpts} were made with different settings ({', '.join(diff)}). "
-            f"Resume with the same recipe, or delete {ckpts} to start over."
+            f"The checkpoints in {ckpts} were made with other settings, which change what is "
+            "trained:\n" + "\n".join(diff) + "\nResume with the checkpoint's values (the same "
+            f"flags, or --set KEY=VALUE){processes}, or delete {ckpts} to start over. Only "
+            f"{', '.join(RESUMABLE)} may change on resume."
         )
+
+
+_ABSENT = object()  # a key one side does not have (an older or newer memgen)
+
+
+def _flat(settings: dict) -> dict:
+    """``{"training": {"seed": 0}, "init": None}`` -> ``{"training.seed": 0, "init": None}``."""
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):  # a section; its own dict-valued keys stay whole
+            out |= {f"{key}.{k}": v for k, v in value.items()}
+        else:
+            out[key] = value
+    return out
+
+
+def _show(value) -> str:
+    """A value as ``--set`` takes it (JSON is YAML's flow style, on one line)."""
+    return "(absent)" if value is _ABSENT else json.dumps(value, ensure_ascii=False)
+
+
+def begin_checkpoints(ckpts: Path, cfg, resume_from: Path | None, start: dict) -> dict:
+    """Create the checkpoint folder (main process). A fresh run records there what ``--resume``
+    compares (the recipe, the number of processes) and ``start``, what only a fresh start
+    computes (a held-out score before training); a resumed run returns the ``start`` its
+    checkpoints recorded, so that its manifest says what an uninterrupted run's says."""
+    ckpts.mkdir(parents=True, exist_ok=True)
+    if resume_from is None:
+        (ckpts / "recipe.yaml").write_text(dump_yaml(cfg))
+        run = {"world_size": distributed.info().world_size, "start": start}
+        (ckpts / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+        return start
+    run = resume_from.parent / RUN_FILE
+    return json.loads(run.read_text())["start"] if run.exists() else start
+
+
+class ResumedIntervals(TrainerCallback):
+    """Two gaps of transformers' resume, closed through callback hooks (put it after the
+    callbacks that ask for a checkpoint, such as ``StopOnSignal``):
+
+    - a resumed Trainer keeps the checkpoint's logging and save intervals; both may change on
+      resume (``RESUMABLE``), so the recipe's apply, as the artifact's recipe says;
+    - the loss of steps since the last log is not in a checkpoint, so a resumed run would
+      never report it; a log at every checkpoint (and at the last step) puts it there.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            control.should_log = True
+        return control
+
+
+def mean_loss(log_history: list[dict]) -> float | None:
+    """The mean training loss over the run's steps, from the logged losses (each the mean over
+    the steps since the previous log): the same after a resume as without one."""
+    total, last = 0.0, 0
+    for row in log_history:
+        if "loss" in row:
+            total += row["loss"] * (row["step"] - last)
+            last = row["step"]
+    return total / last if last else None
 
 
 def trainer_arguments(
