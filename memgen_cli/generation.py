@@ -11,6 +11,12 @@ Per step, for all rows at once (see ``_Run``):
      new columns masked for the rows that did not invoke, so the batch stays rectangular
      without growing by K for every row's every insertion; invoking rows take the logits
      after their latents, and their text positions shift by K.
+With ``memory.inject: kv`` step 4 runs no reasoner chunk: the weaver's keys and values at the
+K slots are written straight into those columns of the reasoner's cache (``kv.write_slots`` /
+``append_slots``, at the positions the weaver computed them at), and the row's next logits are
+still the boundary token's (memory changes the tokens after it). The weaver keeps its query
+slots in its own cache (earlier memory is what it reads), so nothing woven is re-read as
+context.
 An invoking row's weave may wait one step (``_Run.DEFER``) to share the weaver pass and the
 latent chunk with the next step's; a waiting row picks no token meanwhile, so nothing changes
 but the number of passes.
@@ -30,15 +36,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from memgen_cli.config import MEMORY_MODES, GenerationConfig
 from memgen_cli.models.kv import (
+    SlotKV,
     append_rows,
+    append_slots,
+    check_positions,
     free_slots,
     growing_cache,
     reusable,
     take_rows,
     write_rows,
+    write_slots,
 )
 from memgen_cli.models.latents import chunk_mask, latent_positions, positions_from_mask
 from memgen_cli.models.memgen import MemGenModel, WeaverCache
@@ -52,8 +63,10 @@ class Insertion:
     token_index: int  # completion tokens before the latents (0 = prompt insertion)
     kind: str  # "prompt" | "inference"
     trigger_prob: float | None  # None: inserted unconditionally (prompt, or untrained trigger)
-    latents: torch.Tensor  # (K, D_reasoner), after weaver_to_reasoner
-    weaver_states: torch.Tensor  # (K, D_weaver), before the projection
+    # (K, D_reasoner), after weaver_to_reasoner; (K, 0) with memory.inject kv, whose memory is
+    # keys and values at every layer, not vectors in the input space
+    latents: torch.Tensor
+    weaver_states: torch.Tensor  # (K, D_weaver), the weaver's last hidden states at the slots
     inserted: bool = True  # False: woven, then suppressed by a ``keep`` filter (ablations)
 
     def summary(self) -> dict:
@@ -203,6 +216,7 @@ class _Run:
         self.weaver_caches: list[WeaverCache | None] = [None] * self.batch
         self.eos = _eos_ids(model.tokenizer).to(device)
         self.reuse = reusable(model.reasoner.config)  # latents may fill masked columns
+        self.kv = model.kv  # memory.inject kv: slots' keys and values go straight to the cache
         embeds = model.embed(input_ids)
         positions = positions_from_mask(attention_mask)
         hidden = model.reasoner_hidden(embeds, attention_mask, positions, self.cache)
@@ -250,10 +264,15 @@ class _Run:
             torch.cat(parts, dim=1) for parts in zip(*self.pieces, strict=True)
         )
         state = WeaverCache(growing_cache(self.model.weaver_lm.config))
-        latents, states = self.model.weave(kind, ctx, ctx_mask, ctx_pos, state, self.next_pos)
+        memory, states = self._weaver(kind, ctx, ctx_mask, ctx_pos, state, self.next_pos)
         self._split_weaver_cache(state, list(range(self.batch)))
         self.read = [self.dropped + len(self.pieces)] * self.batch
-        return latents, states
+        return memory, states
+
+    def _weaver(self, kind, ctx, ctx_mask, ctx_pos, state, start):
+        """One weave: (latents (B, K, D), states) or, with kv, (SlotKV, states)."""
+        weave = self.model.weave_kv if self.kv else self.model.weave
+        return weave(kind, ctx, ctx_mask, ctx_pos, state, start)
 
     def _split_weaver_cache(self, state: WeaverCache, index: list[int]) -> None:
         """Row i of a batch weaver cache becomes row ``index[i]``'s own, masked slots dropped."""
@@ -290,8 +309,8 @@ class _Run:
             if self.weaver_caches[row] is None:
                 self.weaver_caches[row] = WeaverCache(growing_cache(config))
             start = self.next_pos[row : row + 1]
-            latents, states = self.model.weave(kind, *unread[0], self.weaver_caches[row], start)
-            return [(latents[0], states[0])]
+            memory, states = self._weaver(kind, *unread[0], self.weaver_caches[row], start)
+            return [(_row(memory, 0), states[0])]
         ctx, ctx_mask, ctx_pos = (
             torch.cat([_pad_right(t, max(u[0].shape[1] for u in unread)) for t in kind_parts])
             for kind_parts in zip(*unread, strict=True)
@@ -299,9 +318,9 @@ class _Run:
         caches = [self.weaver_caches[r] for r in index]
         state = _merge_weaver_caches(caches, WeaverCache(growing_cache(config)), config, ctx_mask)
         start = self.next_pos[index]
-        latents, states = self.model.weave(kind, ctx, ctx_mask, ctx_pos, state, start)
+        memory, states = self._weaver(kind, ctx, ctx_mask, ctx_pos, state, start)
         self._split_weaver_cache(state, index)
-        return [(latents[i], states[i]) for i in range(len(index))]
+        return [(_row(memory, i), states[i]) for i in range(len(index))]
 
     def _insert(self, latents: torch.Tensor, rows: torch.Tensor) -> None:
         """Append K latents of ``rows`` to the reasoner's cache (masked slots for the others).
@@ -330,6 +349,28 @@ class _Run:
             self._remember(latents * rows[:, None, None], chunk_mask(rows, k), positions)
         self.last = self.last.index_copy(0, index, hidden)  # rows of index
         self.next_pos = self.next_pos + rows.long() * k
+
+    def _insert_kv(self, slots: SlotKV, rows: torch.Tensor) -> None:
+        """Write K memory slots of ``rows`` (``slots`` holds those rows, in order) into the
+        reasoner's cache at positions ``next_pos`` ... + K - 1: into masked columns the rows
+        already have, else K new columns, masked for the others. The reasoner runs nothing."""
+        k = slots.positions.shape[1]
+        index = rows.nonzero().flatten()
+        positions = latent_positions(self.next_pos[index], k)
+        cols = free_slots(self.mask, index, k) if self.reuse else None
+        if cols is None:
+            append_slots(self.cache, slots, index, positions, self.batch)
+            self.mask = torch.cat([self.mask, chunk_mask(rows, k)], dim=1)
+        else:
+            write_slots(self.cache, slots, index, cols, positions)
+            self.mask = self.mask.index_put((index[:, None], cols), self.mask.new_ones(()))
+        self.next_pos = self.next_pos + rows.long() * k
+
+    def _unweave(self, row: int, k: int) -> None:
+        """Drop row ``row``'s last K weaver slots (kv: a woven memory that was not inserted)."""
+        state = self.weaver_caches[row]
+        state.cache.crop(-k)
+        state.mask = state.mask[:, : state.mask.shape[1] - k]
 
     def repeat_rows(self, g: int) -> None:
         """Copy every row's state (caches, masks, positions, hidden) to ``g`` adjacent rows."""
@@ -364,14 +405,16 @@ class _Run:
         if self.model.weaver.num_latents(kind) == 0:
             return []  # K = 0 turns this kind of insertion off
         index = rows.nonzero().flatten().tolist()
-        if kind == "prompt":
-            latents, states = self._weave_all(kind)
+        k = self.model.weaver.num_latents(kind)
+        if kind == "prompt":  # every row weaves: ``index`` is every row
+            memory, states = self._weave_all(kind)
         else:
             woven = self._weave_rows(kind, index)
             where = torch.tensor(index, device=rows.device)
-            latents, states = (
-                self._scatter(torch.stack(part), where) for part in zip(*woven, strict=True)
-            )
+            memory, states = zip(*woven, strict=True)
+            states = self._scatter(torch.stack(states), where)
+            memory = SlotKV.cat(memory) if self.kv else self._scatter(torch.stack(memory), where)
+        latents = states.new_zeros(self.batch, k, 0) if self.kv else memory
         events = [
             Insertion(
                 row=r,
@@ -387,7 +430,12 @@ class _Run:
             for ins in events:
                 ins.inserted = bool(self.keep(ins))
                 rows[ins.row] = ins.inserted
-        if rows.any():
+                if self.kv and not ins.inserted:
+                    self._unweave(ins.row, k)
+        if rows.any() and self.kv:
+            kept = torch.tensor([i for i, r in enumerate(index) if rows[r]], device=rows.device)
+            self._insert_kv(memory.select(kept), rows)
+        elif rows.any():
             self._insert(latents, rows)
         self._forget_read()
         return events
@@ -440,6 +488,13 @@ class _Run:
             for r in (eligible & ~invoke).nonzero().flatten().tolist():
                 self.skips.append(Skip(r, int(self.emitted[r]), float(probs[r])))
         return invoke, probs
+
+
+def _row(memory, i: int):
+    """Row ``i`` of a weave's memory: a latent tensor's (K, D), or a one-row SlotKV."""
+    if isinstance(memory, SlotKV):
+        return memory.select(torch.tensor([i], device=memory.positions.device))
+    return memory[i]
 
 
 # A pass's fixed cost in positions: streaming every weight once costs about what 16 more
@@ -642,44 +697,112 @@ def reference_generate(model: MemGenModel, input_ids, attention_mask, cfg: Gener
 
 
 def _reference_row(model: MemGenModel, ids, cfg, eos, row, trace):
-    stream = model.embed(ids)  # (1, T, D): every input embedding so far, latents included
+    stream = (_KVStream if model.kv else _InputStream)(model, ids)
 
-    def forward(x):
-        mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
-        pos = torch.arange(x.shape[1], device=x.device)[None]
-        return model.reasoner_hidden(x, mask, pos)[:, -1]
-
-    def weave(x, kind, index, prob):
+    def weave(kind, index, prob):
         if model.weaver.num_latents(kind) == 0:
-            return x
-        empty = model.new_weaver_cache()  # the weaver re-reads the whole prefix every time
-        mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
-        pos = torch.arange(x.shape[1], device=x.device)[None]
-        start = torch.tensor([x.shape[1]], device=x.device)
-        latents, states = model.weave(kind, x, mask, pos, empty, start)
-        trace.insertions.append(
-            Insertion(row, index, kind, prob, latents[0].float().cpu(), states[0].cpu())
-        )
-        return torch.cat([x, latents], dim=1)
+            return
+        latents, states = stream.weave(kind)
+        trace.insertions.append(Insertion(row, index, kind, prob, latents, states))
 
     memory = cfg.memory != "off"
     if memory:
-        stream = weave(stream, "prompt", 0, None)
+        weave("prompt", 0, None)
     left = model.cfg.max_inference_insertions
     out, logits_per_step = [], []
     for step in range(cfg.max_new_tokens):
-        hidden = forward(stream)
-        logits = model.lm_head(hidden)[0]
+        logits = model.lm_head(stream.hidden())[0]
         logits_per_step.append(logits)
         token = int(logits.argmax())
         out.append(token)
         if token in eos:
             return out[:-1], logits_per_step, True
-        stream = torch.cat([stream, model.embed(torch.tensor([[token]], device=stream.device))], 1)
+        stream.append(token)
         if memory and step + 1 < cfg.max_new_tokens and model.delimiters[token] and left > 0:
             trig = model.trigger
-            prob = float(trig.probability(forward(stream))[0]) if trig.is_trained else None
+            prob = float(trig.probability(stream.hidden())[0]) if trig.is_trained else None
             if cfg.memory == "weaver" or prob is None or prob >= model.cfg.trigger_threshold:
                 left -= 1
-                stream = weave(stream, "inference", len(out), prob)
+                weave("inference", len(out), prob)
     return out, logits_per_step, False
+
+
+def _ones_and_positions(n: int, device, start: int = 0):
+    mask = torch.ones(1, start + n, dtype=torch.long, device=device)
+    return mask, torch.arange(start, start + n, device=device)[None]
+
+
+class _InputStream:
+    """The reference's reasoner input: every input embedding so far, latents included."""
+
+    def __init__(self, model: MemGenModel, ids):
+        self.model, self.x = model, model.embed(ids)  # (1, T, D)
+
+    def hidden(self) -> torch.Tensor:
+        """The reasoner over the whole stream, from scratch: the last hidden state (1, D)."""
+        mask, pos = _ones_and_positions(self.x.shape[1], self.x.device)
+        return self.model.reasoner_hidden(self.x, mask, pos)[:, -1]
+
+    def append(self, token: int) -> None:
+        self.x = torch.cat(
+            [self.x, self.model.embed(torch.tensor([[token]], device=self.x.device))], 1
+        )
+
+    def weave(self, kind: str):
+        """The weaver re-reads the whole prefix from an empty cache; K latents join the stream."""
+        mask, pos = _ones_and_positions(self.x.shape[1], self.x.device)
+        start = torch.tensor([self.x.shape[1]], device=self.x.device)
+        latents, states = self.model.weave(
+            kind, self.x, mask, pos, self.model.new_weaver_cache(), start
+        )
+        self.x = torch.cat([self.x, latents], dim=1)
+        return latents[0].float().cpu(), states[0].cpu()
+
+
+class _KVStream:
+    """The reference's stream with ``memory.inject: kv``: token embeddings and, between them,
+    the memory slots' keys and values; the weaver's own input has the query latents there."""
+
+    def __init__(self, model: MemGenModel, ids):
+        self.model = model
+        self.seen = model.embed(ids)  # the weaver's input: tokens, query latents at the slots
+        self.parts: list = [self.seen]  # the reasoner's: token embeddings (1, n, D) and SlotKVs
+
+    def hidden(self) -> torch.Tensor:
+        """The reasoner from scratch, part by part: token segments run through it, memory slots
+        appended to its (ordinary) cache between them; the last token's hidden state (1, D)."""
+        cache = DynamicCache(config=self.model.reasoner.config)
+        length, hidden = 0, None
+        for part in self.parts:
+            if isinstance(part, SlotKV):
+                k = part.positions.shape[1]
+                check_positions(
+                    part, latent_positions(torch.tensor([length]), k).to(part.positions)
+                )
+                for layer, (keys, values) in enumerate(zip(part.keys, part.values, strict=True)):
+                    cache.update(keys, values, layer)
+                length += k
+                continue
+            mask, pos = _ones_and_positions(part.shape[1], part.device, length)
+            hidden = self.model.reasoner_hidden(part, mask, pos, cache)[:, -1]
+            length += part.shape[1]
+        return hidden
+
+    def append(self, token: int) -> None:
+        embed = self.model.embed(torch.tensor([[token]], device=self.seen.device))
+        self.seen = torch.cat([self.seen, embed], 1)
+        self.parts.append(embed)
+
+    def weave(self, kind: str):
+        """The weaver re-reads the whole prefix (tokens and earlier queries) from an empty
+        cache; its keys and values at the K query positions join the reasoner's parts."""
+        n = self.seen.shape[1]
+        mask, pos = _ones_and_positions(n, self.seen.device)
+        start = torch.tensor([n], device=self.seen.device)
+        slots, states = self.model.weave_kv(
+            kind, self.seen, mask, pos, self.model.new_weaver_cache(), start
+        )
+        queries = self.model.weaver.query_embeds(kind, 1).to(self.seen.dtype)
+        self.seen = torch.cat([self.seen, queries], 1)
+        self.parts.append(slots)
+        return states.new_zeros(queries.shape[1], 0).cpu(), states[0].cpu()

@@ -15,12 +15,21 @@ every earlier column its mask allows, so which column holds a key does not chang
 (full attention; ``free_slots`` says where this holds). New columns are appended only when a
 row has fewer than K free slots.
 
+``memory.inject: kv`` writes the weaver's own keys and values (``SlotKV``) into K columns of
+the reasoner's cache with the same two moves (``write_slots`` into masked columns,
+``append_slots`` as new ones), and the training forward substitutes them at placeholder
+columns of one stream (``slot_cache``: ``SlotLayer``). Keys are cached after the rotary
+embedding, so a slot's keys are valid only at the position the weaver computed them at:
+``check_positions`` holds every write to that.
+
 ``growing_cache`` is a DynamicCache whose full-attention layers append into spare capacity
 (``GrowingLayer``) instead of concatenating: DynamicLayer copies the whole cache at every
 update, which was 9 % of a 128-token weaver rollout on the 2-core CPU (7.3 of 82 s, profiled).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -148,8 +157,119 @@ def write_rows(cache: DynamicCache, part: DynamicCache, rows: torch.Tensor, cols
     """Write the last k positions of ``part`` (a cache of ``rows``) into columns ``cols``
     (len(rows), k) of those rows of ``cache``, in place; the caller unmasks them."""
     k = cols.shape[1]
+    _write(
+        cache,
+        [s.keys[:, :, -k:] for s in part.layers],
+        [s.values[:, :, -k:] for s in part.layers],
+        rows,
+        cols,
+    )
+
+
+def _write(cache: DynamicCache, keys: list, values: list, rows, cols) -> None:
     r = rows[:, None]
-    for layer, sub in zip(cache.layers, part.layers, strict=True):
+    for layer, k, v in zip(cache.layers, keys, values, strict=True):
         # (n, heads, k, dim) -> (n, k, heads, dim): advanced indices on dims 0 and 2 go first
-        layer.keys[r, :, cols] = sub.keys[:, :, -k:].transpose(1, 2)
-        layer.values[r, :, cols] = sub.values[:, :, -k:].transpose(1, 2)
+        layer.keys[r, :, cols] = k.transpose(1, 2)
+        layer.values[r, :, cols] = v.transpose(1, 2)
+
+
+# ------------------------------------------------------------------------ memory.inject: kv
+@dataclass
+class SlotKV:
+    """The weaver's keys and values at K memory slots, per layer: what ``memory.inject: kv``
+    writes into the reasoner's cache. Keys are rotated at ``positions``: they mean what the
+    weaver meant only in columns that sit at exactly those positions."""
+
+    keys: list[torch.Tensor]  # per layer (B, kv_heads, K, head_dim): GQA caches are per KV head
+    values: list[torch.Tensor]
+    positions: torch.Tensor  # (B, K)
+
+    def select(self, rows: torch.Tensor) -> SlotKV:
+        return SlotKV(
+            [k[rows] for k in self.keys], [v[rows] for v in self.values], self.positions[rows]
+        )
+
+    @staticmethod
+    def cat(parts: list[SlotKV]) -> SlotKV:
+        """Rows of several SlotKVs, in order, as one."""
+        return SlotKV(
+            [torch.cat(layer) for layer in zip(*(p.keys for p in parts), strict=True)],
+            [torch.cat(layer) for layer in zip(*(p.values for p in parts), strict=True)],
+            torch.cat([p.positions for p in parts]),
+        )
+
+
+def check_positions(slots: SlotKV, positions: torch.Tensor) -> None:
+    """Refuse to write memory slots at positions other than those the weaver computed them at.
+
+    A rotated key at the wrong position is not an error the model can see: attention would
+    just read another memory (the score depends on q·R(n−m)k). So it is checked, not trusted.
+    """
+    if not torch.equal(slots.positions.to(positions.device), positions):
+        raise RuntimeError(
+            "memory slots computed at positions "
+            f"{slots.positions.tolist()} would be written at {positions.tolist()}: keys are "
+            "cached after the rotary embedding, so slots must sit where they were computed"
+        )
+
+
+def write_slots(cache: DynamicCache, slots: SlotKV, rows, cols, positions) -> None:
+    """Write ``slots`` (of ``rows``) into columns ``cols`` (len(rows), K) of those rows of
+    ``cache``, in place; ``positions`` (len(rows), K) are the positions those columns stand
+    for. The caller unmasks the columns."""
+    check_positions(slots, positions)
+    _write(cache, slots.keys, slots.values, rows, cols)
+
+
+def append_slots(cache: DynamicCache, slots: SlotKV, rows, positions, batch: int) -> None:
+    """Append ``slots`` (of ``rows``) as K new columns of ``cache``; the other rows of the
+    ``batch`` get zero slots, which the caller masks."""
+    check_positions(slots, positions)
+    for index, (k, v) in enumerate(zip(slots.keys, slots.values, strict=True)):
+        keys = k.new_zeros(batch, *k.shape[1:]).index_copy(0, rows, k)
+        values = v.new_zeros(batch, *v.shape[1:]).index_copy(0, rows, v)
+        cache.update(keys, values, index)
+
+
+class SlotLayer(DynamicLayer):
+    """A DynamicLayer that substitutes the weaver's keys and values at memory-slot columns.
+
+    The training forward runs the reasoner once over a stream with placeholder columns where
+    the slots go. As each layer writes its keys and values for columns [t, t + n), this
+    layer replaces them at the slot columns with the weaver's (``torch.where``: a new tensor,
+    never an in-place write, so autograd carries every later token's gradient back into the
+    weaver through attention at every layer). The placeholders' own outputs are never read.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor):
+        super().__init__()
+        self.slot_keys, self.slot_values = keys, values  # (B, kv_heads, T, dim)
+        self.slots = slots  # (B, T) bool: True at slot columns
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        start = self.get_seq_length()
+        end = start + key_states.shape[-2]
+        where = self.slots[:, None, start:end, None]
+        key_states = torch.where(where, self.slot_keys[:, :, start:end], key_states)
+        value_states = torch.where(where, self.slot_values[:, :, start:end], value_states)
+        return super().update(key_states, value_states, *args, **kwargs)
+
+
+def slot_cache(config, keys: list, values: list, slots: torch.Tensor) -> DynamicCache:
+    """A cache for one pass over a stream of ``slots.shape[1]`` columns whose layer i takes
+    ``keys[i]`` / ``values[i]`` (B, kv_heads, T' <= T, dim; the weaver's, over the stream's
+    first T' columns) at the columns where ``slots`` (B, T) is True."""
+    cache = DynamicCache(config=config)
+    pad = slots.shape[1]
+    cache.layers = [
+        SlotLayer(_pad_to(k, pad), _pad_to(v, pad), slots)
+        for k, v in zip(keys, values, strict=True)
+    ]
+    return cache
+
+
+def _pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, h, T, d) -> (B, h, length, d), zeros after T."""
+    extra = length - t.shape[2]
+    return t if extra == 0 else torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], 2)

@@ -7,6 +7,26 @@ weaver backbone (e.g. a smaller LM) also works; the projections then map between
 
 Adapters are *off* by default and switched on only for the duration of a weaver pass, because
 reasoner passes (one per generated token) far outnumber weaver passes.
+
+Where the memory enters the reasoner (``memory.inject``):
+
+- ``input`` (the paper, ``weave``): the weaver's last hidden states at its K query positions,
+  mapped by ``weaver_to_reasoner``, are K input embeddings; the frozen reasoner runs over them
+  and makes its own keys and values at every layer.
+- ``kv`` (``weave_kv``): at an insertion point p the weaver runs over the context it has not
+  read plus the K query latents placed at the reasoner's own positions p ... p+K-1, and its
+  keys and values at those K positions, at every layer, *are* the memory: they are written
+  into the reasoner's cache at p ... p+K-1 and the reasoner never runs over those positions
+  (its text continues at p+K). So the token right after an insertion is predicted from the
+  boundary token's state, which precedes the memory: memory changes the second token on.
+  Keys are cached after the rotary embedding, so slots must sit at exactly the positions the
+  weaver computed them at (``kv.check_positions``). The weaver keeps the query slots in its
+  own cache, so a later weave reads earlier memory as the reasoner does (as the weaver's keys
+  and values). Needs the shared backbone (one set of layers, one head geometry; the cache is
+  per KV head, so GQA works) and full attention: on a sliding-window layer memory would age
+  out of the window like any old token, and that is refused rather than half supported.
+  There are no projections, and the last layer's LoRA other than k_proj / v_proj gets no
+  gradient (nothing reads that layer's output at the slots).
 """
 
 from __future__ import annotations
@@ -21,11 +41,14 @@ from torch import nn
 from transformers import DynamicCache
 
 from memgen_cli.config import MemoryConfig
+from memgen_cli.errors import MemgenError
+from memgen_cli.models.kv import SlotKV, reusable
 from memgen_cli.models.latents import delimiter_table, latent_positions
 from memgen_cli.models.trigger import Trigger
 from memgen_cli.models.weaver import Weaver
 
 ADAPTER = "weaver"
+INJECTS = ("input", "kv")
 
 
 @dataclass
@@ -43,9 +66,11 @@ class WeaverCache:
 class MemGenModel(nn.Module):
     def __init__(self, reasoner, tokenizer, cfg: MemoryConfig, weaver_backbone=None):
         super().__init__()
+        check_inject(cfg, reasoner.config, weaver_backbone is not None)
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.shared = weaver_backbone is None
+        self.kv = cfg.inject == "kv"
         for p in reasoner.parameters():
             p.requires_grad_(False)
         lora = LoraConfig(
@@ -79,8 +104,9 @@ class MemGenModel(nn.Module):
             cfg.inference_latents,
             cfg.projection_init,
             embedding_rms=_rms(reasoner.get_input_embeddings().weight),
-            hidden_rms=self._final_hidden_rms(),
-            neutral_embedding=self._neutral_embedding(tokenizer),
+            hidden_rms=1.0 if self.kv else self._final_hidden_rms(),
+            neutral_embedding=None if self.kv else self._neutral_embedding(tokenizer),
+            projections=not self.kv,
         ).to(reasoner.device)
         self.trigger = Trigger(r_hidden, cfg.trigger_hidden).to(reasoner.device)
         self.trigger.requires_grad_(False)  # trained only by train-trigger, with the weaver frozen
@@ -142,6 +168,27 @@ class MemGenModel(nn.Module):
     def new_weaver_cache(self) -> WeaverCache:
         return WeaverCache(DynamicCache(config=self.weaver_lm.config))
 
+    def _weaver_pass(self, inputs, context_mask, context_positions, state, query_start, official):
+        """The weaver backbone over ``inputs`` (new context, then K queries) into ``state``'s
+        cache, queries at positions ``query_start + [0, K)``; returns (output, the 2-D mask of
+        everything the cache now holds)."""
+        k = inputs.shape[1] - context_mask.shape[1]
+        ones = torch.ones(inputs.shape[0], k, dtype=context_mask.dtype, device=context_mask.device)
+        past = state.mask if state.mask is not None else context_mask[:, :0]
+        mask = torch.cat([past, context_mask, ones], dim=1)
+        positions = torch.cat([context_positions, latent_positions(query_start, k)], dim=1)
+        backbone = self.weaver_lm if official else self.weaver_lm.get_decoder()
+        with self.weaver_adapter():
+            out = backbone(
+                inputs_embeds=inputs,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=state.cache,
+                use_cache=True,
+                output_hidden_states=official,
+            )
+        return out, mask
+
     def weave(
         self,
         kind: str,
@@ -163,33 +210,57 @@ class MemGenModel(nn.Module):
         whole causal LM with ``output_hidden_states``, so vocabulary logits are computed for
         every position and thrown away. The latents are the same either way.
         """
-        batch = context.shape[0]
+        if self.kv:
+            raise RuntimeError("memory.inject is kv: the weaver writes keys and values (weave_kv)")
         w_dtype = self.weaver_lm.get_input_embeddings().weight.dtype
         ctx = self.weaver.reasoner_to_weaver(context.float())
-        queries = self.weaver.query_embeds(kind, batch)
+        queries = self.weaver.query_embeds(kind, context.shape[0])
         k = queries.shape[1]
         inputs = torch.cat([ctx, queries], dim=1).to(w_dtype)
-        ones = torch.ones(batch, k, dtype=context_mask.dtype, device=context_mask.device)
-        past = state.mask if state.mask is not None else context_mask[:, :0]
-        mask = torch.cat([past, context_mask, ones], dim=1)
-        positions = torch.cat([context_positions, latent_positions(query_start, k)], dim=1)
-        backbone = self.weaver_lm if official else self.weaver_lm.get_decoder()
-        with self.weaver_adapter():
-            out = backbone(
-                inputs_embeds=inputs,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=state.cache,
-                use_cache=True,
-                output_hidden_states=official,
-            )
-        kept = mask.shape[1] - k
+        out, mask = self._weaver_pass(
+            inputs, context_mask, context_positions, state, query_start, official
+        )
         state.cache.crop(-k)  # drop the query slots: the cache keeps only real context
-        state.mask = mask[:, :kept]
+        state.mask = mask[:, : mask.shape[1] - k]
         last = out.hidden_states[-1] if official else out.last_hidden_state
         hidden = last[:, last.shape[1] - k :].float()
         latents = self.weaver.weaver_to_reasoner(hidden)
         return latents.to(self.dtype), hidden
+
+    def weave_kv(
+        self,
+        kind: str,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        context_positions: torch.Tensor,
+        state: WeaverCache,
+        query_start: torch.Tensor,
+    ) -> tuple[SlotKV, torch.Tensor]:
+        """``memory.inject: kv``: read new context, run K query latents of ``kind`` at positions
+        ``query_start + [0, K)`` (the reasoner's own), and return their keys and values at every
+        layer (``SlotKV``) and the weaver's last hidden states there (B, K, D).
+
+        ``context`` (B, T, D) are reasoner input embeddings of tokens the weaver has not read
+        (the backbone is shared: no projection). The query slots *stay* in the weaver's cache:
+        they are exactly what the reasoner's cache will hold at those positions, so the next
+        weave reads this memory as the reasoner does.
+        """
+        w_dtype = self.weaver_lm.get_input_embeddings().weight.dtype
+        queries = self.weaver.query_embeds(kind, context.shape[0])
+        k = queries.shape[1]
+        inputs = torch.cat([context.to(w_dtype), queries.to(w_dtype)], dim=1)
+        out, mask = self._weaver_pass(
+            inputs, context_mask, context_positions, state, query_start, False
+        )
+        state.mask = mask
+        layers = state.cache.layers
+        end = mask.shape[1]  # k may be 0, so no negative slices
+        slots = SlotKV(
+            [layer.keys[:, :, end - k : end] for layer in layers],
+            [layer.values[:, :, end - k : end] for layer in layers],
+            latent_positions(query_start, k),
+        )
+        return slots, out.last_hidden_state[:, -k:].float()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -222,6 +293,26 @@ class MemGenModel(nn.Module):
         with self.weaver_adapter():
             out = self.weaver_lm.get_decoder()(input_ids=ids)
         return _rms(out.last_hidden_state[0, 4:])  # skip the first, atypical positions
+
+
+def check_inject(cfg: MemoryConfig, config, separate_weaver: bool) -> None:
+    """Refuse memory settings the model cannot honour, saying what to use instead."""
+    if cfg.inject not in INJECTS:
+        raise MemgenError(f'memory.inject must be input or kv, not "{cfg.inject}".')
+    if cfg.inject != "kv":
+        return
+    if separate_weaver:
+        raise MemgenError(
+            "memory.inject: kv writes the weaver's keys and values into the reasoner's cache, so "
+            "the weaver must be the reasoner's own backbone; model.weaver_base sets a separate "
+            "one. Drop model.weaver_base, or use memory.inject: input with it."
+        )
+    if not reusable(config):
+        raise MemgenError(
+            f"memory.inject: kv is not supported on models with sliding-window attention "
+            f"(this one has sliding_window {config.sliding_window}): memory written into the "
+            "cache would age out of the window like any old token. Use memory.inject: input."
+        )
 
 
 def _rms(x: torch.Tensor) -> float:

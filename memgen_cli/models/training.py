@@ -10,10 +10,26 @@ one round per insertion, keeping its KV cache between rounds (gradients flow thr
 instead of re-reading the growing prefix; rows whose chunk is shorter get masked slots. The
 reasoner then runs once over the whole stream with every chunk of latents in place.
 
+With ``memory.inject: kv`` (``_weave_hidden_kv``) the batch is one stream with K placeholder
+columns at each insertion point, at the positions the memory takes. The weaver needs nothing
+the reasoner computes (it reads token embeddings and its own earlier slots), so it runs *once*
+over the stream, query latents at the placeholders, into a plain DynamicCache: its keys and
+values at every column and layer, on the autograd graph. The reasoner then runs once over the
+same columns (placeholders zeroed) with a cache whose layers (``kv.SlotLayer``) replace the
+keys and values the reasoner computes at the placeholder columns by the weaver's, with
+``torch.where`` as each layer writes them, before attention reads them: no in-place write, so
+the loss of every later token reaches the weaver through attention at every layer. Position
+ids are passed explicitly and are one tensor for both passes, so every slot sits at the
+position its rotated key was computed at. The reasoner's outputs at the placeholders are never
+read: ``hidden[:, i]`` is the state at token i's own column (the token after an insertion
+point is predicted from the boundary token, which precedes the memory).
+
 Reference path (``reference_weave_forward``): per sample, the weaver re-reads the whole prefix
 at every insertion point, and every call is the one the official code makes (whole causal LMs,
-vocabulary logits at every position). Tests require both to agree to 1e-4 in loss and in the
-gradient of every trainable tensor.
+vocabulary logits at every position). With kv, per sample, the weaver re-reads the prefix
+(tokens and earlier query latents) at every point and the reasoner runs segment by segment,
+the weaver's keys and values appended to an ordinary cache between segments. Tests require
+both to agree to 1e-4 in loss and in the gradient of every trainable tensor.
 """
 
 from __future__ import annotations
@@ -24,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from memgen_cli.models.kv import check_positions, slot_cache
 from memgen_cli.models.latents import (
     align_offsets,
     chunk_mask,
@@ -134,6 +151,8 @@ def weave_forward(
 def weave_hidden(model: MemGenModel, input_ids, attention_mask, points: Points) -> torch.Tensor:
     """The reasoner's last hidden states over the woven stream, aligned with the tokens:
     ``hidden[:, i]`` predicts token ``i + 1`` (B, T, D). The loss and GRPO's log-probs read it."""
+    if model.kv:
+        return _weave_hidden_kv(model, input_ids, attention_mask, points)
     batch, length = input_ids.shape
     device = input_ids.device
     embeds = model.embed(input_ids)
@@ -163,6 +182,37 @@ def weave_hidden(model: MemGenModel, input_ids, attention_mask, points: Points) 
         woven.append(latents)
         next_pos = start + has.long() * k
         consumed = torch.where(has, target, consumed)
+    pts, ks, token_pos, starts, frozen = _layout(model, points, length)
+    stream, stream_mask = _assemble(embeds, attention_mask, woven, points, token_pos, starts, ks)
+    hidden = _reasoner_pass(model, stream, stream_mask, frozen)
+    # Padding tokens are not placed in the stream; their (ignored) predictions read its end.
+    pred = prediction_positions(token_pos, pts, ks).clamp(max=stream.shape[1] - 1).to(device)
+    return hidden.gather(1, pred[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def _reasoner_pass(model: MemGenModel, stream, mask, frozen: int, cache=None) -> torch.Tensor:
+    """The reasoner over the woven stream; its first ``frozen`` positions without autograd.
+
+    Nothing before a row's first latent chunk depends on the weaver, so gradients there are
+    pure waste: that prefix (the prompt, ~40% of a GSM8K sample) runs under ``no_grad`` into
+    a KV cache and the rest attends to it, which saves its share of the backward pass.
+    ``cache``: the (empty) cache to run into, e.g. a ``kv.slot_cache``.
+    """
+    positions = positions_from_mask(mask)
+    if not (torch.is_grad_enabled() and 0 < frozen < stream.shape[1]):
+        return model.reasoner_hidden(stream, mask, positions, cache)
+    cache = cache if cache is not None else DynamicCache(config=model.reasoner.config)
+    with torch.no_grad():
+        head = model.reasoner_hidden(
+            stream[:, :frozen], mask[:, :frozen], positions[:, :frozen], cache
+        )
+    tail = model.reasoner_hidden(stream[:, frozen:], mask, positions[:, frozen:], cache)
+    return torch.cat([head, tail], 1)
+
+
+def _layout(model: MemGenModel, points: Points, length: int):
+    """Sorted points and K per row, then where each token and each chunk goes in the stream
+    (rows shifted so their first points share a column: ``align_offsets``)."""
     pts, ks = points.per_row(
         model.weaver.num_latents("prompt"), model.weaver.num_latents("inference")
     )
@@ -170,31 +220,47 @@ def weave_hidden(model: MemGenModel, input_ids, attention_mask, points: Points) 
     offsets = align_offsets(pts, length)
     token_pos = token_pos + torch.tensor(offsets)[:, None]
     starts = [[s + off for s in row] for row, off in zip(starts, offsets, strict=True)]
-    stream, stream_mask = _assemble(embeds, attention_mask, woven, points, token_pos, starts, ks)
     frozen = min(p[0] + 1 + off if p else length + off for p, off in zip(pts, offsets, strict=True))
-    hidden = _reasoner_pass(model, stream, stream_mask, frozen)
-    # Padding tokens are not placed in the stream; their (ignored) predictions read its end.
-    pred = prediction_positions(token_pos, pts, ks).clamp(max=stream.shape[1] - 1).to(device)
+    return pts, ks, token_pos, starts, frozen
+
+
+def _weave_hidden_kv(model: MemGenModel, input_ids, attention_mask, points: Points):
+    """``weave_hidden`` for ``memory.inject: kv`` (the mechanism is in the module docstring)."""
+    batch, length = input_ids.shape
+    embeds = model.embed(input_ids)
+    _, ks, token_pos, starts, frozen = _layout(model, points, length)
+    queries = [
+        model.weaver.query_embeds(kind, batch).to(embeds.dtype) for kind, _ in points.rounds()
+    ]
+    stream, mask = _assemble(embeds, attention_mask, queries, points, token_pos, starts, ks)
+    slots = torch.zeros(mask.shape, dtype=torch.bool)
+    for b, (row_starts, row_k) in enumerate(zip(starts, ks, strict=True)):
+        for start, k in zip(row_starts, row_k, strict=True):
+            slots[b, start : start + k] = True
+    slots = slots.to(stream.device)
+    positions = positions_from_mask(mask)  # one tensor for both passes: the slots' positions
+    keys, values = [], []
+    if bool(slots.any()):
+        end = int(slots.nonzero()[:, 1].max()) + 1  # nothing after the last slot is needed
+        weaver_cache = DynamicCache(config=model.weaver_lm.config)
+        with model.weaver_adapter():
+            model.weaver_lm.get_decoder()(
+                inputs_embeds=stream[:, :end],
+                attention_mask=mask[:, :end],
+                position_ids=positions[:, :end],
+                past_key_values=weaver_cache,
+                use_cache=True,
+            )
+        keys = [layer.keys for layer in weaver_cache.layers]
+        values = [layer.values for layer in weaver_cache.layers]
+    placeholders = torch.where(slots[..., None], 0.0, stream.detach())
+    if keys:
+        cache = slot_cache(model.reasoner.config, keys, values, slots)
+        hidden = _reasoner_pass(model, placeholders, mask, frozen, cache)
+    else:
+        hidden = _reasoner_pass(model, placeholders, mask, frozen)
+    pred = token_pos.clamp(max=stream.shape[1] - 1).to(stream.device)
     return hidden.gather(1, pred[..., None].expand(-1, -1, hidden.shape[-1]))
-
-
-def _reasoner_pass(model: MemGenModel, stream, mask, frozen: int) -> torch.Tensor:
-    """The reasoner over the woven stream; its first ``frozen`` positions without autograd.
-
-    Nothing before a row's first latent chunk depends on the weaver, so gradients there are
-    pure waste: that prefix (the prompt, ~40% of a GSM8K sample) runs under ``no_grad`` into
-    a KV cache and the rest attends to it, which saves its share of the backward pass.
-    """
-    positions = positions_from_mask(mask)
-    if not (torch.is_grad_enabled() and 0 < frozen < stream.shape[1]):
-        return model.reasoner_hidden(stream, mask, positions)
-    cache = DynamicCache(config=model.reasoner.config)
-    with torch.no_grad():
-        head = model.reasoner_hidden(
-            stream[:, :frozen], mask[:, :frozen], positions[:, :frozen], cache
-        )
-    tail = model.reasoner_hidden(stream[:, frozen:], mask, positions[:, frozen:], cache)
-    return torch.cat([head, tail], 1)
 
 
 def _assemble(embeds, attention_mask, woven, points: Points, token_pos, starts, ks):
@@ -243,6 +309,7 @@ def reference_weave_forward(
     pts, ks = points.per_row(
         model.weaver.num_latents("prompt"), model.weaver.num_latents("inference")
     )
+    official = official and not model.kv  # the official code has no kv injection
     aligned_rows, logit_rows, total, count = [], [], 0.0, 0
     for b in range(input_ids.shape[0]):
         real = attention_mask[b].bool()
@@ -250,6 +317,11 @@ def reference_weave_forward(
         kinds = (["prompt"] if points.prompt is not None else []) + ["inference"] * len(
             points.inference[b]
         )
+        if model.kv:
+            row = tokens.new_zeros(input_ids.shape[1], tokens.shape[-1])
+            row[real] = _reference_hidden_kv(model, tokens, pts[b], kinds)
+            aligned_rows.append(row)
+            continue
         pieces, prev = [], -1
         for point, kind in zip(pts[b], kinds, strict=True):
             pieces.append(tokens[:, prev + 1 : point + 1])
@@ -288,3 +360,42 @@ def reference_weave_forward(
         return _loss(model, torch.stack(aligned_rows), labels, return_logits)
     loss = total / count if count else stream.sum() * 0.0
     return WeaveOutput(loss, torch.stack(logit_rows) if return_logits else None, count)
+
+
+def _reference_hidden_kv(model: MemGenModel, tokens, row_points: list[int], kinds: list[str]):
+    """One sample with ``memory.inject: kv``: the reasoner's hidden state at every token (n, D).
+
+    At every point the weaver re-reads the whole prefix (tokens and earlier query latents at
+    their positions) from an empty cache; the reasoner then runs segment by segment, each
+    point's slots appended to its ordinary cache between segments, as generation would.
+    """
+    seen = tokens[:, :0]  # the weaver's input stream: tokens, and query latents at the slots
+    memory, prev = [], -1
+    for point, kind in zip(row_points, kinds, strict=True):
+        seen = torch.cat([seen, tokens[:, prev + 1 : point + 1]], 1)
+        n = seen.shape[1]
+        ones = torch.ones(1, n, dtype=torch.long, device=seen.device)
+        pos = torch.arange(n, device=seen.device)[None]
+        start = torch.tensor([n], device=seen.device)
+        slots, _ = model.weave_kv(kind, seen, ones, pos, model.new_weaver_cache(), start)
+        memory.append(slots)
+        seen = torch.cat([seen, model.weaver.query_embeds(kind, 1).to(seen.dtype)], 1)
+        prev = point
+    cache = DynamicCache(config=model.reasoner.config)
+    hidden, prev, length = [], -1, 0
+    for i, point in enumerate([*row_points, tokens.shape[1] - 1]):
+        segment = tokens[:, prev + 1 : point + 1]
+        if segment.shape[1]:
+            pos = torch.arange(length, length + segment.shape[1], device=tokens.device)[None]
+            ones = torch.ones(1, length + segment.shape[1], dtype=torch.long, device=tokens.device)
+            hidden.append(model.reasoner_hidden(segment, ones, pos, cache)[0])
+            length += segment.shape[1]
+        if i < len(row_points):
+            slots = memory[i]
+            k = slots.positions.shape[1]
+            check_positions(slots, latent_positions(torch.tensor([length]), k).to(slots.positions))
+            for layer, (keys, values) in enumerate(zip(slots.keys, slots.values, strict=True)):
+                cache.update(keys, values, layer)
+            length += k
+        prev = point
+    return torch.cat(hidden)

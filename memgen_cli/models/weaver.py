@@ -18,6 +18,10 @@ Projection initialisation (``projection_init``):
   zero vectors +0.80, spaces +0.34. The read-out learns from the first step (its gradient is
   the latents' gradient times the weaver's states), as LoRA's zero-initialised B does.
 - ``random``: both projections start as ``nn.Linear``'s default, as the official code does.
+
+With ``memory.inject: kv`` (``projections=False``) there are no projections: the weaver reads
+the reasoner's embeddings as they are (the backbone is shared) and what it writes is its own
+keys and values, so the two hidden x hidden maps would be parameters that get no gradient.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class Weaver(nn.Module):
         embedding_rms: float = 1.0,
         hidden_rms: float = 1.0,
         neutral_embedding: torch.Tensor | None = None,
+        projections: bool = True,
     ):
         super().__init__()
         self.queries = nn.ParameterDict(
@@ -54,6 +59,12 @@ class Weaver(nn.Module):
         self.scales = nn.ParameterDict(
             {kind: nn.Parameter(torch.tensor(float(embedding_rms))) for kind in KINDS}
         )
+        if projection_init not in INITS:
+            raise ValueError(f"projection_init must be one of {INITS}, not {projection_init}")
+        self.reasoner_to_weaver: nn.Linear | None = None
+        self.weaver_to_reasoner: nn.Linear | None = None
+        if not projections:
+            return
         self.reasoner_to_weaver = nn.Linear(reasoner_hidden, weaver_hidden)
         self.weaver_to_reasoner = nn.Linear(weaver_hidden, reasoner_hidden)
         if projection_init in ("identity", "neutral"):
@@ -64,8 +75,6 @@ class Weaver(nn.Module):
                 self.weaver_to_reasoner.weight.zero_()
                 if neutral_embedding is not None:
                     self.weaver_to_reasoner.bias.copy_(neutral_embedding)
-        elif projection_init not in INITS:
-            raise ValueError(f"projection_init must be one of {INITS}, not {projection_init}")
 
     def num_latents(self, kind: str) -> int:
         return self.queries[kind].shape[0]
