@@ -134,7 +134,7 @@ def from_dict(cls, data: dict, where: str = ""):
     for key, value in _renamed(cls, data or {}, where).items():
         path = f"{where}.{key}" if where else key
         if key not in names:
-            raise MemgenError(f'Unknown config key "{path}".{did_you_mean(key, names)}')
+            raise MemgenError(f'Unknown config key "{path}".{_key_hint(key, names)}')
         kwargs[key] = _coerce(value, _field_type(cls, key), path)
     return cls(**kwargs)
 
@@ -160,6 +160,11 @@ def _renamed(cls, data: dict, where: str) -> dict:
     return data
 
 
+def _key_hint(name: str, keys) -> str:
+    """The closest key, or (none close) every key that fits there: what to write instead."""
+    return did_you_mean(name, keys) or f" Keys here: {', '.join(sorted(keys))}."
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -175,11 +180,20 @@ def apply_overrides(cfg, overrides: list[str]):
         node = data
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
-                raise MemgenError(f'Unknown config key "{key}".{did_you_mean(part, node)}')
+                raise MemgenError(f'Unknown config key "{key}".{_key_hint(part, node)}')
             node = node[part]
         if parts[-1] not in node:
-            raise MemgenError(f'Unknown config key "{key}".{did_you_mean(parts[-1], node)}')
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else raw
+            raise MemgenError(f'Unknown config key "{key}".{_key_hint(parts[-1], node)}')
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError as exc:
+            raise MemgenError(
+                f"--set {item}: the value is not valid YAML ({getattr(exc, 'problem', exc)}); "
+                "quote it or fix the brackets, e.g. --set memory.lora_targets=[q_proj,v_proj]."
+            ) from None
+        if isinstance(node[parts[-1]], str) and isinstance(value, bool):
+            value = raw.strip()  # YAML reads off/yes/no as booleans; a text field means the word
+        node[parts[-1]] = value
     return from_dict(type(cfg), data)
 
 
@@ -192,7 +206,7 @@ def load_recipe(cls, path: str | Path | None, overrides: list[str] | None = None
             raise MemgenError(f"Recipe {path} does not exist.")
         try:
             data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise MemgenError(f"Recipe {path} is not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise MemgenError(f"Recipe {path} must be a mapping of config keys.")

@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PrinterCallback, set_seed
 
-from memgen_cli.artifacts import save_baseline
+from memgen_cli.artifacts import check_output, save_baseline
 from memgen_cli.config import (
     BaselineConfig,
     BaselineGRPOConfig,
@@ -52,10 +52,14 @@ from memgen_cli.models.base import LoadedBase, load_base
 from memgen_cli.models.weaver import Weaver
 from memgen_cli.training.sft_data import tokenize_samples
 from memgen_cli.training.sft_run import (
+    ResumedIntervals,
+    begin_checkpoints,
     data_config,
     load_examples,
+    mean_loss,
     resume_point,
     trainer_arguments,
+    validate_memory,
     validate_training,
 )
 from memgen_cli.training.trainer_parts import (
@@ -67,6 +71,20 @@ from memgen_cli.training.trainer_parts import (
 )
 
 METHODS = ("sft", "grpo")
+# The keys of a weaver's recipe a baseline accepts and does not read, so a resume ignores them:
+# those that place latents, and the memory fields that do not set the weaver's parameter count.
+WEAVER_ONLY = (
+    "training.schedule",
+    "training.prompt_insertion",
+    "training.memory",
+    "memory.delimiters",
+    "memory.max_inference_insertions",
+    "memory.lora_alpha",
+    "memory.lora_dropout",
+    "memory.projection_init",
+    "memory.trigger_hidden",
+    "memory.trigger_threshold",
+)
 IGNORE = -100
 
 
@@ -151,8 +169,8 @@ def validate(cfg: BaselineConfig, resume: str | None) -> Path | None:
     """Check values the dataclass types cannot; return the checkpoint to resume from."""
     validate_lora(cfg.lora)
     validate_training(cfg.training, cfg.data)
-    sections = ("model", "lora", "memory", "data")
-    return resume_point(checkpoint_dir(cfg), resume, to_dict(cfg), sections)
+    validate_memory(cfg.memory)
+    return resume_point(checkpoint_dir(cfg), resume, to_dict(cfg), WEAVER_ONLY)
 
 
 # ----------------------------------------------------------------------------- budget
@@ -268,11 +286,17 @@ def run(
     resume: str | None = None,
     console: Console | None = None,
     callbacks: list | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Train the LoRA baseline and write the artifact to ``cfg.output``; returns its path."""
+    """Train the LoRA baseline and write the artifact to ``cfg.output``; returns its path.
+
+    ``overwrite``: replace an artifact already at ``cfg.output`` (a ``resume`` consents too);
+    anything else there is refused before any model is loaded (``check_output``).
+    """
     console = console or make_console()
     # 1. validate
     resume_from = validate(cfg, resume)
+    check_output(cfg.output, kind="artifact", overwrite=overwrite or resume is not None)
     task, train_examples, held_examples, data_seed = load_examples(cfg)
 
     # 2. build
@@ -304,8 +328,8 @@ def run(
     if held and main and resume_from is None:
         # LoRA's B starts at zero: before training, the adapted reasoner is the plain one.
         losses["memory_off"] = heldout_loss(base.model, held, tok.pad_token_id, t.batch_size)
-    if main:
-        begin_checkpoints(ckpts, cfg, resume_from)
+    if main:  # a resumed run reads back what its fresh start measured
+        losses = begin_checkpoints(ckpts, cfg, resume_from, losses)
     clock = Throughput(t.batch_size * t.grad_accumulation * args.world_size)
     stop = StopOnSignal()
     datasets.disable_progress_bars()  # TRL maps the dataset once; no bar for that
@@ -330,7 +354,7 @@ def run(
         say(f"--resume auto: no checkpoint in {ckpts}, starting from scratch")
 
     # 3. loop
-    result, wall = fit(trainer, resume_from, stop, ckpts)
+    wall = fit(trainer, resume_from, stop, ckpts)
 
     # 4. save (main process; the others wait so that the run ends together)
     if main:
@@ -347,7 +371,7 @@ def run(
             "heldout_dropped_too_long": held_dropped,
             "heldout_loss": {k: round(v, 5) for k, v in losses.items()},
             "final_loss": logged[-1] if logged else None,
-            "mean_loss": result.training_loss,
+            "mean_loss": mean_loss(trainer.state.log_history),
             **run_summary(trainer, clock, wall, resume_from),
         }
         budget = {"trainable_params": trainable, "weaver_trainable_params": weaver_count}
@@ -358,25 +382,20 @@ def run(
 
 
 # ---------------------------------------------------------------------- shared by methods
-def begin_checkpoints(ckpts: Path, cfg, resume_from: Path | None) -> None:
-    """The checkpoint folder, with the recipe that ``--resume`` compares against."""
-    ckpts.mkdir(parents=True, exist_ok=True)
-    if resume_from is None:
-        (ckpts / "recipe.yaml").write_text(dump_yaml(cfg))
-
-
 def trainer_callbacks(progress, ckpts: Path, clock: Throughput, stop: StopOnSignal, extra) -> list:
-    """Progress line, ``metrics.jsonl``, Ctrl-C, then the caller's own callbacks."""
-    return [progress, MetricsLog(ckpts / "metrics.jsonl", clock), stop, *(extra or [])]
+    """Progress line, ``metrics.jsonl``, Ctrl-C, resume-proof logging, then the caller's own
+    callbacks."""
+    log = MetricsLog(ckpts / "metrics.jsonl", clock)
+    return [progress, log, stop, ResumedIntervals(), *(extra or [])]
 
 
 def fit(trainer, resume_from: Path | None, stop: StopOnSignal, ckpts: Path):
-    """``trainer.train`` from the resume point; returns (its result, wall seconds). Raises
+    """``trainer.train`` from the resume point; returns its wall seconds. Raises
     ``TrainingInterrupted`` after a Ctrl-C checkpoint; on a ``MemgenError`` (a reward function
     failing, say) a fresh run leaves no checkpoint folder behind."""
     started = time.perf_counter()
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except MemgenError:
         fresh = resume_from is None and not list(ckpts.glob("checkpoint-*"))
         if trainer.args.process_index == 0 and fresh:
@@ -384,7 +403,7 @@ def fit(trainer, resume_from: Path | None, stop: StopOnSignal, ckpts: Path):
         raise
     if stop.stopped_at is not None:
         raise TrainingInterrupted(ckpts / f"checkpoint-{stop.stopped_at}")
-    return result, time.perf_counter() - started
+    return time.perf_counter() - started
 
 
 def data_summary(task: Task, cfg, data_seed: int | None) -> dict:
