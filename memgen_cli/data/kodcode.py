@@ -3,7 +3,8 @@
 From the hub (``KodCode/KodCode-Light-RL-10K``) or from local JSONL with ``question``,
 ``test`` (pytest code that does ``from solution import ...``), and optionally
 ``test_info`` (``[{"function_name": ...}]``) and ``solution``. The completion's last
-```` ```python ```` block is run against the tests in :mod:`memgen_cli.data.sandbox`.
+```` ```python ```` block is run against the tests in :mod:`memgen_cli.data.sandbox`;
+``--task-option sandbox=strict`` refuses to grade without every isolation layer.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from memgen_cli.data.base import (
     require_columns,
     select,
 )
-from memgen_cli.data.sandbox import run_python_tests
+from memgen_cli.data.sandbox import require_isolation, run_python_tests
 from memgen_cli.errors import MemgenError
 
 HUB_ID = "KodCode/KodCode-Light-RL-10K"
@@ -48,17 +49,25 @@ class KodCodeTask(Task):
 
     ``answer`` holds the test code. When ``test_info`` names the function(s) the tests
     import, the question says so: without the name, a correct program can fail the import.
-    ``timeout`` (wall-clock seconds) and ``memory_mb`` bound each test run.
+    ``timeout`` (wall-clock seconds) and ``memory_mb`` bound each test run. ``sandbox``:
+    ``best-effort`` (default) runs with whatever isolation this machine gives and says once
+    which layers are missing; ``strict`` refuses to run unless it gives all of them (see
+    :mod:`memgen_cli.data.sandbox`).
     """
 
     name = "kodcode"
     default_split = "test"
 
     def __init__(
-        self, path: str | Path | None = None, timeout: float = 10.0, memory_mb: int = 1024
+        self,
+        path: str | Path | None = None,
+        timeout: float = 10.0,
+        memory_mb: int = 1024,
+        sandbox: str = "best-effort",
     ):
         if importlib.util.find_spec("pytest") is None:
             raise MemgenError("grading kodcode runs pytest; install it: pip install pytest")
+        require_isolation(sandbox)
         self.path = Path(path) if path is not None else None
         self.timeout = timeout
         self.memory_mb = memory_mb
