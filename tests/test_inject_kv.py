@@ -10,15 +10,20 @@ The fast paths must also equal the slow per-row references with a non-zero LoRA.
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_model import PROMPTS, _compare, _diverse, _training_batch
 from transformers import LlamaConfig
+from typer.testing import CliRunner
 
 from conftest import make_memgen, make_model
-from helpers import tiny_artifact
+from helpers import save_tiny_base, tiny_artifact
 from memgen_cli.artifacts import load_artifact
+from memgen_cli.cli import app
 from memgen_cli.config import GenerationConfig, MemoryConfig
 from memgen_cli.errors import MemgenError
 from memgen_cli.generation import encode_prompts, generate
@@ -26,8 +31,10 @@ from memgen_cli.models import kv, training
 from memgen_cli.models import memgen as memgen_module
 from memgen_cli.models.memgen import MemGenModel, check_inject
 from memgen_cli.models.training import IGNORE, Points, reference_weave_forward, weave_forward
+from memgen_cli.training.rollouts import policy_inputs, policy_logprobs, rollout
 
 KINDS = ["llama", "qwen2"]
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
 
 
 @pytest.fixture(autouse=True)
@@ -339,3 +346,168 @@ def test_a_kv_artifact_records_the_key_and_reloads_to_the_same_outputs(tmp_path)
     out_b = generate(b, enc["input_ids"], enc["attention_mask"], cfg, keep_logits=True)
     assert out_a.tokens == out_b.tokens
     torch.testing.assert_close(out_a.step_logits[-1], out_b.step_logits[-1])
+
+
+# ------------------------------------------------------------------ the stages, with kv
+def test_rollout_logprobs_equal_the_training_forwards():
+    """GRPO's sampling log-probs (cached generation) equal its scoring pass (the training
+    forward over the same points): the two kv paths agree on rollouts."""
+    mg = _diverse(kv_memgen("llama"))
+    cfg = GenerationConfig(max_new_tokens=24, temperature=0.7, seed=3, memory="weaver")
+    r = rollout(mg, [[m] for m in (PROMPTS[0][0], PROMPTS[2][0])], cfg, 2)
+    assert r.prompt_insertion and len({tuple(p) for p in r.inference_points}) > 1
+    b = policy_inputs(r, mg.tokenizer.pad_token_id)
+    keys = ("input_ids", "attention_mask", "completion_index", "completion_mask")
+    mg.set_trainable(weaver=True, trigger=False)
+    logps, _ = policy_logprobs(
+        mg, *(b[k] for k in keys), b["prompt_points"], b["inference_points"], 0.7
+    )
+    real = b["completion_mask"].bool()
+    assert float((logps.detach() - b["sampling_logps"]).abs()[real].max()) < 1e-4
+    logps.sum().backward()
+    assert mg.weaver.queries["inference"].grad.abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """A tiny base, a small GSM8K-format file, and a kv weaver trained on it by sft-weaver."""
+    tmp = tmp_path_factory.mktemp("kv-stages")
+    base = save_tiny_base(tmp / "base")
+    rows = [
+        {
+            "question": f"What is {a} + {a + 1}?",
+            "answer": f"Add {a}, then {a + 1}.\n#### {2 * a + 1}",
+        }
+        for a in range(10)
+    ]
+    data = tmp / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp / "sft"
+    result = memgen(
+        "sft-weaver",
+        "--recipe",
+        RECIPES / "sft-weaver.yaml",
+        "--base",
+        base,
+        "--data",
+        data,
+        "--output",
+        out,
+        "--set",
+        "memory.inject=kv",
+        "--set",
+        "data.heldout=2",
+    )
+    assert result.exit_code == 0, result.output
+    return base, data, out
+
+
+def memgen(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_sft_weaver_writes_a_kv_artifact_without_projections(chain):
+    _, _, art = chain
+    manifest = json.loads((art / "memgen.json").read_text())
+    assert manifest["memory"]["inject"] == "kv"
+    assert not any("to_" in name for name in load_file(art / "weaver.safetensors"))
+    losses = [json.loads(x).get("loss") for x in (art / "metrics.jsonl").read_text().splitlines()]
+    assert [x for x in losses if x is not None] and all(
+        math.isfinite(x) for x in losses if x is not None
+    )
+    model, _, _ = load_artifact(art, device="cpu")
+    assert model.kv
+
+
+def test_grpo_weaver_trains_a_kv_artifact(chain, tmp_path):
+    base, data, art = chain
+    out = tmp_path / "grpo"
+    result = memgen(
+        "grpo-weaver",
+        "--recipe",
+        RECIPES / "grpo-weaver.yaml",
+        "--base",
+        base,
+        "--data",
+        data,
+        "--init",
+        art,
+        "--output",
+        out,
+        "--set",
+        "training.max_steps=2",
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "memgen.json").read_text())["memory"]["inject"] == "kv"
+    before, after = load_file(art / "weaver.safetensors"), load_file(out / "weaver.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_train_trigger_eval_and_generate_run_a_kv_artifact(chain, tmp_path):
+    base, data, art = chain
+    out = tmp_path / "trigger"
+    result = memgen(
+        "train-trigger",
+        "--recipe",
+        RECIPES / "train-trigger.yaml",
+        "--artifact",
+        art,
+        "--base",
+        base,
+        "--data",
+        data,
+        "--output",
+        out,
+        "--set",
+        "training.temperature=1.0",
+        "--set",
+        "training.max_completion_length=24",
+        "--set",
+        "training.max_steps=2",
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "memgen.json").read_text())
+    assert manifest["trigger"]["trained"] and manifest["memory"]["inject"] == "kv"
+    result = memgen(
+        "eval",
+        "--artifact",
+        out,
+        "--data",
+        data,
+        "--limit",
+        4,
+        "--max-new-tokens",
+        12,
+        "--memory",
+        "off,weaver,full",
+        "--json",
+        "--output",
+        tmp_path / "eval",
+    )
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    assert [r["mode"] for r in got["results"]] == ["off", "weaver", "full"]
+    result = memgen(
+        "generate",
+        "Hello, there. How are you?",
+        "--artifact",
+        art,
+        "--max-new-tokens",
+        12,
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    insertions = json.loads(result.stdout)["insertions"]
+    assert insertions[0]["kind"] == "prompt" and insertions[0]["num_latents"] == 2
+    assert all(i["latent_norms"] is None for i in insertions)  # no input-level latents to measure
+    result = memgen("generate", "Hello, there.", "--artifact", art, "--max-new-tokens", 12)
+    assert result.exit_code == 0 and "⟨mem 2⟩" in result.output, result.output
+
+
+def test_inspect_memory_refuses_a_kv_artifact_and_says_why(chain, tmp_path):
+    _, _, art = chain
+    result = memgen("inspect-memory", "--artifact", art, "--prompt", "Hi", "--json")
+    assert result.exit_code == 2
+    assert "inject: kv" in result.output and "no views" in result.output
+    assert "Traceback" not in result.output

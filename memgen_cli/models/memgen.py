@@ -45,10 +45,9 @@ from memgen_cli.errors import MemgenError
 from memgen_cli.models.kv import SlotKV, reusable
 from memgen_cli.models.latents import delimiter_table, latent_positions
 from memgen_cli.models.trigger import Trigger
-from memgen_cli.models.weaver import Weaver
+from memgen_cli.models.weaver import INJECTS, Weaver
 
 ADAPTER = "weaver"
-INJECTS = ("input", "kv")
 
 
 @dataclass

@@ -31,6 +31,7 @@ from torch import nn
 
 KINDS = ("prompt", "inference")
 INITS = ("identity", "neutral", "random")
+INJECTS = ("input", "kv")  # memory.inject: where the memory enters the reasoner (memgen.py)
 
 
 class Weaver(nn.Module):

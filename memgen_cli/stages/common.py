@@ -117,8 +117,10 @@ def segments(tokenizer, tokens: list[int], insertions: list[Insertion]) -> list[
 
 
 def insertion_record(ins: Insertion) -> dict:
-    """JSON-ready summary of one insertion (norms instead of the full vectors)."""
+    """JSON-ready summary of one insertion (norms instead of the full vectors). With
+    ``memory.inject: kv`` the memory is keys and values, not input vectors: no latent norms."""
+    norms = torch.linalg.vector_norm(ins.latents, dim=-1) if ins.latents.shape[-1] else None
     return {
         **ins.summary(),
-        "latent_norms": [round(float(n), 4) for n in torch.linalg.vector_norm(ins.latents, dim=-1)],
+        "latent_norms": None if norms is None else [round(float(n), 4) for n in norms],
     }

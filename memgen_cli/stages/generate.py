@@ -252,10 +252,9 @@ def trace_table(events) -> Table:
     for n, ins in enumerate(insertions):
         rec = insertion_record(ins)
         p = "always" if ins.trigger_prob is None else f"{ins.trigger_prob:.3f}"
-        mean = sum(rec["latent_norms"]) / len(rec["latent_norms"])
-        table.add_row(
-            str(n), ins.kind, str(ins.token_index), p, str(rec["num_latents"]), f"{mean:.3f}"
-        )
+        norms = rec["latent_norms"]  # None with memory.inject kv: keys and values, no latents
+        mean = f"{sum(norms) / len(norms):.3f}" if norms else "-"
+        table.add_row(str(n), ins.kind, str(ins.token_index), p, str(rec["num_latents"]), mean)
     for skip in sorted((e for e in events if isinstance(e, Skip)), key=lambda k: k.token_index):
         table.add_row("-", "skipped", str(skip.token_index), f"{skip.trigger_prob:.3f}", "0", "-")
     return table

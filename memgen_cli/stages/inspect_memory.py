@@ -141,6 +141,23 @@ def run(opts: InspectOptions, console: Console | None = None) -> dict:
 
 
 # ------------------------------------------------------------------------------ validate
+def refuse_kv(art: Path) -> None:
+    """Every view here reads input-level latents (nearest tokens, logit lens, norms, clusters);
+    a ``memory.inject: kv`` weaver writes keys and values at every layer instead, where those
+    numbers would mean nothing. Refused until it has views of its own."""
+    try:
+        memory = json.loads((art / MANIFEST).read_text()).get("memory")
+    except (OSError, ValueError, AttributeError):
+        return  # a damaged manifest: loading says what is wrong with it
+    if isinstance(memory, dict) and memory.get("inject") == "kv":
+        raise MemgenError(
+            f"{art} is a memory.inject: kv weaver: its memory is keys and values written into "
+            "the reasoner's cache at every layer, not latent vectors, and inspect-memory has no "
+            "views for that yet (nearest tokens, logit lens, norms and clusters read input-level "
+            "latents). See what it does with `memgen generate` or `memgen eval`."
+        )
+
+
 def validate(opts: InspectOptions) -> int | None:
     """Check the options once; return the number of clusters to fit (None: no clustering)."""
     if opts.artifact is None:
@@ -157,6 +174,8 @@ def validate(opts: InspectOptions) -> int | None:
             f"Artifact {art} has no weaver (missing {', '.join(missing)}), so it has no memory to "
             "inspect. Point --artifact at the output of `memgen sft-weaver` or `memgen grpo-weaver`."
         )
+    if (art / MANIFEST).exists():
+        refuse_kv(art)
     if (opts.prompt is None) == (opts.data is None):
         raise MemgenError(
             "Give exactly one of --prompt TEXT (one answer) or --data TASK --limit N (many)."

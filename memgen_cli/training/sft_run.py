@@ -39,7 +39,7 @@ from memgen_cli.config import (
 )
 from memgen_cli.data import Example, Task, get_task
 from memgen_cli.errors import MemgenError
-from memgen_cli.models.weaver import INITS
+from memgen_cli.models.weaver import INITS, INJECTS
 
 REPORTERS = ("none", "tensorboard", "wandb")
 MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
@@ -134,6 +134,7 @@ def validate_memory(m: MemoryConfig) -> None:
         (0 <= m.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
         (bool(m.lora_targets), "lora_targets needs at least one module name (e.g. q_proj,v_proj)"),
         (m.projection_init in INITS, f"projection_init must be one of {', '.join(INITS)}"),
+        (m.inject in INJECTS, f"inject must be one of {', '.join(INJECTS)}"),
         (m.trigger_hidden >= 1, "trigger_hidden must be >= 1"),
         (0 <= m.trigger_threshold <= 1, "trigger_threshold must be in [0, 1]"),
     ]
