@@ -153,7 +153,7 @@ def ablation_record(logp_with, logp_without, completion, other, answer, other_an
 
 
 def answer_segments(pieces: list[tuple[str, str]], records: list[dict]) -> list[dict]:
-    """``stages.common.segments`` pieces with each marker replaced by its insertion id."""
+    """``rendering.segments`` pieces with each marker replaced by its insertion id."""
     ids = iter(r["id"] for r in records)
     return [{"text": text} if kind == "text" else {"insertion": next(ids)} for kind, text in pieces]
 

@@ -19,7 +19,6 @@ from memgen_cli.models.base import DEFAULT_BASE, LoadedBase, load_base
 from memgen_cli.models.memgen import MemGenModel
 
 DEFAULT_SUFFIX = "Put your final answer within \\boxed{}."
-MARKER = "⟨mem {}⟩"
 
 
 @dataclass
@@ -95,25 +94,6 @@ def resolve_suffix(session: Session, override: str | None, console: Console | No
 
 def user_message(question: str, suffix: str) -> dict:
     return {"role": "user", "content": f"{question}\n{suffix}" if suffix else question}
-
-
-def segments(tokenizer, tokens: list[int], insertions: list[Insertion]) -> list[tuple[str, str]]:
-    """Split a completion into ("text", s) and ("mem", marker) pieces, in order."""
-    out: list[tuple[str, str]] = []
-    cuts = sorted(insertions, key=lambda i: i.token_index)
-    start = 0
-    for ins in cuts:
-        if ins.token_index > start:
-            out.append(
-                (
-                    "text",
-                    tokenizer.decode(tokens[start : ins.token_index], skip_special_tokens=True),
-                )
-            )
-            start = ins.token_index
-        out.append(("mem", MARKER.format(ins.latents.shape[0])))
-    out.append(("text", tokenizer.decode(tokens[start:], skip_special_tokens=True)))
-    return [piece for piece in out if piece[1]]
 
 
 def insertion_record(ins: Insertion) -> dict:

@@ -27,15 +27,14 @@ from memgen_cli.generation import (
     generate,
     iter_generate,
 )
+from memgen_cli.rendering import MARKER, segments
 from memgen_cli.stages.common import (
-    MARKER,
     Session,
     check_memory,
     insertion_record,
     open_session,
     resolve_memory,
     resolve_suffix,
-    segments,
     user_message,
 )
 

@@ -35,7 +35,8 @@ from memgen_cli.generation import encode_prompts, generate
 from memgen_cli.inspection import clusters as C
 from memgen_cli.inspection import probe as P
 from memgen_cli.inspection import report as R
-from memgen_cli.stages.common import open_session, resolve_suffix, segments, user_message
+from memgen_cli.rendering import segments
+from memgen_cli.stages.common import open_session, resolve_suffix, user_message
 
 SCHEMA_VERSION = 2  # 2: `skipped` (boundaries a trained trigger did not weave at)
 DEFAULT_CLUSTERS = 4

@@ -41,6 +41,7 @@ from transformers import Trainer
 from memgen_cli.config import GenerationConfig
 from memgen_cli.data import Example, to_messages
 from memgen_cli.models.memgen import MemGenModel
+from memgen_cli.rendering import segments
 from memgen_cli.training import rl
 from memgen_cli.training.rollouts import Rollouts, policy_inputs, policy_logprobs, rollout
 from memgen_cli.training.trainer_parts import RichProgress, WeaverObjective, world_size
@@ -391,8 +392,6 @@ class GRPOTrainer(Trainer):
         return self.completions_dir is not None and n > 0 and (step == 1 or step % n == 0)
 
     def _log_completions(self, step, rows, rolls, tables, rewards, adv):
-        from memgen_cli.stages.common import segments  # marker rendering, shared with generate
-
         names = [rl.reward_name(f) for f in self.reward_funcs]
         tok, records, i = self.policy.tokenizer, [], 0
         for group, roll, table in zip(rows, rolls, tables, strict=True):
