@@ -1,6 +1,14 @@
-"""Hermetic fixtures: a byte-level tokenizer with a ChatML template and tiny models from config."""
+"""Hermetic fixtures: a byte-level tokenizer with a ChatML template and tiny models from config,
+and the tiny base, weaver artifact and data file that many modules read (built once a session).
+
+A module that runs tiny models asks for one torch thread with
+``pytestmark = pytest.mark.usefixtures("one_thread")``.
+"""
 
 from __future__ import annotations
+
+import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +110,65 @@ def tokenizer():
 @pytest.fixture(params=["llama", "qwen2"])
 def memgen(request):
     return make_memgen(request.param)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block on ``n`` torch threads, then restore the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP spinning costs
+    ~4x (measured: the embedded model's 16-token GRPO rollouts took 95-150 s with 2 threads)."""
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def one_thread_unless_slow(request):
+    """``one_thread`` for the fast tests; the slow ones keep torch's own thread count."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_weaver(tmp_path_factory) -> tuple[Path, Path]:
+    """(base_dir, artifact_dir) of ``helpers.tiny_artifact``: a tiny Llama saved as a model
+    directory and a weaver artifact on it. Shared by every test: read them, never write them
+    (copy the artifact first)."""
+    from helpers import tiny_artifact  # helpers imports this module, so not at the top
+
+    return tiny_artifact(tmp_path_factory.mktemp("tiny-weaver"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_weaver) -> Path:
+    """A 2-layer Llama with the ChatML byte tokenizer, saved as a model directory (--base DIR)."""
+    return tiny_weaver[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_base(tmp_path_factory) -> Path:
+    """A tiny Qwen2 saved as a model directory: another reasoner than tiny_base's."""
+    from helpers import save_tiny_base
+
+    return save_tiny_base(tmp_path_factory.mktemp("tiny-qwen") / "base", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_weaver, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(base_dir, weaver artifact, a GSM8K-format file of 12 problems), read-only like
+    ``tiny_weaver``."""
+    from helpers import write_problems
+
+    return (*tiny_weaver, write_problems(tmp_path_factory.mktemp("tiny") / "train.jsonl", 12))

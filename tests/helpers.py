@@ -1,18 +1,49 @@
-"""Shared test builders: tiny models saved as real model directories and tiny artifacts."""
+"""Shared test builders: tiny models saved as real model directories and tiny artifacts, tiny
+recipe configs and their data, readers of what a stage writes, a CLI runner, a trainer callback,
+reward plug-ins, and torchrun. Fixtures built from them are in conftest.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
+from typer.testing import CliRunner, Result
 
 from conftest import make_memgen, make_model
 from memgen_cli.artifacts import save_artifact
+from memgen_cli.cli import app
 from memgen_cli.models.base import LoadedBase, fingerprint, load_base
+
+SHORT = "So {s}.\n#### {s}"  # write_problems' default answer: one line, then the final answer
+WORKED = "Add {a}, then {b}.\nSo {s}.\n#### {s}"  # a two-step worked answer, for SFT
+
+# The exact file sets that the training stages write (sft-weaver and grpo-weaver; the baselines).
+WEAVER_ARTIFACT_FILES = frozenset(
+    {
+        "memgen.json",
+        "recipe.yaml",
+        "metrics.jsonl",
+        "weaver.safetensors",
+        "weaver/adapter_config.json",
+        "weaver/adapter_model.safetensors",
+    }
+)
+BASELINE_ARTIFACT_FILES = frozenset(
+    {
+        "memgen.json",
+        "recipe.yaml",
+        "metrics.jsonl",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+)
 
 
 def save_tiny_base(path: Path, kind: str = "llama", seed: int = 0) -> Path:
@@ -47,6 +78,88 @@ def tiny_artifact(
     )
     assert base.fingerprint == fingerprint(mg.reasoner.config, base.tokenizer)
     return base_dir, art
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
+    """``rows`` as a JSONL file at ``path`` (one JSON object a line)."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_problems(path: Path, n: int, answer: str = SHORT) -> Path:
+    """``n`` GSM8K-format problems "What is a + b?" (a = 0, 1, ..., b = a + 1) at ``path``;
+    ``answer`` is formatted with ``a``, ``b`` and the sum ``s``."""
+    rows = (
+        {"question": f"What is {a} + {a + 1}?", "answer": answer.format(a=a, b=a + 1, s=2 * a + 1)}
+        for a in range(n)
+    )
+    return write_jsonl(path, rows)
+
+
+def tiny_config(stage, recipe: Path, base: Path, tmp: Path, sets, n: int, answer=SHORT, **flags):
+    """``stage.resolve_config`` of a tiny recipe with ``sets`` on ``base``, training on ``n``
+    problems written to ``tmp/train.jsonl`` (``write_problems``), output ``tmp/out``."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    data = write_problems(tmp / "train.jsonl", n, answer)
+    return stage.resolve_config(
+        recipe, list(sets), base=str(base), data=str(data), output=tmp / "out", **flags
+    )
+
+
+def files(path: Path) -> set[str]:
+    """Every file under ``path``, by its name relative to ``path``."""
+    return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+
+
+def rows(path: Path) -> list[dict]:
+    """The JSON objects of a JSONL file (blank lines skipped)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plain_names(state: dict) -> dict:
+    """A PEFT model's base tensors under the plain model's names."""
+    return {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in state.items()
+        if "lora_" not in k
+    }
+
+
+def invoke(*args, **kwargs) -> Result:
+    """``memgen ARGS`` in this process through Typer's CliRunner, every argument str()-ed."""
+    return CliRunner().invoke(app, [str(a) for a in args], **kwargs)
+
+
+class Capture(TrainerCallback):
+    """Keeps the model as training starts (``initial``: a copy of its state) and as it ends
+    (``model``), and optionally sends Ctrl-C at the end of step ``interrupt_at``."""
+
+    def __init__(self, interrupt_at: int | None = None):
+        self.interrupt_at, self.model, self.initial = interrupt_at, None, None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.interrupt_at:
+            signal.raise_signal(signal.SIGINT)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.model = model
+
+
+# Reward plug-ins for the GRPO tests: a test module imports them, and the stage loads them as
+# <test module>:<name>. A test sets TARGET["tokens"] before it trains with first_token_reward.
+TARGET = {"tokens": ()}
+
+
+def first_token_reward(prompts, completions, completion_ids, **columns):
+    """1 when the completion starts with one of the tokens the test chose."""
+    return [float(bool(ids) and ids[0] in TARGET["tokens"]) for ids in completion_ids]
+
+
+def broken_reward(prompts, completions, **columns):
+    raise ValueError("no gold here")
 
 
 def torchrun(args: list, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
