@@ -7,7 +7,6 @@ GSM8K-format JSONL; the slow one runs the tiny recipe on the embedded SmolLM2 mo
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,11 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import TrainerCallback
-from typer.testing import CliRunner
 
 from conftest import make_model
-from helpers import tiny_artifact
+from helpers import BASELINE_ARTIFACT_FILES as ARTIFACT_FILES
+from helpers import WORKED, Capture, files, invoke, plain_names, tiny_config, write_problems
 from memgen_cli.artifacts import load_artifact, load_baseline
-from memgen_cli.cli import app
 from memgen_cli.config import BaselineConfig, MemoryConfig, load_recipe
 from memgen_cli.errors import MemgenError
 from memgen_cli.models.base import load_base
@@ -32,72 +29,13 @@ from memgen_cli.training.sft_run import load_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny" / "baseline-sft.yaml"
-ARTIFACT_FILES = {
-    "memgen.json",
-    "recipe.yaml",
-    "metrics.jsonl",
-    "adapter_config.json",
-    "adapter_model.safetensors",
-}
 
-
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    """Tiny models gain nothing from threads; on a busy machine OpenMP spinning costs a lot."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-base")
-    model, tok = make_model("llama")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def write_problems(path: Path, n: int = 12) -> Path:
-    rows = [
-        {
-            "question": f"What is {a} + {a + 1}?",
-            "answer": f"Add {a}, then {a + 1}.\nSo {2 * a + 1}.\n#### {2 * a + 1}",
-        }
-        for a in range(n)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 
 
 def tiny_cfg(tiny_base, tmp_path, *sets) -> BaselineConfig:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    data = write_problems(tmp_path / "train.jsonl")
-    return stage.resolve_config(
-        TINY, list(sets), base=str(tiny_base), data=str(data), output=tmp_path / "out"
-    )
-
-
-class Capture(TrainerCallback):
-    """Keeps the trained model, and optionally sends Ctrl-C at a given step."""
-
-    def __init__(self, interrupt_at: int | None = None):
-        self.interrupt_at, self.model, self.trainer_dataset = interrupt_at, None, None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.interrupt_at:
-            signal.raise_signal(signal.SIGINT)
-
-    def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        self.model = model
-
-
-def files(path: Path) -> set[str]:
-    return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+    """The tiny recipe on 12 problems with worked answers (helpers.tiny_config)."""
+    return tiny_config(stage, TINY, tiny_base, tmp_path, sets, 12, WORKED)
 
 
 def losses(out: Path) -> list[float]:
@@ -175,11 +113,7 @@ def test_training_lowers_loss_and_changes_only_lora_tensors(tiny_base, tmp_path)
     plain = load_base(str(tiny_base), "cpu").model.state_dict()
     lora = {k: v for k, v in trained.items() if "lora_" in k}
     assert lora and all(not torch.all(v == 0) for v in lora.values())
-    reasoner = {
-        k.replace("base_model.model.", "").replace(".base_layer", ""): v
-        for k, v in trained.items()
-        if "lora_" not in k
-    }
+    reasoner = plain_names(trained)
     assert set(reasoner) == set(plain)
     for name, value in plain.items():
         assert torch.equal(reasoner[name], value), f"reasoner tensor {name} changed"
@@ -245,24 +179,24 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_base, tmp_path):
 
 
 # ---------------------------------------------------------------- kinds and bad inputs
-def test_weaver_and_baseline_artifacts_refuse_each_others_place(tiny_base, tmp_path):
+def test_weaver_and_baseline_artifacts_refuse_each_others_place(tiny_base, tiny_weaver, tmp_path):
     baseline = stage.run(tiny_cfg(tiny_base, tmp_path, "training.max_steps=1"))
-    _, weaver = tiny_artifact(tmp_path)
+    _, weaver = tiny_weaver
     with pytest.raises(MemgenError, match="is a LoRA baseline .* not a weaver"):
         load_artifact(baseline, device="cpu")
     with pytest.raises(MemgenError, match="is a weaver artifact .* not a LoRA baseline"):
         load_baseline(weaver, device="cpu")
-    result = CliRunner().invoke(app, ["generate", "Hi?", "--artifact", str(baseline)])
+    result = invoke("generate", "Hi?", "--artifact", baseline)
     assert result.exit_code == 2 and "is a LoRA baseline" in result.output
     assert "Traceback" not in result.output
 
 
 def cli(*args):
-    return CliRunner().invoke(app, ["baseline", "sft", *map(str, args)])
+    return invoke("baseline", "sft", *args)
 
 
 def test_bad_config_exits_2_with_one_message_and_writes_nothing(tiny_base, tmp_path):
-    data = write_problems(tmp_path / "d.jsonl")
+    data = write_problems(tmp_path / "d.jsonl", 12, WORKED)
     common = ["--recipe", TINY, "--base", tiny_base, "--data", data, "--output", tmp_path / "o"]
     cases = [
         (["--set", "lora.targts=[q_proj]"], 'Did you mean "targets"'),

@@ -7,7 +7,6 @@ GSM8K-format JSONL with the tiny recipe; nothing here needs the embedded model.
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,12 @@ import torch
 import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import TrainerCallback
-from typer.testing import CliRunner
 
-from helpers import save_tiny_base, tiny_artifact
+from helpers import BASELINE_ARTIFACT_FILES as ARTIFACT_FILES
+from helpers import TARGET, Capture, files, invoke, plain_names, rows, tiny_config, write_problems
+from helpers import broken_reward as broken_reward  # reward plug-ins, re-exported: the stage
+from helpers import first_token_reward as first_token_reward  # loads test_baseline_grpo:<name>
 from memgen_cli.artifacts import artifact_digest, load_baseline
-from memgen_cli.cli import app
 from memgen_cli.config import BaselineGRPOConfig, load_recipe
 from memgen_cli.data import to_messages
 from memgen_cli.errors import MemgenError
@@ -33,82 +32,13 @@ from memgen_cli.training.sft_run import load_examples
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny" / "baseline-grpo.yaml"
 TINY_SFT = ROOT / "recipes" / "tiny" / "baseline-sft.yaml"
-ARTIFACT_FILES = {
-    "memgen.json",
-    "recipe.yaml",
-    "metrics.jsonl",
-    "adapter_config.json",
-    "adapter_model.safetensors",
-}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy machine OpenMP spinning costs a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    return save_tiny_base(tmp_path_factory.mktemp("tiny-base") / "base")
-
-
-def write_problems(path: Path, n: int = 8) -> Path:
-    rows = [
-        {"question": f"What is {a} + {a + 1}?", "answer": f"So {2 * a + 1}.\n#### {2 * a + 1}"}
-        for a in range(n)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(tiny_base, tmp_path, *sets, **flags) -> BaselineGRPOConfig:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    data = write_problems(tmp_path / "train.jsonl")
-    return stage.resolve_config(
-        TINY, list(sets), base=str(tiny_base), data=str(data), output=tmp_path / "out", **flags
-    )
-
-
-def files(path: Path) -> set[str]:
-    return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
-
-
-def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-class Capture(TrainerCallback):
-    """Keeps the model at the start and end of training, and optionally sends Ctrl-C."""
-
-    def __init__(self, interrupt_at: int | None = None):
-        self.interrupt_at, self.model, self.initial = interrupt_at, None, None
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.interrupt_at:
-            signal.raise_signal(signal.SIGINT)
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.model = model
-
-
-# Reward plug-ins for the tests, loaded by the stage as test_baseline_grpo:<name>.
-TARGET = {"tokens": ()}
-
-
-def first_token_reward(prompts, completions, completion_ids, **columns):
-    """1 when the completion starts with one of the tokens the test chose."""
-    return [float(bool(ids) and ids[0] in TARGET["tokens"]) for ids in completion_ids]
-
-
-def broken_reward(prompts, completions, **columns):
-    raise ValueError("no gold here")
+    """The tiny recipe on 8 problems (helpers.tiny_config)."""
+    return tiny_config(stage, TINY, tiny_base, tmp_path, sets, 8, **flags)
 
 
 @torch.no_grad()
@@ -121,15 +51,6 @@ def first_token_probs(model, tok, cfg) -> torch.Tensor:
     return torch.cat(
         [model(**encode_prompts(tok, [m], "cpu")).logits[:, -1].softmax(-1) for m in msgs]
     )
-
-
-def plain_names(state: dict) -> dict:
-    """A PEFT model's base tensors under the plain model's names."""
-    return {
-        k.replace("base_model.model.", "").replace(".base_layer", ""): v
-        for k, v in state.items()
-        if "lora_" not in k
-    }
 
 
 # --------------------------------------------------------------------------- training
@@ -214,26 +135,20 @@ def test_artifact_file_set_manifest_plain_peft_reload_and_eval(tiny_base, tmp_pa
     assert torch.equal(a, b) and torch.equal(a, c(input_ids=ids).logits)
     assert not torch.allclose(a, plain)  # the adapter really changes the reasoner
 
-    result = CliRunner().invoke(
-        app,
-        ["eval", "--artifact", str(out), "--data", str(tmp_path / "train.jsonl"), "--limit", "2"]
-        + ["--max-new-tokens", "4", "--output", str(tmp_path / "eval"), "--json"],
+    result = invoke(
+        *("eval", "--artifact", out, "--data", tmp_path / "train.jsonl", "--limit", 2),
+        *("--max-new-tokens", 4, "--output", tmp_path / "eval", "--json"),
     )
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert [(r["mode"], r["n"]) for r in metrics["results"]] == [("off", 2)]
 
 
-def test_init_from_a_baseline_sft_artifact_and_refusals(tiny_base, tmp_path):
-    data = write_problems(tmp_path / "sft.jsonl")
-    sft_cfg = sft_stage.resolve_config(
-        TINY_SFT,
-        ["training.max_steps=1", "lora.dropout=0.0"],
-        base=str(tiny_base),
-        data=str(data),
-        output=tmp_path / "sft",
-    )
-    sft = sft_stage.run(sft_cfg)
+def test_init_from_a_baseline_sft_artifact_and_refusals(
+    tiny_base, tiny_weaver, tiny_qwen_base, tmp_path
+):
+    one_step = ["training.max_steps=1", "lora.dropout=0.0"]
+    sft = sft_stage.run(tiny_config(sft_stage, TINY_SFT, tiny_base, tmp_path / "sft", one_step, 8))
     start = load_file(sft / "adapter_model.safetensors")
     # beta > 0: TRL keeps a frozen copy of the init adapter as reference; it stays out.
     TARGET["tokens"] = set(range(0, 300, 2))  # about half the first tokens: groups differ
@@ -257,12 +172,12 @@ def test_init_from_a_baseline_sft_artifact_and_refusals(tiny_base, tmp_path):
     assert manifest["budget"] == sft_manifest["budget"]
     assert manifest["training"]["steps"] == 3
 
-    other = save_tiny_base(tmp_path / "qwen", "qwen2")
+    other = tiny_qwen_base
     with pytest.raises(MemgenError, match="was trained on base .* pass --base"):
         stage.run(tiny_cfg(other, tmp_path / "mismatch", init=sft))
     assert not (tmp_path / "mismatch" / "out").exists()
 
-    _, weaver = tiny_artifact(tmp_path)
+    _, weaver = tiny_weaver
     result = cli(*common(tiny_base, tmp_path / "w"), "--init", weaver)
     assert result.exit_code == 2 and "Traceback" not in result.output
     text = " ".join(result.output.split())
@@ -326,12 +241,12 @@ def test_the_arithmetic_recipe_matches_grpo_weaver_and_the_sft_task():
 
 # -------------------------------------------------------------------------- bad inputs
 def cli(*args):
-    return CliRunner().invoke(app, ["baseline", "grpo", *map(str, args)])
+    return invoke("baseline", "grpo", *args)
 
 
 def common(tiny_base, tmp_path) -> list:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    data = write_problems(tmp_path / "train.jsonl")
+    data = write_problems(tmp_path / "train.jsonl", 8)
     return ["--recipe", TINY, "--base", tiny_base, "--data", data, "--output", tmp_path / "out"]
 
 

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import signal
 import socket
 import zlib
 from pathlib import Path
@@ -22,11 +21,14 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 from torch import multiprocessing as mp
-from transformers import TrainerCallback, set_seed
+from transformers import set_seed
 from typer.testing import CliRunner
 
 from conftest import make_memgen
-from helpers import save_tiny_base, tiny_artifact, torchrun
+from helpers import TARGET, Capture, files, plain_names, rows, tiny_config, torchrun, write_problems
+from helpers import WEAVER_ARTIFACT_FILES as ARTIFACT_FILES
+from helpers import broken_reward as broken_reward  # reward plug-ins, re-exported: the stage
+from helpers import first_token_reward as first_token_reward  # loads test_grpo:<name>
 from memgen_cli.artifacts import artifact_digest
 from memgen_cli.cli import app
 from memgen_cli.config import GenerationConfig, GRPOConfig, load_recipe
@@ -39,89 +41,22 @@ from memgen_cli.training.rollouts import Rollouts, policy_inputs, policy_logprob
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny" / "grpo-weaver.yaml"
-ARTIFACT_FILES = {
-    "memgen.json",
-    "recipe.yaml",
-    "metrics.jsonl",
-    "weaver.safetensors",
-    "weaver/adapter_config.json",
-    "weaver/adapter_model.safetensors",
-}
 MESSAGES = [
     [{"role": "user", "content": "Hi there, what is 2+2?"}],
     [{"role": "user", "content": "Yo, say a word."}],
     [{"role": "user", "content": "Count: 1, 2"}],
 ]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning costs ~4x
-    (measured here: the embedded model's 16-token rollouts took 95-150 s with 2 threads on a
-    shared 2-core CPU), so the slow tests run on one thread too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    return save_tiny_base(tmp_path_factory.mktemp("tiny-base") / "base")
-
-
-def write_problems(path: Path, n: int = 8) -> Path:
-    rows = [
-        {"question": f"What is {a} + {a + 1}?", "answer": f"So {2 * a + 1}.\n#### {2 * a + 1}"}
-        for a in range(n)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+# One thread for the slow tests too (see conftest.one_thread for the measurement).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(tiny_base, tmp_path, *sets, **flags) -> GRPOConfig:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    data = write_problems(tmp_path / "train.jsonl")
-    return stage.resolve_config(
-        TINY, list(sets), base=str(tiny_base), data=str(data), output=tmp_path / "out", **flags
-    )
+    """The tiny recipe on 8 problems (helpers.tiny_config)."""
+    return tiny_config(stage, TINY, tiny_base, tmp_path, sets, 8, **flags)
 
 
-def files(path: Path) -> set[str]:
-    return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
-
-
-def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-class Capture(TrainerCallback):
-    """Keeps the trained objective, and optionally sends Ctrl-C at a given step."""
-
-    def __init__(self, interrupt_at: int | None = None):
-        self.interrupt_at, self.model = interrupt_at, None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.interrupt_at:
-            signal.raise_signal(signal.SIGINT)
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.model = model
-
-
-# Reward plug-ins for the tests, loaded by the stage as test_grpo:<name>.
-TARGET = {"tokens": ()}
-
-
-def first_token_reward(prompts, completions, completion_ids, **columns):
-    """1 when the completion starts with one of the tokens the test chose."""
-    return [float(bool(ids) and ids[0] in TARGET["tokens"]) for ids in completion_ids]
-
-
-def broken_reward(prompts, completions, **columns):
-    raise ValueError("no gold here")
-
-
+# A reward plug-in of this module's own, beside those imported from helpers.
 def even_token_reward(prompts, completions, completion_ids, **columns):
     """The share of even token ids: it differs between a group's sampled completions."""
     return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]
@@ -382,11 +317,7 @@ def test_grpo_steps_raise_a_learnable_reward_and_change_only_the_weaver(tiny_bas
     }
     assert "weaver.queries.prompt" in changed and any("lora_B" in n for n in changed)
     plain = load_base(str(tiny_base), "cpu").model.state_dict()
-    reasoner = {
-        k.replace("base_model.model.", "").replace(".base_layer", ""): v
-        for k, v in trained.peft.state_dict().items()
-        if "lora_" not in k
-    }
+    reasoner = plain_names(trained.peft.state_dict())
     assert set(reasoner) == set(plain)
     for name, value in plain.items():
         assert torch.equal(reasoner[name], value), f"reasoner tensor {name} changed"
@@ -424,9 +355,11 @@ def cli(*args):
     return CliRunner().invoke(app, ["grpo-weaver", *map(str, args)])
 
 
-def test_from_an_sft_artifact_writes_an_artifact_with_its_parent_metrics_and_completions(tmp_path):
-    base_dir, parent = tiny_artifact(tmp_path)  # a weaver artifact (K = 3 / 2, its own memory)
-    data = write_problems(tmp_path / "train.jsonl", n=10)
+def test_from_an_sft_artifact_writes_an_artifact_with_its_parent_metrics_and_completions(
+    tiny_weaver, tmp_path
+):
+    base_dir, parent = tiny_weaver  # a weaver artifact (K = 3 / 2, its own memory)
+    data = write_problems(tmp_path / "train.jsonl", 10)
     out = tmp_path / "out"
     result = cli(
         "--recipe",
@@ -492,13 +425,13 @@ def test_from_an_sft_artifact_writes_an_artifact_with_its_parent_metrics_and_com
         assert abs(sum(r["advantage"] for r in shown[4 * g : 4 * g + 4])) < 1e-3
 
 
-def test_heldout_accuracy_is_what_memgen_eval_measures(tmp_path):
+def test_heldout_accuracy_is_what_memgen_eval_measures(tiny_weaver, tmp_path):
     """The summary's held-out accuracies against an independent measurement: ``memgen eval`` of
     the parent (weaver_initial), of the plain reasoner (memory_off) and of the written artifact
     (weaver_final) on the same two held-out problems, greedy, at the same length and prompt. The
     gold answers are what the plain reasoner and the parent weaver answered before training (an
     exact-match task), so the figures are not all 0 as a tiny model's would be."""
-    base_dir, parent = tiny_artifact(tmp_path)
+    base_dir, parent = tiny_weaver
     problems = [{"question": f"What is {a} + {a + 1}?", "answer": "never-said"} for a in range(10)]
     data, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"  # held: the last 2 rows
 
@@ -680,7 +613,7 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_base, tmp_path):
     ],
 )
 def test_bad_input_exits_2_with_its_message_and_writes_nothing(tiny_base, tmp_path, extra, message):
-    data = write_problems(tmp_path / "train.jsonl")
+    data = write_problems(tmp_path / "train.jsonl", 8)
     out = tmp_path / "out"
     result = cli("--recipe", TINY, "--base", tiny_base, "--data", data, "--output", out, *extra)
     assert result.exit_code == 2, result.output
@@ -777,7 +710,7 @@ def test_tiny_recipe_end_to_end_on_the_embedded_model(tmp_path):
 def test_two_process_torchrun_writes_one_artifact(tiny_base, tmp_path):
     """Launched by torchrun; that two processes train as one process does, on the same
     completions: test_two_processes_train_as_one_process_with_both_micro_batches."""
-    data = write_problems(tmp_path / "train.jsonl")
+    data = write_problems(tmp_path / "train.jsonl", 8)
     out = tmp_path / "out"
     proc = torchrun(
         ["grpo-weaver", "--recipe", TINY, "--base", tiny_base, "--data", data, "--output", out],

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback, set_seed
+from transformers import set_seed
 from typer.testing import CliRunner
 
 from conftest import make_model
-from helpers import torchrun
+from helpers import WEAVER_ARTIFACT_FILES as ARTIFACT_FILES
+from helpers import WORKED, Capture, files, plain_names, tiny_config, torchrun, write_problems
 from memgen_cli.artifacts import load_artifact
 from memgen_cli.cli import app
 from memgen_cli.config import MemoryConfig, SFTConfig, load_recipe
@@ -32,74 +32,13 @@ from memgen_cli.training.sft_data import SFTCollator, encode_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny" / "sft-weaver.yaml"
-ARTIFACT_FILES = {
-    "memgen.json",
-    "recipe.yaml",
-    "metrics.jsonl",
-    "weaver.safetensors",
-    "weaver/adapter_config.json",
-    "weaver/adapter_model.safetensors",
-}
 
-
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning costs ~4x."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    """A 2-layer Llama with the ChatML byte tokenizer, saved as a model directory."""
-    path = tmp_path_factory.mktemp("tiny-base")
-    model, tok = make_model("llama")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def write_problems(path: Path, n: int = 12) -> Path:
-    rows = [
-        {
-            "question": f"What is {a} + {a + 1}?",
-            "answer": f"Add {a}, then {a + 1}.\nSo {2 * a + 1}.\n#### {2 * a + 1}",
-        }
-        for a in range(n)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-class Capture(TrainerCallback):
-    """Keeps the trained objective, and optionally sends Ctrl-C at a given step."""
-
-    def __init__(self, interrupt_at: int | None = None):
-        self.interrupt_at, self.model = interrupt_at, None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.interrupt_at:
-            signal.raise_signal(signal.SIGINT)
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.model = model
+pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 
 
 def tiny_cfg(tiny_base, tmp_path, *sets) -> SFTConfig:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    data = write_problems(tmp_path / "train.jsonl")
-    return stage.resolve_config(
-        TINY, list(sets), base=str(tiny_base), data=str(data), output=tmp_path / "out"
-    )
-
-
-def files(path: Path) -> set[str]:
-    return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+    """The tiny recipe on 12 problems with worked answers (helpers.tiny_config)."""
+    return tiny_config(stage, TINY, tiny_base, tmp_path, sets, 12, WORKED)
 
 
 # ------------------------------------------------------------------------ data pieces
@@ -171,7 +110,7 @@ def test_schedules():
 
 
 def test_flags_map_onto_the_config(tmp_path):
-    data = write_problems(tmp_path / "d.jsonl")
+    data = write_problems(tmp_path / "d.jsonl", 12, WORKED)
     cfg = stage.resolve_config(
         TINY, ["training.learning_rate=0.5"], base="b", data=str(data), output="o"
     )
@@ -229,11 +168,7 @@ def test_training_lowers_loss_changes_every_weaver_tensor_and_not_the_reasoner(t
     for name, p in trained.weaver_parameters().items():
         assert not torch.equal(p.detach(), before[name].detach()), f"{name} did not change"
     plain = load_base(str(tiny_base), "cpu").model.state_dict()
-    reasoner = {
-        k.replace("base_model.model.", "").replace(".base_layer", ""): v
-        for k, v in trained.peft.state_dict().items()
-        if "lora_" not in k
-    }
+    reasoner = plain_names(trained.peft.state_dict())
     assert set(reasoner) == set(plain)
     for name, value in plain.items():
         assert torch.equal(reasoner[name], value), f"reasoner tensor {name} changed"
@@ -363,7 +298,7 @@ def test_tiny_recipe_end_to_end_on_the_embedded_model(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_torchrun_writes_one_artifact(tiny_base, tmp_path):
-    data = write_problems(tmp_path / "train.jsonl")
+    data = write_problems(tmp_path / "train.jsonl", 12, WORKED)
     out = tmp_path / "out"
     proc = torchrun(
         ["sft-weaver", "--recipe", TINY, "--base", tiny_base, "--data", data, "--output", out],
