@@ -10,12 +10,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from reasoning_gym.factory import DATASETS
-from typer.testing import CliRunner
 
-from helpers import save_tiny_base
-from memgen_cli.cli import app
+from helpers import invoke
 from memgen_cli.data import get_task
 from memgen_cli.data.gym import MAX_GRADER_ERROR_RATE, MIN_GRADER_ERRORS, GraderErrors
 from memgen_cli.errors import MemgenError
@@ -24,21 +21,7 @@ from memgen_cli.training import rl
 
 TASK = "spell_backward"
 ROOT = Path(__file__).resolve().parents[1]
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    return save_tiny_base(tmp_path_factory.mktemp("grader-errors") / "base")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def break_scorer(monkeypatch, questions=None, times=None) -> None:
@@ -79,7 +62,7 @@ def test_tolerance_is_more_than_two_percent_and_at_least_three():
 def run_eval(base: Path, out: Path, *extra, limit: int = 10):
     args = ["eval", "--base", base, "--data", f"gym:{TASK}", "--limit", limit]
     args += ["--max-new-tokens", 4, "--batch-size", 5, "--output", out, *extra]
-    return runner.invoke(app, [str(a) for a in args])
+    return invoke(*args)
 
 
 def test_eval_counts_grader_errors_per_row_in_the_table_and_metrics(

@@ -139,15 +139,6 @@ def test_baseline_artifact_records_versions_and_loads_when_they_differ(tmp_path)
     assert manifest["versions"]["torch"] == "2.4.0"
 
 
-@pytest.fixture
-def one_thread():
-    """A tiny model gains nothing from threads; on a busy 2-core machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_eval_records_both_environments_and_notes_the_difference(tmp_path, one_thread):
     base_dir, art = tiny_artifact(tmp_path)
     _rewrite_versions(art, OLD)

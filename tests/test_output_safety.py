@@ -10,10 +10,8 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
-from typer.testing import CliRunner
 
-from helpers import tiny_artifact
+from helpers import invoke
 from memgen_cli import atomic
 from memgen_cli.artifacts import (
     OUTPUT_MARKER,
@@ -23,7 +21,6 @@ from memgen_cli.artifacts import (
     read_manifest,
     write_output,
 )
-from memgen_cli.cli import app
 from memgen_cli.errors import MemgenError
 from memgen_cli.models import base as base_module
 
@@ -36,27 +33,8 @@ ONE_STEP = ["--set", "training.max_steps=1"]
 SHORT = ["--set", "training.max_completion_length=4"]
 EVAL_FILES = ["memgen-output.json", "metrics.json", "predictions.jsonl"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(base_dir, weaver artifact, GSM8K-format file): read by tests, never written."""
-    tmp = tmp_path_factory.mktemp("tiny")
-    base, art = tiny_artifact(tmp)
-    rows = [
-        {"question": f"What is {a} + {a + 1}?", "answer": f"{a} + {a + 1} = {2 * a + 1}.\n#### {2 * a + 1}"}
-        for a in range(12)
-    ]  # fmt: skip
-    data = tmp / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return base, art, data
+# tiny: conftest's (base_dir, weaver artifact, GSM8K-format file): read by tests, never written.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def block_model_loads(monkeypatch) -> None:
@@ -74,7 +52,7 @@ def no_model_loads(monkeypatch):
 
 
 def memgen(*args):
-    return CliRunner().invoke(app, [*map(str, args)], env={"COLUMNS": "400"})
+    return invoke(*args, env={"COLUMNS": "400"})
 
 
 def refused(result, *phrases) -> str:

@@ -16,10 +16,9 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import TrainerCallback
 
-from helpers import tiny_artifact
+from helpers import files, tiny_artifact
 from memgen_cli.artifacts import read_manifest
 from memgen_cli.config import MemoryConfig, from_dict, to_dict
 from memgen_cli.errors import MemgenError
@@ -78,28 +77,8 @@ STAGES = {
     ),
 }
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy machine OpenMP spinning costs a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(base dir, a weaver artifact on it, a data file of 12 problems)."""
-    tmp = tmp_path_factory.mktemp("tiny")
-    base, art = tiny_artifact(tmp)
-    rows = [
-        {"question": f"What is {a} + {a + 1}?", "answer": f"So {2 * a + 1}.\n#### {2 * a + 1}"}
-        for a in range(12)
-    ]
-    data = tmp / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return base, art, data
+# tiny: conftest's (base dir, a weaver artifact on it, a data file of 12 problems).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(stage: Stage, tiny, out: Path, *sets):
@@ -131,10 +110,6 @@ def ctrl_c_at(stage: Stage, step: int) -> list:
                 signal.raise_signal(signal.SIGINT)
 
     return [AtStep()]
-
-
-def files(path: Path) -> set[str]:
-    return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
 
 
 def without(manifest: dict, fields) -> dict:

@@ -18,11 +18,9 @@ import torch
 from safetensors.torch import load_file
 from torch import distributed as dist
 from torch import multiprocessing as mp
-from typer.testing import CliRunner
 
-from helpers import tiny_artifact, torchrun
+from helpers import invoke, rows, torchrun, write_jsonl
 from memgen_cli.artifacts import FORMAT_VERSION, artifact_digest, load_artifact
-from memgen_cli.cli import app
 from memgen_cli.config import GenerationConfig, TriggerRLConfig, TriggerTrainingConfig
 from memgen_cli.errors import MemgenError
 from memgen_cli.models.trigger import Trigger
@@ -55,28 +53,18 @@ ARTIFACT_FILES = {
     "completions/step_00002.jsonl",
 }
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(base_dir, weaver artifact, data file)."""
-    tmp = tmp_path_factory.mktemp("tiny")
-    base, art = tiny_artifact(tmp)
-    data = tmp / "train.jsonl"
+def tiny(tiny_weaver, tmp_path_factory):
+    """(base_dir, weaver artifact, data file): conftest's tiny_weaver and problems of its own."""
     # Answers of 4+ digits: a tiny model's bytes never hit one, so the task reward is 0.
-    rows = [
+    problems = [
         {"question": f"What is {a}000 + {a}007?", "answer": f"#### {2 * a}007"}
         for a in range(1, 13)
     ]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return base, art, data
+    return (*tiny_weaver, write_jsonl(tmp_path_factory.mktemp("tiny") / "train.jsonl", problems))
 
 
 def cfg_for(tiny, out: Path, *sets):
@@ -84,10 +72,6 @@ def cfg_for(tiny, out: Path, *sets):
     return stage.resolve_config(
         TINY, [*SAMPLED, *sets], artifact=art, base=str(base), data=str(data), output=out
     )
-
-
-def rows(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def mean_probability(artifact: Path, base: Path) -> float:
@@ -105,7 +89,7 @@ def mean_probability(artifact: Path, base: Path) -> float:
 
 
 def cli(*args):
-    return CliRunner().invoke(app, ["train-trigger", *map(str, args)])
+    return invoke("train-trigger", *args)
 
 
 def test_cli_writes_a_trigger_artifact_with_the_weaver_unchanged(tiny, tmp_path):
@@ -372,7 +356,7 @@ def test_eval_and_generate_use_the_trained_trigger(tiny, tmp_path):
     art = stage.run(cfg_for(tiny, tmp_path / "trig", *sets))
     args = ["eval", "--data", data, "--artifact", art, "--base", base, "--limit", 8]
     args += ["--memory", "off,weaver,full", "--max-new-tokens", 32, "--json"]
-    result = CliRunner().invoke(app, [*map(str, args), "--output", str(tmp_path / "ev")])
+    result = invoke(*args, "--output", tmp_path / "ev")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     by_mode = {r["mode"]: r for r in report["results"]}
@@ -383,7 +367,7 @@ def test_eval_and_generate_use_the_trained_trigger(tiny, tmp_path):
     for mode in ("weaver", "full"):
         gen = ["generate", "What is 1000 + 1007?", "--artifact", art, "--base", base]
         gen += ["--memory", mode, "--max-new-tokens", 32, "--json"]
-        result = CliRunner().invoke(app, [*map(str, gen)])
+        result = invoke(*gen)
         assert result.exit_code == 0, result.output
         answers[mode] = json.loads(result.stdout)
     kinds = {m: [i["kind"] for i in a["insertions"]] for m, a in answers.items()}
@@ -393,7 +377,7 @@ def test_eval_and_generate_use_the_trained_trigger(tiny, tmp_path):
     assert answers["weaver"]["skipped"] == []
     chat = ["generate", "--interactive", "--artifact", art, "--base", base, "--memory", "full"]
     chat += ["--max-new-tokens", 32]
-    result = CliRunner().invoke(app, [*map(str, chat)], input="What is 1000 + 1007?\n/trace\n")
+    result = invoke(*chat, input="What is 1000 + 1007?\n/trace\n")
     assert result.exit_code == 0, result.output
     assert "skipped" in result.output  # /trace lists the boundaries the trigger skipped
 

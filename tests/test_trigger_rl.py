@@ -24,13 +24,7 @@ MESSAGES = [
     [{"role": "user", "content": "Yo, say a word."}],
 ]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def t(*values):
