@@ -9,7 +9,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from conftest import make_model
-from helpers import save_tiny_base, tiny_artifact
+from helpers import tiny_artifact
 from memgen_cli.artifacts import artifact_digest, atomic_dir, load_artifact, read_manifest
 from memgen_cli.config import GenerationConfig
 from memgen_cli.errors import MemgenError
@@ -65,8 +65,8 @@ def test_round_trip_exact_files_equal_tensors_same_outputs(tmp_path, trained_tri
         assert torch.equal(x, y)
 
 
-def test_artifact_holds_only_trainable_tensors_and_adapter_is_peft_loadable(tmp_path):
-    base_dir, art = tiny_artifact(tmp_path)
+def test_artifact_holds_only_trainable_tensors_and_adapter_is_peft_loadable(tiny_weaver):
+    base_dir, art = tiny_weaver
     adapter = load_file(art / "weaver" / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)  # the base model never leaks in
     plain, _ = make_model("llama")
@@ -74,9 +74,9 @@ def test_artifact_holds_only_trainable_tensors_and_adapter_is_peft_loadable(tmp_
     assert any("lora_A" in n for n, _ in peft.named_parameters())
 
 
-def test_wrong_base_is_refused_with_both_fingerprints(tmp_path):
-    _, art = tiny_artifact(tmp_path)
-    other = load_base(str(save_tiny_base(tmp_path / "other", "qwen2")), device="cpu")
+def test_wrong_base_is_refused_with_both_fingerprints(tiny_weaver, tiny_qwen_base):
+    _, art = tiny_weaver
+    other = load_base(str(tiny_qwen_base), device="cpu")
     with pytest.raises(
         MemgenError, match=r"trained on base .*\(fingerprint .*you passed .*--allow-base-mismatch"
     ):

@@ -58,9 +58,9 @@ def test_full_inserts_less_than_weaver_and_reports_every_figure(tmp_path):
     assert result["full_skips_per_row"] > 0
 
 
-def test_full_needs_a_trained_trigger(tmp_path):
+def test_full_needs_a_trained_trigger(tiny_weaver, tmp_path):
     bench = load_benchmark()
-    _, art = tiny_artifact(tmp_path)  # weaver only
+    _, art = tiny_weaver  # weaver only
     task = str(write_task(tmp_path))
     with pytest.raises(MemgenError, match="trained trigger"):
         bench.compare_artifact(art, memory="full", task=task, limit=1, batch=1, tokens=4)

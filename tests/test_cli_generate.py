@@ -5,7 +5,6 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from helpers import save_tiny_base, tiny_artifact
 from memgen_cli.cli import COMMANDS, app
 
 runner = CliRunner()
@@ -35,15 +34,14 @@ def test_every_command_has_help(name):
     assert result.exit_code == 0 and "Usage" in result.output
 
 
-def test_generate_without_artifact_says_memory_is_off(tmp_path):
-    base = save_tiny_base(tmp_path / "base")
-    result = invoke("generate", "What is 2+2?", "--base", base, "--max-new-tokens", "6")
+def test_generate_without_artifact_says_memory_is_off(tiny_base):
+    result = invoke("generate", "What is 2+2?", "--base", tiny_base, "--max-new-tokens", "6")
     assert result.exit_code == 0
     assert "memory is off" in result.output and "[memory off: 0 insertions]" in result.output
 
 
-def test_generate_one_shot_with_artifact_shows_markers_and_json(tmp_path):
-    _, art = tiny_artifact(tmp_path)
+def test_generate_one_shot_with_artifact_shows_markers_and_json(tiny_weaver):
+    _, art = tiny_weaver
     result = invoke("generate", "Hello, there.", "--artifact", art, "--max-new-tokens", "12")
     assert result.exit_code == 0, result.output
     assert "⟨mem 3⟩" in result.output  # the prompt insertion (K=3 in the tiny artifact)
@@ -57,8 +55,8 @@ def test_generate_one_shot_with_artifact_shows_markers_and_json(tmp_path):
     assert data["num_tokens"] <= 12
 
 
-def test_generate_batch_file(tmp_path):
-    _, art = tiny_artifact(tmp_path)
+def test_generate_batch_file(tiny_weaver, tmp_path):
+    _, art = tiny_weaver
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
         "".join(json.dumps({"prompt": f"question {i}, please."}) + "\n" for i in range(5))
@@ -91,19 +89,18 @@ def test_generate_batch_file(tmp_path):
         ("", "holds no prompts"),
     ],
 )
-def test_generate_batch_bad_input(tmp_path, lines, message):
-    base = save_tiny_base(tmp_path / "base")
+def test_generate_batch_bad_input(tiny_base, tmp_path, lines, message):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(lines)
     result = invoke(
-        "generate", "--input", prompts, "--output", tmp_path / "o.jsonl", "--base", base
+        "generate", "--input", prompts, "--output", tmp_path / "o.jsonl", "--base", tiny_base
     )
     assert result.exit_code == 2 and message in result.output
     assert "Traceback" not in result.output and not (tmp_path / "o.jsonl").exists()
 
 
-def test_generate_errors_exit_2(tmp_path):
-    _, art = tiny_artifact(tmp_path)
+def test_generate_errors_exit_2(tiny_weaver, tmp_path):
+    _, art = tiny_weaver
     result = invoke("generate", "hi", "--artifact", art, "--memory", "full")
     assert result.exit_code == 2 and "needs a trained trigger" in result.output
     result = invoke("generate", "hi", "--artifact", tmp_path / "missing")
@@ -112,8 +109,8 @@ def test_generate_errors_exit_2(tmp_path):
     assert result.exit_code == 2 and "exactly one of" in result.output
 
 
-def test_interactive_chat_through_stdin(tmp_path):
-    _, art = tiny_artifact(tmp_path)
+def test_interactive_chat_through_stdin(tiny_weaver):
+    _, art = tiny_weaver
     script = "Hello, you.\n/trace\n/memory off\nAgain.\n/trace\n/clear\n/bogus\n/exit\n"
     result = invoke(
         "generate", "--interactive", "--artifact", art, "--max-new-tokens", "8", input=script
@@ -127,10 +124,9 @@ def test_interactive_chat_through_stdin(tmp_path):
     assert "memory off" in out and "history cleared" in out and "commands:" in out
 
 
-def test_interactive_leaves_cleanly_on_eof(tmp_path):
-    base = save_tiny_base(tmp_path / "base")
+def test_interactive_leaves_cleanly_on_eof(tiny_base):
     result = invoke(
-        "generate", "--interactive", "--base", base, "--max-new-tokens", "4", input="hi\n"
+        "generate", "--interactive", "--base", tiny_base, "--max-new-tokens", "4", input="hi\n"
     )
     assert result.exit_code == 0 and result.output.count("memgen>") == 1
 

@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from helpers import save_tiny_base, tiny_artifact, torchrun
+from helpers import tiny_artifact, torchrun, write_jsonl
 from memgen_cli import distributed
 from memgen_cli.cli import app
 from memgen_cli.data import get_task
@@ -28,29 +28,18 @@ QUESTIONS = [
     f"Sam has {i} apples and buys {i + 3} more, then eats one. How many are left?" for i in range(7)
 ]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine two threads per
-    process slow each step down by orders of magnitude."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_weaver, tmp_path_factory):
     """(base_dir, artifact_dir, gsm8k-format file) shared by the tests of this module."""
-    tmp = tmp_path_factory.mktemp("eval")
-    base, art = tiny_artifact(tmp)
-    return base, art, write_gsm8k(tmp / "gsm.jsonl", QUESTIONS)
+    return (*tiny_weaver, write_gsm8k(tmp_path_factory.mktemp("eval") / "gsm.jsonl", QUESTIONS))
 
 
 def write_gsm8k(path: Path, questions: list[str]) -> Path:
     rows = [{"question": q, "answer": f"Work.\n#### {2 * i + 2}"} for i, q in enumerate(questions)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(path, rows)
 
 
 def invoke(*args):
@@ -286,16 +275,8 @@ def test_accuracy_counts_what_the_grader_accepts(tiny, tmp_path):
 def test_without_artifact_only_off_and_it_says_so(tiny, tmp_path):
     base, _, data = tiny
     result = invoke(
-        "--base",
-        base,
-        "--data",
-        data,
-        "--limit",
-        2,
-        "--max-new-tokens",
-        4,
-        "--output",
-        tmp_path / "o",
+        *("--base", base, "--data", data, "--limit", 2),
+        *("--max-new-tokens", 4, "--output", tmp_path / "o"),
     )
     assert result.exit_code == 0, result.output
     assert "only memory off (the plain reasoner) is evaluated" in result.stderr
@@ -309,21 +290,9 @@ def test_without_artifact_only_off_and_it_says_so(tiny, tmp_path):
 def test_prompt_suffix_override_is_used_and_warned_about(tiny, tmp_path):
     _, art, data = tiny
     result = invoke(
-        "--artifact",
-        art,
-        "--data",
-        data,
-        "--limit",
-        2,
-        "--memory",
-        "off",
-        "--max-new-tokens",
-        4,
-        "--prompt-suffix",
-        "Box it.",
-        "--output",
-        tmp_path / "o",
-        "--json",
+        *("--artifact", art, "--data", data, "--limit", 2, "--memory", "off"),
+        *("--max-new-tokens", 4, "--prompt-suffix", "Box it."),
+        *("--output", tmp_path / "o", "--json"),
     )
     assert result.exit_code == 0, result.output
     assert "differs from the artifact's training format" in result.stderr
@@ -555,7 +524,9 @@ def _hub_error(message: str):
         ("full_without_trigger", "needs a trained trigger"),
     ],
 )
-def test_bad_input_one_clear_message_exit_2(case, message, tiny, tmp_path, monkeypatch):
+def test_bad_input_one_clear_message_exit_2(
+    case, message, tiny, tiny_qwen_base, tmp_path, monkeypatch
+):
     base, art, data = tiny
     args = ["--data", data, "--base", base, "--max-new-tokens", 2]
     if case == "unknown_task":
@@ -575,7 +546,7 @@ def test_bad_input_one_clear_message_exit_2(case, message, tiny, tmp_path, monke
         )
         args[1] = "gpqa" if case == "gated" else "gsm8k"
     elif case == "other_base":
-        args[3] = save_tiny_base(tmp_path / "qwen", "qwen2")
+        args[3] = tiny_qwen_base
         args += ["--artifact", art]
     elif case == "weaver_without_artifact":
         args += ["--memory", "off,weaver"]

@@ -12,8 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_memgen
-from helpers import tiny_artifact
+from conftest import make_memgen, torch_threads
 from memgen_cli.artifacts import artifact_digest
 from memgen_cli.cli import app
 from memgen_cli.config import GenerationConfig
@@ -28,11 +27,9 @@ QUESTION = "Hi there, what is 2+2?"
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny models gain nothing from threads, and a busy 2-core machine makes them crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """conftest's one_thread for the whole module: its shared runs are made on one thread too."""
+    with torch_threads(1):
+        yield
 
 
 def invoke(*args):
@@ -300,9 +297,8 @@ def documented_keys() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("inspect")
-    return tiny_artifact(tmp)  # K=3 prompt latents, 2 per inference insertion
+def artifact(tiny_weaver):
+    return tiny_weaver  # K=3 prompt latents, 2 per inference insertion
 
 
 @pytest.fixture(scope="module")
@@ -311,20 +307,8 @@ def prompt_run(artifact, tmp_path_factory):
     out = tmp_path_factory.mktemp("prompt-run")
     before = artifact_digest(art)
     result = invoke(
-        "--artifact",
-        art,
-        "--base",
-        base,
-        "--prompt",
-        QUESTION,
-        "--max-new-tokens",
-        30,
-        "--layers",
-        "--json",
-        "--html",
-        out / "report.html",
-        "--output",
-        out / "plots",
+        *("--artifact", art, "--base", base, "--prompt", QUESTION, "--max-new-tokens", 30),
+        *("--layers", "--json", "--html", out / "report.html", "--output", out / "plots"),
     )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout), out, before
@@ -461,16 +445,8 @@ def test_bad_input_gets_one_clear_message(artifact, tmp_path, monkeypatch):
         invoke("--artifact", art, "--prompt", "hi", "--html", art / "r.html"), "inside the artifact"
     )
     result = invoke(
-        "--artifact",
-        art,
-        "--base",
-        base,
-        "--prompt",
-        "Hi, you.",
-        "--max-new-tokens",
-        8,
-        "--clusters",
-        40,
+        *("--artifact", art, "--base", base, "--prompt", "Hi, you."),
+        *("--max-new-tokens", 8, "--clusters", 40),
     )
     _fails(result, "--clusters 40 is more than the")
 

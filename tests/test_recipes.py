@@ -88,12 +88,11 @@ def test_baseline_grpo_recipes_pass_the_stages_checks(tmp_path):
         assert baseline_grpo.validate(cfg, None) == (None, None), path
 
 
-def test_trigger_recipes_pass_the_stages_checks(tmp_path):
+def test_trigger_recipes_pass_the_stages_checks(tiny_weaver, tmp_path):
     """Every train-trigger recipe passes the stage's up-front checks (G, batch, penalty, ...)."""
-    from helpers import tiny_artifact
     from memgen_cli.stages import train_trigger
 
-    _, art = tiny_artifact(tmp_path)
+    _, art = tiny_weaver
     paths = sorted(RECIPES.rglob("train-trigger.yaml"))
     assert len(paths) >= 3
     for path in paths:
