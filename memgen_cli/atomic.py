@@ -5,7 +5,7 @@ Directories are swapped with Linux ``renameat2(RENAME_EXCHANGE)``: one system ca
 new directory at the target and the old one at the new one's former path, for the caller to
 remove. Where the system or filesystem cannot exchange, two renames (old aside, new in) run
 with Ctrl-C held back until both are done, and the old directory is put back if the second
-fails. Which paths may be replaced at all is decided by ``artifacts.check_output``.
+fails. Which paths may be replaced at all is decided by ``outputs.check_output``.
 """
 
 from __future__ import annotations

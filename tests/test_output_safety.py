@@ -13,16 +13,10 @@ import pytest
 
 from helpers import invoke
 from memgen_cli import atomic
-from memgen_cli.artifacts import (
-    OUTPUT_MARKER,
-    artifact_digest,
-    atomic_dir,
-    check_output,
-    read_manifest,
-    write_output,
-)
+from memgen_cli.artifacts import artifact_digest, read_manifest
 from memgen_cli.errors import MemgenError
 from memgen_cli.models import base as base_module
+from memgen_cli.outputs import OUTPUT_MARKER, atomic_dir, check_output, write_output
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "tiny"

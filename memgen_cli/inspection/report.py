@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from memgen_cli.artifacts import atomic_dir, write_output
 from memgen_cli.inspection import plots, probe
+from memgen_cli.outputs import atomic_dir, write_output
 
 TIMINGS = (
     "load_s",

@@ -14,7 +14,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from memgen_cli.artifacts import check_output, write_output
 from memgen_cli.config import GenerationConfig
 from memgen_cli.console import make_console
 from memgen_cli.errors import MemgenError
@@ -27,6 +26,7 @@ from memgen_cli.generation import (
     generate,
     iter_generate,
 )
+from memgen_cli.outputs import check_output, write_output
 from memgen_cli.rendering import MARKER, segments
 from memgen_cli.stages.common import (
     Session,

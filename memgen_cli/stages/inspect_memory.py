@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from memgen_cli.artifacts import MANIFEST, WEAVER_FILES, artifact_digest, check_output
+from memgen_cli.artifacts import MANIFEST, WEAVER_FILES, artifact_digest
 from memgen_cli.config import GenerationConfig
 from memgen_cli.console import make_console
 from memgen_cli.data import get_task, to_messages
@@ -35,6 +35,7 @@ from memgen_cli.generation import encode_prompts, generate
 from memgen_cli.inspection import clusters as C
 from memgen_cli.inspection import probe as P
 from memgen_cli.inspection import report as R
+from memgen_cli.outputs import check_output
 from memgen_cli.rendering import segments
 from memgen_cli.stages.common import open_session, resolve_suffix, user_message
 
