@@ -105,6 +105,17 @@ def test_read_jsonl_non_object_line_and_blank_lines(tmp_path):
     assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
 
 
+def test_read_jsonl_text_that_is_not_utf8_is_one_message(tmp_path):
+    """A Latin-1 file (an export from a spreadsheet, say) names the file, not a traceback."""
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(
+        '{"question": "Combien coûte un café ?", "answer": "#### 2"}\n'.encode("latin-1")
+    )
+    with pytest.raises(MemgenError, match="is not UTF-8 text") as err:
+        read_jsonl(path)
+    assert str(path) in str(err.value)
+
+
 def test_gsm8k_missing_final_answer(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"question": "q", "answer": "no marker"}])
     with pytest.raises(MemgenError, match="####"):

@@ -6,15 +6,17 @@ import doctest
 
 import pytest
 
-from memgen_cli.data import base, graders
-from memgen_cli.data.graders import (
-    GRADERS,
+from memgen_cli.data import base, extraction, graders
+from memgen_cli.data.extraction import (
     extract_boxed,
     extract_choice_letter,
     extract_final_answer,
     extract_hash_answer,
     extract_last_number,
     extract_math_answer,
+)
+from memgen_cli.data.graders import (
+    GRADERS,
     grade_numeric,
     math_accuracy_reward,
     math_equal,
@@ -457,7 +459,7 @@ def test_chain_steps_reward_follows_the_chain_left_to_right():
     ) == [1.0]
 
 
-@pytest.mark.parametrize("module", [graders, base])
+@pytest.mark.parametrize("module", [graders, extraction, base])
 def test_doctests(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memgen_cli.data.graders import extract_math_answer, math_equal
+from memgen_cli.data.extraction import extract_math_answer
+from memgen_cli.data.graders import math_equal
 from memgen_cli.errors import MemgenError
 
 
@@ -73,32 +75,42 @@ def to_messages(
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSONL file of objects; blank lines are skipped.
 
-    Raises MemgenError naming the file (and the 1-based line) for a missing file, an
-    unreadable line, a line that is not an object, or a file with no records.
+    Raises MemgenError naming the file (and the 1-based line) for a missing file, text that is
+    not UTF-8, an unreadable line, a line that is not an object, or a file with no records.
     """
     path = Path(path)
     if not path.is_file():
         raise MemgenError(f"data file not found: {path}")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MemgenError(
-                    f"{path}: line {lineno} is not valid JSON ({e.msg}); "
-                    "each line must be one JSON object."
-                ) from None
-            if not isinstance(row, dict):
-                raise MemgenError(
-                    f"{path}: line {lineno} is a JSON {type(row).__name__}, not an object."
-                )
-            rows.append(row)
+    for lineno, row in jsonl_values(path):
+        if not isinstance(row, dict):
+            raise MemgenError(
+                f"{path}: line {lineno} is a JSON {type(row).__name__}, not an object."
+            )
+        rows.append(row)
     if not rows:
         raise MemgenError(f"{path} is empty: expected one JSON object per line.")
     return rows
+
+
+def jsonl_values(path: Path) -> Iterator[tuple[int, Any]]:
+    """(1-based line number, value) for each non-blank line of a JSONL file; text that is not
+    UTF-8 or a line that is not JSON raises MemgenError naming the file and the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MemgenError(f"{path} is not UTF-8 text ({e.reason}).") from None
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MemgenError(
+                f"{path}: line {lineno} is not valid JSON ({e.msg}); "
+                "each line must be one JSON object."
+            ) from None
+        yield lineno, value
 
 
 def get_field(row: dict[str, Any], column: str) -> Any:
@@ -185,3 +197,49 @@ def load_hub(
             else "the Hugging Face hub could not be reached or has no such dataset"
         )
         raise MemgenError(f"could not load {what}: {why} [{reason}]. {hint}".strip()) from None
+
+
+# --------------------------------------------------------------------------- hub tasks
+
+
+class HubTask(Task):
+    """A task read from a hub dataset, or from a local copy of it: ``path``, a ``.jsonl`` file
+    (used for any split) or a directory of ``{split}.jsonl``.
+
+    A subclass names its dataset (``hub_id``, ``hub_config``), the ``columns`` every record
+    needs and the ``hint`` shown when the hub cannot be read, and turns a record into an
+    Example (``example``). It overrides ``hub_rows`` to refuse a split or hold rows out.
+    """
+
+    hub_id: str = ""
+    hub_config: str | None = None
+    columns: tuple[str, ...] = ()
+    hint: str = ""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else None
+
+    def load(
+        self, split: str | None = None, limit: int | None = None, seed: int | None = None
+    ) -> list[Example]:
+        split = split or self.default_split
+        rows, source = self.rows(split)
+        examples = [self.example(row, split, i, source) for i, row in enumerate(rows)]
+        return select(examples, limit, seed)
+
+    def rows(self, split: str) -> tuple[list[dict], str]:
+        """The records of ``split``, each with every column, and where they came from."""
+        if self.path is not None:
+            file = local_split_file(self.path, split)
+            rows, source = read_jsonl(file), str(file)
+        else:
+            rows, source = self.hub_rows(split), f"{self.hub_id}:{split}"
+        require_columns(rows, list(self.columns), source)
+        return rows, source
+
+    def hub_rows(self, split: str) -> list[dict]:
+        return load_hub(self.hub_id, self.hub_config, split, self.hint)
+
+    def example(self, row: dict, split: str, index: int, source: str) -> Example:
+        """One record as an Example; ``source`` names the file or dataset in errors."""
+        raise NotImplementedError

@@ -9,31 +9,22 @@ seed and the record, and listed as A) .. D) under the question.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
-from memgen_cli.data.base import (
-    Example,
-    Task,
-    load_hub,
-    local_split_file,
-    read_jsonl,
-    require_columns,
-    select,
-)
-from memgen_cli.data.graders import extract_choice_letter
+from memgen_cli.data.base import Example, HubTask, select
+from memgen_cli.data.extraction import extract_choice_letter
 
 HUB_ID, HUB_CONFIG = "Idavidrein/gpqa", "gpqa_diamond"
 LETTERS = "ABCD"
-COLUMNS = [
+COLUMNS = (
     "Question",
     "Correct Answer",
     "Incorrect Answer 1",
     "Incorrect Answer 2",
     "Incorrect Answer 3",
-]
+)
 
 
-class GPQATask(Task):
+class GPQATask(HubTask):
     """GPQA diamond. The hub has one split, ``train`` (198 questions), used for evaluation.
 
     ``seed`` (default ``eval_seed``) sets the option order only; examples keep file order
@@ -43,29 +34,20 @@ class GPQATask(Task):
     name = "gpqa"
     default_split = "train"
     eval_seed = 0
-
-    def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path is not None else None
+    hub_id, hub_config = HUB_ID, HUB_CONFIG
+    columns = COLUMNS
+    hint = (
+        "Or use a local copy: --data gpqa --task-option path=path/to/gpqa.jsonl with the columns "
+        + ", ".join(COLUMNS)
+        + "."
+    )
 
     def load(
         self, split: str | None = None, limit: int | None = None, seed: int | None = None
     ) -> list[Example]:
-        split = split or self.default_split
-        rows, source = self._rows(split)
-        require_columns(rows, COLUMNS, source)
+        rows, _ = self.rows(split or self.default_split)
         seed = self.eval_seed if seed is None else seed
         return select([self._example(row, i, seed) for i, row in enumerate(rows)], limit, None)
-
-    def _rows(self, split: str) -> tuple[list[dict], str]:
-        if self.path is not None:
-            file = local_split_file(self.path, split)
-            return read_jsonl(file), str(file)
-        hint = (
-            "Or use a local copy: --data gpqa --task-option path=path/to/gpqa.jsonl with the columns "
-            + ", ".join(COLUMNS)
-            + "."
-        )
-        return load_hub(HUB_ID, HUB_CONFIG, split, hint), f"{HUB_ID}:{split}"
 
     @staticmethod
     def _example(row: dict, index: int, seed: int) -> Example:

@@ -9,18 +9,10 @@ annotations removed; its ``answer`` is ``N``.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-from memgen_cli.data.base import (
-    Example,
-    Task,
-    load_hub,
-    local_split_file,
-    read_jsonl,
-    require_columns,
-    select,
-)
-from memgen_cli.data.graders import extract_hash_answer, extract_math_answer, numeric_equal
+from memgen_cli.data.base import Example, HubTask
+from memgen_cli.data.extraction import extract_hash_answer
+from memgen_cli.data.graders import numeric_equal
 from memgen_cli.errors import MemgenError
 
 HUB_ID, HUB_CONFIG = "openai/gsm8k", "main"
@@ -41,47 +33,32 @@ def gsm8k_example(row: dict, id_: str) -> Example:
     )
 
 
-class GSM8KTask(Task):
+class GSM8KTask(HubTask):
     """GSM8K; ``path`` is a ``.jsonl`` file (used for any split) or a directory holding
     ``{split}.jsonl``. Without ``path`` the data comes from the hub."""
 
     name = "gsm8k"
     default_split = "test"
+    hub_id, hub_config = HUB_ID, HUB_CONFIG
+    columns = ("question", "answer")
+    hint = (
+        "Use a local copy instead: --data path/to/test.jsonl (GSM8K JSONL with "
+        "'question' and 'answer'), or the offline task gsm_symbolic."
+    )
 
-    def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path is not None else None
-
-    def load(
-        self, split: str | None = None, limit: int | None = None, seed: int | None = None
-    ) -> list[Example]:
-        split = split or self.default_split
-        rows, source = self._rows(split)
-        require_columns(rows, ["question", "answer"], source)
-        examples = []
-        for index, row in enumerate(rows):
-            example = gsm8k_example(row, f"gsm8k/{split}/{index}")
-            if not example.answer:
-                raise MemgenError(
-                    f"{source}: record {index + 1} has no final answer: the 'answer' text "
-                    "must end with a line '#### <number>'."
-                )
-            examples.append(example)
-        return select(examples, limit, seed)
-
-    def _rows(self, split: str) -> tuple[list[dict], str]:
-        if self.path is not None:
-            file = local_split_file(self.path, split)
-            return read_jsonl(file), str(file)
+    def hub_rows(self, split: str) -> list[dict]:
         if split not in SPLITS:
             raise MemgenError(f"gsm8k has splits {', '.join(SPLITS)}; got {split!r}.")
-        hint = (
-            "Use a local copy instead: --data path/to/test.jsonl (GSM8K JSONL with "
-            "'question' and 'answer'), or the offline task gsm_symbolic."
-        )
-        return load_hub(HUB_ID, HUB_CONFIG, split, hint), f"{HUB_ID}:{split}"
+        return super().hub_rows(split)
 
-    def extract(self, completion: str) -> str | None:
-        return extract_math_answer(completion)
+    def example(self, row: dict, split: str, index: int, source: str) -> Example:
+        example = gsm8k_example(row, f"gsm8k/{split}/{index}")
+        if not example.answer:
+            raise MemgenError(
+                f"{source}: record {index + 1} has no final answer: the 'answer' text "
+                "must end with a line '#### <number>'."
+            )
+        return example
 
     def grade(self, completion: str, example: Example) -> float:
         return float(numeric_equal(self.extract(completion), example.answer))

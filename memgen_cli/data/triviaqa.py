@@ -7,19 +7,9 @@ either ``answer.aliases`` (the hub's layout) or ``answers`` (a list of strings).
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from memgen_cli.data.base import (
-    Example,
-    Task,
-    has_field,
-    load_hub,
-    local_split_file,
-    read_jsonl,
-    require_columns,
-    select,
-)
-from memgen_cli.data.graders import extract_final_answer, qa_exact_match
+from memgen_cli.data.base import Example, HubTask, has_field
+from memgen_cli.data.extraction import extract_final_answer
+from memgen_cli.data.graders import qa_exact_match
 from memgen_cli.errors import MemgenError
 
 HUB_ID, HUB_CONFIG = "mandarjoshi/trivia_qa", "rc.nocontext"
@@ -35,46 +25,29 @@ def _aliases(row: dict) -> list[str]:
     return [answers] if isinstance(answers, str) else list(answers)
 
 
-class TriviaQATask(Task):
+class TriviaQATask(HubTask):
     """TriviaQA ``rc.nocontext``, or a local file (``path``: ``.jsonl`` or directory)."""
 
     name = "triviaqa"
     default_split = "validation"
+    hub_id, hub_config = HUB_ID, HUB_CONFIG
+    columns = ("question",)
+    hint = "Use a local copy instead: --data triviaqa --task-option path=path/to/triviaqa.jsonl (question, answers)."
 
-    def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path is not None else None
-
-    def load(
-        self, split: str | None = None, limit: int | None = None, seed: int | None = None
-    ) -> list[Example]:
-        split = split or self.default_split
-        rows, source = self._rows(split)
-        require_columns(rows, ["question"], source)
-        examples = []
-        for index, row in enumerate(rows):
-            aliases = [a for a in dict.fromkeys(_aliases(row)) if a]
-            if not aliases:
-                raise MemgenError(
-                    f"{source}: record {index + 1} has no answers: give 'answer.aliases' "
-                    f"or 'answers' (columns found: {', '.join(sorted(row))})."
-                )
-            examples.append(
-                Example(
-                    id=str(row.get("question_id") or f"triviaqa/{split}/{index}"),
-                    question=row["question"].strip(),
-                    answer=aliases[0],
-                    solution=None,
-                    meta={"aliases": aliases},
-                )
+    def example(self, row: dict, split: str, index: int, source: str) -> Example:
+        aliases = [a for a in dict.fromkeys(_aliases(row)) if a]
+        if not aliases:
+            raise MemgenError(
+                f"{source}: record {index + 1} has no answers: give 'answer.aliases' "
+                f"or 'answers' (columns found: {', '.join(sorted(row))})."
             )
-        return select(examples, limit, seed)
-
-    def _rows(self, split: str) -> tuple[list[dict], str]:
-        if self.path is not None:
-            file = local_split_file(self.path, split)
-            return read_jsonl(file), str(file)
-        hint = "Use a local copy instead: --data triviaqa --task-option path=path/to/triviaqa.jsonl (question, answers)."
-        return load_hub(HUB_ID, HUB_CONFIG, split, hint), f"{HUB_ID}:{split}"
+        return Example(
+            id=str(row.get("question_id") or f"triviaqa/{split}/{index}"),
+            question=row["question"].strip(),
+            answer=aliases[0],
+            solution=None,
+            meta={"aliases": aliases},
+        )
 
     def extract(self, completion: str) -> str | None:
         return extract_final_answer(completion)

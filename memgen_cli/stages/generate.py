@@ -16,6 +16,7 @@ from rich.text import Text
 
 from memgen_cli.config import GenerationConfig
 from memgen_cli.console import make_console
+from memgen_cli.data.base import jsonl_values
 from memgen_cli.errors import MemgenError
 from memgen_cli.generation import (
     GenerationOutput,
@@ -132,18 +133,8 @@ def read_prompts(path: Path) -> list[str]:
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise MemgenError(f"--input {path} {what}; give a JSONL file of prompts.")
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as exc:
-        raise MemgenError(f"--input {path} is not UTF-8 text ({exc.reason}).") from None
     prompts = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MemgenError(f"{path} line {number} is not valid JSON ({exc.msg}).") from exc
+    for number, obj in jsonl_values(path):  # not UTF-8, a line not JSON: one message each
         text = obj.get("prompt", obj.get("question")) if isinstance(obj, dict) else None
         if not isinstance(text, str):
             raise MemgenError(

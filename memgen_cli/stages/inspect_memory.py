@@ -29,7 +29,7 @@ from memgen_cli.artifacts import MANIFEST, WEAVER_FILES, artifact_digest
 from memgen_cli.config import GenerationConfig
 from memgen_cli.console import make_console
 from memgen_cli.data import get_task, to_messages
-from memgen_cli.data.graders import extract_math_answer
+from memgen_cli.data.extraction import extract_math_answer
 from memgen_cli.errors import MemgenError
 from memgen_cli.generation import encode_prompts, generate
 from memgen_cli.inspection import clusters as C
