@@ -15,16 +15,15 @@ weaver's (``lora.r: null``; both counts are recorded). Reads top to bottom:
 4. save: the main process writes the baseline artifact atomically (a PEFT adapter directory
    plus ``memgen.json`` of kind ``baseline``).
 
-The pieces every baseline method shares (LoRA settings at the weaver's budget, callbacks, the
-train call with Ctrl-C, the summary's common fields, the artifact) are the helpers below;
-``stages/baseline_grpo.py`` (``memgen baseline grpo``) builds on them.
+The training frame (config, output guard, resume, Ctrl-C, summary, artifact) is
+``stages/frame.py``'s; what every baseline method adds to it (a weaver recipe read as the
+baseline's, LoRA settings at the weaver's budget, the artifact's LoRA rows) is below, and
+``stages/baseline_grpo.py`` (``memgen baseline grpo``) builds on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import time
 from pathlib import Path
 
 import datasets
@@ -33,42 +32,23 @@ import trl
 from peft import LoraConfig
 from rich.console import Console
 from rich.table import Table
-from transformers import PrinterCallback, set_seed
 
-from memgen_cli.artifacts import check_output, save_baseline
-from memgen_cli.config import (
-    BaselineConfig,
-    BaselineGRPOConfig,
-    BaselineLoraConfig,
-    MemoryConfig,
-    dump_yaml,
-    load_recipe,
-    to_dict,
-)
-from memgen_cli.console import make_console
-from memgen_cli.data import Task
+from memgen_cli.artifacts import save_baseline
+from memgen_cli.config import BaselineConfig, BaselineLoraConfig, MemoryConfig
 from memgen_cli.errors import MemgenError
-from memgen_cli.models.base import LoadedBase, load_base
+from memgen_cli.models.base import LoadedBase
 from memgen_cli.models.weaver import Weaver
+from memgen_cli.stages import frame
+from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
+from memgen_cli.stages.frame import checkpoint_dir as checkpoint_dir
 from memgen_cli.training.sft_data import tokenize_samples
 from memgen_cli.training.sft_run import (
-    ResumedIntervals,
-    begin_checkpoints,
-    data_config,
     load_examples,
-    mean_loss,
-    resume_point,
     trainer_arguments,
     validate_memory,
     validate_training,
 )
-from memgen_cli.training.trainer_parts import (
-    MetricsLog,
-    RichProgress,
-    StopOnSignal,
-    Throughput,
-    world_size,
-)
+from memgen_cli.training.trainer_parts import RichProgress
 
 METHODS = ("sft", "grpo")
 # The keys of a weaver's recipe a baseline accepts and does not read, so a resume ignores them:
@@ -88,41 +68,13 @@ WEAVER_ONLY = (
 IGNORE = -100
 
 
-class TrainingInterrupted(Exception):
-    """Ctrl-C stopped training after writing a resumable checkpoint."""
-
-    def __init__(self, checkpoint: Path):
-        super().__init__(str(checkpoint))
-        self.checkpoint = checkpoint
-
-
 # ----------------------------------------------------------------------------- config
-def resolve_config(
-    recipe: str | Path | None = None,
-    overrides: list[str] | None = None,
-    *,
-    base: str | None = None,
-    data: str | None = None,
-    columns: dict[str, str] | None = None,
-    task_options: dict | None = None,
-    output: str | Path | None = None,
-    report_to: str | None = None,
-) -> BaselineConfig:
-    """Recipe, then ``--set`` overrides, then the command's own flags (which win)."""
-    cfg = load_recipe(BaselineConfig, recipe, overrides)
-    if output is None and "output" not in set_keys(overrides):
-        output = counterpart(recipe, cfg.output, "baseline-sft")
-    model = cfg.model if base is None else dataclasses.replace(cfg.model, base=base)
-    t = cfg.training
-    if report_to is not None:
-        t = dataclasses.replace(t, report_to=report_to)
-    return dataclasses.replace(
-        cfg,
-        model=model,
-        data=data_config(cfg.data, data, columns, task_options),
-        training=t,
-        output=str(output) if output else cfg.output,
-    )
+def resolve_config(recipe=None, overrides=None, **flags) -> BaselineConfig:
+    """Recipe, then ``--set`` overrides, then the command's own flags (which win): ``base``,
+    ``data``, ``columns``, ``task_options``, ``output``, ``report_to``. A weaver's recipe writes
+    beside the weaver's output (``beside_weaver``)."""
+    cfg = frame.resolve_config(BaselineConfig, recipe, overrides, **flags)
+    return beside_weaver(cfg, recipe, overrides, flags, output="baseline-sft")
 
 
 # Recipes are named for their stage (recipes/<model>/<task>/<stage>.yaml). A weaver stage's
@@ -146,14 +98,17 @@ def counterpart(recipe: str | Path | None, path: str | None, name: str) -> str |
     return str(Path(path).with_name(name))
 
 
-def set_keys(overrides: list[str] | None) -> set[str]:
-    """The keys ``--set`` gives: those are the user's own, never mapped."""
-    return {item.split("=", 1)[0].strip() for item in overrides or []}
-
-
-def checkpoint_dir(cfg: BaselineConfig | BaselineGRPOConfig) -> Path:
-    out = Path(cfg.output)
-    return out.with_name(out.name + ".checkpoints")
+def beside_weaver(cfg, recipe, overrides: list[str] | None, flags: dict, **names: str):
+    """``cfg`` with each path key in ``names`` (``output="baseline-sft"``) read as a baseline
+    reads it from ``recipe`` (``counterpart``), unless the user gave it: as a flag or by
+    ``--set``, a path is the user's own and never mapped."""
+    given = {item.split("=", 1)[0].strip() for item in overrides or []}
+    mapped = {
+        key: counterpart(recipe, getattr(cfg, key), name)
+        for key, name in names.items()
+        if flags.get(key) is None and key not in given
+    }
+    return dataclasses.replace(cfg, **mapped)
 
 
 def validate_lora(lora: BaselineLoraConfig) -> None:
@@ -170,7 +125,7 @@ def validate(cfg: BaselineConfig, resume: str | None) -> Path | None:
     validate_lora(cfg.lora)
     validate_training(cfg.training, cfg.data)
     validate_memory(cfg.memory)
-    return resume_point(checkpoint_dir(cfg), resume, to_dict(cfg), WEAVER_ONLY)
+    return frame.resume_point(cfg, resume, unread=WEAVER_ONLY)
 
 
 # ----------------------------------------------------------------------------- budget
@@ -288,21 +243,14 @@ def run(
     callbacks: list | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Train the LoRA baseline and write the artifact to ``cfg.output``; returns its path.
-
-    ``overwrite``: replace an artifact already at ``cfg.output`` (a ``resume`` consents too);
-    anything else there is refused before any model is loaded (``check_output``).
-    """
-    console = console or make_console()
+    """Train the LoRA baseline and write the artifact to ``cfg.output``; returns its path."""
     # 1. validate
-    resume_from = validate(cfg, resume)
-    check_output(cfg.output, kind="artifact", overwrite=overwrite or resume is not None)
+    run = frame.Run.start("baseline sft", cfg, resume, validate(cfg, resume), overwrite, console)
     task, train_examples, held_examples, data_seed = load_examples(cfg)
 
     # 2. build
     d, t = cfg.data, cfg.training
-    set_seed(t.seed)
-    base = load_base(cfg.model.base, cfg.model.device, cfg.model.dtype, cfg.model.revision)
+    base = run.load_base()
     tok = base.tokenizer
     train, dropped = tokenize_samples(tok, train_examples, d.prompt_suffix, d.system, d.max_length)
     held, held_dropped = tokenize_samples(
@@ -314,24 +262,18 @@ def run(
             "tokens; raise it with --set data.max_length=N."
         )
     lora, peft_config, weaver_count = lora_settings(base, cfg.lora, cfg.memory)
-    ckpts = checkpoint_dir(cfg)
     args = trl.SFTConfig(
-        **trainer_arguments(t, ckpts, base.model.device),
+        **trainer_arguments(t, run.ckpts, base.model.device),
         completion_only_loss=True,  # loss on the target only, as sft-weaver
         max_length=None,  # too-long samples were dropped above, never truncated
         activation_checkpointing=False,  # TRL turns it on by default; sft-weaver does not
         dataset_num_proc=None,
     )
-    main = args.process_index == 0
-    say = console.print if main else (lambda *a, **k: None)
     losses: dict[str, float] = {}
-    if held and main and resume_from is None:
+    if held and run.main and run.resume_from is None:
         # LoRA's B starts at zero: before training, the adapted reasoner is the plain one.
         losses["memory_off"] = heldout_loss(base.model, held, tok.pad_token_id, t.batch_size)
-    if main:  # a resumed run reads back what its fresh start measured
-        losses = begin_checkpoints(ckpts, cfg, resume_from, losses)
-    clock = Throughput(t.batch_size * t.grad_accumulation * args.world_size)
-    stop = StopOnSignal()
+    losses = run.begin(losses)  # a resumed run reads back what its fresh start measured
     datasets.disable_progress_bars()  # TRL maps the dataset once; no bar for that
     trainer = trl.SFTTrainer(
         model=base.model,
@@ -339,134 +281,57 @@ def run(
         train_dataset=as_dataset(train),
         processing_class=tok,
         peft_config=peft_config,
-        callbacks=trainer_callbacks(RichProgress(clock, console), ckpts, clock, stop, callbacks),
+        callbacks=run.callbacks(RichProgress, args, *(callbacks or [])),
     )
-    trainer.remove_callback(PrinterCallback)  # RichProgress replaces the raw dict printer
     model = trainer.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(
-        f"baseline sft: LoRA r {lora['r']} on {', '.join(lora['targets'])}, {trainable:,} trainable "
+    run.header(
+        f"LoRA r {lora['r']} on {', '.join(lora['targets'])}, {trainable:,} trainable "
         f"parameters (the weaver: {weaver_count:,}); {len(train)} samples from {task.name} "
-        f"({dropped} dropped as longer than {d.max_length} tokens), {world_size()} process(es)"
-        + (f", resuming from {resume_from}" if resume_from else "")
+        f"({dropped} dropped as longer than {d.max_length} tokens)"
     )
-    if resume == "auto" and resume_from is None:
-        say(f"--resume auto: no checkpoint in {ckpts}, starting from scratch")
 
     # 3. loop
-    wall = fit(trainer, resume_from, stop, ckpts)
+    run.fit(trainer)
 
     # 4. save (main process; the others wait so that the run ends together)
-    if main:
+    if run.main:
         if held:
             losses["lora_final"] = heldout_loss(model, held, tok.pad_token_id, t.batch_size)
-        logged = [r["loss"] for r in trainer.state.log_history if "loss" in r]
         summary = {
             "stage": "baseline-sft",
             "method": "lora-sft",
-            **data_summary(task, cfg, data_seed),
+            **run.data_fields(task, data_seed),
             "samples": len(train),
             "dropped_too_long": dropped,
             "heldout_samples": len(held),
             "heldout_dropped_too_long": held_dropped,
             "heldout_loss": {k: round(v, 5) for k, v in losses.items()},
-            "final_loss": logged[-1] if logged else None,
-            "mean_loss": mean_loss(trainer.state.log_history),
-            **run_summary(trainer, clock, wall, resume_from),
+            **frame.loss_fields(trainer.state.log_history),
+            **run.trainer_fields(trainer),
         }
         budget = {"trainable_params": trainable, "weaver_trainable_params": weaver_count}
-        out = save(model, base, cfg, lora, budget, summary)
-        console.print(summary_table(summary, lora, budget, out))
-    trainer.accelerator.wait_for_everyone()
-    return Path(cfg.output)
-
-
-# ---------------------------------------------------------------------- shared by methods
-def trainer_callbacks(progress, ckpts: Path, clock: Throughput, stop: StopOnSignal, extra) -> list:
-    """Progress line, ``metrics.jsonl``, Ctrl-C, resume-proof logging, then the caller's own
-    callbacks."""
-    log = MetricsLog(ckpts / "metrics.jsonl", clock)
-    return [progress, log, stop, ResumedIntervals(), *(extra or [])]
-
-
-def fit(trainer, resume_from: Path | None, stop: StopOnSignal, ckpts: Path):
-    """``trainer.train`` from the resume point; returns its wall seconds. Raises
-    ``TrainingInterrupted`` after a Ctrl-C checkpoint; on a ``MemgenError`` (a reward function
-    failing, say) a fresh run leaves no checkpoint folder behind."""
-    started = time.perf_counter()
-    try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except MemgenError:
-        fresh = resume_from is None and not list(ckpts.glob("checkpoint-*"))
-        if trainer.args.process_index == 0 and fresh:
-            shutil.rmtree(ckpts, ignore_errors=True)
-        raise
-    if stop.stopped_at is not None:
-        raise TrainingInterrupted(ckpts / f"checkpoint-{stop.stopped_at}")
-    return time.perf_counter() - started
-
-
-def data_summary(task: Task, cfg, data_seed: int | None) -> dict:
-    """What the run trained on, as ``memgen eval`` reads it back (task, options, seeds)."""
-    d = cfg.data
-    return {
-        "task": task.name,
-        "data": d.path or d.task,
-        "split": d.split,
-        "task_options": dict(d.options),
-        "data_seed": data_seed,
-        "eval_seed": task.eval_seed,
-        "training_seed": cfg.training.seed,
-    }
-
-
-def run_summary(trainer, clock: Throughput, wall: float, resume_from: Path | None) -> dict:
-    state = trainer.state
-    return {
-        "steps": state.global_step,
-        "epochs": round(state.epoch or 0.0, 4),
-        "samples_per_s": clock.rate(state.global_step),
-        "wall_s": round(wall, 1),
-        "world_size": trainer.args.world_size,
-        "resumed_from": str(resume_from) if resume_from else None,
-    }
-
-
-def save(model, base: LoadedBase, cfg, lora: dict, budget: dict, summary: dict, parent=None):
-    """The baseline artifact (main process), then the finished run's checkpoints removed."""
-    ckpts = checkpoint_dir(cfg)
-    d = cfg.data
-    out = save_baseline(
-        model,
-        base,
-        cfg.output,
-        lora=lora,
-        budget=budget,
-        prompt={"prompt_suffix": d.prompt_suffix, "system": d.system},
-        recipe_yaml=dump_yaml(cfg),
-        training=summary,
-        metrics_file=ckpts / "metrics.jsonl",
-        parent=parent,
-    )
-    shutil.rmtree(ckpts, ignore_errors=True)  # the run is finished: nothing to resume
-    return out
+        out = run.save(save_baseline, model, base, summary, lora=lora, budget=budget)
+        run.console.print(summary_table(summary, lora, budget, out))
+    return run.end(trainer)
 
 
 def summary_table(s: dict, lora: dict, budget: dict, out: Path) -> Table:
-    table = Table(title=f"baseline sft → {out}", show_header=False)
     rows = [
         ("task", f"{s['task']} ({s['samples']} samples, {s['dropped_too_long']} dropped)"),
+        *lora_rows(lora, budget),
+        *frame.trainer_rows(s, frame.loss_row(s)),
+        *frame.score_rows("held-out loss", s["heldout_loss"], 4),
+    ]
+    return frame.table(f"baseline sft → {out}", rows)
+
+
+def lora_rows(lora: dict, budget: dict) -> list[tuple[str, str]]:
+    """A baseline's rows of the summary table: its LoRA and the two parameter counts."""
+    return [
         ("LoRA", f"r {lora['r']}, alpha {lora['alpha']} on {', '.join(lora['targets'])}"),
         (
             "trainable parameters",
             f"{budget['trainable_params']:,} (weaver: {budget['weaver_trainable_params']:,})",
         ),
-        ("steps / epochs", f"{s['steps']} / {s['epochs']}"),
-        ("final loss", f"{s['final_loss']:.4f}" if s["final_loss"] is not None else "-"),
-        ("samples/s", f"{s['samples_per_s']:.2f}" if s["samples_per_s"] else "-"),
-        ("wall time", f"{s['wall_s']:.0f} s on {s['world_size']} process(es)"),
     ]
-    rows += [(f"held-out loss ({k})", f"{v:.4f}") for k, v in s["heldout_loss"].items()]
-    for key, value in rows:
-        table.add_row(key, value)
-    return table

@@ -25,7 +25,6 @@ an SFT weaver. Reads top to bottom:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -34,75 +33,35 @@ import torch
 import trl
 from rich.console import Console
 from rich.table import Table
-from transformers import PrinterCallback, set_seed
 
-from memgen_cli.artifacts import check_output, load_baseline, read_manifest
-from memgen_cli.config import BaselineGRPOConfig, load_recipe, to_dict
-from memgen_cli.console import make_console
+from memgen_cli.artifacts import load_baseline, read_manifest, save_baseline
+from memgen_cli.config import BaselineGRPOConfig
 from memgen_cli.data import Example, to_messages
 from memgen_cli.errors import MemgenError
 from memgen_cli.generation import encode_prompts
-from memgen_cli.models.base import load_base
+from memgen_cli.stages import frame
 from memgen_cli.stages.baseline import (
     WEAVER_ONLY,
-    TrainingInterrupted,
-    checkpoint_dir,
-    counterpart,
-    data_summary,
-    fit,
+    beside_weaver,
+    lora_rows,
     lora_settings,
-    run_summary,
-    save,
-    set_keys,
-    trainer_callbacks,
     validate_lora,
     weaver_trainable_params,
 )
+from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
+from memgen_cli.stages.frame import checkpoint_dir as checkpoint_dir
 from memgen_cli.training import rl, sft_run
 from memgen_cli.training.grpo import GRPOProgress
-from memgen_cli.training.trainer_parts import StopOnSignal, Throughput, world_size
-
-__all__ = ["TrainingInterrupted", "resolve_config", "run", "validate"]
 
 
 # ----------------------------------------------------------------------------- config
-def resolve_config(
-    recipe: str | Path | None = None,
-    overrides: list[str] | None = None,
-    *,
-    base: str | None = None,
-    data: str | None = None,
-    task_options: dict | None = None,
-    init: str | Path | None = None,
-    rewards: list[str] | None = None,
-    reward_weights: list[float] | None = None,
-    output: str | Path | None = None,
-    report_to: str | None = None,
-) -> BaselineGRPOConfig:
-    """Recipe, then ``--set`` overrides, then the command's own flags (which win)."""
-    cfg = load_recipe(BaselineGRPOConfig, recipe, overrides)
-    given = set_keys(overrides)
-    if output is None and "output" not in given:
-        output = counterpart(recipe, cfg.output, "baseline-grpo")
-    if init is None:
-        init = cfg.init if "init" in given else counterpart(recipe, cfg.init, "baseline-sft")
-    r = cfg.reward
-    if rewards:
-        r = dataclasses.replace(r, functions=[*r.functions, *rewards])
-    if reward_weights:
-        r = dataclasses.replace(r, weights=[*r.weights, *map(float, reward_weights)])
-    t = cfg.training
-    if report_to is not None:
-        t = dataclasses.replace(t, report_to=report_to)
-    return dataclasses.replace(
-        cfg,
-        model=cfg.model if base is None else dataclasses.replace(cfg.model, base=base),
-        data=sft_run.data_config(cfg.data, data, None, task_options),
-        training=t,
-        reward=r,
-        init=str(init) if init is not None else None,
-        output=str(output) if output else cfg.output,
-    )
+def resolve_config(recipe=None, overrides=None, **flags) -> BaselineGRPOConfig:
+    """Recipe, then ``--set`` overrides, then the command's own flags (which win): ``base``,
+    ``data``, ``task_options``, ``init``, ``rewards``, ``reward_weights``, ``output``,
+    ``report_to``. A grpo-weaver recipe's ``output`` and ``init`` name weavers: the baseline
+    reads the baselines beside them (``baseline.beside_weaver``)."""
+    cfg = frame.resolve_config(BaselineGRPOConfig, recipe, overrides, **flags)
+    return beside_weaver(cfg, recipe, overrides, flags, output="baseline-grpo", init="baseline-sft")
 
 
 def validate(cfg: BaselineGRPOConfig, resume: str | None) -> tuple[Path | None, dict | None]:
@@ -124,7 +83,7 @@ def validate(cfg: BaselineGRPOConfig, resume: str | None) -> tuple[Path | None, 
             )
     # With init the artifact's adapter is trained, whatever lora says.
     unread = WEAVER_ONLY + (("lora",) if cfg.init else ())
-    return sft_run.resume_point(checkpoint_dir(cfg), resume, to_dict(cfg), unread), manifest
+    return frame.resume_point(cfg, resume, unread=unread), manifest
 
 
 def check_init_base(cfg: BaselineGRPOConfig, manifest: dict, base) -> None:
@@ -190,43 +149,31 @@ def run(
     callbacks: list | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Train the LoRA baseline by GRPO and write the artifact to ``cfg.output``; returns it.
-
-    ``overwrite``: replace an artifact already at ``cfg.output`` (a ``resume`` consents too);
-    anything else there is refused before any model is loaded (``check_output``).
-    """
-    console = console or make_console()
+    """Train the LoRA baseline by GRPO and write the artifact to ``cfg.output``; returns it."""
     # 1. validate
     resume_from, init = validate(cfg, resume)
-    check_output(cfg.output, kind="artifact", overwrite=overwrite or resume is not None)
+    run = frame.Run.start("baseline grpo", cfg, resume, resume_from, overwrite, console)
     task, train, held, data_seed = sft_run.load_examples(cfg)
     plugins = [rl.load_reward(spec) for spec in cfg.reward.functions]
 
     # 2. build
     d, t, r = cfg.data, cfg.training, cfg.reward
-    set_seed(t.seed)
-    base = load_base(cfg.model.base, cfg.model.device, cfg.model.dtype, cfg.model.revision)
+    base = run.load_base()
     tok = base.tokenizer
     if init is not None:
         check_init_base(cfg, init, base)
         weaver_count = weaver_trainable_params(base.model, cfg.memory)  # before LoRA wraps it
         model, _, _ = load_baseline(cfg.init, base, trainable=True)
         lora, peft_config = dict(init["lora"]), None
-        recorded = init.get("prompt", {}).get("prompt_suffix")
-        if recorded is not None and recorded != d.prompt_suffix:
-            console.print(
-                f"[yellow]warning:[/] data.prompt_suffix {d.prompt_suffix!r} differs from the one "
-                f"{cfg.init} was trained with ({recorded!r})."
-            )
+        run.warn_prompt_suffix(init, cfg.init)
     else:
         model = base.model
         lora, peft_config, weaver_count = lora_settings(base, cfg.lora, cfg.memory)
     accuracy = rl.task_reward(task)
     funcs = ([accuracy] if r.task_weight > 0 else []) + plugins
     weights = ([r.task_weight] if r.task_weight > 0 else []) + (r.weights or [1.0] * len(plugins))
-    ckpts = checkpoint_dir(cfg)
     args = trl.GRPOConfig(
-        **sft_run.trainer_arguments(t, ckpts, base.model.device),  # batch_size: completions
+        **sft_run.trainer_arguments(t, run.ckpts, base.model.device),  # batch_size: completions
         num_generations=t.num_generations,
         temperature=t.temperature,
         top_p=t.top_p,
@@ -243,16 +190,11 @@ def run(
         activation_checkpointing=False,  # TRL turns it on by default; grpo-weaver does not
         log_completions=False,
     )
-    main = args.process_index == 0
-    say = console.print if main else (lambda *a, **k: None)
     acc: dict[str, float] = {}
-    if held and main and resume_from is None:
+    if held and run.main and run.resume_from is None:
         # A fresh LoRA's B is zero: before training, the adapted reasoner is the plain one.
         acc["initial"] = heldout_accuracy(model, tok, held, accuracy, cfg)
-    if main:  # a resumed run reads back what its fresh start measured
-        acc = sft_run.begin_checkpoints(ckpts, cfg, resume_from, acc)
-    clock = Throughput(t.batch_size * t.grad_accumulation * args.world_size)
-    stop = StopOnSignal()
+    acc = run.begin(acc)  # a resumed run reads back what its fresh start measured
     prompts = [
         {"prompt": to_messages(e, d.prompt_suffix, d.system), "index": i}
         for i, e in enumerate(train)
@@ -265,36 +207,31 @@ def run(
         train_dataset=datasets.Dataset.from_list(prompts),
         processing_class=tok,
         peft_config=peft_config,
-        callbacks=trainer_callbacks(GRPOProgress(clock, console), ckpts, clock, stop, callbacks),
+        callbacks=run.callbacks(GRPOProgress, args, *(callbacks or [])),
     )
-    trainer.remove_callback(PrinterCallback)  # the progress line replaces the raw dict printer
     model = trainer.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(
-        f"baseline grpo: LoRA r {lora['r']} on {', '.join(lora['targets'])}"
+    run.header(
+        f"LoRA r {lora['r']} on {', '.join(lora['targets'])}"
         + (f" from {cfg.init}" if cfg.init else "")
         + f", {trainable:,} trainable parameters (the weaver: {weaver_count:,}); "
         f"{len(train)} prompts from {task.name}, G={t.num_generations}, rewards "
-        f"{', '.join(rl.reward_name(f) for f in funcs)}, {world_size()} process(es)"
-        + (f", resuming from {resume_from}" if resume_from else "")
+        f"{', '.join(rl.reward_name(f) for f in funcs)}"
     )
-    if resume == "auto" and resume_from is None:
-        say(f"--resume auto: no checkpoint in {ckpts}, starting from scratch")
 
     # 3. loop
-    wall = fit(trainer, resume_from, stop, ckpts)
+    run.fit(trainer)
 
     # 4. save (main process; the others wait so that the run ends together)
-    if main:
+    if run.main:
         if "ref" in model.peft_config:  # TRL's frozen copy of init's adapter for beta > 0
             model.delete_adapter("ref")
         if held:
             acc["final"] = heldout_accuracy(model, tok, held, accuracy, cfg)
-        logged = [row for row in trainer.state.log_history if "reward" in row]
         summary = {
             "stage": "baseline-grpo",
             "method": "lora-grpo",
-            **data_summary(task, cfg, data_seed),
+            **run.data_fields(task, data_seed),
             "samples": len(train),  # prompts: what `memgen eval` counts as drawn
             "heldout_samples": len(held),
             "heldout_accuracy": {k: round(v, 4) for k, v in acc.items()},
@@ -304,33 +241,22 @@ def run(
             "loss_type": t.loss_type,
             "beta": t.beta,
             "init": cfg.init,
-            "first_reward": logged[0]["reward"] if logged else None,
-            "final_reward": logged[-1]["reward"] if logged else None,
-            **run_summary(trainer, clock, wall, resume_from),
+            **frame.first_and_final(trainer.state.log_history, "reward"),
+            **run.trainer_fields(trainer),
         }
         budget = {"trainable_params": trainable, "weaver_trainable_params": weaver_count}
-        out = save(model, base, cfg, lora, budget, summary, parent=cfg.init)
-        console.print(summary_table(summary, lora, budget, out))
-    trainer.accelerator.wait_for_everyone()
-    return Path(cfg.output)
+        out = run.save(
+            save_baseline, model, base, summary, lora=lora, budget=budget, parent=cfg.init
+        )
+        run.console.print(summary_table(summary, lora, budget, out))
+    return run.end(trainer)
 
 
 def summary_table(s: dict, lora: dict, budget: dict, out: Path) -> Table:
-    table = Table(title=f"baseline grpo → {out}", show_header=False)
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     rows = [
         ("task", f"{s['task']} ({s['samples']} prompts, G={s['num_generations']})"),
-        ("LoRA", f"r {lora['r']}, alpha {lora['alpha']} on {', '.join(lora['targets'])}"),
-        (
-            "trainable parameters",
-            f"{budget['trainable_params']:,} (weaver: {budget['weaver_trainable_params']:,})",
-        ),
-        ("steps / epochs", f"{s['steps']} / {s['epochs']}"),
-        ("reward first → final", f"{fmt(s['first_reward'])} → {fmt(s['final_reward'])}"),
-        ("samples/s", f"{s['samples_per_s']:.2f}" if s["samples_per_s"] else "-"),
-        ("wall time", f"{s['wall_s']:.0f} s on {s['world_size']} process(es)"),
+        *lora_rows(lora, budget),
+        *frame.trainer_rows(s, frame.reward_row(s)),
+        *frame.score_rows("held-out accuracy", s["heldout_accuracy"], 3),
     ]
-    rows += [(f"held-out accuracy ({k})", f"{v:.3f}") for k, v in s["heldout_accuracy"].items()]
-    for key, value in rows:
-        table.add_row(key, value)
-    return table
+    return frame.table(f"baseline grpo → {out}", rows)

@@ -10,91 +10,42 @@ Checkpoints go to ``<output>.checkpoints/`` (weaver tensors, optimizer, schedule
 a run is unfinished; Ctrl-C writes one and ``--resume auto`` continues (rollouts are
 regenerated, never restored; the same settings, but for ``sft_run.RESUMABLE`` ones, and with
 --init the artifact's memory). With torchrun each process answers its own prompts (whole groups
-of G), gradients are averaged, and rank 0 writes the artifact.
+of G), gradients are averaged, and rank 0 writes the artifact. What every training stage
+shares (config, output guard, resume, Ctrl-C, summary fields, artifact) is ``stages/frame.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import PrinterCallback, TrainingArguments, set_seed
+from transformers import TrainingArguments
 
-from memgen_cli.artifacts import (
-    check_output,
-    load_artifact,
-    read_manifest,
-    require_kind,
-    save_artifact,
-)
-from memgen_cli.config import GRPOConfig, MemoryConfig, dump_yaml, from_dict, load_recipe, to_dict
-from memgen_cli.console import make_console
+from memgen_cli.artifacts import load_artifact, read_manifest, require_kind, save_artifact
+from memgen_cli.config import GRPOConfig, MemoryConfig, from_dict, to_dict
 from memgen_cli.data import to_messages
 from memgen_cli.errors import MemgenError
 from memgen_cli.generation import GenerationConfig
-from memgen_cli.models.base import load_base
 from memgen_cli.models.memgen import MemGenModel
+from memgen_cli.stages import frame
+from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
+from memgen_cli.stages.frame import checkpoint_dir as checkpoint_dir
 from memgen_cli.training import rl, sft_run
 from memgen_cli.training.grpo import GRPOProgress, GRPOSettings, GRPOTrainer, PolicyObjective
 from memgen_cli.training.rollouts import rollout
-from memgen_cli.training.trainer_parts import MetricsLog, StopOnSignal, Throughput, world_size
 
 MEMORY = ("weaver", "full")
 
 
-class TrainingInterrupted(Exception):
-    """Ctrl-C stopped training after writing a resumable checkpoint."""
-
-    def __init__(self, checkpoint: Path):
-        super().__init__(str(checkpoint))
-        self.checkpoint = checkpoint
-
-
 # ----------------------------------------------------------------------------- config
-def resolve_config(
-    recipe: str | Path | None = None,
-    overrides: list[str] | None = None,
-    *,
-    base: str | None = None,
-    data: str | None = None,
-    task_options: dict | None = None,
-    init: str | Path | None = None,
-    rewards: list[str] | None = None,
-    reward_weights: list[float] | None = None,
-    output: str | Path | None = None,
-    report_to: str | None = None,
-) -> GRPOConfig:
-    """Recipe, then ``--set`` overrides, then the command's own flags (which win)."""
-    cfg = load_recipe(GRPOConfig, recipe, overrides)
-    d = sft_run.data_config(cfg.data, data, None, task_options)
-    r = cfg.reward
-    if rewards:
-        r = dataclasses.replace(r, functions=[*r.functions, *rewards])
-    if reward_weights:
-        r = dataclasses.replace(r, weights=[*r.weights, *map(float, reward_weights)])
-    t = cfg.training
-    if report_to is not None:
-        t = dataclasses.replace(t, report_to=report_to)
-    return dataclasses.replace(
-        cfg,
-        model=cfg.model if base is None else dataclasses.replace(cfg.model, base=base),
-        data=d,
-        training=t,
-        reward=r,
-        init=str(init) if init is not None else cfg.init,
-        output=str(output) if output else cfg.output,
-    )
-
-
-def checkpoint_dir(cfg: GRPOConfig) -> Path:
-    out = Path(cfg.output)
-    return out.with_name(out.name + ".checkpoints")
+def resolve_config(recipe=None, overrides=None, **flags) -> GRPOConfig:
+    """Recipe, then ``--set`` overrides, then the command's own flags (which win): ``base``,
+    ``data``, ``task_options``, ``init``, ``rewards``, ``reward_weights``, ``output``,
+    ``report_to``."""
+    return frame.resolve_config(GRPOConfig, recipe, overrides, **flags)
 
 
 def validate(cfg: GRPOConfig, resume: str | None) -> Path | None:
@@ -119,38 +70,20 @@ def validate(cfg: GRPOConfig, resume: str | None) -> Path | None:
     settings = to_dict(cfg)
     if cfg.init is not None:  # run() trains the artifact's memory settings, not the recipe's
         settings["memory"] = to_dict(from_dict(MemoryConfig, manifest["memory"]))
-    return sft_run.resume_point(checkpoint_dir(cfg), resume, settings)
+    return frame.resume_point(cfg, resume, settings)
 
 
 # ------------------------------------------------------------------------------- data
 def training_args(cfg: GRPOConfig, ckpts: Path, device: torch.device) -> TrainingArguments:
     t = cfg.training
-    reporters = [r.strip() for r in t.report_to.split(",") if r.strip() != "none"]
     return TrainingArguments(
-        output_dir=str(ckpts),
-        per_device_train_batch_size=t.batch_size // t.num_generations,  # prompts
-        gradient_accumulation_steps=t.grad_accumulation,
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        lr_scheduler_type=t.scheduler,
-        warmup_steps=t.warmup if t.warmup < 1 else int(t.warmup),
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        bf16=t.bf16,
-        report_to=reporters or "none",
-        disable_tqdm=True,
+        **{
+            **sft_run.trainer_arguments(t, ckpts, device),
+            "per_device_train_batch_size": t.batch_size // t.num_generations,  # prompts
+        },
         remove_unused_columns=False,
-        dataloader_num_workers=0,
-        use_cpu=device.type == "cpu",
         ddp_find_unused_parameters=True,  # no insertion in a batch: inference queries unused
         ddp_broadcast_buffers=False,
-        log_level="passive",
     )
 
 
@@ -179,31 +112,20 @@ def run(
     callbacks: list | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Train the weaver with GRPO and write the artifact to ``cfg.output``; returns its path.
-
-    ``overwrite``: replace an artifact already at ``cfg.output`` (a ``resume`` consents too);
-    anything else there is refused before any model is loaded (``check_output``).
-    """
-    console = console or make_console()
+    """Train the weaver with GRPO and write the artifact to ``cfg.output``; returns its path."""
     # 1. validate
-    resume_from = validate(cfg, resume)
-    check_output(cfg.output, kind="artifact", overwrite=overwrite or resume is not None)
+    run = frame.Run.start("grpo-weaver", cfg, resume, validate(cfg, resume), overwrite, console)
     task, train, held, data_seed = sft_run.load_examples(cfg)
     plugins = [rl.load_reward(spec) for spec in cfg.reward.functions]
 
     # 2. build
     t, d = cfg.training, cfg.data
-    set_seed(t.seed)
-    base = load_base(cfg.model.base, cfg.model.device, cfg.model.dtype, cfg.model.revision)
+    base = run.load_base()
     if cfg.init is not None:
         model, manifest, base = load_artifact(cfg.init, base)
-        cfg = dataclasses.replace(cfg, memory=from_dict(MemoryConfig, manifest["memory"]))
-        recorded = manifest.get("prompt", {}).get("prompt_suffix")
-        if recorded is not None and recorded != d.prompt_suffix:
-            console.print(
-                f"[yellow]warning:[/] data.prompt_suffix {d.prompt_suffix!r} differs from the one "
-                f"{cfg.init} was trained with ({recorded!r})."
-            )
+        # What is trained, checkpointed and recorded is the artifact's memory.
+        run.cfg = cfg = dataclasses.replace(cfg, memory=from_dict(MemoryConfig, manifest["memory"]))
+        run.warn_prompt_suffix(manifest, cfg.init)
     else:
         model = MemGenModel(base.model, base.tokenizer, cfg.memory)
     model.set_trainable(weaver=True, trigger=False)
@@ -231,76 +153,43 @@ def run(
         prompt_suffix=d.prompt_suffix,
         system=d.system,
     )
-    ckpts = checkpoint_dir(cfg)
-    args = training_args(cfg, ckpts, model.device)
-    main = args.process_index == 0
-    say = console.print if main else (lambda *a, **k: None)
-    say(
-        f"grpo-weaver: {len(train)} prompts from {task.name}, G={t.num_generations}, "
+    args = training_args(cfg, run.ckpts, model.device)
+    run.header(
+        f"{len(train)} prompts from {task.name}, G={t.num_generations}, "
         f"{t.batch_size // t.num_generations} prompts per micro-batch, rewards "
         f"{', '.join(rl.reward_name(f) for f in funcs)}, "
         + (f"from {cfg.init}" if cfg.init else "fresh weaver")
-        + f", {world_size()} process(es)"
-        + (f", resuming from {resume_from}" if resume_from else "")
     )
-    if resume == "auto" and resume_from is None:
-        say(f"--resume auto: no checkpoint in {ckpts}, starting from scratch")
     acc: dict[str, float] = {}
-    if held and main and resume_from is None:
+    if held and run.main and run.resume_from is None:
         acc["weaver_initial"] = heldout_accuracy(model, held, accuracy, settings, "weaver")
-    if main:  # a resumed run reads back what its fresh start measured
-        acc = sft_run.begin_checkpoints(ckpts, cfg, resume_from, acc)
-    clock = Throughput(t.batch_size * t.grad_accumulation * args.world_size)
-    stop = StopOnSignal()
+    acc = run.begin(acc)  # a resumed run reads back what its fresh start measured
     trainer = GRPOTrainer(
         policy=model,
         examples=train,
         reward_funcs=funcs,
         reward_weights=weights,
         settings=settings,
-        completions_dir=ckpts / "completions",
-        console=console,
+        completions_dir=run.ckpts / "completions",
+        console=run.console,
         model=PolicyObjective(model),
         args=args,
         train_dataset=[{"index": i} for i in range(len(train))],
         data_collator=collate_indices,
-        callbacks=[
-            GRPOProgress(clock, console),
-            MetricsLog(ckpts / "metrics.jsonl", clock),
-            stop,
-            sft_run.ResumedIntervals(),
-            *(callbacks or []),
-        ],
+        callbacks=run.callbacks(GRPOProgress, args, *(callbacks or [])),
     )
-    trainer.remove_callback(PrinterCallback)
 
     # 3. loop
-    started = time.perf_counter()
-    try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except MemgenError:  # e.g. a reward function failed: leave nothing half-written
-        if main and resume_from is None and not list(ckpts.glob("checkpoint-*")):
-            shutil.rmtree(ckpts, ignore_errors=True)
-        raise
-    wall = time.perf_counter() - started
-    if stop.stopped_at is not None:
-        raise TrainingInterrupted(ckpts / f"checkpoint-{stop.stopped_at}")
+    run.fit(trainer)
 
     # 4. save (main process; the others wait so that the run ends together)
-    if main:
+    if run.main:
         if held:
             acc["weaver_final"] = heldout_accuracy(model, held, accuracy, settings, "weaver")
             acc["memory_off"] = heldout_accuracy(model, held, accuracy, settings, "off")
-        logged = [r for r in trainer.state.log_history if "reward" in r]
         summary = {
             "stage": "grpo-weaver",
-            "task": task.name,
-            "data": d.path or d.task,
-            "split": d.split,
-            "task_options": dict(d.options),
-            "data_seed": data_seed,
-            "eval_seed": task.eval_seed,
-            "training_seed": t.seed,
+            **run.data_fields(task, data_seed),
             "prompts": len(train),
             "heldout_samples": len(held),
             "heldout_accuracy": {k: round(v, 4) for k, v in acc.items()},
@@ -308,45 +197,18 @@ def run(
             "reward_weights": weights,
             "num_generations": t.num_generations,
             "loss_type": t.loss_type,
-            "steps": trainer.state.global_step,
-            "epochs": round(trainer.state.epoch or 0.0, 4),
-            "first_reward": logged[0]["reward"] if logged else None,
-            "final_reward": logged[-1]["reward"] if logged else None,
-            "samples_per_s": clock.rate(trainer.state.global_step),
-            "wall_s": round(wall, 1),
-            "world_size": args.world_size,
-            "resumed_from": str(resume_from) if resume_from else None,
+            **frame.first_and_final(trainer.state.log_history, "reward"),
+            **run.trainer_fields(trainer),
         }
-        out = save_artifact(
-            model,
-            base,
-            cfg.output,
-            prompt={"prompt_suffix": d.prompt_suffix, "system": d.system},
-            recipe_yaml=dump_yaml(cfg),
-            training=summary,
-            parent=cfg.init,
-            metrics_file=ckpts / "metrics.jsonl",
-        )
-        # The completions log joins the finished artifact (the artifact is whole without it).
-        if (ckpts / "completions").is_dir():
-            os.replace(ckpts / "completions", out / "completions")
-        shutil.rmtree(ckpts, ignore_errors=True)
-        console.print(summary_table(summary, out))
-    trainer.accelerator.wait_for_everyone()
-    return Path(cfg.output)
+        out = run.save(save_artifact, model, base, summary, parent=cfg.init)
+        run.console.print(summary_table(summary, out))
+    return run.end(trainer)
 
 
 def summary_table(s: dict, out: Path) -> Table:
-    table = Table(title=f"grpo-weaver → {out}", show_header=False)
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     rows = [
         ("task", f"{s['task']} ({s['prompts']} prompts, G={s['num_generations']})"),
-        ("steps / epochs", f"{s['steps']} / {s['epochs']}"),
-        ("reward first → final", f"{fmt(s['first_reward'])} → {fmt(s['final_reward'])}"),
-        ("samples/s", f"{s['samples_per_s']:.2f}" if s["samples_per_s"] else "-"),
-        ("wall time", f"{s['wall_s']:.0f} s on {s['world_size']} process(es)"),
+        *frame.trainer_rows(s, frame.reward_row(s)),
+        *frame.score_rows("held-out accuracy", s["heldout_accuracy"], 3),
     ]
-    rows += [(f"held-out accuracy ({k})", f"{v:.3f}") for k, v in s["heldout_accuracy"].items()]
-    for key, value in rows:
-        table.add_row(key, value)
-    return table
+    return frame.table(f"grpo-weaver → {out}", rows)

@@ -15,80 +15,47 @@ by step, so a resumed run regenerates exactly the rollouts it would have made. C
 a checkpoint; ``--resume auto`` continues. With torchrun the step's prompts are split across
 processes (whole groups of G each), the head's gradients and the metrics are averaged over
 them, and rank 0 writes the metrics, checkpoints and the artifact while the others wait.
+What every training stage shares (config, output guard, resume, summary fields, artifact) is
+``stages/frame.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file, save_file
-from transformers import get_scheduler, set_seed
+from transformers import get_scheduler
 from transformers.trainer_utils import SchedulerType
 
 from memgen_cli import distributed
 from memgen_cli.artifacts import (
     TRIGGER_FILE,
-    check_output,
     load_artifact,
     read_manifest,
     require_kind,
     save_artifact,
 )
-from memgen_cli.config import GenerationConfig, TriggerConfig, dump_yaml, load_recipe, to_dict
-from memgen_cli.console import make_console
+from memgen_cli.config import GenerationConfig, TriggerConfig
 from memgen_cli.data import Example, get_task, to_messages
 from memgen_cli.errors import MemgenError
-from memgen_cli.models.base import load_base
-from memgen_cli.training import rl, sft_run, trigger_rl
+from memgen_cli.stages import frame
+from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
+from memgen_cli.stages.frame import checkpoint_dir as checkpoint_dir
+from memgen_cli.training import rl, trigger_rl
 from memgen_cli.training.trigger_rl import init_head, trigger_rollout, trigger_update
 
 
-class TrainingInterrupted(Exception):
-    """Ctrl-C stopped training after writing a resumable checkpoint."""
-
-    def __init__(self, checkpoint: Path):
-        super().__init__(str(checkpoint))
-        self.checkpoint = checkpoint
-
-
 # ----------------------------------------------------------------------------- config
-def resolve_config(
-    recipe: str | Path | None = None,
-    overrides: list[str] | None = None,
-    *,
-    artifact: str | Path | None = None,
-    base: str | None = None,
-    data: str | None = None,
-    task_options: dict | None = None,
-    rewards: list[str] | None = None,
-    output: str | Path | None = None,
-) -> TriggerConfig:
-    """Recipe, then ``--set`` overrides, then the command's own flags (which win)."""
-    cfg = load_recipe(TriggerConfig, recipe, overrides)
-    r = cfg.reward
-    if rewards:
-        r = dataclasses.replace(r, functions=[*r.functions, *rewards])
-    return dataclasses.replace(
-        cfg,
-        model=cfg.model if base is None else dataclasses.replace(cfg.model, base=base),
-        data=sft_run.data_config(cfg.data, data, None, task_options),
-        reward=r,
-        artifact=str(artifact) if artifact is not None else cfg.artifact,
-        output=str(output) if output else cfg.output,
-    )
-
-
-def checkpoint_dir(cfg: TriggerConfig) -> Path:
-    out = Path(cfg.output)
-    return out.with_name(out.name + ".checkpoints")
+def resolve_config(recipe=None, overrides=None, **flags) -> TriggerConfig:
+    """Recipe, then ``--set`` overrides, then the command's own flags (which win):
+    ``artifact``, ``base``, ``data``, ``task_options``, ``rewards``, ``output``."""
+    return frame.resolve_config(TriggerConfig, recipe, overrides, **flags)
 
 
 def validate(
@@ -160,7 +127,7 @@ def validate(
     require_kind(manifest, cfg.artifact, "weaver")
     if not manifest.get("tensors", {}).get("weaver"):
         raise MemgenError(f"{cfg.artifact} holds no weaver tensors; train a weaver first.")
-    return manifest, sft_run.resume_point(checkpoint_dir(cfg), resume, to_dict(cfg))
+    return manifest, frame.resume_point(cfg, resume)
 
 
 # ------------------------------------------------------------------------------- data
@@ -275,27 +242,21 @@ def run(
     """
     dist = distributed.init()  # gloo: the collectives move small CPU tensors
     try:
-        return _run(cfg, resume, console or make_console(), callbacks or [], dist, overwrite)
+        return _run(cfg, resume, console, callbacks or [], dist, overwrite)
     finally:
         distributed.finish()
 
 
-def _run(
-    cfg: TriggerConfig, resume, console: Console, callbacks: list, dist, overwrite: bool
-) -> Path:
-    main = dist.is_main
-    say = console.print if main else (lambda *a, **k: None)
+def _run(cfg: TriggerConfig, resume, console: Console | None, callbacks: list, dist, overwrite):
     # 1. validate
     manifest, resume_from = validate(cfg, resume, dist.world_size)
-    check_output(cfg.output, kind="artifact", overwrite=overwrite or resume is not None)
+    run = frame.Run.start("train-trigger", cfg, resume, resume_from, overwrite, console)
     t, d, tr = cfg.training, cfg.data, cfg.trigger
     task, train, held, excluded = select_examples(cfg, manifest)
     plugins = [rl.load_reward(spec) for spec in cfg.reward.functions]
 
     # 2. build
-    set_seed(t.seed)
-    device = distributed.device_for_rank(cfg.model.device, dist.local_rank)
-    base = load_base(cfg.model.base, device, cfg.model.dtype, cfg.model.revision)
+    base = run.load_base(distributed.device_for_rank(cfg.model.device, dist.local_rank))
     model, manifest, base = load_artifact(cfg.artifact, base)
     model.set_trainable(weaver=False, trigger=True)
     trigger = model.trigger
@@ -311,11 +272,11 @@ def _run(
     opt = torch.optim.AdamW(trigger.parameters(), lr=t.learning_rate, weight_decay=0.0)
     warmup = int(t.warmup * t.max_steps) if t.warmup < 1 else int(t.warmup)
     sched = get_scheduler(t.scheduler, opt, num_warmup_steps=warmup, num_training_steps=t.max_steps)
-    ckpts = checkpoint_dir(cfg)
+    ckpts = run.ckpts
     start = load_checkpoint(resume_from, trigger, opt, sched) if resume_from else 0
     metrics_file = ckpts / "metrics.jsonl"
-    if main:
-        sft_run.begin_checkpoints(ckpts, cfg, resume_from, {})
+    run.begin({})
+    if run.main:
         if resume_from is None:
             metrics_file.write_text("")
         else:  # drop rows logged after the checkpoint: they will be logged again
@@ -325,17 +286,15 @@ def _run(
     g, w = t.num_generations, dist.world_size
     per_step = t.batch_size // g
     mine = per_step // w  # this process's prompts: the step's k-th block of them
-    say(
-        f"train-trigger: {len(train)} prompts from {task.name} ({excluded} seen by the weaver "
-        f"left out), G={g}, {per_step} prompts per step"
+    run.header(
+        f"{len(train)} prompts from {task.name} ({excluded} seen by the weaver left out), G={g}, "
+        f"{per_step} prompts per step"
         + (f" ({mine} per process)" if w > 1 else "")
-        + f", λ={tr.penalty}, start rate {tr.initial_rate}, weaver frozen, from {cfg.artifact}, "
-        f"{w} process(es)" + (f", resuming from {resume_from}" if resume_from else "")
+        + f", λ={tr.penalty}, start rate {tr.initial_rate}, weaver frozen, from {cfg.artifact}"
     )
 
     # 3. loop
-    started = time.perf_counter()
-    with _CtrlC() as stop:
+    with run.training(), _CtrlC() as stop:
         for step in range(start, t.max_steps):
             first = step * per_step + dist.rank * mine
             exs = [train[prompt_order(len(train), t.seed, first + k)] for k in range(mine)]
@@ -350,42 +309,36 @@ def _run(
             roll = trigger_rollout(model, msgs, gen, g)
             m, per_row = train_step(model, roll, exs, msgs, funcs, weights, cfg, opt, sched)
             m = {"step": step + 1, **m, "lr": sched.get_last_lr()[0], "world_size": w}
-            if main and ((step + 1) % t.logging_steps == 0 or step + 1 == t.max_steps):
+            if run.main and ((step + 1) % t.logging_steps == 0 or step + 1 == t.max_steps):
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(m) + "\n")
-                console.print(progress_line(m, t.max_steps))
+                run.console.print(progress_line(m, t.max_steps))
             if t.log_completions_steps and (step == 0 or (step + 1) % t.log_completions_steps == 0):
                 shown = completion_rows(
                     step + 1, model.tokenizer, msgs, roll, per_row, dist.rank * mine
                 )
                 parts = distributed.gather_to_main(shown)
-                if main:
+                if run.main:
                     write_rows(ckpts / "completions" / f"step_{step + 1:05d}.jsonl", parts)
             for cb in callbacks:
                 cb(step + 1, m)
             if stop.anywhere():
-                point = ckpts / f"checkpoint-{step + 1}"
-                if main:
+                if run.main:
                     save_checkpoint(ckpts, step + 1, trigger, opt, sched)
                 distributed.barrier()
-                raise TrainingInterrupted(point)
+                raise TrainingInterrupted(run.checkpoint(step + 1))
             if (step + 1) % t.save_steps == 0 and step + 1 < t.max_steps:
-                if main:
+                if run.main:
                     save_checkpoint(ckpts, step + 1, trigger, opt, sched)
                 distributed.barrier()
-    wall = time.perf_counter() - started
     require_same_head(trigger)
 
     # 4. save (rank 0; the others wait so that the run ends together)
-    if main:
+    if run.main:
         rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
         summary = {
             "stage": "train-trigger",
-            "task": task.name,
-            "data": d.path or d.task,
-            "split": d.split,
-            "task_options": dict(d.options),
-            "training_seed": t.seed,
+            **run.data_fields(task, seeds=False),
             "prompts": len(train),
             "weaver_prompts_excluded": excluded,
             "penalty": tr.penalty,
@@ -394,30 +347,14 @@ def _run(
             "initial_rate": tr.initial_rate,
             "num_generations": g,
             "steps": t.max_steps,
-            "first_invocation_rate": rows[0]["invocation_rate"] if rows else None,
-            "final_invocation_rate": rows[-1]["invocation_rate"] if rows else None,
-            "first_task_reward": rows[0]["task_reward"] if rows else None,
-            "final_task_reward": rows[-1]["task_reward"] if rows else None,
-            "wall_s": round(wall, 1),
-            "world_size": w,
-            "resumed_from": str(resume_from) if resume_from else None,
+            **frame.first_and_final(rows, "invocation_rate"),
+            **frame.first_and_final(rows, "task_reward"),
+            **run.end_fields(w),
         }
-        out = save_artifact(
-            model,
-            base,
-            cfg.output,
-            prompt={"prompt_suffix": suffix, "system": system},
-            recipe_yaml=dump_yaml(cfg),
-            training=summary,
-            parent=cfg.artifact,
-            metrics_file=metrics_file,
-        )
-        if (ckpts / "completions").is_dir():
-            shutil.move(str(ckpts / "completions"), str(out / "completions"))
-        shutil.rmtree(ckpts, ignore_errors=True)
-        console.print(summary_table(summary, out))
-    distributed.barrier()
-    return Path(cfg.output)
+        prompt = {"prompt_suffix": suffix, "system": system}
+        out = run.save(save_artifact, model, base, summary, prompt=prompt, parent=cfg.artifact)
+        run.console.print(summary_table(summary, out))
+    return run.end()
 
 
 def require_same_head(trigger) -> None:
