@@ -3,6 +3,7 @@ and a two-process run that reproduces the single-process one exactly."""
 
 from __future__ import annotations
 
+import doctest
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from memgen_cli.cli import app
 from memgen_cli.data import get_task
 from memgen_cli.data.graders import extract_final_answer
 from memgen_cli.errors import MemgenError
+from memgen_cli.evaluation import heldout, plan, report, stats
 from memgen_cli.stages import evaluate as ev
 
 runner = CliRunner()
@@ -71,11 +73,11 @@ def test_default_modes_follow_the_artifact():
     quiet = Console(file=open(os.devnull, "w"))
     weaver = {"trigger": {"trained": False}}
     memgen = {"trigger": {"trained": True}}
-    assert ev.parse_modes(None, None, quiet) == ["off"]
-    assert ev.parse_modes(None, weaver, quiet) == ["off", "weaver"]
-    assert ev.parse_modes(None, memgen, quiet) == ["off", "weaver", "full"]
-    assert ev.parse_modes("weaver, off,weaver", weaver, quiet) == ["weaver", "off"]
-    assert ev.parse_modes("off", None, quiet) == ["off"]
+    assert plan.parse_modes(None, None, quiet) == ["off"]
+    assert plan.parse_modes(None, weaver, quiet) == ["off", "weaver"]
+    assert plan.parse_modes(None, memgen, quiet) == ["off", "weaver", "full"]
+    assert plan.parse_modes("weaver, off,weaver", weaver, quiet) == ["weaver", "off"]
+    assert plan.parse_modes("off", None, quiet) == ["off"]
 
 
 @pytest.mark.parametrize(
@@ -93,7 +95,7 @@ def test_default_modes_follow_the_artifact():
 )
 def test_bad_memory_modes(memory, manifest, message):
     with pytest.raises(MemgenError, match=message):
-        ev.parse_modes(memory, manifest, Console(file=open(os.devnull, "w")))
+        plan.parse_modes(memory, manifest, Console(file=open(os.devnull, "w")))
 
 
 def test_task_options_come_from_the_artifact_for_its_own_task_only():
@@ -313,15 +315,15 @@ def test_gsm8k_test_is_recognised_by_split_and_file_name(tmp_path):
     (tmp_path / "gsm").mkdir()
     for name in ("test.jsonl", "train.jsonl", "gsm8k_test.jsonl"):
         write_gsm8k(tmp_path / "gsm" / name, QUESTIONS[:1])
-    assert ev.is_gsm8k_test(get_task("gsm8k"), None)  # the hub's default split is test
-    assert ev.is_gsm8k_test(get_task("gsm8k"), "test")
-    assert not ev.is_gsm8k_test(get_task("gsm8k"), "train")
-    assert ev.is_gsm8k_test(get_task(str(tmp_path / "gsm")), None)  # directory: test.jsonl
-    assert not ev.is_gsm8k_test(get_task(str(tmp_path / "gsm")), "train")
-    assert ev.is_gsm8k_test(get_task(str(tmp_path / "gsm" / "gsm8k_test.jsonl")), None)
-    assert not ev.is_gsm8k_test(get_task(str(tmp_path / "gsm" / "train.jsonl")), None)
-    assert not ev.is_gsm8k_test(get_task("gsm_symbolic"), None)
-    assert not ev.is_gsm8k_test(get_task("gym:chain_sum"), "test")
+    assert heldout.is_gsm8k_test(get_task("gsm8k"), None)  # the hub's default split is test
+    assert heldout.is_gsm8k_test(get_task("gsm8k"), "test")
+    assert not heldout.is_gsm8k_test(get_task("gsm8k"), "train")
+    assert heldout.is_gsm8k_test(get_task(str(tmp_path / "gsm")), None)  # directory: test.jsonl
+    assert not heldout.is_gsm8k_test(get_task(str(tmp_path / "gsm")), "train")
+    assert heldout.is_gsm8k_test(get_task(str(tmp_path / "gsm" / "gsm8k_test.jsonl")), None)
+    assert not heldout.is_gsm8k_test(get_task(str(tmp_path / "gsm" / "train.jsonl")), None)
+    assert not heldout.is_gsm8k_test(get_task("gsm_symbolic"), None)
+    assert not heldout.is_gsm8k_test(get_task("gym:chain_sum"), "test")
 
 
 def test_contamination_warning_names_the_overlap_only_when_there_is_one(tmp_path):
@@ -340,7 +342,7 @@ def test_contamination_warning_names_the_overlap_only_when_there_is_one(tmp_path
     parent.mkdir()
     (parent / "memgen.json").write_text(json.dumps(symbolic))
     child = {"training": {"task": "gym:chain_sum"}, "parent": {"name": str(parent)}}
-    assert ev.trained_tasks(child) == ["gym:chain_sum", "gsm_symbolic"]
+    assert heldout.trained_tasks(child) == ["gym:chain_sum", "gsm_symbolic"]
     assert len(ev.contamination_warnings(child, "c", {"gsm8k": gsm_test}, None)) == 1
 
 
@@ -370,16 +372,22 @@ def test_eval_warns_about_gsm_symbolic_training_on_gsm8k_test(tiny, tmp_path):
 
 
 # --------------------------------------------------------------------------- several artifacts
+@pytest.mark.parametrize("module", [stats, report])
+def test_doctests(module):
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
+
+
 def test_mcnemar_and_paired_difference_against_hand_computed_values():
     # n = 5 discordant, 1 vs 4: 2 * (C(5,0) + C(5,1)) / 2^5 = 12/32
-    assert ev.mcnemar_p(1, 4) == ev.mcnemar_p(4, 1) == 0.375
-    assert ev.mcnemar_p(0, 5) == 2 / 32
-    assert ev.mcnemar_p(2, 10) == pytest.approx(2 * (1 + 12 + 66) / 4096)
-    assert ev.mcnemar_p(3, 3) == 1.0 and ev.mcnemar_p(0, 0) == 1.0
-    assert 0.02 < ev.mcnemar_p(950, 1050) < 0.03  # exact integers: no overflow on large n
+    assert stats.mcnemar_p(1, 4) == stats.mcnemar_p(4, 1) == 0.375
+    assert stats.mcnemar_p(0, 5) == 2 / 32
+    assert stats.mcnemar_p(2, 10) == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert stats.mcnemar_p(3, 3) == 1.0 and stats.mcnemar_p(0, 0) == 1.0
+    assert 0.02 < stats.mcnemar_p(950, 1050) < 0.03  # exact integers: no overflow on large n
     ref = [True, True, False, False, True, False]
     other = [True, False, True, True, True, False]
-    got = ev.paired(ref, other)
+    got = stats.paired(ref, other)
     # differences 0, -1, +1, +1, 0, 0: mean 1/6; squared deviations 3 × (1/6)², (7/6)², 2 × (5/6)²
     assert got["diff"] == pytest.approx(1 / 6)
     assert got["diff_stderr"] == pytest.approx(math.sqrt((3 / 36 + 49 / 36 + 50 / 36) / 5 / 6))
@@ -433,7 +441,7 @@ def test_two_artifacts_two_modes_one_row_per_pair_on_the_same_problems(tiny, mor
         k: [p["correct"] for p in preds if (p["task"], p["artifact"], p["mode"]) == k] for k in keys
     }
     for key, row in zip(keys[1:], rows[1:], strict=True):
-        expected = ev.paired(by[keys[0]], by[key])
+        expected = stats.paired(by[keys[0]], by[key])
         assert row["vs_first"] == {"artifact": str(first), "mode": "off", **expected}
         assert row["accuracy"] == sum(by[key]) / 5
     # Memory off is the plain reasoner whichever weaver is loaded: it runs once and the
@@ -462,7 +470,7 @@ def test_two_artifacts_two_modes_one_row_per_pair_on_the_same_problems(tiny, mor
     args += ["--limit", "5", "--max-new-tokens", "8", "--output", str(tmp_path / "t")]
     table = runner.invoke(app, args, env={"COLUMNS": "200"}).stdout
     assert "artifact" in table and "Δ vs first" in table and "McNemar" in table
-    names = ev.short_labels([str(first), str(second)])
+    names = report.short_labels([str(first), str(second)])
     assert names[str(first)] != names[str(second)]  # both end in artifact-llama
     assert all(name in table for name in names.values())
 
