@@ -224,6 +224,19 @@ def check_base(manifest: dict, base: LoadedBase, allow_mismatch: bool) -> None:
     )
 
 
+def _open(
+    path: Path, wanted: str, base: LoadedBase | None, device, dtype, allow_base_mismatch: bool
+) -> tuple[dict, LoadedBase]:
+    """The manifest of an artifact of kind ``wanted``, and the base it goes on (the recorded
+    one unless given), checked against each other before any tensor is read."""
+    manifest = read_manifest(path)
+    require_kind(manifest, path, wanted)
+    if base is None:
+        base = load_base(manifest["reasoner"]["name"], device=device, dtype=dtype)
+    check_base(manifest, base, allow_base_mismatch)
+    return manifest, base
+
+
 def load_artifact(
     path: str | Path,
     base: LoadedBase | None = None,
@@ -235,11 +248,7 @@ def load_artifact(
 ) -> tuple[MemGenModel, dict, LoadedBase]:
     """Rebuild the MemGen model an artifact describes; returns (model, manifest, base)."""
     path = Path(path)
-    manifest = read_manifest(path)
-    require_kind(manifest, path, "weaver")
-    if base is None:
-        base = load_base(manifest["reasoner"]["name"], device=device, dtype=dtype)
-    check_base(manifest, base, allow_base_mismatch)
+    manifest, base = _open(path, "weaver", base, device, dtype, allow_base_mismatch)
     backbone = None
     if not manifest["weaver_backbone"].get("shared", True):
         if weaver_base is None:
@@ -330,11 +339,7 @@ def load_baseline(
     """The reasoner with a baseline's adapter, validated; returns (model, manifest, base).
     ``trainable``: the adapter's tensors require grad (to train it further), else eval mode."""
     path = Path(path)
-    manifest = read_manifest(path)
-    require_kind(manifest, path, "baseline")
-    if base is None:
-        base = load_base(manifest["reasoner"]["name"], device=device, dtype=dtype)
-    check_base(manifest, base, allow_base_mismatch)
+    manifest, base = _open(path, "baseline", base, device, dtype, allow_base_mismatch)
     file = path / "adapter_model.safetensors"
     _check_shapes(file, _load_tensors(file), manifest["tensors"].get("adapter", {}))
     try:

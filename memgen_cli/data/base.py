@@ -81,21 +81,15 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise MemgenError(f"data file not found: {path}")
-    rows = []
-    for lineno, row in jsonl_values(path):
-        if not isinstance(row, dict):
-            raise MemgenError(
-                f"{path}: line {lineno} is a JSON {type(row).__name__}, not an object."
-            )
-        rows.append(row)
+    rows = [row for _, row in jsonl_objects(path)]
     if not rows:
         raise MemgenError(f"{path} is empty: expected one JSON object per line.")
     return rows
 
 
-def jsonl_values(path: Path) -> Iterator[tuple[int, Any]]:
-    """(1-based line number, value) for each non-blank line of a JSONL file; text that is not
-    UTF-8 or a line that is not JSON raises MemgenError naming the file and the line."""
+def jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) for each non-blank line of a JSONL file. Text that is not
+    UTF-8, or a line that is not a JSON object, raises MemgenError naming the file and line."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -110,6 +104,10 @@ def jsonl_values(path: Path) -> Iterator[tuple[int, Any]]:
                 f"{path}: line {lineno} is not valid JSON ({e.msg}); "
                 "each line must be one JSON object."
             ) from None
+        if not isinstance(value, dict):
+            raise MemgenError(
+                f"{path}: line {lineno} is a JSON {type(value).__name__}, not an object."
+            )
         yield lineno, value
 
 

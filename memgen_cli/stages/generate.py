@@ -16,7 +16,7 @@ from rich.text import Text
 
 from memgen_cli.config import GenerationConfig
 from memgen_cli.console import make_console
-from memgen_cli.data.base import jsonl_values
+from memgen_cli.data.base import jsonl_objects
 from memgen_cli.errors import MemgenError
 from memgen_cli.generation import (
     GenerationOutput,
@@ -134,8 +134,8 @@ def read_prompts(path: Path) -> list[str]:
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise MemgenError(f"--input {path} {what}; give a JSONL file of prompts.")
     prompts = []
-    for number, obj in jsonl_values(path):  # not UTF-8, a line not JSON: one message each
-        text = obj.get("prompt", obj.get("question")) if isinstance(obj, dict) else None
+    for number, obj in jsonl_objects(path):  # not UTF-8, not a JSON object: a message each
+        text = obj.get("prompt", obj.get("question"))
         if not isinstance(text, str):
             raise MemgenError(
                 f'{path} line {number} needs a "prompt" (or "question") string field.'
