@@ -432,7 +432,7 @@ def markdown_table(result: dict) -> str:
     overrides = {k: v for k, v in result.get("overrides", {}).items() if v}
     problems = "; ".join(
         f"{t} n {s['n']}"
-        + (f", options {' '.join(s['options'])}" if s.get("options") else "")
+        + (f", options {' '.join(f'`{o}`' for o in s['options'])}" if s.get("options") else "")
         + f", data seed {', '.join(map(str, s.get('seed') or ['default']))}"
         for t, s in result["tasks"].items()
     )
