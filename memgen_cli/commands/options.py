@@ -1,4 +1,5 @@
-"""Option types shared by several commands (one definition each)."""
+"""Option types shared by several commands (one definition each), and ``train``: how a
+training command runs its stage."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
+from memgen_cli.console import make_console
 from memgen_cli.errors import MemgenError
+from memgen_cli.stages.evaluate import parse_task_options
+from memgen_cli.stages.frame import TrainingInterrupted
 
 Base = Annotated[
     str | None,
@@ -72,6 +77,10 @@ Resume = Annotated[
     ),
 ]
 ReportTo = Annotated[str | None, typer.Option("--report-to", help="none | tensorboard | wandb.")]
+Columns = Annotated[
+    str | None,
+    typer.Option("--columns", help="Columns of a generic .jsonl: prompt=…,solution=…,answer=…"),
+]
 Reward = Annotated[
     list[str] | None,
     typer.Option(
@@ -85,6 +94,57 @@ RewardWeight = Annotated[
     list[float] | None,
     typer.Option("--reward-weight", help="Weight of each --reward, in order (default 1)."),
 ]
+
+
+def option(kind, name: str, help: str):
+    """An option with no default under ``name``, of type ``kind`` (a command's own wording of
+    a shared flag: ``option(Path, "--recipe", "Recipe YAML (an SFTConfig).")``)."""
+    return Annotated[kind | None, typer.Option(name, help=help)]
+
+
+def train(
+    stage,
+    recipe: Path | None,
+    set_: list[str] | None,
+    resume: str | None,
+    overwrite: bool,
+    columns: str | None = None,
+    task_option: list[str] | None = None,
+    reward: list[str] | None = None,
+    reward_weight: list[float] | None = None,
+    **flags,
+) -> None:
+    """Run a training ``stage`` module from its command's options (``train(stage,
+    **locals())``): its config is the recipe, then ``--set``, then the flags
+    (``stage.resolve_config``). Ctrl-C leaves a checkpoint and exits 130."""
+    cfg = stage.resolve_config(
+        recipe,
+        set_,
+        columns=parse_columns(columns),
+        task_options=parse_task_options(task_option or []),
+        rewards=reward,
+        reward_weights=reward_weight,
+        **flags,
+    )
+    try:
+        stage.run(cfg, resume=resume, console=make_console(), overwrite=overwrite)
+    except TrainingInterrupted as stop:
+        Console(stderr=True).print(
+            f"interrupted: checkpoint saved in {stop.checkpoint}; continue with --resume auto"
+        )
+        raise typer.Exit(130) from None
+
+
+def parse_columns(spec: str | None) -> dict[str, str] | None:
+    """``--columns prompt=question,answer=label`` as a dict."""
+    if spec is None:
+        return None
+    pairs = [item.split("=", 1) for item in spec.split(",") if item.strip()]
+    if not pairs or any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise MemgenError(
+            f'--columns expects role=column pairs, e.g. prompt=question,answer=label; got "{spec}".'
+        )
+    return {role.strip(): col.strip() for role, col in pairs}
 
 
 def check_choice(name: str, value: str, choices) -> str:
