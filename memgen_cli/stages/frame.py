@@ -208,10 +208,12 @@ class Run:
         Trainer's dict printer. After Ctrl-C the Trainer has written a checkpoint, and
         ``TrainingInterrupted`` names it."""
         trainer.remove_callback(PrinterCallback)
-        with self.training():
-            trainer.train(
-                resume_from_checkpoint=str(self.resume_from) if self.resume_from else None
-            )
+        point = str(self.resume_from) if self.resume_from else None
+        try:
+            with self.training():
+                trainer.train(resume_from_checkpoint=point)
+        finally:  # a train() that raised never reached on_train_end: give Ctrl-C back anyway
+            self.stop.on_train_end(trainer.args, trainer.state, trainer.control)
         if self.stop.stopped_at is not None:
             raise TrainingInterrupted(self.checkpoint(self.stop.stopped_at))
 
