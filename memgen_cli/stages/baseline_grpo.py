@@ -115,18 +115,16 @@ def by_index(fn: rl.RewardFn, examples: list[Example]) -> rl.RewardFn:
 
 
 @torch.no_grad()
-def heldout_accuracy(model, tok, examples, reward, cfg: BaselineGRPOConfig, batch=8) -> float:
+def heldout_accuracy(model, tok, examples, reward, cfg: BaselineGRPOConfig) -> float:
     """Greedy accuracy (the task's grader) on held-out problems, as ``memgen eval`` scores a
     baseline (its prompt, greedy answers of at most ``max_completion_length`` tokens)."""
     was_training = model.training
     model.eval()
-    d, device = cfg.data, model.get_input_embeddings().weight.device
+    device = model.get_input_embeddings().weight.device
     eos = model.generation_config.eos_token_id
     eos = sorted({tok.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])})
-    hits = []
-    for i in range(0, len(examples), batch):
-        part = examples[i : i + batch]
-        msgs = [to_messages(e, d.prompt_suffix, d.system) for e in part]
+
+    def answer(msgs: list) -> list[str]:
         enc = encode_prompts(tok, msgs, device)
         out = model.generate(
             **enc,
@@ -135,10 +133,11 @@ def heldout_accuracy(model, tok, examples, reward, cfg: BaselineGRPOConfig, batc
             eos_token_id=eos,
             pad_token_id=tok.pad_token_id,
         )
-        text = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        hits += reward(prompts=msgs, completions=text, **rl.example_columns(part))
+        return tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    accuracy = frame.heldout_accuracy(examples, reward, cfg.data, answer)
     model.train(was_training)
-    return sum(hits) / max(len(hits), 1)
+    return accuracy
 
 
 # ------------------------------------------------------------------------------- run

@@ -39,10 +39,10 @@ from memgen_cli import distributed
 from memgen_cli.artifacts import check_output
 from memgen_cli.config import dump_yaml, load_recipe, to_dict
 from memgen_cli.console import make_console
-from memgen_cli.data import Task
+from memgen_cli.data import Example, Task, to_messages
 from memgen_cli.errors import MemgenError
 from memgen_cli.models.base import LoadedBase, load_base
-from memgen_cli.training import sft_run
+from memgen_cli.training import rl, sft_run
 from memgen_cli.training.trainer_parts import (
     MetricsLog,
     StopOnSignal,
@@ -292,6 +292,19 @@ class Run:
 
 
 # ---------------------------------------------------------------------------- summary
+def heldout_accuracy(examples: list[Example], reward, prompt, answer, batch: int = 8) -> float:
+    """Accuracy on held-out problems as ``memgen eval`` scores it: each batch rendered as chat
+    messages (``prompt``: anything with ``prompt_suffix`` and ``system``), answered by
+    ``answer(messages) -> texts`` (the stage's greedy generation), graded by ``reward`` (the
+    task's grader, ``rl.task_reward``)."""
+    hits = []
+    for i in range(0, len(examples), batch):
+        part = examples[i : i + batch]
+        msgs = [to_messages(e, prompt.prompt_suffix, prompt.system) for e in part]
+        hits += reward(prompts=msgs, completions=answer(msgs), **rl.example_columns(part))
+    return sum(hits) / max(len(hits), 1)
+
+
 def loss_fields(log_history: list[dict]) -> dict:
     """The last logged training loss, and the mean over the run (``sft_run.mean_loss``)."""
     logged = [row["loss"] for row in log_history if "loss" in row]

@@ -26,7 +26,6 @@ from transformers import TrainingArguments
 
 from memgen_cli.artifacts import load_artifact, read_manifest, require_kind, save_artifact
 from memgen_cli.config import GRPOConfig, MemoryConfig, from_dict, to_dict
-from memgen_cli.data import to_messages
 from memgen_cli.errors import MemgenError
 from memgen_cli.generation import GenerationConfig
 from memgen_cli.models.memgen import MemGenModel
@@ -91,17 +90,15 @@ def collate_indices(items: list[dict]) -> dict:
     return {"index": torch.tensor([it["index"] for it in items])}
 
 
-def heldout_accuracy(model, examples, reward, settings: GRPOSettings, memory, batch=8) -> float:
+def heldout_accuracy(model, examples, reward, settings: GRPOSettings, memory) -> float:
     """Greedy accuracy (the task's grader) on held-out problems, as ``memgen eval`` scores."""
     cfg = GenerationConfig(max_new_tokens=settings.max_completion_length, memory=memory)
-    hits = []
-    for i in range(0, len(examples), batch):
-        part = examples[i : i + batch]
-        msgs = [to_messages(e, settings.prompt_suffix, settings.system) for e in part]
+
+    def answer(msgs: list) -> list[str]:
         roll = rollout(model, msgs, cfg, 1)
-        text = model.tokenizer.batch_decode(roll.texts_ids, skip_special_tokens=True)
-        hits += reward(prompts=msgs, completions=text, **rl.example_columns(part))
-    return sum(hits) / max(len(hits), 1)
+        return model.tokenizer.batch_decode(roll.texts_ids, skip_special_tokens=True)
+
+    return frame.heldout_accuracy(examples, reward, settings, answer)
 
 
 # ------------------------------------------------------------------------------- run
