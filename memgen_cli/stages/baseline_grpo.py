@@ -169,8 +169,7 @@ def run(
         model = base.model
         lora, peft_config, weaver_count = lora_settings(base, cfg.lora, cfg.memory)
     accuracy = rl.task_reward(task)
-    funcs = ([accuracy] if r.task_weight > 0 else []) + plugins
-    weights = ([r.task_weight] if r.task_weight > 0 else []) + (r.weights or [1.0] * len(plugins))
+    funcs, weights = frame.reward_functions(accuracy, r, plugins)
     args = trl.GRPOConfig(
         **sft_run.trainer_arguments(t, run.ckpts, base.model.device),  # batch_size: completions
         num_generations=t.num_generations,

@@ -291,6 +291,14 @@ class Run:
         return Path(self.cfg.output)
 
 
+def reward_functions(task_reward, r, plugins: list) -> tuple[list, list[float]]:
+    """What an RL stage is rewarded by, and the weights: the task's grader (``task_reward``)
+    unless ``reward.task_weight`` is 0, then the ``--reward`` plug-ins (``reward.weights``, or
+    1 each)."""
+    graders = [task_reward] if r.task_weight > 0 else []
+    return graders + plugins, [r.task_weight] * len(graders) + (r.weights or [1.0] * len(plugins))
+
+
 # ---------------------------------------------------------------------------- summary
 def heldout_accuracy(examples: list[Example], reward, prompt, answer, batch: int = 8) -> float:
     """Accuracy on held-out problems as ``memgen eval`` scores it: each batch rendered as chat

@@ -127,10 +127,7 @@ def run(
         model = MemGenModel(base.model, base.tokenizer, cfg.memory)
     model.set_trainable(weaver=True, trigger=False)
     accuracy = rl.task_reward(task)
-    funcs = ([accuracy] if cfg.reward.task_weight > 0 else []) + plugins
-    weights = ([cfg.reward.task_weight] if cfg.reward.task_weight > 0 else []) + (
-        cfg.reward.weights or [1.0] * len(plugins)
-    )
+    funcs, weights = frame.reward_functions(accuracy, cfg.reward, plugins)
     settings = GRPOSettings(
         num_generations=t.num_generations,
         temperature=t.temperature,

@@ -264,10 +264,7 @@ def _run(cfg: TriggerConfig, resume, console: Console | None, callbacks: list, d
     recorded = manifest.get("prompt", {})
     suffix = d.prompt_suffix or recorded.get("prompt_suffix") or ""
     system = d.system if d.system is not None else recorded.get("system")
-    funcs = ([rl.task_reward(task)] if cfg.reward.task_weight > 0 else []) + plugins
-    weights = ([cfg.reward.task_weight] if cfg.reward.task_weight > 0 else []) + (
-        cfg.reward.weights or [1.0] * len(plugins)
-    )
+    funcs, weights = frame.reward_functions(rl.task_reward(task), cfg.reward, plugins)
     init_head(trigger, tr.initial_rate)
     opt = torch.optim.AdamW(trigger.parameters(), lr=t.learning_rate, weight_decay=0.0)
     warmup = int(t.warmup * t.max_steps) if t.warmup < 1 else int(t.warmup)
