@@ -153,10 +153,9 @@ def run(
     resume_from, init = validate(cfg, resume)
     run = frame.Run.start("baseline grpo", cfg, resume, resume_from, overwrite, console)
     task, train, held, data_seed = sft_run.load_examples(cfg)
-    plugins = [rl.load_reward(spec) for spec in cfg.reward.functions]
 
     # 2. build
-    d, t, r = cfg.data, cfg.training, cfg.reward
+    d, t = cfg.data, cfg.training
     base = run.load_base()
     tok = base.tokenizer
     if init is not None:
@@ -169,7 +168,7 @@ def run(
         model = base.model
         lora, peft_config, weaver_count = lora_settings(base, cfg.lora, cfg.memory)
     accuracy = rl.task_reward(task)
-    funcs, weights = frame.reward_functions(accuracy, r, plugins)
+    funcs, weights = frame.reward_functions(accuracy, cfg.reward)
     args = trl.GRPOConfig(
         **sft_run.trainer_arguments(t, run.ckpts, base.model.device),  # batch_size: completions
         num_generations=t.num_generations,

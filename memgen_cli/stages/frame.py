@@ -291,11 +291,12 @@ class Run:
         return Path(self.cfg.output)
 
 
-def reward_functions(task_reward, r, plugins: list) -> tuple[list, list[float]]:
+def reward_functions(task_reward, r) -> tuple[list, list[float]]:
     """What an RL stage is rewarded by, and the weights: the task's grader (``task_reward``)
     unless ``reward.task_weight`` is 0, then the ``--reward`` plug-ins (``reward.weights``, or
-    1 each)."""
+    1 each; the stage's validation has imported them already)."""
     graders = [task_reward] if r.task_weight > 0 else []
+    plugins = [rl.load_reward(spec) for spec in r.functions]
     return graders + plugins, [r.task_weight] * len(graders) + (r.weights or [1.0] * len(plugins))
 
 

@@ -113,7 +113,6 @@ def run(
     # 1. validate
     run = frame.Run.start("grpo-weaver", cfg, resume, validate(cfg, resume), overwrite, console)
     task, train, held, data_seed = sft_run.load_examples(cfg)
-    plugins = [rl.load_reward(spec) for spec in cfg.reward.functions]
 
     # 2. build
     t, d = cfg.training, cfg.data
@@ -127,7 +126,7 @@ def run(
         model = MemGenModel(base.model, base.tokenizer, cfg.memory)
     model.set_trainable(weaver=True, trigger=False)
     accuracy = rl.task_reward(task)
-    funcs, weights = frame.reward_functions(accuracy, cfg.reward, plugins)
+    funcs, weights = frame.reward_functions(accuracy, cfg.reward)
     settings = GRPOSettings(
         num_generations=t.num_generations,
         temperature=t.temperature,

@@ -253,7 +253,6 @@ def _run(cfg: TriggerConfig, resume, console: Console | None, callbacks: list, d
     run = frame.Run.start("train-trigger", cfg, resume, resume_from, overwrite, console)
     t, d, tr = cfg.training, cfg.data, cfg.trigger
     task, train, held, excluded = select_examples(cfg, manifest)
-    plugins = [rl.load_reward(spec) for spec in cfg.reward.functions]
 
     # 2. build
     base = run.load_base(distributed.device_for_rank(cfg.model.device, dist.local_rank))
@@ -264,7 +263,7 @@ def _run(cfg: TriggerConfig, resume, console: Console | None, callbacks: list, d
     recorded = manifest.get("prompt", {})
     suffix = d.prompt_suffix or recorded.get("prompt_suffix") or ""
     system = d.system if d.system is not None else recorded.get("system")
-    funcs, weights = frame.reward_functions(rl.task_reward(task), cfg.reward, plugins)
+    funcs, weights = frame.reward_functions(rl.task_reward(task), cfg.reward)
     init_head(trigger, tr.initial_rate)
     opt = torch.optim.AdamW(trigger.parameters(), lr=t.learning_rate, weight_decay=0.0)
     warmup = int(t.warmup * t.max_steps) if t.warmup < 1 else int(t.warmup)
