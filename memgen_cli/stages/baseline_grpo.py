@@ -171,18 +171,8 @@ def run(
     funcs, weights = frame.reward_functions(accuracy, cfg.reward)
     args = trl.GRPOConfig(
         **sft_run.trainer_arguments(t, run.ckpts, base.model.device),  # batch_size: completions
-        num_generations=t.num_generations,
-        temperature=t.temperature,
-        top_p=t.top_p,
-        max_completion_length=t.max_completion_length,
-        loss_type=t.loss_type,
-        scale_rewards=t.scale_rewards,
-        beta=t.beta,
-        epsilon=t.epsilon,
+        **sft_run.grpo_arguments(t),
         epsilon_high=t.epsilon_high,
-        num_iterations=t.num_iterations,
-        mask_truncated_completions=t.mask_truncated_completions,
-        disable_dropout=t.disable_dropout,
         reward_weights=weights,
         activation_checkpointing=False,  # TRL turns it on by default; grpo-weaver does not
         log_completions=False,

@@ -128,19 +128,9 @@ def run(
     accuracy = rl.task_reward(task)
     funcs, weights = frame.reward_functions(accuracy, cfg.reward)
     settings = GRPOSettings(
-        num_generations=t.num_generations,
-        temperature=t.temperature,
-        top_p=t.top_p,
-        max_completion_length=t.max_completion_length,
-        memory=t.memory,
-        loss_type=t.loss_type,
-        scale_rewards=t.scale_rewards,
-        beta=t.beta,
-        epsilon=t.epsilon,
+        **sft_run.grpo_arguments(t),
         epsilon_high=t.epsilon if t.epsilon_high is None else t.epsilon_high,
-        num_iterations=t.num_iterations,
-        mask_truncated_completions=t.mask_truncated_completions,
-        disable_dropout=t.disable_dropout,
+        memory=t.memory,
         seed=t.seed,
         log_completions_steps=t.log_completions_steps,
         prompt_suffix=d.prompt_suffix,

@@ -14,7 +14,8 @@ trained from the same recipe sections see the same examples, batches and schedul
 - ``ResumedIntervals``, ``mean_loss``: the Trainer stages' logging made resume-proof;
 - ``trainer_arguments``: a training section as keyword arguments of transformers'
   ``TrainingArguments`` (TRL's configs extend it, so the same dict feeds ``trl.SFTConfig`` and
-  ``trl.GRPOConfig``).
+  ``trl.GRPOConfig``); ``grpo_arguments``: a GRPO section's sampling and loss settings, which
+  grpo-weaver's ``GRPOSettings`` and ``trl.GRPOConfig`` take under the same names.
 """
 
 from __future__ import annotations
@@ -327,4 +328,23 @@ def trainer_arguments(
         dataloader_num_workers=0,
         use_cpu=device.type == "cpu",
         log_level="passive",  # keep the CLI's quiet library logging
+    )
+
+
+def grpo_arguments(t: GRPOTrainingConfig) -> dict:
+    """A GRPO section's sampling and loss settings, named as both ``GRPOSettings``
+    (grpo-weaver) and ``trl.GRPOConfig`` (baseline grpo) take them; ``epsilon_high`` is left
+    to each (TRL reads None as ``epsilon``)."""
+    return dict(
+        num_generations=t.num_generations,
+        temperature=t.temperature,
+        top_p=t.top_p,
+        max_completion_length=t.max_completion_length,
+        loss_type=t.loss_type,
+        scale_rewards=t.scale_rewards,
+        beta=t.beta,
+        epsilon=t.epsilon,
+        num_iterations=t.num_iterations,
+        mask_truncated_completions=t.mask_truncated_completions,
+        disable_dropout=t.disable_dropout,
     )
