@@ -6,7 +6,13 @@ at smaller output scales, and with constant latents in place of the weaver's out
 vectors, the embedding of one token). Insertions follow what generation does: the prompt point
 and the first ``max_inference_insertions`` delimiters. The gap between ``memory_off`` and the
 best constant is the cost of the insertions themselves (extra positions, shifted position ids),
-which a trained weaver has to win back before its memory can help. Prints one JSON object.
+which a trained weaver has to win back before its memory can help.
+
+``kv`` gives the same for ``memory.inject: kv`` (a second copy of the reasoner): the untrained kv
+weaver (its LoRA B starts at zero, so its slots are the reasoner's own keys and values of the
+query latents), and the query latents set to constants (zero vectors, one token's embedding),
+whose slots then hold what the reasoner makes of that constant at those positions. Prints one
+JSON object.
 
     .venv/bin/python benchmarks/insertion_cost.py [--recipe recipes/....yaml] [--set key=value]
 """
@@ -14,6 +20,7 @@ which a trained weaver has to win back before its memory can help. Prints one JS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -59,6 +66,7 @@ def main() -> None:
             proj.weight.copy_(w)
             proj.bias.copy_(b)
         out[name] = heldout_loss(model, samples, woven, batch)
+    out_kv = kv_costs(cfg, samples, woven, batch, embeddings, base.tokenizer)
     print(
         json.dumps(
             {
@@ -71,9 +79,33 @@ def main() -> None:
                     "inference": cfg.memory.inference_latents,
                 },
                 "heldout_loss": {k: round(v, 4) for k, v in out.items()},
+                "heldout_loss_kv": {k: round(v, 4) for k, v in out_kv.items()},
             }
         )
     )
+
+
+def kv_costs(cfg, samples, woven, batch, embeddings, tokenizer) -> dict[str, float]:
+    """Held-out losses with ``memory.inject: kv``: the untrained kv weaver, then its query
+    latents replaced by constants (LayerNorm weight 0, bias the constant, scale 1)."""
+    set_seed(cfg.training.seed)
+    m = cfg.model
+    base = load_base(m.base, m.device, m.dtype, m.revision)
+    model = MemGenModel(base.model, base.tokenizer, dataclasses.replace(cfg.memory, inject="kv"))
+    out = {"weaver": heldout_loss(model, samples, woven, batch)}
+    constants = {"zero": embeddings[0] * 0}
+    for name, text in TOKENS.items():
+        constants[f"token_{name}"] = embeddings[
+            tokenizer.encode(text, add_special_tokens=False)[-1]
+        ]
+    for name, value in constants.items():
+        with torch.no_grad():
+            for kind, norm in model.weaver.norms.items():
+                norm.weight.zero_()
+                norm.bias.copy_(value)
+                model.weaver.scales[kind].fill_(1.0)
+        out[name] = heldout_loss(model, samples, woven, batch)
+    return out
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ in the forward pass; ``batched_without_padding`` is the batched path with no pad
 The cost of memory: ``lora`` is a plain LoRA-SFT step of the reasoner (a second copy of it, with
 a LoRA adapter on q_proj/v_proj at the weaver's trainable-parameter budget, as ``memgen baseline
 sft`` chooses it) on the identical batches, projecting only the labelled positions as the
-batched path does; ``weaver_over_lora_step`` is the batched weaver step's time over it.
+batched path does; ``weaver_over_lora_step`` is the batched weaver step's time over it, and
+``kv_over_lora_step`` the same for a ``memory.inject: kv`` weaver (a third copy of the reasoner,
+the same memory settings otherwise; its trainable count, without the projections, is reported
+with the LoRA rank that would match it).
 ``memory_mb`` is each step's peak: on CUDA the allocator's peak during the step; everywhere the
 tensors autograd saves for the backward (activations, not weights), which is what differs
 between the paths. On a CPU, where a
@@ -34,6 +37,7 @@ the backward.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import time
@@ -194,6 +198,7 @@ def main() -> None:
         help="consecutive samples instead of sft-weaver's length-grouped batches",
     )
     parser.add_argument("--device", default="cpu", help="cpu | cuda[:i] | auto")
+    parser.add_argument("--skip-kv", action="store_true", help="leave out the kv weaver step")
     parser.add_argument(
         "--skip-reference",
         action="store_true",
@@ -226,6 +231,16 @@ def main() -> None:
     lora_opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=0.0)
     steps = {name: (fn, model, opt) for name, fn in paths.items()}
     steps["lora"] = (None, lora, lora_opt)
+    if not args.skip_kv:
+        kv_cfg = dataclasses.replace(cfg, inject="kv")
+        kv_base = load_base("smollm2-135m", device=args.device)
+        kv_budget = weaver_trainable_params(kv_base.model, kv_cfg)  # before LoRA wraps it
+        kv_rank = matched_rank(kv_base.model, kv_cfg.lora_targets, kv_budget)
+        kv_model = MemGenModel(kv_base.model, kv_base.tokenizer, kv_cfg)
+        kv_model.set_trainable(weaver=True, trigger=False)
+        kv_model.train()
+        kv_opt = torch.optim.AdamW(kv_model.trainable_parameters(), lr=0.0)
+        steps["batched_kv"] = (weave_forward, kv_model, kv_opt)
     seconds = dict.fromkeys(steps, 0.0)
     for fn, m, o in steps.values():
         train_step(fn, m, o, data[0])  # warm-up
@@ -260,6 +275,17 @@ def main() -> None:
                 "speedup_vs_reference": ratio(rate, "batched", "reference"),
                 "speedup_vs_lean_reference": ratio(rate, "batched", "lean_reference"),
                 "weaver_over_lora_step": round(seconds["batched"] / seconds["lora"], 2),
+                "kv_over_lora_step": None
+                if args.skip_kv
+                else round(seconds["batched_kv"] / seconds["lora"], 2),
+                "kv": None
+                if args.skip_kv
+                else {
+                    "weaver_trainable_params": sum(
+                        p.numel() for p in kv_model.trainable_parameters()
+                    ),
+                    "matched_lora_rank": kv_rank,
+                },
                 "lora": {
                     "rank": rank,
                     "trainable_params": sum(
