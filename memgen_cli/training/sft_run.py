@@ -331,20 +331,24 @@ def trainer_arguments(
     )
 
 
+# A GRPO section's sampling and loss settings, named as both grpo-weaver's ``GRPOSettings`` and
+# ``trl.GRPOConfig`` (baseline grpo) take them; ``epsilon_high`` is left to each (TRL reads None
+# as ``epsilon``).
+GRPO_ARGUMENTS = (
+    "num_generations",
+    "temperature",
+    "top_p",
+    "max_completion_length",
+    "loss_type",
+    "scale_rewards",
+    "beta",
+    "epsilon",
+    "num_iterations",
+    "mask_truncated_completions",
+    "disable_dropout",
+)
+
+
 def grpo_arguments(t: GRPOTrainingConfig) -> dict:
-    """A GRPO section's sampling and loss settings, named as both ``GRPOSettings``
-    (grpo-weaver) and ``trl.GRPOConfig`` (baseline grpo) take them; ``epsilon_high`` is left
-    to each (TRL reads None as ``epsilon``)."""
-    return dict(
-        num_generations=t.num_generations,
-        temperature=t.temperature,
-        top_p=t.top_p,
-        max_completion_length=t.max_completion_length,
-        loss_type=t.loss_type,
-        scale_rewards=t.scale_rewards,
-        beta=t.beta,
-        epsilon=t.epsilon,
-        num_iterations=t.num_iterations,
-        mask_truncated_completions=t.mask_truncated_completions,
-        disable_dropout=t.disable_dropout,
-    )
+    """``GRPO_ARGUMENTS`` of a GRPO training section, as keyword arguments."""
+    return {name: getattr(t, name) for name in GRPO_ARGUMENTS}
