@@ -243,7 +243,7 @@ def summary_table(s: dict, lora: dict, budget: dict, out: Path) -> Table:
     rows = [
         ("task", f"{s['task']} ({s['samples']} prompts, G={s['num_generations']})"),
         *lora_rows(lora, budget),
-        *frame.trainer_rows(s, frame.reward_row(s)),
+        *frame.trainer_rows(s, frame.first_and_final_row(s, "reward")),
         *frame.score_rows("held-out accuracy", s["heldout_accuracy"], 3),
     ]
     return frame.table(f"baseline grpo → {out}", rows)

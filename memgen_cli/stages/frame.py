@@ -291,6 +291,7 @@ class Run:
         return Path(self.cfg.output)
 
 
+# ------------------------------------------------------------------ rewards and scores
 def reward_functions(task_reward, r) -> tuple[list, list[float]]:
     """What an RL stage is rewarded by, and the weights: the task's grader (``task_reward``)
     unless ``reward.task_weight`` is 0, then the ``--reward`` plug-ins (``reward.weights``, or
@@ -300,7 +301,6 @@ def reward_functions(task_reward, r) -> tuple[list, list[float]]:
     return graders + plugins, [r.task_weight] * len(graders) + (r.weights or [1.0] * len(plugins))
 
 
-# ---------------------------------------------------------------------------- summary
 def heldout_accuracy(examples: list[Example], reward, prompt, answer, batch: int = 8) -> float:
     """Accuracy on held-out problems as ``memgen eval`` scores it: each batch rendered as chat
     messages (``prompt``: anything with ``prompt_suffix`` and ``system``), answered by
@@ -314,6 +314,7 @@ def heldout_accuracy(examples: list[Example], reward, prompt, answer, batch: int
     return sum(hits) / max(len(hits), 1)
 
 
+# ---------------------------------------------------------------------------- summary
 def loss_fields(log_history: list[dict]) -> dict:
     """The last logged training loss, and the mean over the run (``sft_run.mean_loss``)."""
     logged = [row["loss"] for row in log_history if "loss" in row]
@@ -336,8 +337,10 @@ def loss_row(s: dict) -> tuple[str, str]:
     return ("final loss", fmt(s["final_loss"], 4))
 
 
-def reward_row(s: dict) -> tuple[str, str]:
-    return ("reward first → final", f"{fmt(s['first_reward'])} → {fmt(s['final_reward'])}")
+def first_and_final_row(s: dict, key: str) -> tuple[str, str]:
+    """The summary table's row of ``first_and_final(rows, key)``."""
+    first, final = fmt(s[f"first_{key}"]), fmt(s[f"final_{key}"])
+    return (f"{key.replace('_', ' ')} first → final", f"{first} → {final}")
 
 
 def fmt(value: float | None, digits: int = 3) -> str:

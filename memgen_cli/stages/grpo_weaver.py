@@ -191,7 +191,7 @@ def run(
 def summary_table(s: dict, out: Path) -> Table:
     rows = [
         ("task", f"{s['task']} ({s['prompts']} prompts, G={s['num_generations']})"),
-        *frame.trainer_rows(s, frame.reward_row(s)),
+        *frame.trainer_rows(s, frame.first_and_final_row(s, "reward")),
         *frame.score_rows("held-out accuracy", s["heldout_accuracy"], 3),
     ]
     return frame.table(f"grpo-weaver → {out}", rows)

@@ -423,22 +423,12 @@ def write_rows(file: Path, parts: list[list[dict]]) -> None:
 
 
 def summary_table(s: dict, out: Path) -> Table:
-    table = Table(title=f"train-trigger → {out}", show_header=False)
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     rows = [
         ("task", f"{s['task']} ({s['prompts']} prompts, G={s['num_generations']})"),
         ("λ (trigger.penalty)", f"{s['penalty']}"),
-        (
-            "invocation rate first → final",
-            f"{fmt(s['first_invocation_rate'])} → {fmt(s['final_invocation_rate'])}",
-        ),
-        (
-            "task reward first → final",
-            f"{fmt(s['first_task_reward'])} → {fmt(s['final_task_reward'])}",
-        ),
+        frame.first_and_final_row(s, "invocation_rate"),
+        frame.first_and_final_row(s, "task_reward"),
         ("steps", str(s["steps"])),
-        ("wall time", f"{s['wall_s']:.0f} s on {s['world_size']} process(es)"),
+        frame.wall_row(s),
     ]
-    for key, value in rows:
-        table.add_row(key, value)
-    return table
+    return frame.table(f"train-trigger → {out}", rows)
