@@ -15,7 +15,10 @@ What the frame does, in the order a stage meets it:
    ``TrainingInterrupted``), or ``Run.training`` around a stage's own loop (train-trigger's);
 5. save: ``Run.data_fields``, ``Run.trainer_fields`` (the summary's common fields), ``Run.save``
    (the artifact, its completions log, the checkpoints removed), ``Run.end`` (all processes
-   wait for the main one's artifact).
+   wait for the main one's artifact), and the summary table's rows (``table``, ``trainer_rows``).
+
+The RL stages also share ``reward_functions`` (the task's grader and the ``--reward``
+plug-ins, weighted) and ``heldout_accuracy`` (held-out problems scored as ``memgen eval`` does).
 
 Layout: the artifact goes to ``cfg.output``; while a run is unfinished its checkpoints,
 ``recipe.yaml``, ``run.json``, ``metrics.jsonl`` and ``completions/`` live beside it in
