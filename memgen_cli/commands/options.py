@@ -11,7 +11,7 @@ from rich.console import Console
 
 from memgen_cli.console import make_console
 from memgen_cli.errors import MemgenError
-from memgen_cli.stages.evaluate import parse_task_options
+from memgen_cli.evaluation.plan import parse_task_options
 from memgen_cli.stages.frame import TrainingInterrupted
 
 Base = Annotated[
