@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 from transformers import PrinterCallback, set_seed
@@ -260,6 +261,9 @@ class Run:
         return {
             "wall_s": round(self.wall, 1),
             "world_size": processes,
+            # CPU float sums depend on the thread count: the same recipe at 1 and 2 threads
+            # differs from its first step, so compare runs made at the same count.
+            "torch_threads": torch.get_num_threads(),
             "resumed_from": str(self.resume_from) if self.resume_from else None,
         }
 

@@ -168,6 +168,7 @@ EXECUTION_FIELDS = {
     "versions": "the libraries of the call that wrote the artifact",
     "training.wall_s": "wall time of the last call",
     "training.samples_per_s": "throughput of the last call",
+    "training.torch_threads": "CPU threads of the last call (they change float sums)",
     "training.samples_per_rank": "samples each process trained on in the last call",
     "training.resumed_from": "the checkpoint the last call continued from",
 }
