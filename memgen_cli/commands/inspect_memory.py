@@ -80,7 +80,8 @@ def command(
     allow_base_mismatch: o.AllowMismatch = False,
     overwrite: o.Overwrite = False,
 ) -> None:
-    """Look inside the latent memory: nearest tokens, logit lens, norms, attention, ablations, clusters."""
+    """Look inside the memory: nearest tokens, logit lens, norms, attention, ablations, clusters
+    (for a memory.inject kv weaver, the views that apply; it says which do not, and why)."""
     stage.run(
         stage.InspectOptions(
             artifact=artifact, prompt=prompt, data=data, limit=limit, split=split, top_k=top_k,

@@ -2,7 +2,9 @@
 
 CSS and JS are inline and figures are base64 PNGs. The answer shows a button per insertion;
 clicking it reveals that insertion's details (nearest tokens, logit lens, norms, attention,
-ablation) in the side panel. tests/test_inspect.py clicks every marker in headless Chromium.
+ablation) in the side panel. Views that do not apply to a ``memory.inject: kv`` memory are
+listed under the header with the reason, instead of numbers. tests/test_inspect.py clicks every
+marker in headless Chromium.
 """
 
 from __future__ import annotations
@@ -10,13 +12,17 @@ from __future__ import annotations
 import base64
 from html import escape
 
+from memgen_cli.inspection.views import not_applicable
+
 CAPTIONS = {
     "latent_norms": "Latent norms (ticks) against the distribution of the reasoner's token-embedding norms.",
     "effects": "Left: mean attention that later answer tokens give to each insertion (all layers and "
-    "heads), against a uniform spread. Right: change in the answer's teacher-forced log-probability "
-    "when that one insertion is removed.",
-    "clusters_pca": "PCA of mean-pooled latents, coloured by k-means cluster (left) and by kind (right).",
-    "clusters_tsne": "t-SNE of mean-pooled latents, coloured by k-means cluster (left) and by kind (right).",
+    "heads; with inject kv, to its slot columns), against a uniform spread. Right: change in the "
+    "answer's teacher-forced log-probability when that one insertion is removed.",
+    "clusters_pca": "PCA of mean-pooled latents (inject kv: the weaver's final states at the slots), "
+    "coloured by k-means cluster (left) and by kind (right).",
+    "clusters_tsne": "t-SNE of mean-pooled latents (inject kv: the weaver's final states at the "
+    "slots), coloured by k-means cluster (left) and by kind (right).",
     "cluster_stats": "Per cluster: relative position in the answer (left) and answer correctness (right).",
 }
 
@@ -113,10 +119,16 @@ def _facts(rec: dict) -> str:
         items.append("in a correct answer" if rec["correct"] >= 1 else "in a wrong answer")
     att = rec["attention"]
     if att:
+        per_layer = " · ".join(f"{v:.4f}" for v in att["per_layer"])
         items.append(
             f"attention from the {att['following_tokens']} later answer tokens: <b>{att['mass']:.4f}</b> "
-            f"(uniform spread would give {att['uniform']:.4f})"
+            f"(uniform spread would give {att['uniform']:.4f}); per layer {per_layer}"
         )
+    norms = rec["slot_norms"]
+    if norms:
+        keys = " · ".join(f"{v:.3f}" for v in norms["key_ratio"])
+        values = " · ".join(f"{v:.3f}" for v in norms["value_ratio"])
+        items.append(f"‖slot‖ / ‖token‖ per layer: keys {keys}; values {values}")
     ab = rec["ablation"]
     if ab:
         cls = "bad" if ab["answer_changed"] else "good"
@@ -128,20 +140,31 @@ def _facts(rec: dict) -> str:
             f"<details><summary>completion without it</summary><div class='answer'>"
             f"{escape(ab['completion_without'])}</div></details>"
         )
+        if ab["zero_values"]:
+            zero = ab["zero_values"]
+            items.append(
+                f"zero its values at every layer: Δ log-prob <b>{zero['delta_logprob']:+.3f}</b> "
+                f"({ab['logprob_with']:.2f} → {zero['logprob']:.2f})"
+            )
     return '<ul class="facts">' + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
 
 
 def _latent_table(rec: dict) -> str:
-    att, lens = rec["attention"], rec["logit_lens"]
-    cols = ["latent", "nearest tokens (cosine)"] + (["logit lens (p)"] if lens else [])
-    cols += ["‖latent‖ (percentile)"] + (["attention"] if att else [])
+    att, norms, kv = rec["attention"], rec["norms"] is not None, rec["weaver_lens"] is not None
+    lens = rec["weaver_lens"] if kv else rec["logit_lens"]
+    if kv:
+        cols = ["slot", "weaver state: nearest tokens (cosine)", "weaver state → LM head (p)"]
+    else:
+        cols = ["latent", "nearest tokens (cosine)"] + (["logit lens (p)"] if lens else [])
+    cols += (["‖latent‖ (percentile)"] if norms else []) + (["attention"] if att else [])
     rows = []
     for j in range(rec["num_latents"]):
         pairs = zip(rec["nearest_tokens"][j], rec["nearest_cosines"][j], strict=True)
         cells = [str(j), " ".join(f"{_tok(t)} {c:.2f}" for t, c in pairs)]
         if lens:
             cells.append(" ".join(f"{_tok(p['token'])} {p['prob']:.2f}" for p in lens[j]))
-        cells.append(f"{rec['norms'][j]:.3f} ({rec['norm_percentiles'][j]:.0f}%)")
+        if norms:
+            cells.append(f"{rec['norms'][j]:.3f} ({rec['norm_percentiles'][j]:.0f}%)")
         if att:
             cells.append(f"{att['per_latent'][j]:.4f}")
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
@@ -219,12 +242,22 @@ def _figures(figures: dict[str, bytes]) -> str:
     )
 
 
+def _not_applicable(report: dict) -> str:
+    """The views that do not apply to this memory, each with why (kv reports only)."""
+    items = "".join(
+        f"<li><b>{escape(name)}</b>: {escape(why)}</li>" for name, why in not_applicable(report)
+    )
+    if not items:
+        return ""
+    return f'<div id="not-applicable" class="meta"><b>Not applicable with inject: kv</b><ul class="facts">{items}</ul></div>'
+
+
 def page(report: dict, figures: dict[str, bytes]) -> str:
     """The whole page as one string."""
     n = len(report["insertions"])
     meta = (
         f"artifact <code>{escape(report['artifact']['path'])}</code> · base {escape(report['base'])} · "
-        f"memory {escape(report['memory'])} · {n} insertions · greedy, at most "
+        f"memory {escape(report['memory'])} · inject {escape(report['inject'])} · {n} insertions · greedy, at most "
         f"{report['generation']['max_new_tokens']} tokens"
     )
     if report["attention_implementation"]:
@@ -234,7 +267,7 @@ def page(report: dict, figures: dict[str, bytes]) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>memgen inspect-memory</title><style>{CSS}</style></head>
-<body><header><h1>Latent memory inspection</h1><p class="meta">{meta}</p></header>
+<body><header><h1>Latent memory inspection</h1><p class="meta">{meta}</p>{_not_applicable(report)}</header>
 <main><section id="answers"><h2>Answer{"s" if report["mode"] == "data" else ""} (click a ⟨mem⟩ marker)</h2>
 {_examples(report)}</section>
 <aside id="panel"><h2>Insertion details</h2><p id="hint" class="hint">Click a ⟨mem K⟩ marker in the answer to see

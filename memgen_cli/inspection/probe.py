@@ -191,7 +191,7 @@ def _set_attention(reasoner, name: str) -> None:
 class DeepPass:
     hidden: torch.Tensor  # (S, D) final (normed) hidden states
     layers: list[torch.Tensor] | None  # per layer (S, D), final norm applied, when asked
-    attention: torch.Tensor  # (S, S) attention weights averaged over layers and heads
+    attention: torch.Tensor  # (layers, S, S) attention weights averaged over heads
 
 
 @torch.no_grad()
@@ -211,7 +211,7 @@ def deep_pass(model: MemGenModel, stream: Stream, layers: bool = False) -> DeepP
         raise RuntimeError(
             "the reasoner returned no attention weights; eager attention is required"
         )
-    attention = torch.stack([a[0].float().mean(0) for a in out.attentions]).mean(0).cpu()
+    attention = torch.stack([a[0].float().mean(0) for a in out.attentions]).cpu()
     per_layer = None
     if layers:
         # hidden_states = (embeddings, layer 1, ..., layer L); the last entry is already normed.
@@ -219,6 +219,29 @@ def deep_pass(model: MemGenModel, stream: Stream, layers: bool = False) -> DeepP
         states = out.hidden_states[1:]
         per_layer = [norm(h[0]) for h in states[:-1]] + [out.last_hidden_state[0]]
     return DeepPass(out.last_hidden_state[0], per_layer, attention)
+
+
+def probe_latents(
+    model: MemGenModel, vocab: Vocab, stream: Stream, layers: bool = False
+) -> tuple[str, list[dict]]:
+    """One eager reasoner pass over the stream; per chunk, its ``logit_lens`` (and
+    ``logit_lens_layers`` with ``layers``) and ``attention``. Returns (the attention
+    implementation used, one dict of record fields per chunk)."""
+    with eager_attention(model) as implementation:
+        deep = deep_pass(model, stream, layers=layers)
+    found = []
+    for i in range(len(stream.insertions)):
+        rows = torch.tensor(list(stream.chunk(i)), device=deep.hidden.device)
+        fields = {
+            "logit_lens": logit_lens(model, vocab, deep.hidden[rows]),
+            "attention": attention_mass(deep.attention, stream, i),
+        }
+        if deep.layers is not None:
+            fields["logit_lens_layers"] = [
+                [t[0] for t in logit_lens(model, vocab, h[rows], top=1)] for h in deep.layers
+            ]
+        found.append(fields)
+    return implementation, found
 
 
 def logit_lens(
@@ -239,20 +262,27 @@ def logit_lens(
 def attention_mass(attention: torch.Tensor, stream: Stream, index: int) -> dict | None:
     """Attention that the answer tokens after chunk ``index`` give to its K positions.
 
-    Rows are the answer tokens fed back to the reasoner after the chunk (a final EOS is never
-    fed back, so it is not counted). ``mass`` is their mean attention summed over the chunk;
-    ``uniform`` is what K positions would get if every row spread its attention evenly.
+    ``attention`` is (layers, S, S) averaged over heads, or (S, S). Rows are the answer tokens
+    fed back to the reasoner after the chunk (a final EOS is never fed back, so it is not
+    counted). ``per_layer`` is their mean attention summed over the chunk, at each layer;
+    ``mass`` its mean over layers; ``uniform`` is what K positions would get if every row
+    spread its attention evenly. With ``memory.inject: kv`` the K positions are the slot
+    columns whose keys and values are the weaver's (``slots.read``).
     """
+    if attention.dim() == 2:
+        attention = attention[None]
     chunk = stream.chunk(index)
     answer = stream.token_pos[stream.prompt_len : stream.prompt_len + stream.num_answer_tokens]
     rows = answer[answer > chunk.stop - 1]
     if rows.numel() == 0:
         return None
-    block = attention[rows][:, chunk.start : chunk.stop]
+    block = attention[:, rows][:, :, chunk.start : chunk.stop]  # (layers, rows, K)
+    per_layer = block.sum(-1).mean(-1)
     uniform = (len(chunk) / (rows.float() + 1)).mean()
     return {
-        "mass": round(float(block.sum(-1).mean()), 5),
-        "per_latent": [round(float(v), 5) for v in block.mean(0)],
+        "mass": round(float(per_layer.mean()), 5),
+        "per_latent": [round(float(v), 5) for v in block.mean((0, 1))],
+        "per_layer": [round(float(v), 5) for v in per_layer],
         "uniform": round(float(uniform), 5),
         "following_tokens": int(rows.numel()),
     }

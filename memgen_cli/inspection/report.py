@@ -1,6 +1,6 @@
-"""The report: JSON records (layout in docs/inspect-memory-schema.md), its figures, the rich
-terminal view (the answer with numbered markers, then one table per insertion) and the files
-written (PNGs, inspect.json, the HTML page)."""
+"""The report: JSON records (layout in docs/inspect-memory-schema.md), its figures and the files
+written (PNGs, inspect.json, the HTML page). ``terminal.py`` prints it; ``views.py`` says what
+each view shows for each ``memory.inject``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from memgen_cli.inspection import plots, probe
+from memgen_cli.inspection.views import views
 from memgen_cli.outputs import atomic_dir, write_output
 
 TIMINGS = (
@@ -30,6 +29,7 @@ CONTEXT_CHARS = 60  # how much text before an insertion the records keep
 # ------------------------------------------------------------------------------- records
 def new_report(version, opts, session, digest, memory, suffix, vocab) -> dict:
     """The report's top level, every key present from the start (see the schema doc)."""
+    inject = "kv" if session.model.kv else "input"
     return {
         "schema_version": version,
         "mode": "prompt" if opts.prompt is not None else "data",
@@ -40,6 +40,8 @@ def new_report(version, opts, session, digest, memory, suffix, vocab) -> dict:
         },
         "base": session.base.name,
         "memory": memory,
+        "inject": inject,
+        "views": views(inject),
         "generation": {
             "max_new_tokens": opts.max_new_tokens,
             "temperature": 0.0,
@@ -61,16 +63,19 @@ def new_report(version, opts, session, digest, memory, suffix, vocab) -> dict:
     }
 
 
-def describe(tokenizer, vocab, ins, number, example, tokens, prompt_ids, top_k) -> dict:
-    """An insertion's record with what needs only its latents and its place (nearest tokens,
-    norms); the deeper probes are filled in by the caller."""
-    ids, cos = probe.nearest_tokens(ins.latents, vocab, top_k)
+def describe(tokenizer, vocab, ins, number, example, tokens, prompt_ids, top_k, kv=False) -> dict:
+    """An insertion's record with what needs only its trace and its place (nearest tokens,
+    norms); the deeper probes are filled in by the caller. ``kv``: nearest tokens of the
+    weaver's final states at the slots, and no norms (``views``)."""
+    ids, cos = probe.nearest_tokens(ins.weaver_states if kv else ins.latents, vocab, top_k)
     if ins.token_index == 0:
         before = tokenizer.decode(prompt_ids, skip_special_tokens=True)
     else:
         before = tokenizer.decode(tokens[: ins.token_index], skip_special_tokens=True)
-    norms = torch.linalg.vector_norm(ins.latents.float(), dim=-1).tolist()
-    pct = probe.norm_percentiles(ins.latents, vocab).tolist()
+    norms = pct = None
+    if not kv:
+        norms = torch.linalg.vector_norm(ins.latents.float(), dim=-1).tolist()
+        pct = probe.norm_percentiles(ins.latents, vocab).tolist()
     return insertion_record(
         number,
         example,
@@ -110,13 +115,15 @@ def insertion_record(
         "relative_position": round(ins.token_index / max(num_tokens, 1), 4),
         "text_before": before[-CONTEXT_CHARS:],
         "trigger_prob": ins.trigger_prob,
-        "num_latents": int(ins.latents.shape[0]),
+        "num_latents": int(ins.weaver_states.shape[0]),
         "nearest_tokens": nearest,
         "nearest_cosines": [[round(c, 4) for c in row] for row in cosines],
-        "norms": [round(n, 4) for n in norms],
-        "norm_percentiles": [round(p, 2) for p in pct],
+        "norms": None if norms is None else [round(n, 4) for n in norms],
+        "norm_percentiles": None if pct is None else [round(p, 2) for p in pct],
         "logit_lens": None,
         "logit_lens_layers": None,
+        "weaver_lens": None,
+        "slot_norms": None,
         "attention": None,
         "ablation": None,
         "cluster": None,
@@ -149,6 +156,14 @@ def ablation_record(logp_with, logp_without, completion, other, answer, other_an
         "answer_without": other_answer,
         "answer_changed": answer != other_answer,
         "completion_changed": completion != other,
+        "zero_values": None,
+    }
+
+
+def zero_values_record(logp_with, logp_zeroed) -> dict:
+    return {
+        "logprob": round(logp_zeroed, 4),
+        "delta_logprob": round(logp_zeroed - logp_with, 4),
     }
 
 
@@ -163,9 +178,10 @@ def figures(report: dict, vocab) -> dict[str, bytes]:
     """Every figure the report supports, as PNG bytes keyed by file stem."""
     recs = report["insertions"]
     out = {}
-    norms = [n for r in recs for n in r["norms"]]
-    kinds = [r["kind"] for r in recs for _ in r["norms"]]
-    out["latent_norms"] = plots.norms_plot(vocab.sorted_norms.numpy(), norms, kinds)
+    if report["views"]["norms"]["applies"]:
+        norms = [n for r in recs for n in r["norms"]]
+        kinds = [r["kind"] for r in recs for _ in r["norms"]]
+        out["latent_norms"] = plots.norms_plot(vocab.sorted_norms.numpy(), norms, kinds)
     if report["mode"] == "prompt":
         labels = [f"#{r['id']} {r['kind']} @{r['token_index']}" for r in recs]
         att = [r["attention"] or {} for r in recs]
@@ -194,166 +210,6 @@ def figures(report: dict, vocab) -> dict[str, bytes]:
         ]
         out["cluster_stats"] = plots.cluster_stats_plot(cl["stats"], positions)
     return out
-
-
-# ------------------------------------------------------------------------------ terminal
-def show(token: str) -> str:
-    """A token as code would write it, so spaces and newlines are visible."""
-    return repr(token)
-
-
-def marker(rec: dict) -> str:
-    return f"⟨mem {rec['num_latents']} #{rec['id']}⟩"
-
-
-def answer_text(example: dict, recs: list[dict]) -> Text:
-    text = Text()
-    for seg in example["segments"]:
-        if "text" in seg:
-            text.append(seg["text"])
-        else:
-            text.append(marker(recs[seg["insertion"]]), style="bold cyan")
-    return text
-
-
-def _why(rec: dict) -> str:
-    p = "always" if rec["trigger_prob"] is None else f"{rec['trigger_prob']:.3f}"
-    where = (
-        "end of prompt" if rec["kind"] == "prompt" else f"after {rec['token_index']} answer tokens"
-    )
-    return f"#{rec['id']} {rec['kind']} · {where} · trigger {p}"
-
-
-def _effect(rec: dict) -> str:
-    parts = []
-    if rec["attention"]:
-        a = rec["attention"]
-        parts.append(
-            f"attention {a['mass']:.4f} (uniform {a['uniform']:.4f}, {a['following_tokens']} tokens)"
-        )
-    if rec["ablation"]:
-        ab = rec["ablation"]
-        change = "changed" if ab["answer_changed"] else "unchanged"
-        parts.append(
-            f"drop it: Δlog-prob {ab['delta_logprob']:+.3f}, answer {ab['answer_with']} → {ab['answer_without']} ({change})"
-        )
-    return " · ".join(parts)
-
-
-def insertion_table(rec: dict) -> Table:
-    table = Table(
-        title=_why(rec),
-        caption=_effect(rec) or None,
-        title_justify="left",
-        caption_justify="left",
-        expand=False,
-    )
-    table.add_column("latent", justify="right")
-    table.add_column("nearest tokens (cosine)")
-    table.add_column("logit lens (p)")
-    table.add_column("‖latent‖ (pct of tokens)", justify="right")
-    if rec["attention"]:
-        table.add_column("attn", justify="right")
-    for j in range(rec["num_latents"]):
-        near = "  ".join(
-            f"{show(t)} {c:.2f}"
-            for t, c in zip(rec["nearest_tokens"][j], rec["nearest_cosines"][j], strict=True)
-        )
-        lens = (
-            "  ".join(f"{show(p['token'])} {p['prob']:.2f}" for p in rec["logit_lens"][j])
-            if rec["logit_lens"]
-            else "—"
-        )
-        row = [str(j), near, lens, f"{rec['norms'][j]:.3f} ({rec['norm_percentiles'][j]:.0f}%)"]
-        if rec["attention"]:
-            row.append(f"{rec['attention']['per_latent'][j]:.4f}")
-        table.add_row(*row)
-    return table
-
-
-def cluster_table(report: dict) -> Table:
-    cl = report["clusters"]
-    n = len(report["insertions"])
-    title = f"k-means over {n} insertions (k={cl['k']}, seed {cl['seed']})"
-    table = Table(title=title, title_justify="left")
-    for col in (
-        "cluster",
-        "n",
-        "prompt/inf",
-        "position (q25-q75)",
-        "right/wrong",
-        "centroid's nearest tokens",
-    ):
-        table.add_column(col)
-    for s, near in zip(cl["stats"], cl["centroid_nearest_tokens"], strict=True):
-        q = s["position_quartiles"]
-        where = f"{q[1]:.2f} ({q[0]:.2f}-{q[2]:.2f})" if q else "—"
-        tokens = " ".join(show(t["token"]) for t in near[:4])
-        table.add_row(
-            str(s["cluster"]),
-            str(s["size"]),
-            f"{s['prompt']}/{s['inference']}",
-            where,
-            f"{s['in_correct']}/{s['in_wrong']}",
-            tokens,
-        )
-    return table
-
-
-def print_terminal(console: Console, report: dict) -> None:
-    recs = report["insertions"]
-    if report["mode"] == "prompt":
-        example = report["examples"][0]
-        console.print(Text("question: ", style="bold") + Text(example["question"]))
-        console.print(Text("answer:   ", style="bold") + answer_text(example, recs))
-        console.print(
-            Text(
-                f"[memory {report['memory']}: {len(recs)} insertion{'s' * (len(recs) != 1)}; "
-                f"attention weights from {report['attention_implementation']} attention, mean over layers and heads]",
-                style="dim",
-            )
-        )
-        for rec in recs:
-            console.print(insertion_table(rec))
-        for skip in report["skipped"]:
-            console.print(
-                Text(
-                    f"skipped · after {skip['token_index']} answer tokens "
-                    f"(…{skip['text_before'][-30:]!r}) · trigger {skip['trigger_prob']:.3f}",
-                    style="dim",
-                )
-            )
-    else:
-        n = len(report["examples"])
-        console.print(
-            f"[bold]{report['task']}[/]: {n} answers, accuracy {100 * report['accuracy']:.1f}%, "
-            f"{len(recs)} insertions ({sum(r['kind'] == 'inference' for r in recs)} inside answers)"
-            + (
-                f", {len(report['skipped'])} boundaries skipped by the trigger"
-                * bool(report["skipped"])
-            )
-        )
-    if report["clusters"] is not None:
-        console.print(cluster_table(report))
-    drop = report["drop_cluster"]
-    if drop is not None:
-        first = drop["first_run"]
-        console.print(
-            f"[bold]drop cluster {drop['cluster']}[/]: accuracy {100 * drop['accuracy_with']:.1f}% with it, "
-            f"{100 * drop['accuracy_without']:.1f}% without ({drop['insertions_dropped']} of "
-            f"{drop['insertions_seen']} insertions dropped, {drop['answers_changed']} answers changed). "
-            f"On the first run the rule selects {first['rule_selects']} insertions, "
-            f"{first['rule_selects_in_cluster']} of the cluster's {first['cluster_size']}."
-        )
-        if drop["warning"]:
-            console.print(f"[yellow]warning:[/] {drop['warning']}")
-    t = report["timings"]
-    console.print(
-        Text(
-            "timings: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items() if v is not None),
-            style="dim",
-        )
-    )
 
 
 # --------------------------------------------------------------------------------- files

@@ -10,6 +10,12 @@ percentiles, the attention later answer tokens pay it, and two ablations (the te
 (k-means over mean-pooled latents, PCA and t-SNE plots, per-cluster statistics), and
 ``--drop-cluster J`` re-runs the evaluation with cluster J's insertions suppressed.
 
+With ``memory.inject: kv`` the memory is the weaver's keys and values at K slots, at every
+layer: nearest tokens (and clusters) read the weaver's final states at the slots, attention is
+what later tokens pay the slot columns per layer, the ablations drop the slots or zero their
+values, and the logit lens and latent norms, which mean nothing there, are marked not
+applicable (``inspection/views.py``).
+
 validate -> load -> generate with the trace -> probe -> cluster -> write. The artifact is only
 read. The JSON layout is documented in docs/inspect-memory-schema.md.
 """
@@ -21,7 +27,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -35,11 +40,15 @@ from memgen_cli.generation import encode_prompts, generate
 from memgen_cli.inspection import clusters as C
 from memgen_cli.inspection import probe as P
 from memgen_cli.inspection import report as R
+from memgen_cli.inspection import slots as S
+from memgen_cli.inspection import terminal as T
 from memgen_cli.outputs import check_output
 from memgen_cli.rendering import segments
 from memgen_cli.stages.common import open_session, resolve_suffix, user_message
 
-SCHEMA_VERSION = 2  # 2: `skipped` (boundaries a trained trigger did not weave at)
+# 2: `skipped` (boundaries a trained trigger did not weave at); 3: memory.inject kv views
+# (`inject`, `views`, `weaver_lens`, `slot_norms`, `attention.per_layer`, `ablation.zero_values`)
+SCHEMA_VERSION = 3
 DEFAULT_CLUSTERS = 4
 
 
@@ -138,28 +147,11 @@ def run(opts: InspectOptions, console: Console | None = None) -> dict:
     if opts.json:
         print(json.dumps(report, ensure_ascii=False))  # not rich: no wrapping, no markup
     else:
-        R.print_terminal(console, report)
+        T.print_terminal(console, report)
     return report
 
 
 # ------------------------------------------------------------------------------ validate
-def refuse_kv(art: Path) -> None:
-    """Every view here reads input-level latents (nearest tokens, logit lens, norms, clusters);
-    a ``memory.inject: kv`` weaver writes keys and values at every layer instead, where those
-    numbers would mean nothing. Refused until it has views of its own."""
-    try:
-        memory = json.loads((art / MANIFEST).read_text()).get("memory")
-    except (OSError, ValueError, AttributeError):
-        return  # a damaged manifest: loading says what is wrong with it
-    if isinstance(memory, dict) and memory.get("inject") == "kv":
-        raise MemgenError(
-            f"{art} is a memory.inject: kv weaver: its memory is keys and values written into "
-            "the reasoner's cache at every layer, not latent vectors, and inspect-memory has no "
-            "views for that yet (nearest tokens, logit lens, norms and clusters read input-level "
-            "latents). See what it does with `memgen generate` or `memgen eval`."
-        )
-
-
 def validate(opts: InspectOptions) -> int | None:
     """Check the options once; return the number of clusters to fit (None: no clustering)."""
     if opts.artifact is None:
@@ -176,8 +168,6 @@ def validate(opts: InspectOptions) -> int | None:
             f"Artifact {art} has no weaver (missing {', '.join(missing)}), so it has no memory to "
             "inspect. Point --artifact at the output of `memgen sft-weaver` or `memgen grpo-weaver`."
         )
-    if (art / MANIFEST).exists():
-        refuse_kv(art)
     if (opts.prompt is None) == (opts.data is None):
         raise MemgenError(
             "Give exactly one of --prompt TEXT (one answer) or --data TASK --limit N (many)."
@@ -236,7 +226,7 @@ def _require_insertions(found: list, what: str) -> None:
 # ------------------------------------------------------------------------------ one answer
 def inspect_prompt(job: Job, message: dict) -> None:
     """Generate one answer with the trace, then probe every insertion in depth."""
-    model, vocab, report = job.model, job.vocab, job.report
+    model, report = job.model, job.report
     enc = encode_prompts(model.tokenizer, [[message]], model.device)
     prompt_ids = enc["input_ids"][0].tolist()
     out = generate(model, enc["input_ids"], enc["attention_mask"], job.gen, keep_logits=True)
@@ -248,42 +238,59 @@ def inspect_prompt(job: Job, message: dict) -> None:
     example["answer"] = extract_math_answer(completion)
     report["examples"].append(example)
     report["skipped"] = R.skipped_records(model.tokenizer, out.trace, 0, 0, tokens)
-    job.latents = [ins.latents for ins in found]
+    job.latents = [S.memory_vectors(ins, model.kv) for ins in found]
     job.lap("generate_s")
 
-    stream = P.build_stream(model, prompt_ids, tokens, eos, found)
-    with P.eager_attention(model) as implementation:
-        deep = P.deep_pass(model, stream, layers=job.opts.layers)
+    if model.kv:  # keys and values at every layer: recomputed, see inspection/slots.py
+        memory = S.weave(model, S.slot_stream(model, prompt_ids, tokens, eos, found))
+        implementation, probes = S.probe_slots(model, memory)
+
+        def logprob(**ablate) -> float:  # drop=i: slots masked; zero_values=i: values zeroed
+            return float(S.continuation_logprobs(model, memory, **ablate).sum())
+    else:
+        stream = P.build_stream(model, prompt_ids, tokens, eos, found)
+        implementation, probes = P.probe_latents(model, job.vocab, stream, job.opts.layers)
+
+        def logprob(drop: int | None = None) -> float:  # drop=i: chunk i left out
+            read = stream if drop is None else P.without(stream, model, drop)
+            return float(P.continuation_logprobs(model, read).sum())
+
     report["attention_implementation"] = implementation
-    for i, ins in enumerate(found):
-        rec = R.describe(model.tokenizer, vocab, ins, i, 0, tokens, prompt_ids, job.opts.top_k)
-        rows = torch.tensor(list(stream.chunk(i)), device=deep.hidden.device)
-        rec["logit_lens"] = P.logit_lens(model, vocab, deep.hidden[rows])
-        if deep.layers is not None:
-            rec["logit_lens_layers"] = [
-                [t[0] for t in P.logit_lens(model, vocab, h[rows], top=1)] for h in deep.layers
-            ]
-        rec["attention"] = P.attention_mass(deep.attention, stream, i)
-        report["insertions"].append(rec)
+    for i, (ins, fields) in enumerate(zip(found, probes, strict=True)):
+        report["insertions"].append({**_describe(job, ins, i, 0, tokens, prompt_ids), **fields})
     example["segments"] = R.answer_segments(
         segments(model.tokenizer, tokens, found), report["insertions"]
     )
     job.lap("probe_s")
 
-    logp_with = float(P.continuation_logprobs(model, stream).sum())
+    logp_with = logprob()
     regenerated = P.ablated_generations(model, prompt_ids, job.gen, found)
     for i, rec in enumerate(report["insertions"]):
-        logp_without = float(P.continuation_logprobs(model, P.without(stream, model, i)).sum())
         other = model.tokenizer.decode(regenerated.tokens[i], skip_special_tokens=True)
         rec["ablation"] = R.ablation_record(
             logp_with,
-            logp_without,
+            logprob(drop=i),
             completion,
             other,
             example["answer"],
             extract_math_answer(other),
         )
+        if model.kv:
+            rec["ablation"]["zero_values"] = R.zero_values_record(logp_with, logprob(zero_values=i))
     job.lap("ablation_s")
+
+
+def _describe(job: Job, ins, number: int, example: int, tokens, prompt_ids) -> dict:
+    """``report.describe`` of one insertion; with kv, also the weaver lens (from the trace)."""
+    model = job.model
+    rec = R.describe(
+        model.tokenizer, job.vocab, ins, number, example, tokens, prompt_ids, job.opts.top_k,
+        kv=model.kv,
+    )  # fmt: skip
+    if model.kv:
+        states = ins.weaver_states.to(model.device, model.dtype)
+        rec["weaver_lens"] = P.logit_lens(model, job.vocab, states)
+    return rec
 
 
 # ----------------------------------------------------------------------------- many answers
@@ -320,19 +327,10 @@ def inspect_data(job: Job) -> None:
         report["skipped"] += R.skipped_records(model.tokenizer, out.trace, row, e, tokens)
         first = len(report["insertions"])
         for ins in found:
-            rec = R.describe(
-                model.tokenizer,
-                job.vocab,
-                ins,
-                len(report["insertions"]),
-                e,
-                tokens,
-                prompt_ids,
-                job.opts.top_k,
-            )
+            rec = _describe(job, ins, len(report["insertions"]), e, tokens, prompt_ids)
             rec["correct"] = grade
             report["insertions"].append(rec)
-            job.latents.append(ins.latents)
+            job.latents.append(S.memory_vectors(ins, model.kv))
         pieces = segments(model.tokenizer, tokens, found)
         record["segments"] = R.answer_segments(pieces, report["insertions"][first:])
         report["examples"].append(record)
@@ -360,7 +358,9 @@ def cluster(job: Job, k: int):
     job.report["clusters"] = {
         "k": k,
         "seed": seed,
-        "method": "k-means (k-means++, 10 restarts) on mean-pooled latents; clusters numbered by size",
+        "method": "k-means (k-means++, 10 restarts) on mean-pooled "
+        + ("weaver final states at the slots" if job.model.kv else "latents")
+        + "; clusters numbered by size",
         "inertia": round(fit.inertia, 4),
         "pca_explained_variance": [round(v, 4) for v in proj.explained],
         "tsne_perplexity": proj.perplexity,
@@ -398,7 +398,7 @@ def intervene(job: Job, centroids) -> None:
     counts = {"seen": 0, "dropped": 0}
 
     def keep(ins) -> bool:
-        drop = in_cluster(ins.latents)
+        drop = in_cluster(S.memory_vectors(ins, job.model.kv))
         counts["seen"] += 1
         counts["dropped"] += drop
         return not drop
