@@ -505,9 +505,21 @@ def test_train_trigger_eval_and_generate_run_a_kv_artifact(chain, tmp_path):
     assert result.exit_code == 0 and "⟨mem 2⟩" in result.output, result.output
 
 
-def test_inspect_memory_refuses_a_kv_artifact_and_says_why(chain, tmp_path):
+def test_inspect_memory_reads_a_trained_kv_artifact(chain):
     _, _, art = chain
-    result = memgen("inspect-memory", "--artifact", art, "--prompt", "Hi", "--json")
-    assert result.exit_code == 2
-    assert "inject: kv" in result.output and "no views" in result.output
-    assert "Traceback" not in result.output
+    result = memgen(
+        "inspect-memory",
+        "--artifact",
+        art,
+        "--prompt",
+        "Hi, there.",
+        "--max-new-tokens",
+        12,
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["inject"] == "kv" and not report["views"]["logit_lens"]["applies"]
+    recs = report["insertions"]
+    assert recs and all(r["logit_lens"] is None and r["weaver_lens"] for r in recs)
+    assert all(len(r["attention"]["per_layer"]) == 2 for r in recs if r["attention"])
