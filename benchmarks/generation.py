@@ -1,6 +1,7 @@
 """Generation speed and memory of the cached weave-aware path, as ratios in one run.
 
-Run: .venv/bin/python benchmarks/generation.py [--tokens 256] [--batch 8] [--skip-reference]
+Run: .venv/bin/python benchmarks/generation.py [--tokens 256] [--batch 8] [--repeats 2]
+    [--skip-reference]
 
 Embedded SmolLM2-135M, 8 GSM8K-style prompts, 256 new tokens, greedy, EOS ignored (every path
 does the same work), memory ``weaver`` with K=8 and at most 5 inference insertions (untrained
@@ -15,8 +16,21 @@ weaver: its values do not change the cost). Prints one JSON object:
   path with memory off on the merged weights (what ``memgen eval`` runs for a baseline: the
   cost of memory off), ``lora_unmerged_hf_s`` HF generate on the unmerged PEFT model;
   ``weaver_over_lora`` = weaver time / merged-LoRA time;
+- memory in the reasoner's cache (``memory.inject: kv``, a second copy of the reasoner, the same
+  memory settings otherwise): ``fast_kv_s``, ``ratio_kv_vs_hf_generate``, ``kv_over_input``
+  (kv weaver time / input weaver time), ``kv_over_lora``, ``kv_insertions`` and, unless
+  ``--skip-reference``, ``kv_tokens_identical`` (its fast and reference paths agree);
+- answers_per_s: rows finished per second by HF generate and by our path with memory off,
+  ``input`` and ``kv`` (every row makes ``--tokens`` tokens);
 - peak_memory_ratio: peak RSS of a process running our generation / one running HF generate
-  (each measured in its own child process, model loading included).
+  (each measured in its own child process, model loading included); ``peak_memory_ratio_kv``
+  the same for the kv weaver.
+
+HF generate, memory off, the input weaver, the kv weaver and both LoRA paths are timed in
+``--repeats`` interleaved rounds (each path once per round, in turn, so a slow spell of a shared
+machine hits every path alike), and each keeps its best round. Four copies of the reasoner are
+in memory: HF generate, memory off and the input weaver share one (the weaver's adapter is off
+outside its passes); the kv weaver and the two LoRA paths have one each.
 
 With ``--artifact DIR`` it instead compares memory modes on a trained artifact (issue 12: is
 ``full``, the trained trigger, faster than ``weaver``, inserting at every clause boundary?):
@@ -42,12 +56,14 @@ time is kept. Prints one JSON object: ``off_s``, ``weaver_s``, ``full_s`` (secon
 ``full_vs_off``, per mode the mean completion tokens per row (``*_tokens_per_row``), for
 weaver and full the mean inference insertions per row (``*_insertions_per_row``, from the
 generation trace; prompt insertions are one per row in both), and full's skipped boundaries
-per row (``full_skips_per_row``).
+per row (``full_skips_per_row``); ``inject`` says where the artifact's memory enters the
+reasoner (input or kv: time a kv artifact beside an input one to compare the two).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import resource
@@ -100,6 +116,25 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+def best_of(repeats: int, fns: list) -> list[float]:
+    """Each function's best time over ``repeats`` rounds; a round runs each once, in turn, so
+    a slow spell of this shared machine hits every path alike rather than one path's block."""
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return [min(t) for t in times]
+
+
+def memgen_model(memory: MemoryConfig) -> MemGenModel:
+    """A fresh copy of the reasoner with a weaver of ``memory`` (its LoRA wraps that copy in
+    place, so an input and a kv weaver each need their own)."""
+    base = load_base(device="cpu")
+    return MemGenModel(base.model, base.tokenizer, memory).eval()
+
+
 def hf_generate(base, enc, tokens):
     return base.model.generate(
         **enc,
@@ -110,34 +145,33 @@ def hf_generate(base, enc, tokens):
     )
 
 
-def lora_times(enc, tokens: int, memory: MemoryConfig) -> dict:
-    """Generation time of a LoRA baseline at the weaver's budget: unmerged (HF generate on the
-    PEFT model) and merged (our path, memory off, as eval runs a baseline)."""
-    base = load_base(device="cpu")
+def lora_paths(enc, tokens: int, memory: MemoryConfig) -> tuple[int, dict]:
+    """(rank, paths) of a LoRA baseline at the weaver's budget: ``lora_unmerged_hf`` (HF
+    generate on the PEFT model) and ``lora_merged`` (our path, memory off, on the merged
+    weights, as eval runs a baseline); each on its own copy of the reasoner."""
+    bases = [load_base(device="cpu") for _ in range(2)]
+    tok = bases[0].tokenizer
     rank = matched_rank(
-        base.model, memory.lora_targets, weaver_trainable_params(base.model, memory)
+        bases[0].model, memory.lora_targets, weaver_trainable_params(bases[0].model, memory)
     )
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=memory.lora_targets)
-    peft = get_peft_model(base.model, cfg).eval()
-    with torch.no_grad():
-        _, unmerged = timed(
-            lambda: peft.generate(
-                **enc,
-                max_new_tokens=tokens,
-                min_new_tokens=tokens,
-                do_sample=False,
-                pad_token_id=base.tokenizer.pad_token_id,
-            )
-        )
-        merged_model = peft.merge_and_unload()
-        mg = MemGenModel(merged_model, base.tokenizer, memory).eval()
-        off = GenerationConfig(tokens, memory="off", ignore_eos=True)
-        _, merged = timed(lambda: generate(mg, enc["input_ids"], enc["attention_mask"], off))
-    return {
-        "lora_rank": rank,
-        "lora_unmerged_hf_s": round(unmerged, 3),
-        "lora_merged_s": round(merged, 3),
+    peft, merging = (get_peft_model(b.model, cfg).eval() for b in bases)
+    merged = MemGenModel(merging.merge_and_unload(), tok, memory).eval()
+    off = GenerationConfig(tokens, memory="off", ignore_eos=True)
+    return rank, {
+        "lora_unmerged_hf": lambda: peft.generate(
+            **enc,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        ),
+        "lora_merged": lambda: generate(merged, enc["input_ids"], enc["attention_mask"], off),
     }
+
+
+MEMORY = MemoryConfig(max_inference_insertions=5)
+INJECT = {"memgen": "input", "kv": "kv"}  # child kind -> memory.inject
 
 
 def child(kind: str, tokens: int, batch: int) -> None:
@@ -147,14 +181,27 @@ def child(kind: str, tokens: int, batch: int) -> None:
     if kind == "hf":
         hf_generate(base, enc, tokens)
     else:
-        mg = MemGenModel(base.model, base.tokenizer, MemoryConfig(max_inference_insertions=5))
+        memory = dataclasses.replace(MEMORY, inject=INJECT[kind])
+        mg = MemGenModel(base.model, base.tokenizer, memory)
         generate(
             mg,
             enc["input_ids"],
             enc["attention_mask"],
             GenerationConfig(tokens, memory="weaver", ignore_eos=True),
         )
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print(peak_kb())
+
+
+def peak_kb() -> int:
+    """This process's peak resident memory in KiB. Linux's ``VmHWM`` is the process's own:
+    ``ru_maxrss`` keeps the parent's peak across fork + exec, so a child started by a parent
+    holding several models would report the parent's."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def peak_rss(kind: str, tokens: int, batch: int) -> int:
@@ -170,6 +217,74 @@ def peak_rss(kind: str, tokens: int, batch: int) -> int:
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return int(out.split()[-1])
+
+
+def synthetic(tokens: int, batch: int, repeats: int, skip_reference: bool) -> dict:
+    """HF generate, memory off, the input and the kv weaver and LoRA on ``batch`` GSM8K-style
+    prompts, ``tokens`` new tokens each (EOS ignored), in interleaved rounds; then the reference
+    paths and peak memory. One JSON-ready dict."""
+    if min(tokens, batch, repeats) < 1:
+        raise SystemExit("--tokens, --batch and --repeats must be at least 1")
+    base, enc = build(batch)
+    mg = MemGenModel(base.model, base.tokenizer, MEMORY).eval()
+    kv = memgen_model(dataclasses.replace(MEMORY, inject="kv"))
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    weaver = GenerationConfig(tokens, memory="weaver", ignore_eos=True)
+    off = GenerationConfig(tokens, memory="off", ignore_eos=True)
+    outs = {}
+
+    def ours(name: str, model: MemGenModel, gen: GenerationConfig):
+        return lambda: outs.__setitem__(name, generate(model, ids, mask, gen))
+
+    rank, lora = lora_paths(enc, tokens, MEMORY)
+    paths = {
+        "hf": lambda: hf_generate(base, enc, tokens),  # the weaver's adapter is off outside it
+        "off": ours("off", mg, off),
+        "input": ours("input", mg, weaver),
+        "kv": ours("kv", kv, weaver),
+        **lora,
+    }
+    with torch.no_grad():
+        hf_generate(base, enc, 8)  # warm-up (allocator, kernels)
+        generate(kv, ids, mask, GenerationConfig(8, memory="weaver", ignore_eos=True))
+        best = dict(zip(paths, best_of(repeats, list(paths.values())), strict=True))
+    t_hf = best["hf"]
+    result = {
+        "batch": batch,
+        "new_tokens": tokens,
+        "repeats": repeats,
+        "insertions": len(outs["input"].trace.insertions),
+        "kv_insertions": len(outs["kv"].trace.insertions),
+        "hf_generate_s": round(t_hf, 3),
+        "fast_weaver_s": round(best["input"], 3),
+        "fast_kv_s": round(best["kv"], 3),
+        "fast_off_s": round(best["off"], 3),
+        "ratio_vs_hf_generate": round(best["input"] / t_hf, 3),
+        "ratio_kv_vs_hf_generate": round(best["kv"] / t_hf, 3),
+        "ratio_off_vs_hf_generate": round(best["off"] / t_hf, 3),
+        "kv_over_input": round(best["kv"] / best["input"], 3),
+        "answers_per_s": {name: round(batch / t, 3) for name, t in best.items()},
+        "lora_rank": rank,
+        "lora_unmerged_hf_s": round(best["lora_unmerged_hf"], 3),
+        "lora_merged_s": round(best["lora_merged"], 3),
+        "weaver_over_lora": round(best["input"] / best["lora_merged"], 3),
+        "kv_over_lora": round(best["kv"] / best["lora_merged"], 3),
+    }
+    if not skip_reference:
+        with torch.no_grad():
+            ref, t_ref = timed(lambda: reference_generate(mg, ids, mask, weaver))
+            ref_kv = reference_generate(kv, ids, mask, weaver)
+        result["reference_s"] = round(t_ref, 3)
+        result["ratio_reference_vs_hf_generate"] = round(t_ref / t_hf, 3)
+        result["tokens_identical"] = ref.tokens == outs["input"].tokens
+        result["kv_tokens_identical"] = ref_kv.tokens == outs["kv"].tokens
+    rss = {kind: peak_rss(kind, tokens, batch) for kind in ("hf", *INJECT)}
+    result["peak_rss_hf_mb"] = round(rss["hf"] / 1024, 1)
+    result["peak_rss_memgen_mb"] = round(rss["memgen"] / 1024, 1)
+    result["peak_rss_kv_mb"] = round(rss["kv"] / 1024, 1)
+    result["peak_memory_ratio"] = round(rss["memgen"] / rss["hf"], 3)
+    result["peak_memory_ratio_kv"] = round(rss["kv"] / rss["hf"], 3)
+    return result
 
 
 # ------------------------------------------------ --artifact: memory off vs weaver vs full
@@ -270,6 +385,7 @@ def compare_artifact(
         "batch": batch,
         "max_new_tokens": tokens,
         "repeats": repeats,
+        "inject": session.model.cfg.inject,
         "max_inference_insertions": session.model.cfg.max_inference_insertions,
         "trigger_threshold": session.model.cfg.trigger_threshold,
         **timings,
@@ -281,7 +397,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--skip-reference", action="store_true")
-    parser.add_argument("--child", choices=["hf", "memgen"])
+    parser.add_argument("--child", choices=["hf", *INJECT])
     parser.add_argument("--artifact", type=Path, help="compare memory modes on this artifact")
     parser.add_argument(
         "--memory",
@@ -291,7 +407,7 @@ def main() -> None:
     )
     parser.add_argument("--task", help="with --artifact: prompts of this task (default: its own)")
     parser.add_argument("--limit", type=int, help="with --artifact: problems (default: --batch)")
-    parser.add_argument("--repeats", type=int, default=2, help="with --artifact: best of N")
+    parser.add_argument("--repeats", type=int, default=2, help="best of N interleaved rounds")
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.tokens, args.batch)
@@ -314,45 +430,7 @@ def main() -> None:
             parser.exit(2, f"error: {exc}\n")
         return print(json.dumps(result))
 
-    base, enc = build(args.batch)
-    mg = MemGenModel(base.model, base.tokenizer, MemoryConfig(max_inference_insertions=5)).eval()
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    weaver = GenerationConfig(args.tokens, memory="weaver", ignore_eos=True)
-    off = GenerationConfig(args.tokens, memory="off", ignore_eos=True)
-    with torch.no_grad():
-        hf_generate(base, enc, 8)  # warm-up
-        with mg.weaver_adapter():  # HF generate must see the plain model: adapters off
-            pass
-        _, t_hf = timed(lambda: hf_generate(base, enc, args.tokens))
-        _, t_off = timed(lambda: generate(mg, ids, mask, off))
-        fast, t_fast = timed(lambda: generate(mg, ids, mask, weaver))
-        _, t_hf2 = timed(lambda: hf_generate(base, enc, args.tokens))
-    t_hf = min(t_hf, t_hf2)
-    result = {
-        "batch": args.batch,
-        "new_tokens": args.tokens,
-        "insertions": len(fast.trace.insertions),
-        "hf_generate_s": round(t_hf, 3),
-        "fast_weaver_s": round(t_fast, 3),
-        "fast_off_s": round(t_off, 3),
-        "ratio_vs_hf_generate": round(t_fast / t_hf, 3),
-        "ratio_off_vs_hf_generate": round(t_off / t_hf, 3),
-    }
-    result.update(lora_times(enc, args.tokens, MemoryConfig(max_inference_insertions=5)))
-    result["weaver_over_lora"] = round(t_fast / result["lora_merged_s"], 3)
-    if not args.skip_reference:
-        ref, t_ref = timed(lambda: reference_generate(mg, ids, mask, weaver))
-        result["reference_s"] = round(t_ref, 3)
-        result["ratio_reference_vs_hf_generate"] = round(t_ref / t_hf, 3)
-        result["tokens_identical"] = ref.tokens == fast.tokens
-    rss_hf, rss_mg = (
-        peak_rss("hf", args.tokens, args.batch),
-        peak_rss("memgen", args.tokens, args.batch),
-    )
-    result["peak_rss_hf_mb"] = round(rss_hf / 1024, 1)
-    result["peak_rss_memgen_mb"] = round(rss_mg / 1024, 1)
-    result["peak_memory_ratio"] = round(rss_mg / rss_hf, 3)
-    print(json.dumps(result))
+    print(json.dumps(synthetic(args.tokens, args.batch, args.repeats, args.skip_reference)))
 
 
 if __name__ == "__main__":

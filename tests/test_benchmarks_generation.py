@@ -1,4 +1,5 @@
-"""benchmarks/generation.py --artifact: memory off vs weaver vs full on a tiny artifact."""
+"""benchmarks/generation.py: interleaved timing rounds; --artifact: memory off vs weaver vs
+full on a tiny artifact, input or kv."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def test_full_inserts_less_than_weaver_and_reports_every_figure(tmp_path):
     json.dumps(result)  # one JSON object
     for key in ("off_s", "weaver_s", "full_s", "full_vs_weaver", "weaver_vs_off", "full_vs_off"):
         assert result[key] > 0, key
-    assert result["problems"] == 5
+    assert result["problems"] == 5 and result["inject"] == "input"
     assert result["task"].endswith("sums.jsonl")
     assert result["weaver_insertions_per_row"] > 0
     assert result["full_insertions_per_row"] < result["weaver_insertions_per_row"]
@@ -67,3 +68,22 @@ def test_full_needs_a_trained_trigger(tiny_weaver, tmp_path):
     result = bench.compare_artifact(art, task=task, limit=2, batch=2, tokens=6, repeats=1)
     assert "full_s" not in result and "full_vs_weaver" not in result
     assert result["weaver_s"] > 0 and result["weaver_insertions_per_row"] > 0
+
+
+def test_a_kv_artifact_is_timed_and_says_so(tmp_path):
+    bench = load_benchmark()
+    _, art = tiny_artifact(tmp_path, inject="kv", max_inference_insertions=3)
+    task = str(write_task(tmp_path))
+    result = bench.compare_artifact(art, task=task, limit=5, batch=2, tokens=24, repeats=1)
+    assert result["inject"] == "kv"
+    assert result["off_s"] > 0 and result["weaver_s"] > 0
+    assert result["weaver_insertions_per_row"] > 0
+
+
+def test_best_of_runs_the_paths_in_interleaved_rounds():
+    bench = load_benchmark()
+    calls = []
+    fns = [lambda name=name: calls.append(name) for name in ("hf", "off", "input", "kv")]
+    times = bench.best_of(3, fns)
+    assert calls == ["hf", "off", "input", "kv"] * 3  # each round runs every path once
+    assert len(times) == 4 and all(t >= 0 for t in times)
