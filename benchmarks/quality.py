@@ -24,6 +24,14 @@ parameters and insertions per answer.
     .venv/bin/python benchmarks/quality.py --table --reuse           # trains what is missing
     .venv/bin/python benchmarks/quality.py --table --reuse --markdown README.md --markdown docs/results.md
 
+``--table --deep``: the deep-memory comparison instead (``benchmarks/quality_deep.py``): prompt
+tuning, prefix tuning, weaver-SFT with input memory, weaver-SFT with kv memory (``memory.inject:
+kv`` at LoRA-SFT's trainable count) and LoRA-SFT, each with a learning-rate sweep (``--lr``), the
+main three at several seeds (``--seeds``), every pair of rows compared on the same problems.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality.py --table --deep --output runs/deep \
+        --reuse --markdown docs/results.md
+
 ``--markdown PATH`` (repeatable, with ``--table``) also writes the table as Markdown, with its
 settings (recipes, n, seeds, commit, date, machine, torch), into the block between
 ``<!-- quality-table:begin -->`` and ``<!-- quality-table:end -->`` of PATH: the block is
@@ -50,6 +58,7 @@ from rich.console import Console
 
 from memgen_cli.artifacts import read_manifest
 from memgen_cli.config import BaselineConfig, GenerationConfig, SFTConfig, load_recipe
+from memgen_cli.errors import MemgenError
 from memgen_cli.stages import (
     baseline,
     baseline_grpo,
@@ -84,7 +93,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reuse", action="store_true", help="keep models already in --output")
     p.add_argument("--table", action="store_true", help="the six rows of the paper's table")
     p.add_argument(
-        "--rows", default=",".join(TABLE_ROWS), help="table rows to train and score (comma list)"
+        "--deep",
+        action="store_true",
+        help="with --table: the deep-memory rows instead (prompt tuning, prefix tuning, "
+        "weaver-SFT input and kv, LoRA-SFT; benchmarks/quality_deep.py)",
+    )
+    p.add_argument(
+        "--rows",
+        default=None,
+        help="table rows to train and score (comma list; default: all of the table's)",
+    )
+    p.add_argument(
+        "--lr",
+        action="append",
+        default=[],
+        metavar="[ROW=]A,B,C",
+        help="with --deep: learning rates swept, for every row or for ROW (repeatable; "
+        "default: the recipe's rate ÷3, ×1, ×3)",
+    )
+    p.add_argument(
+        "--seeds",
+        metavar="S,T",
+        help="with --deep: training seeds of input, kv and LoRA; the sweep runs at the first "
+        "(default: the recipe's seed and the next)",
     )
     p.add_argument(
         "--use",
@@ -111,6 +142,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.markdown and not args.table:
         p.error("--markdown writes the --table table; add --table")
+    if args.deep and not args.table:
+        p.error("--deep gives the --table its deep-memory rows; add --table")
+    if (args.lr or args.seeds) and not args.deep:
+        p.error("--lr and --seeds set the --deep table's sweep; add --table --deep")
+    if args.deep and args.use:
+        p.error("--use takes artifacts of the paper's table; --deep trains its own")
     return args
 
 
@@ -185,7 +222,7 @@ PARENT = {"weaver-grpo": "weaver", "lora-grpo": "lora", "trigger": "weaver-grpo"
 
 def table_artifacts(args) -> tuple[list[str], dict[str, Path]]:
     """The rows asked for, and the artifacts they need (given by --use, or trained in order)."""
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    rows = [r.strip() for r in (args.rows or ",".join(TABLE_ROWS)).split(",") if r.strip()]
     unknown = [r for r in rows if r not in TABLE_ROWS]
     if unknown:
         raise SystemExit(f"--rows: unknown {unknown}; choose from {list(TABLE_ROWS)}")
@@ -247,11 +284,7 @@ def trainable_params(path: Path, manifest: dict, lora_manifest: dict) -> int:
 def table(args, cfg: SFTConfig, out: Path, quiet: Console) -> dict:
     rows_asked, paths = train_table(args, cfg, out, quiet)
     manifests = {name: read_manifest(path) for name, path in paths.items()}
-    own = [f"{k}={json.dumps(v)}" for k, v in cfg.data.options.items()]
-    cross_opts = CROSS_OPTIONS if args.cross_option is None else args.cross_option
-    specs = [(cfg.data.task, own, args.n)] + (
-        [(args.cross, cross_opts, args.cross_n)] * bool(args.cross)
-    )
+    specs = task_specs(args, cfg)
     names = list(paths)
     evals = []
     for task, options, n in specs:
@@ -321,6 +354,15 @@ def table(args, cfg: SFTConfig, out: Path, quiet: Console) -> dict:
         "heldout_loss": manifests["weaver"]["training"].get("heldout_loss"),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
+
+
+def task_specs(args, cfg: SFTConfig) -> list[tuple[str, list[str], int]]:
+    """(task, task options, n) of the table's tasks: the recipe's own, then ``--cross``."""
+    own = [f"{k}={json.dumps(v)}" for k, v in cfg.data.options.items()]
+    cross_opts = CROSS_OPTIONS if args.cross_option is None else args.cross_option
+    return [(cfg.data.task, own, args.n)] + [(args.cross, cross_opts, args.cross_n)] * bool(
+        args.cross
+    )
 
 
 def seeds_of(metrics: dict) -> list:
@@ -450,23 +492,26 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(settings) + "\n"
 
 
-def write_markdown(path: Path, result: dict) -> None:
-    """Put the table between the markers in ``path``: replace that block if present, else
-    append it (creating the file). Nothing outside the block changes; the write is atomic."""
+def write_markdown(path: Path, result: dict, render=None, markers=(BEGIN, END)) -> None:
+    """Put the table (``render(result)``, default ``markdown_table``) between ``markers`` in
+    ``path``: replace that block if present, else append it (creating the file). Nothing
+    outside the block changes; the write is atomic."""
+    begin, close = markers
     block = (
-        f"{BEGIN}\n<!-- written by benchmarks/quality.py --table --markdown; "
-        f"edits inside this block are overwritten -->\n\n{markdown_table(result)}\n{END}"
+        f"{begin}\n<!-- written by benchmarks/quality.py --table --markdown; "
+        f"edits inside this block are overwritten -->\n\n{(render or markdown_table)(result)}"
+        f"\n{close}"
     )
     text = ""
     if path.exists():
         with open(path, encoding="utf-8", newline="") as f:  # newline="": keep the file's own
             text = f.read()
-    start = text.find(BEGIN)
+    start = text.find(begin)
     if start >= 0:
-        end = text.find(END, start)
+        end = text.find(close, start)
         if end < 0:
-            raise SystemExit(f"{path}: {BEGIN} without {END} after it; fix the file by hand")
-        text = text[:start] + block + text[end + len(END) :]
+            raise SystemExit(f"{path}: {begin} without {close} after it; fix the file by hand")
+        text = text[:start] + block + text[end + len(close) :]
     else:
         sep = "" if not text or text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
         text = text + sep + block + "\n"
@@ -478,6 +523,18 @@ def write_markdown(path: Path, result: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.deep:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import quality_deep  # beside this file; it imports this module's shared parts
+
+        try:
+            result = quality_deep.run(args)
+        except MemgenError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        for path in args.markdown:
+            write_markdown(Path(path), result, quality_deep.markdown_table, quality_deep.MARKERS)
+        print(json.dumps(result))
+        return
     if args.table:
         cfg = load_recipe(SFTConfig, args.recipe, args.overrides)
         result = table(args, cfg, Path(args.output), Console(file=sys.stderr))
