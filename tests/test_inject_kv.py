@@ -153,10 +153,10 @@ def test_cached_generation_equals_reference(kind, reuse, defer, monkeypatch):
     from memgen_cli import generation
 
     monkeypatch.setattr(generation._Run, "DEFER", defer)
-    monkeypatch.setattr(generation, "reusable", lambda config: reuse)
+    monkeypatch.setattr(generation.state, "reusable", lambda config: reuse)
     writes = []
     monkeypatch.setattr(
-        generation, "write_slots", lambda *a: writes.append(1) or kv.write_slots(*a)
+        generation.state, "write_slots", lambda *a: writes.append(1) or kv.write_slots(*a)
     )
     mg = _diverse(kv_memgen(kind))
     out = _compare(mg, GenerationConfig(max_new_tokens=30, memory="weaver"))

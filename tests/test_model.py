@@ -92,8 +92,10 @@ def test_cached_generation_equals_reference(kind, weaver_kind, reuse, defer, mon
         lambda run, *a: (step(run, *a), waited.append(bool(run.due.any())))[0],
     )
     writes = []
-    monkeypatch.setattr(generation, "reusable", lambda config: reuse)
-    monkeypatch.setattr(generation, "write_rows", lambda *a: writes.append(1) or kv.write_rows(*a))
+    monkeypatch.setattr(generation.state, "reusable", lambda config: reuse)
+    monkeypatch.setattr(
+        generation.state, "write_rows", lambda *a: writes.append(1) or kv.write_rows(*a)
+    )
     together = []  # rows per weaver pass: several rows weaving at one step share one
     weave_pass = generation._Run._weave_pass
     monkeypatch.setattr(
