@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from memgen_cli.config import GenerationConfig
-from memgen_cli.generation import encode_prompts, generate
+from memgen_cli.generation import GenerationOutput, encode_prompts, generate
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.models.training import Points, weave_hidden
 
@@ -48,19 +48,27 @@ class Rollouts:
         ]
 
 
+def generate_groups(
+    model: MemGenModel,
+    messages: list[list[dict]],
+    cfg: GenerationConfig,
+    group_size: int,
+    **options,
+) -> tuple[dict, GenerationOutput]:
+    """Each chat prompt answered ``group_size`` times (one shared prefill each): the encoded
+    prompts and the generation; ``options`` go to ``generate`` (``keep_logprobs``, ``decide``)."""
+    enc = encode_prompts(model.tokenizer, messages, model.device)
+    out = generate(
+        model, enc["input_ids"], enc["attention_mask"], cfg, repeat=group_size, **options
+    )
+    return enc, out
+
+
 def rollout(
     model: MemGenModel, messages: list[list[dict]], cfg: GenerationConfig, group_size: int
 ) -> Rollouts:
     """Sample ``group_size`` completions for each chat prompt (one shared prefill each)."""
-    enc = encode_prompts(model.tokenizer, messages, model.device)
-    out = generate(
-        model,
-        enc["input_ids"],
-        enc["attention_mask"],
-        cfg,
-        repeat=group_size,
-        keep_logprobs=True,
-    )
+    enc, out = generate_groups(model, messages, cfg, group_size, keep_logprobs=True)
     prompts = [
         ids[m.bool()].tolist()
         for ids, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)

@@ -30,10 +30,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from memgen_cli.config import GenerationConfig, TriggerRLConfig, TriggerTrainingConfig
-from memgen_cli.generation import encode_prompts, generate
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.models.trigger import Trigger
 from memgen_cli.training import rl
+from memgen_cli.training.rollouts import generate_groups
 from memgen_cli.training.trainer_parts import world_size
 
 
@@ -123,16 +123,8 @@ def trigger_rollout(
     Tokens follow ``cfg`` (greedy when temperature is 0, as the official trigger training);
     decisions are sampled with a generator seeded from ``cfg.seed``.
     """
-    enc = encode_prompts(model.tokenizer, messages, model.device)
     sampler = DecisionSampler(model.trigger, cfg.seed + 1)
-    out = generate(
-        model,
-        enc["input_ids"],
-        enc["attention_mask"],
-        cfg,
-        repeat=group_size,
-        decide=sampler,
-    )
+    _, out = generate_groups(model, messages, cfg, group_size, decide=sampler)
     rows = len(out.tokens)
     width = model.reasoner.config.hidden_size
     return TriggerRollouts(
