@@ -80,6 +80,18 @@ def tiny_artifact(
     return base_dir, art
 
 
+def checked_kv(mg, zero_b: bool = False):
+    """``mg`` (a ``memory.inject: kv`` model), checked to have GQA (fewer KV heads than query
+    heads); with ``zero_b``, its LoRA B matrices zeroed (the adapter then changes nothing)."""
+    assert mg.reasoner.config.num_key_value_heads < mg.reasoner.config.num_attention_heads
+    if zero_b:
+        with torch.no_grad():
+            for name, p in mg.named_parameters():
+                if "lora_B" in name:
+                    p.zero_()
+    return mg
+
+
 def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
     """``rows`` as a JSONL file at ``path`` (one JSON object a line)."""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

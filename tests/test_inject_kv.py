@@ -21,7 +21,7 @@ from transformers import LlamaConfig
 from typer.testing import CliRunner
 
 from conftest import make_memgen, make_model
-from helpers import save_tiny_base, tiny_artifact
+from helpers import checked_kv, save_tiny_base, tiny_artifact
 from memgen_cli.artifacts import load_artifact
 from memgen_cli.cli import app
 from memgen_cli.config import GenerationConfig, MemoryConfig
@@ -46,14 +46,7 @@ def one_thread():
 
 
 def kv_memgen(kind="llama", zero_b=False, **memory) -> MemGenModel:
-    mg = make_memgen(kind, inject="kv", **memory)
-    assert mg.reasoner.config.num_key_value_heads < mg.reasoner.config.num_attention_heads  # GQA
-    if zero_b:
-        with torch.no_grad():
-            for name, p in mg.named_parameters():
-                if "lora_B" in name:
-                    p.zero_()
-    return mg
+    return checked_kv(make_memgen(kind, inject="kv", **memory), zero_b)
 
 
 @torch.no_grad()

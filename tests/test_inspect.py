@@ -15,6 +15,7 @@ from transformers import DynamicCache
 from typer.testing import CliRunner
 
 from conftest import make_memgen, torch_threads
+from helpers import checked_kv
 from memgen_cli.artifacts import artifact_digest
 from memgen_cli.cli import app
 from memgen_cli.config import GenerationConfig
@@ -669,14 +670,7 @@ KINDS = ["llama", "qwen2"]  # the tiny Qwen2 has GQA (2 KV heads for 4 query hea
 
 
 def kv_memgen(kind: str, zero_b: bool = False):
-    mg = diverse(make_memgen(kind, inject="kv"))
-    assert mg.reasoner.config.num_key_value_heads < mg.reasoner.config.num_attention_heads
-    if zero_b:
-        with torch.no_grad():
-            for name, p in mg.named_parameters():
-                if "lora_B" in name:
-                    p.zero_()
-    return mg
+    return checked_kv(diverse(make_memgen(kind, inject="kv")), zero_b)
 
 
 def kv_answer(mg, max_new_tokens=30):
