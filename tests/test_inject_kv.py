@@ -376,15 +376,10 @@ def chain(tmp_path_factory):
     data = tmp / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp / "sft"
-    result = memgen(
+    result = train(
         "sft-weaver",
-        "--recipe",
-        RECIPES / "sft-weaver.yaml",
-        "--base",
         base,
-        "--data",
         data,
-        "--output",
         out,
         "--set",
         "memory.inject=kv",
@@ -397,6 +392,12 @@ def chain(tmp_path_factory):
 
 def memgen(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def train(stage: str, base, data, out, *args):
+    """``memgen STAGE`` with the stage's recipe for the tiny model, ``base``, ``data``, ``out``."""
+    recipe = RECIPES / f"{stage}.yaml"
+    return memgen(stage, "--recipe", recipe, "--base", base, "--data", data, "--output", out, *args)
 
 
 def test_sft_weaver_writes_a_kv_artifact_without_projections(chain):
@@ -415,18 +416,13 @@ def test_sft_weaver_writes_a_kv_artifact_without_projections(chain):
 def test_grpo_weaver_trains_a_kv_artifact(chain, tmp_path):
     base, data, art = chain
     out = tmp_path / "grpo"
-    result = memgen(
+    result = train(
         "grpo-weaver",
-        "--recipe",
-        RECIPES / "grpo-weaver.yaml",
-        "--base",
         base,
-        "--data",
         data,
+        out,
         "--init",
         art,
-        "--output",
-        out,
         "--set",
         "training.max_steps=2",
     )
@@ -440,18 +436,13 @@ def test_grpo_weaver_trains_a_kv_artifact(chain, tmp_path):
 def test_train_trigger_eval_and_generate_run_a_kv_artifact(chain, tmp_path):
     base, data, art = chain
     out = tmp_path / "trigger"
-    result = memgen(
+    result = train(
         "train-trigger",
-        "--recipe",
-        RECIPES / "train-trigger.yaml",
+        base,
+        data,
+        out,
         "--artifact",
         art,
-        "--base",
-        base,
-        "--data",
-        data,
-        "--output",
-        out,
         "--set",
         "training.temperature=1.0",
         "--set",
