@@ -282,6 +282,20 @@ def test_inside_view(clean_dirs, tmp_path):
     assert result.passed, result.output
 
 
+def refused_everywhere(server: socket.socket, body: str, clean_dirs, refusal: str, ways: int):
+    """The solution ``body`` fails its tests, printing ``refusal`` once for each of its ``ways``
+    in, and nothing ever reached ``server`` (closed afterwards)."""
+    try:
+        result = run_python_tests(body, TESTS, tmp_root=clean_dirs)
+        assert not result.passed, result.output
+        assert result.output.count(refusal) == ways, result.output
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nothing ever connected
+    finally:
+        server.close()
+
+
 @needs("net-ns")
 def test_network_is_unreachable(clean_dirs):
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -311,15 +325,7 @@ def test_network_is_unreachable(clean_dirs):
         "        except (OSError, subprocess.CalledProcessError) as e:\n"
         "            print(way.__name__, 'refused:', e)\n"
     )
-    try:
-        result = run_python_tests(body, TESTS, tmp_root=clean_dirs)
-        assert not result.passed, result.output
-        assert result.output.count("refused:") == 3, result.output
-        server.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            server.accept()  # nothing ever connected
-    finally:
-        server.close()
+    refused_everywhere(server, body, clean_dirs, "refused:", 3)
 
 
 @needs("no-af-unix")
@@ -342,15 +348,7 @@ def test_local_sockets_are_unreachable(clean_dirs, tmp_path):
         "        except OSError as e:\n"
         "            print(way.__name__, 'refused:', repr(e))\n"
     )
-    try:
-        result = run_python_tests(body, TESTS, tmp_root=clean_dirs)
-        assert not result.passed, result.output
-        assert result.output.count("PermissionError") == 2, result.output  # seccomp's EPERM
-        server.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            server.accept()
-    finally:
-        server.close()
+    refused_everywhere(server, body, clean_dirs, "PermissionError", 2)  # seccomp's EPERM
     pair = "import socket\n\ndef add(a, b):\n    socket.socketpair()\n    return a + b"
     assert run_python_tests(pair, TESTS, tmp_root=clean_dirs).passed  # asyncio needs these
 
