@@ -376,16 +376,8 @@ def chain(tmp_path_factory):
     data = tmp / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp / "sft"
-    result = train(
-        "sft-weaver",
-        base,
-        data,
-        out,
-        "--set",
-        "memory.inject=kv",
-        "--set",
-        "data.heldout=2",
-    )
+    sets = ["--set", "memory.inject=kv", "--set", "data.heldout=2"]
+    result = train("sft-weaver", base, data, out, *sets)
     assert result.exit_code == 0, result.output
     return base, data, out
 
@@ -416,16 +408,7 @@ def test_sft_weaver_writes_a_kv_artifact_without_projections(chain):
 def test_grpo_weaver_trains_a_kv_artifact(chain, tmp_path):
     base, data, art = chain
     out = tmp_path / "grpo"
-    result = train(
-        "grpo-weaver",
-        base,
-        data,
-        out,
-        "--init",
-        art,
-        "--set",
-        "training.max_steps=2",
-    )
+    result = train("grpo-weaver", base, data, out, "--init", art, "--set", "training.max_steps=2")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "memgen.json").read_text())["memory"]["inject"] == "kv"
     before, after = load_file(art / "weaver.safetensors"), load_file(out / "weaver.safetensors")
@@ -437,19 +420,9 @@ def test_train_trigger_eval_and_generate_run_a_kv_artifact(chain, tmp_path):
     base, data, art = chain
     out = tmp_path / "trigger"
     result = train(
-        "train-trigger",
-        base,
-        data,
-        out,
-        "--artifact",
-        art,
-        "--set",
-        "training.temperature=1.0",
-        "--set",
-        "training.max_completion_length=24",
-        "--set",
-        "training.max_steps=2",
-    )
+        "train-trigger", base, data, out, "--artifact", art, "--set", "training.temperature=1.0",
+        "--set", "training.max_completion_length=24", "--set", "training.max_steps=2",
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "memgen.json").read_text())
     assert manifest["trigger"]["trained"] and manifest["memory"]["inject"] == "kv"
