@@ -8,6 +8,8 @@ A module that runs tiny models asks for one torch thread with
 from __future__ import annotations
 
 import contextlib
+import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -100,6 +102,17 @@ def make_memgen(kind="llama", weaver_kind=None, seed=0, **memory) -> MemGenModel
             if "lora_B" in name:
                 p.normal_(0, 0.2)
     return mg
+
+
+@pytest.fixture(autouse=True)
+def sigint_handler_kept(request):
+    """A test that leaves its own Ctrl-C handler installed changes what every later test in
+    the process gets from Ctrl-C: say which test it was, and put the handler back."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    if signal.getsignal(signal.SIGINT) is not before:
+        signal.signal(signal.SIGINT, before)
+        warnings.warn(f"{request.node.nodeid} left a SIGINT handler installed", stacklevel=1)
 
 
 @pytest.fixture

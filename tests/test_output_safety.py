@@ -341,6 +341,9 @@ def test_a_real_ctrl_c_during_the_renames_waits_until_they_are_done(tiny, tmp_pa
     x = tmp_path / "x"
     atomic_copy(art, x)
     monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
+    # Python's own Ctrl-C handler, whatever an earlier test in this process left installed:
+    # the held signal must reach it once the renames are done.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     real = os.replace
 
     def replace(src, dst):
@@ -349,9 +352,12 @@ def test_a_real_ctrl_c_during_the_renames_waits_until_they_are_done(tiny, tmp_pa
             signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_dir(x) as tmp:
-            new_artifact(tmp)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with atomic_dir(x) as tmp:
+                new_artifact(tmp)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert json.loads((x / "memgen.json").read_text())["new"]  # the swap finished first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
 
