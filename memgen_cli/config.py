@@ -314,28 +314,58 @@ class BaselineLoraConfig:
     """Module names the adapter attaches to."""
 
 
+BASELINE_METHODS = ("lora", "prompt", "prefix")
+
+
+@dataclass
+class BaselinePromptLearningConfig:
+    num_virtual_tokens: int | None = None
+    """Virtual tokens of a prompt or prefix baseline; null: the count whose trainable parameters
+    are closest to the weaver's described in ``memory`` (an equal budget). One token trains the
+    hidden size (prompt) or layers × 2 × KV heads × head size (prefix) parameters."""
+    init: str = "text"
+    """text | random. text: the virtual tokens start as ``init_text``'s tokens, repeated to fill
+    them: their input embeddings (prompt: PEFT's TEXT init) or the plain reasoner's keys and
+    values over them (prefix: Li & Liang's start from real words). random: PEFT's default."""
+    init_text: str = "Solve the problem step by step, then give the final answer."
+    """The words the virtual tokens start from (``init: text``)."""
+
+
 @dataclass
 class BaselineConfig:
-    """``memgen baseline sft``: LoRA-SFT of the reasoner itself, at the weaver's budget.
+    """``memgen baseline sft``: LoRA-SFT of the reasoner itself (or prompt or prefix tuning of
+    it), at the weaver's budget.
 
     A weaver's recipe drives its baseline as it stands (``memgen baseline sft --recipe
     sft-weaver.yaml``): ``model``, ``memory``, ``data`` and ``training`` mean what they mean in
     ``SFTConfig``, with the same defaults, so both train on the same examples, steps, batches
     and learning-rate schedule. Keys only the weaver reads are accepted and not read here:
     ``training.schedule`` and ``training.prompt_insertion`` (they place latents), and the
-    ``memory`` fields that place latents. ``lora`` is this stage's own section (a weaver recipe
-    leaves it out: the defaults). tests/test_recipes.py loads every weaver recipe as both.
+    ``memory`` fields that place latents. ``method``, ``lora`` and ``prompt_learning`` are this
+    stage's own (a weaver recipe leaves them out: the defaults, a LoRA).
+    tests/test_recipes.py loads every weaver recipe as both.
     """
 
     RENAMED: typing.ClassVar[dict[str, str]] = {"weaver": "memory"}
     """Sections read under their old names too (with a note)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    method: str = "lora"
+    """lora | prompt | prefix: what is trained. lora: a LoRA on the reasoner's linear layers
+    (``lora``). prompt: PEFT prompt tuning, trainable input embeddings before every prompt;
+    prefix: PEFT prefix tuning without the reparameterisation MLP, trainable keys and values
+    at every layer (both ``prompt_learning``). See docs/stages/baseline.md."""
     lora: BaselineLoraConfig = field(default_factory=BaselineLoraConfig)
+    """Read when ``method`` is lora."""
+    prompt_learning: BaselinePromptLearningConfig = field(
+        default_factory=BaselinePromptLearningConfig
+    )
+    """Read when ``method`` is prompt or prefix."""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     """The weaver this baseline is compared with, as the weaver's recipe writes it: its
-    trainable-parameter count sets ``lora.r`` when that is null; the fields that place latents
-    (delimiters, insertion caps, ...) are not read. Formerly ``weaver``, which still reads."""
+    trainable-parameter count sets ``lora.r`` (``prompt_learning.num_virtual_tokens``) when that
+    is null; the fields that place latents (delimiters, insertion caps, ...) are not read.
+    Formerly ``weaver``, which still reads."""
     data: DataConfig = field(default_factory=DataConfig)
     training: SFTTrainingConfig = field(default_factory=SFTTrainingConfig)
     output: str = "runs/baseline-sft"
