@@ -1,5 +1,5 @@
-"""Self-describing artifacts: save and load a weaver (and trigger), or a LoRA baseline, as
-safetensors + manifest.
+"""Self-describing artifacts: save and load a weaver (and trigger), or a baseline (LoRA, prompt
+or prefix tuning of the reasoner), as safetensors + manifest.
 
 Weaver layout (kind ``weaver``, or ``memgen`` once a trigger is trained; a directory, written
 atomically: temporary directory, then swapped in by ``atomic.swap_in``)::
@@ -12,10 +12,12 @@ atomically: temporary directory, then swapped in by ``atomic.swap_in``)::
     recipe.yaml                      the resolved configuration that produced it
     metrics.jsonl                    the training log, when there is one
 
-Baseline layout (kind ``baseline``, from ``memgen baseline``: a LoRA adapter on the reasoner
-itself, no memory; the directory *is* a PEFT adapter, ``PeftModel.from_pretrained(base, DIR)``)::
+Baseline layout (kind ``baseline``, from ``memgen baseline``: a PEFT adapter on the reasoner
+itself, no memory; the directory *is* a PEFT adapter, ``PeftModel.from_pretrained(base, DIR)``).
+Its ``method`` is lora (a LoRA, settings in ``lora``; also every baseline that records no
+method), prompt or prefix (PEFT prompt or prefix tuning, settings in ``prompt_learning``)::
 
-    memgen.json                      manifest (format, base fingerprint, LoRA settings, budget)
+    memgen.json                      manifest (format, base fingerprint, method, its settings, budget)
     adapter_config.json
     adapter_model.safetensors
     recipe.yaml, metrics.jsonl       as above
@@ -45,6 +47,7 @@ from memgen_cli.config import MemoryConfig, from_dict, to_dict
 from memgen_cli.errors import MemgenError
 from memgen_cli.models.base import LoadedBase, load_base
 from memgen_cli.models.memgen import ADAPTER, MemGenModel
+from memgen_cli.models.prompt_learning import method_of
 from memgen_cli.outputs import (
     BASELINE_FILES,
     MANIFEST,
@@ -56,6 +59,9 @@ from memgen_cli.outputs import check_output as check_output  # re-exported: stag
 from memgen_cli.versions import environment_versions
 
 FORMAT_VERSION = 1
+# A baseline's method -> the manifest (and recipe) section of its settings, and its name.
+BASELINE_SECTIONS = {"lora": "lora", "prompt": "prompt_learning", "prefix": "prompt_learning"}
+BASELINE_NAMES = {"lora": "LoRA", "prompt": "prompt tuning", "prefix": "prefix tuning"}
 
 
 def artifact_digest(path: str | Path) -> str:
@@ -169,7 +175,15 @@ def read_manifest(path: str | Path) -> dict:
             f"{FORMAT_VERSION}. Re-create the artifact with this version of memgen."
         )
     if manifest.get("kind") == "baseline":
-        sections, needed = ("reasoner", "lora", "tensors", "prompt"), list(BASELINE_FILES)
+        method = manifest.setdefault("method", "lora")  # baselines before prompt and prefix
+        if method not in BASELINE_SECTIONS:
+            raise MemgenError(
+                f'{file} is a baseline of method "{method}", which this memgen ({__version__}) '
+                f"does not know (it reads {', '.join(BASELINE_SECTIONS)}). Use the memgen that "
+                "made it, or re-create the artifact."
+            )
+        sections = ("reasoner", BASELINE_SECTIONS[method], "tensors", "prompt")
+        needed = list(BASELINE_FILES)
     else:
         sections = ("reasoner", "weaver_backbone", "memory", "tensors", "trigger")
         needed = list(WEAVER_FILES)
@@ -280,8 +294,9 @@ def require_kind(manifest: dict, path: str | Path, wanted: str) -> None:
     """Refuse a baseline where a weaver is needed (``wanted="weaver"``) and the other way round."""
     kind = manifest.get("kind", "weaver")
     if wanted == "weaver" and kind == "baseline":
+        name = BASELINE_NAMES.get(manifest.get("method", "lora"), "PEFT")
         raise MemgenError(
-            f"{path} is a LoRA baseline (kind baseline, from `memgen baseline`), not a weaver: it "
+            f"{path} is a {name} baseline (kind baseline, from `memgen baseline`), not a weaver: it "
             "has no memory to weave. `memgen eval --artifact` evaluates it as the adapted "
             "reasoner; this command needs a weaver artifact from `memgen sft-weaver`."
         )
@@ -298,17 +313,24 @@ def save_baseline(
     base: LoadedBase,
     out: str | Path,
     *,
-    lora: dict,
     budget: dict,
+    lora: dict | None = None,
+    prompt_learning: dict | None = None,
     prompt: dict | None = None,
     recipe_yaml: str | None = None,
     training: dict | None = None,
     metrics_file: str | Path | None = None,
     parent: str | Path | None = None,
 ) -> Path:
-    """Write a baseline artifact (a PEFT adapter directory + manifest) atomically; ``parent``:
-    the baseline it was trained from (``baseline grpo``'s init), by name and digest."""
+    """Write a baseline artifact (a PEFT adapter directory + manifest) atomically. Its method
+    is the adapter's (LoRA, prompt or prefix tuning), with its settings: ``lora`` or
+    ``prompt_learning``. ``parent``: the baseline it was trained from (``baseline grpo``'s
+    init), by name and digest."""
     out = Path(out)
+    method = method_of(model)
+    settings = lora if method == "lora" else prompt_learning
+    if settings is None:
+        raise ValueError(f"a {method} baseline needs its {BASELINE_SECTIONS[method]} settings")
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model card template, not ours
@@ -318,7 +340,8 @@ def save_baseline(
             base,
             parent,
             training,
-            lora=lora,
+            method=method,
+            **{BASELINE_SECTIONS[method]: settings},
             budget=budget,
             prompt={"chat_template": base.tokenizer.chat_template, **(prompt or {})},
             tensors={"adapter": {k: list(v.shape) for k, v in adapter.items()}},
@@ -336,8 +359,9 @@ def load_baseline(
     allow_base_mismatch: bool = False,
     trainable: bool = False,
 ) -> tuple[PeftModel, dict, LoadedBase]:
-    """The reasoner with a baseline's adapter, validated; returns (model, manifest, base).
-    ``trainable``: the adapter's tensors require grad (to train it further), else eval mode."""
+    """The reasoner with a baseline's adapter (LoRA, prompt or prefix tuning), validated;
+    returns (model, manifest, base). ``trainable``: the adapter's tensors require grad (to
+    train it further), else eval mode."""
     path = Path(path)
     manifest, base = _open(path, "baseline", base, device, dtype, allow_base_mismatch)
     file = path / "adapter_model.safetensors"

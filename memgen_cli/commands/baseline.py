@@ -1,4 +1,5 @@
-"""`memgen baseline sft|grpo`: the LoRA baselines a weaver is compared with (a command group)."""
+"""`memgen baseline sft|grpo`: the baselines a weaver is compared with (a command group): LoRA,
+or for sft also prompt or prefix tuning."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from memgen_cli.stages import baseline as sft_stage
 from memgen_cli.stages import baseline_grpo as grpo_stage
 
 app = typer.Typer(
-    help="LoRA baselines of the reasoner itself, trained with TRL on the weaver's data and budget.",
+    help="Baselines of the reasoner itself (LoRA; for sft also prompt or prefix tuning), trained "
+    "with TRL on the weaver's data and budget.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
@@ -40,15 +42,25 @@ GRPORecipe = o.option(
     "init and output name weavers: read as the baseline-sft and baseline-grpo beside "
     "them).",
 )
+Method = o.option(
+    str,
+    "--method",
+    "lora (default) | prompt | prefix: a LoRA, or PEFT prompt tuning or prefix tuning, at the "
+    "weaver's budget (the recipe's `method` key).",
+)
 Init = o.option(
     Path, "--init", "Start from this `memgen baseline sft` artifact (its adapter; the parent)."
 )
 
 
-@app.command("sft", short_help="LoRA-SFT of the reasoner (TRL SFTTrainer) at the weaver's budget.")
+@app.command(
+    "sft",
+    short_help="LoRA-, prompt- or prefix-SFT of the reasoner (TRL SFTTrainer) at the weaver's budget.",
+)
 def sft(
     recipe: SFTRecipe = None,
     set_: o.Set = None,
+    method: Method = None,
     base: o.Base = None,
     data: SFTData = None,
     columns: o.Columns = None,
@@ -61,7 +73,10 @@ def sft(
     """LoRA-SFT of the reasoner with TRL's SFTTrainer: the same examples, prompt, target, steps,
     batches and schedule as sft-weaver. By default (lora.r: null) the rank is the one whose
     trainable-parameter count is closest to the weaver's (the recipe's memory section); both
-    counts are printed and recorded in memgen.json. The artifact is a PEFT adapter directory."""
+    counts are printed and recorded in memgen.json. --method prompt | prefix trains PEFT prompt
+    or prefix tuning instead, with as many virtual tokens as bring the count closest to the
+    weaver's (prompt_learning.num_virtual_tokens: null). The artifact is a PEFT adapter
+    directory."""
     o.train(sft_stage, **locals())
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from memgen_cli.artifacts import read_manifest
+from memgen_cli.artifacts import BASELINE_NAMES, read_manifest
 from memgen_cli.config import MEMORY_MODES
 from memgen_cli.data import Example
 from memgen_cli.errors import MemgenError, did_you_mean
@@ -46,8 +46,8 @@ def asked_modes(memory: str | None) -> list[str]:
 
 def plan_entries(paths: list[Path], memory: str | None, notes: Console) -> list[Entry]:
     """What runs: without artifacts the plain reasoner (memory off); a weaver artifact in the
-    modes asked for (default: off + every mode it supports); a LoRA baseline as the adapted
-    reasoner, mode off only (it has no memory)."""
+    modes asked for (default: off + every mode it supports); a baseline (LoRA, prompt or
+    prefix tuning) as the adapted reasoner, mode off only (it has no memory)."""
     if not paths:
         return [Entry(None, None, None, parse_modes(memory, None, notes))]
     entries = []
@@ -67,12 +67,13 @@ def plan_entries(paths: list[Path], memory: str | None, notes: Console) -> list[
             entries.append(Entry(str(path), path, manifest, parse_modes(memory, manifest, notes)))
     asked = [m for m in (memory or "").split(",") if m.strip() and m.strip() != "off"]
     if asked and all(e.is_baseline for e in entries):
+        names = " and ".join(dict.fromkeys(BASELINE_NAMES[e.manifest["method"]] for e in entries))
         raise MemgenError(
-            f"--memory {','.join(asked)} needs a weaver artifact; LoRA baselines have no memory "
-            "and run as the adapted reasoner (memory off). Drop --memory, or add a weaver."
+            f"--memory {','.join(asked)} needs a weaver artifact; {names} baselines have no "
+            "memory and run as the adapted reasoner (memory off). Drop --memory, or add a weaver."
         )
     if any(e.is_baseline for e in entries) and len(entries) > 1:
-        notes.print("LoRA baselines run as the adapted reasoner (memory off).")
+        notes.print("Baselines run as the adapted reasoner (memory off).")
     return entries
 
 

@@ -1,4 +1,5 @@
-"""``memgen baseline sft``: LoRA-SFT of the reasoner itself, the comparison a weaver must beat.
+"""``memgen baseline sft``: LoRA-SFT of the reasoner itself, the comparison a weaver must beat,
+or prompt or prefix tuning of it (``--method``), the static arms of the deep-memory comparison.
 
 The paper sets MemGen-SFT beside LoRA-SFT of the same model on the same data (Table 3). This
 stage trains that LoRA with TRL's ``SFTTrainer``, through its public API, at the weaver's
@@ -6,19 +7,23 @@ budget: the same examples and tokenisation as ``sft-weaver`` (the chat prompt re
 ``generate`` renders it, the solution + EOS as target, loss on the target only), the same
 optimizer, steps, batches and learning-rate schedule (``training/sft_run.py`` maps one recipe
 section onto both trainers), and a LoRA rank whose trainable-parameter count is closest to the
-weaver's (``lora.r: null``; both counts are recorded). Reads top to bottom:
+weaver's (``lora.r: null``; both counts are recorded). ``method: prompt`` / ``prefix`` trains
+PEFT prompt or prefix tuning instead, with everything else the same and as many virtual tokens
+as bring the count closest to the weaver's (``prompt_learning.num_virtual_tokens: null``;
+``models/prompt_learning.py``). Reads top to bottom:
 
 1. validate: the config, the resume point, the task and its data;
 2. build: the base model, the samples (pre-tokenised, with TRL's ``completion_mask``), the
-   LoRA config, TRL's ``SFTTrainer`` with our progress, metrics and Ctrl-C callbacks;
+   adapter at the weaver's budget, TRL's ``SFTTrainer`` with our progress, metrics and Ctrl-C
+   callbacks;
 3. loop: ``SFTTrainer.train`` (optimizer, schedule, checkpoints, ``--resume``, torchrun);
 4. save: the main process writes the baseline artifact atomically (a PEFT adapter directory
-   plus ``memgen.json`` of kind ``baseline``).
+   plus ``memgen.json`` of kind ``baseline``, with its ``method``).
 
 The training frame (config, output guard, resume, Ctrl-C, summary, artifact) is
 ``stages/frame.py``'s; what every baseline method adds to it (a weaver recipe read as the
 baseline's, LoRA settings at the weaver's budget, the artifact's LoRA rows) is below, and
-``stages/baseline_grpo.py`` (``memgen baseline grpo``) builds on it.
+``stages/baseline_grpo.py`` (``memgen baseline grpo``, LoRA only) builds on it.
 """
 
 from __future__ import annotations
@@ -29,13 +34,20 @@ from pathlib import Path
 import datasets
 import torch
 import trl
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from rich.console import Console
 from rich.table import Table
 
-from memgen_cli.artifacts import save_baseline
-from memgen_cli.config import BaselineConfig, BaselineLoraConfig, MemoryConfig
-from memgen_cli.errors import MemgenError
+from memgen_cli.artifacts import BASELINE_NAMES, BASELINE_SECTIONS, save_baseline
+from memgen_cli.config import (
+    BASELINE_METHODS,
+    BaselineConfig,
+    BaselineLoraConfig,
+    BaselinePromptLearningConfig,
+    MemoryConfig,
+)
+from memgen_cli.errors import MemgenError, did_you_mean
+from memgen_cli.models import prompt_learning
 from memgen_cli.models.base import LoadedBase
 from memgen_cli.models.weaver import Weaver
 from memgen_cli.stages import frame
@@ -66,14 +78,19 @@ WEAVER_ONLY = (
     "memory.trigger_threshold",
 )
 IGNORE = -100
+# The budget rule of the deep-memory comparison (docs DEEP-MEMORY): arms within ±5 % of the
+# weaver's trainable parameters. A matched count outside it is printed with a warning.
+TOLERANCE = 0.05
 
 
 # ----------------------------------------------------------------------------- config
-def resolve_config(recipe=None, overrides=None, **flags) -> BaselineConfig:
-    """Recipe, then ``--set`` overrides, then the command's own flags (which win): ``base``,
-    ``data``, ``columns``, ``task_options``, ``output``, ``report_to``. A weaver's recipe writes
-    beside the weaver's output (``beside_weaver``)."""
+def resolve_config(recipe=None, overrides=None, method: str | None = None, **flags):
+    """Recipe, then ``--set`` overrides, then the command's own flags (which win): ``method``,
+    ``base``, ``data``, ``columns``, ``task_options``, ``output``, ``report_to``. A weaver's
+    recipe writes beside the weaver's output (``beside_weaver``)."""
     cfg = frame.resolve_config(BaselineConfig, recipe, overrides, **flags)
+    if method is not None:
+        cfg = dataclasses.replace(cfg, method=method)
     return beside_weaver(cfg, recipe, overrides, flags, output="baseline-sft")
 
 
@@ -120,12 +137,37 @@ def validate_lora(lora: BaselineLoraConfig) -> None:
         raise MemgenError("lora.targets needs at least one module name (e.g. [q_proj, v_proj]).")
 
 
+def validate_method(method: str) -> None:
+    if method not in BASELINE_METHODS:
+        raise MemgenError(
+            f'method "{method}" is unknown; use one of {", ".join(BASELINE_METHODS)} '
+            "(--method or --set method=...)." + did_you_mean(method, BASELINE_METHODS)
+        )
+
+
+def validate_prompt_learning(cfg: BaselinePromptLearningConfig) -> None:
+    n = cfg.num_virtual_tokens
+    if n is not None and n < 1:
+        raise MemgenError(
+            f"prompt_learning.num_virtual_tokens must be >= 1 (or null to match the weaver); got {n}."
+        )
+    if cfg.init not in ("text", "random"):
+        raise MemgenError(f'prompt_learning.init must be text or random; got "{cfg.init}".')
+    if cfg.init == "text" and not cfg.init_text.strip():
+        raise MemgenError("prompt_learning.init_text is empty; give words, or init: random.")
+
+
 def validate(cfg: BaselineConfig, resume: str | None) -> Path | None:
     """Check values the dataclass types cannot; return the checkpoint to resume from."""
-    validate_lora(cfg.lora)
+    validate_method(cfg.method)
+    if cfg.method == "lora":
+        validate_lora(cfg.lora)
+    else:
+        validate_prompt_learning(cfg.prompt_learning)
     validate_training(cfg.training, cfg.data)
     validate_memory(cfg.memory)
-    return frame.resume_point(cfg, resume, unread=WEAVER_ONLY)
+    unread = sorted(set(BASELINE_SECTIONS.values()) - {BASELINE_SECTIONS[cfg.method]})
+    return frame.resume_point(cfg, resume, unread=WEAVER_ONLY + tuple(unread))
 
 
 # ----------------------------------------------------------------------------- budget
@@ -162,8 +204,29 @@ def weaver_trainable_params(model, memory: MemoryConfig) -> int:
 
 def matched_rank(model, targets: list[str], budget: int) -> int:
     """The rank whose LoRA parameter count is closest to ``budget`` (at least 1)."""
-    unit = lora_params_per_rank(model, targets)
+    return closest_multiple(lora_params_per_rank(model, targets), budget)
+
+
+def closest_multiple(unit: int, budget: int) -> int:
+    """The count of ``unit``-sized pieces (LoRA ranks, virtual tokens) closest to ``budget``.
+
+    >>> closest_multiple(576, 1_597_826), closest_multiple(11_520, 1_597_826)
+    (2774, 139)
+    """
     return max(1, round(budget / unit))
+
+
+def off_budget(trainable: int, weaver: int, matched: bool = True) -> str | None:
+    """A warning when ``trainable`` is outside ±TOLERANCE of the weaver's count, else None;
+    ``matched``: the count was matched to the weaver's (else the recipe set it)."""
+    gap = trainable / weaver - 1
+    if abs(gap) <= TOLERANCE:
+        return None
+    why = "the closest this method's granularity allows" if matched else "as the recipe sets it"
+    return (
+        f"{trainable:,} trainable parameters are {gap:+.1%} from the weaver's {weaver:,}, "
+        f"outside ±{TOLERANCE:.0%} ({why})."
+    )
 
 
 def lora_settings(
@@ -196,6 +259,42 @@ def lora_settings(
     return lora, peft_config, weaver_count
 
 
+def prompt_learning_settings(
+    base: LoadedBase, cfg: BaselineConfig, longest: int
+) -> tuple[dict, PeftModel, int]:
+    """(the settings recorded in the manifest, the PEFT model of ``cfg.method`` prompt or
+    prefix on ``base``, initialised, and the weaver's trainable parameter count): the virtual
+    tokens are ``num_virtual_tokens``, or as many as bring the count closest to the weaver's;
+    with the ``longest`` sample after them they must fit the model's positions.
+    Prefix tuning runs without PEFT's reparameterisation MLP: at its default width that MLP
+    alone trains 2.26M parameters on SmolLM2-135M, more than the weaver's whole budget (1.6M),
+    and a start from real words (Li & Liang's other stabiliser) needs the prefix itself."""
+    p, model = cfg.prompt_learning, base.model
+    weaver_count = weaver_trainable_params(model, cfg.memory)
+    unit = prompt_learning.params_per_token(model, cfg.method)
+    n = p.num_virtual_tokens or closest_multiple(unit, weaver_count)
+    most = getattr(model.config, "max_position_embeddings", None)
+    if most is not None and n + longest > most:
+        raise MemgenError(
+            f"{n} virtual tokens + the longest sample's {longest} tokens exceed the {most} "
+            f"positions of {base.name}; lower prompt_learning.num_virtual_tokens (the budget "
+            "then differs) or data.max_length."
+        )
+    text = p.init_text if p.init == "text" else None
+    settings = {
+        "num_virtual_tokens": n,
+        "params_per_token": unit,
+        "init": p.init,
+        "init_text": text,
+        "tokens_rule": "matched to the weaver's trainable parameters",
+        **({"prefix_projection": False} if cfg.method == "prefix" else {}),
+    }
+    if p.num_virtual_tokens:
+        settings["tokens_rule"] = "set"
+    peft = prompt_learning.new_adapter(base, cfg.method, n, text, cfg.model.revision)
+    return settings, peft, weaver_count
+
+
 # ------------------------------------------------------------------------------- data
 def as_dataset(pairs: list[tuple[list[int], int]]) -> datasets.Dataset:
     """TRL's pre-tokenised format: ``input_ids`` and a ``completion_mask`` (1 on the target)."""
@@ -220,7 +319,8 @@ def heldout_loss(model, pairs: list[tuple[list[int], int]], pad_id: int, batch: 
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
             labels[row, n : len(seq)] = ids[row, n : len(seq)]
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        # Logits of the text only: prompt tuning's model puts its virtual tokens before it.
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=width)
         logits = out.logits[:, :-1].float()
         target = labels[:, 1:].to(device)
         loss = torch.nn.functional.cross_entropy(
@@ -243,7 +343,7 @@ def run(
     callbacks: list | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Train the LoRA baseline and write the artifact to ``cfg.output``; returns its path."""
+    """Train the baseline and write the artifact to ``cfg.output``; returns its path."""
     # 1. validate
     run = frame.Run.start("baseline sft", cfg, resume, validate(cfg, resume), overwrite, console)
     task, train_examples, held_examples, data_seed = load_examples(cfg)
@@ -261,7 +361,13 @@ def run(
             f"All {dropped} training samples are longer than data.max_length={d.max_length} "
             "tokens; raise it with --set data.max_length=N."
         )
-    lora, peft_config, weaver_count = lora_settings(base, cfg.lora, cfg.memory)
+    if cfg.method == "lora":
+        settings, peft_config, weaver_count = lora_settings(base, cfg.lora, cfg.memory)
+        model = base.model
+    else:  # PEFT wraps base.model and leaves it as it is: the plain reasoner
+        longest = max(len(ids) for ids, _ in train + held)
+        settings, model, weaver_count = prompt_learning_settings(base, cfg, longest)
+        peft_config = None
     args = trl.SFTConfig(
         **trainer_arguments(t, run.ckpts, base.model.device),
         completion_only_loss=True,  # loss on the target only, as sft-weaver
@@ -271,12 +377,12 @@ def run(
     )
     losses: dict[str, float] = {}
     if held and run.main and run.resume_from is None:
-        # LoRA's B starts at zero: before training, the adapted reasoner is the plain one.
+        # Memory off: the plain reasoner (LoRA's B starts at zero: where a LoRA starts too).
         losses["memory_off"] = heldout_loss(base.model, held, tok.pad_token_id, t.batch_size)
     losses = run.begin(losses)  # a resumed run reads back what its fresh start measured
     datasets.disable_progress_bars()  # TRL maps the dataset once; no bar for that
     trainer = trl.SFTTrainer(
-        model=base.model,
+        model=model,
         args=args,
         train_dataset=as_dataset(train),
         processing_class=tok,
@@ -286,10 +392,13 @@ def run(
     model = trainer.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.header(
-        f"LoRA r {lora['r']} on {', '.join(lora['targets'])}, {trainable:,} trainable "
-        f"parameters (the weaver: {weaver_count:,}); {len(train)} samples from {task.name} "
-        f"({dropped} dropped as longer than {d.max_length} tokens)"
+        f"{describe(cfg.method, settings)}, {trainable:,} trainable parameters (the weaver: "
+        f"{weaver_count:,}); {len(train)} samples from {task.name} ({dropped} dropped as "
+        f"longer than {d.max_length} tokens)"
     )
+    matched = "set" not in (settings.get("rank_rule"), settings.get("tokens_rule"))
+    if warning := off_budget(trainable, weaver_count, matched):
+        run.say(f"[yellow]warning:[/] {warning}")
 
     # 3. loop
     run.fit(trainer)
@@ -297,10 +406,12 @@ def run(
     # 4. save (main process; the others wait so that the run ends together)
     if run.main:
         if held:
-            losses["lora_final"] = heldout_loss(model, held, tok.pad_token_id, t.batch_size)
+            losses[f"{cfg.method}_final"] = heldout_loss(
+                model, held, tok.pad_token_id, t.batch_size
+            )
         summary = {
             "stage": "baseline-sft",
-            "method": "lora-sft",
+            "method": f"{cfg.method}-sft",
             **run.data_fields(task, data_seed),
             "samples": len(train),
             "dropped_too_long": dropped,
@@ -311,15 +422,29 @@ def run(
             **run.trainer_fields(trainer),
         }
         budget = {"trainable_params": trainable, "weaver_trainable_params": weaver_count}
-        out = run.save(save_baseline, model, base, summary, lora=lora, budget=budget)
-        run.console.print(summary_table(summary, lora, budget, out))
+        section = {BASELINE_SECTIONS[cfg.method]: settings}
+        out = run.save(save_baseline, model, base, summary, **section, budget=budget)
+        run.console.print(summary_table(summary, cfg.method, settings, budget, out))
     return run.end(trainer)
 
 
-def summary_table(s: dict, lora: dict, budget: dict, out: Path) -> Table:
+def describe(method: str, settings: dict) -> str:
+    """The adapter in words: "LoRA r 28 on q_proj, v_proj", "prefix tuning, 139 virtual
+    tokens"."""
+    if method == "lora":
+        return f"LoRA r {settings['r']} on {', '.join(settings['targets'])}"
+    return f"{BASELINE_NAMES[method]}, {settings['num_virtual_tokens']} virtual tokens"
+
+
+def summary_table(s: dict, method: str, settings: dict, budget: dict, out: Path) -> Table:
+    adapter = (
+        lora_rows(settings, budget)
+        if method == "lora"
+        else [(BASELINE_NAMES[method], describe(method, settings)), budget_row(budget)]
+    )
     rows = [
         ("task", f"{s['task']} ({s['samples']} samples, {s['dropped_too_long']} dropped)"),
-        *lora_rows(lora, budget),
+        *adapter,
         *frame.trainer_rows(s, frame.loss_row(s)),
         *frame.score_rows("held-out loss", s["heldout_loss"], 4),
     ]
@@ -330,8 +455,12 @@ def lora_rows(lora: dict, budget: dict) -> list[tuple[str, str]]:
     """A baseline's rows of the summary table: its LoRA and the two parameter counts."""
     return [
         ("LoRA", f"r {lora['r']}, alpha {lora['alpha']} on {', '.join(lora['targets'])}"),
-        (
-            "trainable parameters",
-            f"{budget['trainable_params']:,} (weaver: {budget['weaver_trainable_params']:,})",
-        ),
+        budget_row(budget),
     ]
+
+
+def budget_row(budget: dict) -> tuple[str, str]:
+    return (
+        "trainable parameters",
+        f"{budget['trainable_params']:,} (weaver: {budget['weaver_trainable_params']:,})",
+    )

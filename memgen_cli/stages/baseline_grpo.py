@@ -8,8 +8,10 @@ batches, schedule), so both see the same prompts (rendered by ``data.to_messages
 tokenizer's chat template, as ``generate`` and grpo-weaver render them), the same rewards
 (the task's grader, ``rl.task_reward``, plus ``--reward`` plug-ins with their weights) and the
 same budget of completions. The rank is matched to the weaver's trainable parameters when
-``lora.r`` is null; ``init`` starts from a ``baseline sft`` artifact, as grpo-weaver starts from
-an SFT weaver. Reads top to bottom:
+``lora.r`` is null; ``init`` starts from a LoRA ``baseline sft`` artifact, as grpo-weaver starts
+from an SFT weaver (prompt and prefix tuning ones are refused: TRL samples rollouts through
+PEFT's generate, which does not run them right; see models/prompt_learning.py). Reads top to
+bottom:
 
 1. validate: config values (``rl.check_settings``: G, batch divisible by G, ...), the reward
    plug-ins, the ``init`` artifact, the resume point, the task and its prompts;
@@ -34,7 +36,7 @@ import trl
 from rich.console import Console
 from rich.table import Table
 
-from memgen_cli.artifacts import load_baseline, read_manifest, save_baseline
+from memgen_cli.artifacts import BASELINE_NAMES, load_baseline, read_manifest, save_baseline
 from memgen_cli.config import BaselineGRPOConfig
 from memgen_cli.data import Example, to_messages
 from memgen_cli.errors import MemgenError
@@ -80,6 +82,15 @@ def validate(cfg: BaselineGRPOConfig, resume: str | None) -> tuple[Path | None, 
                 "baseline: baseline grpo starts from an artifact of `memgen baseline sft` (or "
                 f"from a fresh LoRA, init: null). To continue a weaver by GRPO, use "
                 f"`memgen grpo-weaver --init {cfg.init}`."
+            )
+        if manifest["method"] != "lora":
+            # TRL samples rollouts with the PEFT model's generate, which for prompt learning
+            # disagrees with PEFT's own forward (models/prompt_learning.py): the policy the
+            # rollouts came from would not be the one the loss scores.
+            raise MemgenError(
+                f"init {cfg.init} is a {BASELINE_NAMES[manifest['method']]} baseline; baseline "
+                "grpo trains LoRA baselines only. Start from a LoRA baseline (`memgen baseline "
+                "sft --method lora`) or from a fresh LoRA (init: null)."
             )
     # With init the artifact's adapter is trained, whatever lora says.
     unread = WEAVER_ONLY + (("lora",) if cfg.init else ())

@@ -1,7 +1,8 @@
 """``memgen eval``: the same reasoner with memory off, with the weaver, and with weaver +
 trigger, and any number of artifacts (weavers, LoRA baselines) side by side, on exactly the
-same problems, in one run. The memory mode is a field of the GenerationConfig; a LoRA baseline
-runs as the adapted reasoner (its adapter merged, memory off).
+same problems, in one run. The memory mode is a field of the GenerationConfig; a baseline runs
+as the adapted reasoner, memory off: a LoRA merged into it, or prompt or prefix tuning's virtual
+tokens as a fixed cache prefix before every prompt (``models/prompt_learning.py``).
 
 Reads top to bottom: validate the request (artifacts and their modes, tasks) -> load the
 problems once -> per artifact (one model in memory at a time), per task, cut the problems into
@@ -21,7 +22,9 @@ import datetime as dt
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -48,12 +51,16 @@ from memgen_cli.evaluation.plan import (
 )
 from memgen_cli.evaluation.report import examples_table, results_table, write_outputs
 from memgen_cli.evaluation.stats import add_paired, summarize
-from memgen_cli.generation import encode_prompts, generate
+from memgen_cli.generation import GenerationOutput, encode_prompts, generate
+from memgen_cli.models import prompt_learning
 from memgen_cli.models.base import LoadedBase, load_base
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.outputs import check_output
 from memgen_cli.stages.common import Session, open_session, resolve_suffix
 from memgen_cli.versions import environment_versions, version_differences
+
+# How an entry answers a batch: (input_ids, attention_mask, GenerationConfig) -> its output.
+Answer = Callable[..., GenerationOutput]
 
 
 @dataclass
@@ -138,7 +145,7 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
     sampling_seed = opts.gen.seed if opts.seed is None else opts.seed
     done: dict[tuple, tuple[str | None, list[dict], dict]] = {}  # runs that can be reused
     for entry in entries:
-        session = open_entry(entry, opts, device)
+        session, answer = open_entry(entry, opts, device)
         suffix = resolve_suffix(session, opts.prompt_suffix, notes)
         system = ((entry.manifest or {}).get("prompt") or {}).get("system")
         used.append(entry_config(entry, session, suffix))
@@ -167,7 +174,7 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
                         predictions += [{**r, "artifact": entry.label} for r in records]
                     continue
                 gen = replace(opts.gen, memory=mode, seed=sampling_seed)
-                part = run_mode(session, task, label, mine, gen, notes, show=dist.is_main)
+                part = run_mode(session, answer, task, label, mine, gen, notes, dist.is_main)
                 parts = distributed.gather_to_main(part)
                 if key is not None:
                     done[key] = (entry.label, [], {})
@@ -212,11 +219,16 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
 
 
 # --------------------------------------------------------------------------- models
-def open_entry(entry: Entry, opts: EvalOptions, device) -> Session:
-    """The model of one entry; a baseline's adapter is merged into its reasoner, so that the
-    memory-off path of generation runs the adapted weights."""
+def open_entry(entry: Entry, opts: EvalOptions, device) -> tuple[Session, Answer]:
+    """The model of one entry, and how it answers a batch ``(input_ids, attention_mask,
+    GenerationConfig) -> GenerationOutput``: memgen's generation, except for prompt and prefix
+    tuning baselines. A LoRA baseline's adapter is merged into its reasoner, so that the
+    memory-off path of generation runs the adapted weights; a prompt or prefix baseline's
+    virtual tokens are a fixed cache prefix, which memgen's loop has no place for: its rows
+    decode after it (``prompt_learning.generate_after``, memory off's steps)."""
     if not entry.is_baseline:
-        return open_session(opts.base, entry.path, device, opts.dtype, opts.allow_base_mismatch)
+        session = open_session(opts.base, entry.path, device, opts.dtype, opts.allow_base_mismatch)
+        return session, partial(generate, session.model)
     loaded = load_base(opts.base, device, opts.dtype) if opts.base else None
     peft, manifest, base = load_baseline(
         entry.path,
@@ -225,9 +237,15 @@ def open_entry(entry: Entry, opts: EvalOptions, device) -> Session:
         dtype=opts.dtype,
         allow_base_mismatch=opts.allow_base_mismatch,
     )
+    if manifest["method"] != "lora":
+        prefix = prompt_learning.virtual_prefix(peft)
+        model = MemGenModel(peft.get_base_model(), base.tokenizer, MemoryConfig()).eval()
+        answer = partial(prompt_learning.generate_after, model, prefix)
+        return Session(model, base, manifest), answer
     merged = peft.merge_and_unload()
     adapted = LoadedBase(merged, base.tokenizer, base.name, base.source, base.fingerprint)
-    return Session(MemGenModel(merged, base.tokenizer, MemoryConfig()).eval(), adapted, manifest)
+    model = MemGenModel(merged, base.tokenizer, MemoryConfig()).eval()
+    return Session(model, adapted, manifest), partial(generate, model)
 
 
 def entry_config(entry: Entry, session: Session, suffix: str) -> dict:
@@ -267,9 +285,17 @@ def same_run_key(entry: Entry, session: Session, mode: str, where: tuple) -> tup
 
 # --------------------------------------------------------------------------- generation
 def run_mode(
-    session: Session, task: Task, label: str, batches, gen: GenerationConfig, notes, show: bool
+    session: Session,
+    answer: Answer,
+    task: Task,
+    label: str,
+    batches,
+    gen: GenerationConfig,
+    notes,
+    show: bool,
 ) -> dict:
-    """Generate and grade this rank's batches in one memory mode."""
+    """Generate (``answer``, ``open_entry``'s) and grade this rank's batches in one memory
+    mode."""
     total = sum(len(batch) for _, batch in batches)
     model, tok = session.model, session.model.tokenizer
     records, seconds, grade_s = [], 0.0, 0.0
@@ -282,8 +308,8 @@ def run_mode(
             enc = encode_prompts(tok, [p.messages for p in batch], model.device)
             tick = time.perf_counter()
             # Seeded per batch, so sampling does not depend on how batches are spread.
-            out = generate(
-                model, enc["input_ids"], enc["attention_mask"], replace(gen, seed=gen.seed + number)
+            out = answer(
+                enc["input_ids"], enc["attention_mask"], replace(gen, seed=gen.seed + number)
             )
             seconds += time.perf_counter() - tick
             tick = time.perf_counter()
