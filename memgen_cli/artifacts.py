@@ -45,9 +45,9 @@ from safetensors.torch import load_file, save_file
 from memgen_cli import __version__
 from memgen_cli.config import MemoryConfig, from_dict, to_dict
 from memgen_cli.errors import MemgenError
+from memgen_cli.generation.prompt_learning import method_of
 from memgen_cli.models.base import LoadedBase, load_base
 from memgen_cli.models.memgen import ADAPTER, MemGenModel
-from memgen_cli.models.prompt_learning import method_of
 from memgen_cli.outputs import (
     BASELINE_FILES,
     MANIFEST,

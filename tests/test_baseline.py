@@ -26,8 +26,7 @@ from helpers import WORKED, Capture, files, invoke, plain_names, tiny_config, wr
 from memgen_cli.artifacts import load_artifact, load_baseline
 from memgen_cli.config import BaselineConfig, GenerationConfig, MemoryConfig, load_recipe
 from memgen_cli.errors import MemgenError
-from memgen_cli.generation import encode_prompts, generate
-from memgen_cli.models import prompt_learning
+from memgen_cli.generation import encode_prompts, generate, prompt_learning
 from memgen_cli.models.base import LoadedBase, load_base
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.stages import baseline as stage

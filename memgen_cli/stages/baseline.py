@@ -47,7 +47,7 @@ from memgen_cli.config import (
     MemoryConfig,
 )
 from memgen_cli.errors import MemgenError, did_you_mean
-from memgen_cli.models import prompt_learning
+from memgen_cli.generation import prompt_learning
 from memgen_cli.models.base import LoadedBase
 from memgen_cli.models.weaver import Weaver
 from memgen_cli.stages import frame

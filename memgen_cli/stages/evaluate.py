@@ -51,8 +51,7 @@ from memgen_cli.evaluation.plan import (
 )
 from memgen_cli.evaluation.report import examples_table, results_table, write_outputs
 from memgen_cli.evaluation.stats import add_paired, summarize
-from memgen_cli.generation import GenerationOutput, encode_prompts, generate
-from memgen_cli.models import prompt_learning
+from memgen_cli.generation import GenerationOutput, encode_prompts, generate, prompt_learning
 from memgen_cli.models.base import LoadedBase, load_base
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.outputs import check_output

@@ -33,7 +33,8 @@ from peft import (
 from transformers import DynamicCache
 
 from memgen_cli.config import GenerationConfig
-from memgen_cli.generation import GenerationOutput, MemoryTrace, _eos_ids, _pick
+from memgen_cli.generation.sampling import _eos_ids, _pick
+from memgen_cli.generation.trace import GenerationOutput, MemoryTrace
 from memgen_cli.models.base import LoadedBase
 from memgen_cli.models.kv import growing_cache, take_rows
 from memgen_cli.models.latents import positions_from_mask
