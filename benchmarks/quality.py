@@ -112,6 +112,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "default: the recipe's rate ÷3, ×1, ×3)",
     )
     p.add_argument(
+        "--sweep-eval",
+        action="store_true",
+        help="with --deep: score every rate of the sweep too (default: each row's chosen rate, "
+        "picked by held-out loss, and its seeds)",
+    )
+    p.add_argument(
         "--seeds",
         metavar="S,T",
         help="with --deep: training seeds of input, kv and LoRA; the sweep runs at the first "

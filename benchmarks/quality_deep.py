@@ -12,7 +12,8 @@ count is closest to the LoRA baseline's, computed from the model's config; refus
    at the first of ``--seeds``; each row keeps the rate with the lowest held-out loss (the
    recipe's ``data.heldout`` samples, disjoint from the problems scored below);
 2. seeds: the main rows (input, kv, LoRA) again at their rate, at every further seed;
-3. eval: every artifact of 1 and 2 in one ``memgen eval`` run per task, on the same problems:
+3. eval: the artifacts at each row's chosen rate (every artifact of 1 and 2 with
+   ``--sweep-eval``) in one ``memgen eval`` run per task, on the same problems:
    the table's task (``--n``, 400) and chain_sum, never trained on (``--cross-n``, 200);
 4. report: per row its rate, accuracy per seed and their mean, the paired difference against
    memory off (vanilla), training CPU seconds (user + system of the training process, model
@@ -235,8 +236,21 @@ def parse_seeds(text: str | None, recipe_seed: int) -> list[int]:
 
 
 def sweep_plan(rows: list[str], lrs: dict[str, list[float]], seeds: list[int]) -> list[Run]:
-    """Step 1: every row at each of its rates, at the first seed."""
-    return [Run(row, lr, seeds[0]) for row in rows for lr in lrs[row]]
+    """Step 1: every row at each of its rates, at the first seed; each row's middle rate first
+    (the recipe's, by default), so a stopped sweep already compares every row at one rate."""
+
+    def middle_first(rates: list[float]) -> list[float]:
+        mid = len(rates) // 2 if len(rates) % 2 else 0
+        return [rates[mid], *rates[:mid], *rates[mid + 1 :]]
+
+    ordered = {row: middle_first(lrs[row]) for row in rows}
+    depth = max(len(r) for r in ordered.values())
+    return [
+        Run(row, ordered[row][i], seeds[0])
+        for i in range(depth)
+        for row in rows
+        if i < len(ordered[row])
+    ]
 
 
 def seed_plan(rows, chosen: dict[str, float], seeds: list[int], methods=METHODS) -> list[Run]:
@@ -415,13 +429,15 @@ def run(args) -> dict:
     train(extra, args, sets, out, records, quiet)
     every = sweep + extra
     paths = {r.name: out / r.name for r in every}
+    scored = every if args.sweep_eval else [r for r in every if r.lr == chosen[r.row]]
 
     modes = list(dict.fromkeys(["off", *(METHODS[r].mode for r in rows)]))  # 3. eval
     specs = quality.task_specs(args, cfg)
-    evals = {spec[0]: evaluate_runs(paths, modes, spec, args, out, quiet) for spec in specs}
+    scored_paths = {r.name: paths[r.name] for r in scored}
+    evals = {spec[0]: evaluate_runs(scored_paths, modes, spec, args, out, quiet) for spec in specs}
 
     final = {row: [r for r in every if r.row == row and r.lr == chosen[row]] for row in rows}
-    weavers = [r for r in every if METHODS[r.row].mode != "off"]  # 4. report
+    weavers = [r for r in scored if METHODS[r.row].mode != "off"]  # 4. report
     vanilla = (str(paths[weavers[0].name]), "off") if weavers else None
     table = [
         row_entry(row, every, chosen[row], paths, records, evals, vanilla)
@@ -503,7 +519,12 @@ def sweep_entry(run: Run, chosen: bool, losses, records, paths, evals) -> dict:
         "chosen": chosen,
         "heldout_loss": losses.get(run.name),
         "cpu_s": records[run.name]["cpu_s"],
-        **{task: quality.figures(_result(m, *key))["accuracy"] for task, (m, _) in evals.items()},
+        **{
+            task: quality.figures(_result(m, *key))["accuracy"]
+            if any(r["artifact"] == key[0] for r in m["results"])
+            else None  # not scored: --sweep-eval scores every rate
+            for task, (m, _) in evals.items()
+        },
     }
 
 
@@ -588,7 +609,8 @@ def markdown_table(result: dict) -> str:
     for s in result["sweep"]:
         lr = f"**{s['lr']:g}**" if s["chosen"] else f"{s['lr']:g}"
         cells = [s["row"], lr, number(s["heldout_loss"], ".4f")]
-        cells += [f"{s[t]:.1f} %" for t in tasks] + [number(s["cpu_s"], ",.0f")]
+        cells += [number(s[t], ".1f") + " %" * (s[t] is not None) for t in tasks]
+        cells += [number(s["cpu_s"], ",.0f")]
         lines.append("| " + " | ".join(cells) + " |")
 
     b, m = result["budget"], result["measured"]

@@ -98,7 +98,8 @@ def test_sweep_at_the_first_seed_then_main_rows_at_the_others(deep):
     lrs = deep.parse_lrs(["prompt=1e-2,3e-2"], table, 1e-3)
     sweep = deep.sweep_plan(table, lrs, seeds)
     assert len(sweep) == 2 + 3 * 3 and {r.seed for r in sweep} == {42}
-    assert [r.name for r in sweep[:3]] == ["prompt-lr0.01-s42", "prompt-lr0.03-s42", "weaver-input-lr0.00033-s42"]  # fmt: skip
+    assert [r.name for r in sweep[:3]] == ["prompt-lr0.01-s42", "weaver-input-lr0.001-s42", "weaver-kv-lr0.001-s42"]  # fmt: skip
+    assert [r.name for r in sweep[4:6]] == ["prompt-lr0.03-s42", "weaver-input-lr0.00033-s42"]  # fmt: skip
     chosen = {"prompt": 0.03, "weaver-input": 0.001, "weaver-kv": 0.003, "lora": 0.00033}
     extra = deep.seed_plan(table, chosen, seeds)
     assert [r.name for r in extra] == [
