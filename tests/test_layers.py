@@ -3,7 +3,7 @@
 Layers, lowest first; a module may import from its own layer and the layers below it:
 
     0  the package itself (``__version__``), errors, versions, console, atomic, config,
-       distributed: no memgen imports above this line
+       recipe, distributed: no memgen imports above this line
     1  models, data: the composition and the tasks
     2  generation, rendering, outputs, artifacts: running a model, showing what it wrote,
        writing files and reading them back
@@ -32,6 +32,7 @@ LAYERS = {
     "console": 0,
     "atomic": 0,
     "config": 0,
+    "recipe": 0,
     "distributed": 0,
     "models": 1,
     "data": 1,
