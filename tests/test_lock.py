@@ -67,7 +67,8 @@ def installed(name: str) -> str | None:
 def test_lock_pins_every_dependency_within_pyproject_ranges():
     pins = read_lock()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = project["dependencies"] + project["optional-dependencies"]["test"]
+    extras = project["optional-dependencies"]  # make setup installs every extra (test, agents)
+    wanted = project["dependencies"] + [spec for group in extras.values() for spec in group]
     for spec in map(Requirement, wanted):
         pin = pins.get(canonicalize_name(spec.name))
         assert pin is not None, f"{spec.name} is not pinned in {LOCK.name}; run `make lock`"
