@@ -51,6 +51,7 @@ from memgen_cli.models.memgen import ADAPTER, MemGenModel
 from memgen_cli.outputs import (
     BASELINE_FILES,
     MANIFEST,
+    RETRIEVAL_FILES,
     TRIGGER_FILE,
     WEAVER_FILES,
     atomic_dir,
@@ -68,7 +69,8 @@ def artifact_digest(path: str | Path) -> str:
     """sha256 over the artifact's tensors and manifest (its identity as a parent)."""
     path = Path(path)
     h = hashlib.sha256()
-    for name in (MANIFEST, *WEAVER_FILES, TRIGGER_FILE, *BASELINE_FILES):
+    retrieval = dict.fromkeys(name for files in RETRIEVAL_FILES.values() for name in files)
+    for name in (MANIFEST, *WEAVER_FILES, TRIGGER_FILE, *BASELINE_FILES, *retrieval):
         if (path / name).exists():
             h.update(name.encode())
             h.update((path / name).read_bytes())
@@ -184,13 +186,23 @@ def read_manifest(path: str | Path) -> dict:
             )
         sections = ("reasoner", BASELINE_SECTIONS[method], "tensors", "prompt")
         needed = list(BASELINE_FILES)
+    elif manifest.get("kind") == "retrieval":  # memgen baseline retrieval: retrieval/artifact.py
+        sections = ("reasoner", "retrieval", "prompt")
+        similarity = (manifest.get("retrieval") or {}).get("similarity")
+        if similarity not in RETRIEVAL_FILES:
+            raise MemgenError(
+                f'{file} is a retrieval artifact of similarity "{similarity}", which this memgen '
+                f"({__version__}) does not know (it reads {', '.join(RETRIEVAL_FILES)}). "
+                "Re-create it with `memgen baseline retrieval`."
+            )
+        needed = list(RETRIEVAL_FILES[similarity])
     else:
         sections = ("reasoner", "weaver_backbone", "memory", "tensors", "trigger")
         needed = list(WEAVER_FILES)
     for key in sections:
         if not isinstance(manifest.get(key), dict):
             raise MemgenError(f'{file} is missing the "{key}" section; the manifest is damaged.')
-    if manifest["kind"] != "baseline" and manifest["trigger"].get("trained"):
+    if manifest["kind"] not in ("baseline", "retrieval") and manifest["trigger"].get("trained"):
         needed.append(TRIGGER_FILE)
     missing = [name for name in needed if not (path / name).exists()]
     if missing:
@@ -291,8 +303,25 @@ def load_artifact(
 
 # ------------------------------------------------------------------------------- baseline
 def require_kind(manifest: dict, path: str | Path, wanted: str) -> None:
-    """Refuse a baseline where a weaver is needed (``wanted="weaver"``) and the other way round."""
+    """Refuse a baseline where a weaver is needed (``wanted="weaver"``) and the other way round,
+    and a retrieval artifact anywhere but where one is asked for (``wanted="retrieval"``)."""
     kind = manifest.get("kind", "weaver")
+    if kind == "retrieval" and wanted != "retrieval":
+        needs = {"weaver": "a weaver artifact from `memgen sft-weaver`"}.get(
+            wanted, "a LoRA baseline from `memgen baseline sft`"
+        )
+        raise MemgenError(
+            f"{path} is a retrieval artifact (kind retrieval, from `memgen baseline retrieval`), "
+            f"not {'a weaver' if wanted == 'weaver' else 'a LoRA baseline'}: it holds solved "
+            "problems, no weights to train and no memory to weave. `memgen eval --artifact` and "
+            "`memgen generate --artifact` answer with its examples in the prompt (beside a "
+            f"weaver: `--retrieval`); this command needs {needs}."
+        )
+    if wanted == "retrieval" and kind != "retrieval":
+        raise MemgenError(
+            f"{path} is a {kind} artifact, not a retrieval artifact: --retrieval takes a store "
+            "made by `memgen baseline retrieval`. Give the weaver with --artifact."
+        )
     if wanted == "weaver" and kind == "baseline":
         name = BASELINE_NAMES.get(manifest.get("method", "lora"), "PEFT")
         raise MemgenError(

@@ -28,6 +28,19 @@ WEAVER_FILES = (
 )
 TRIGGER_FILE = "trigger.safetensors"
 BASELINE_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# A retrieval artifact's files, by its similarity (``retrieval/artifact.py`` describes them);
+# bm25's are the index files bm25s writes.
+BM25_FILES = (
+    "params.index.json",
+    "vocab.index.json",
+    "data.csc.index.npy",
+    "indices.csc.index.npy",
+    "indptr.csc.index.npy",
+)
+RETRIEVAL_FILES = {
+    "embed": ("store.jsonl", "index.faiss", "embeddings.safetensors"),
+    "bm25": ("store.jsonl", *(f"bm25/{name}" for name in BM25_FILES)),
+}
 
 # ------------------------------------------------------------------------------ the guard
 OUTPUT_MARKER = "memgen-output.json"
@@ -35,6 +48,7 @@ OUTPUT_MARKER = "memgen-output.json"
 ARTIFACT_ENTRIES = frozenset(
     {MANIFEST, TRIGGER_FILE, "recipe.yaml", "metrics.jsonl", "completions", *BASELINE_FILES}
     | {name.split("/")[0] for name in WEAVER_FILES}
+    | {name.split("/")[0] for files in RETRIEVAL_FILES.values() for name in files}
 )
 OUTPUTS = {  # kind -> what it is called in messages
     "artifact": "memgen artifact",

@@ -5,8 +5,8 @@ Layers, lowest first; a module may import from its own layer and the layers belo
     0  the package itself (``__version__``), errors, versions, console, atomic, config,
        recipe, distributed: no memgen imports above this line
     1  models, data: the composition and the tasks
-    2  generation, rendering, outputs, artifacts: running a model, showing what it wrote,
-       writing files and reading them back
+    2  generation, rendering, outputs, artifacts, retrieval: running a model, showing what it
+       wrote, writing files and reading them back (retrieval: the experience store)
     3  training, inspection, evaluation: the library code of the stages
     4  stages: one module per command, ``run(opts)``
     5  commands: the Typer layer, options in, a stage called
@@ -40,6 +40,7 @@ LAYERS = {
     "rendering": 2,
     "outputs": 2,
     "artifacts": 2,
+    "retrieval": 2,
     "training": 3,
     "inspection": 3,
     "evaluation": 3,

@@ -1,5 +1,6 @@
-"""`memgen baseline sft|grpo`: the baselines a weaver is compared with (a command group): LoRA,
-or for sft also prompt or prefix tuning."""
+"""`memgen baseline sft|grpo|retrieval`: the baselines a weaver is compared with (a command
+group): LoRA, or for sft also prompt or prefix tuning; and experience retrieval
+(``commands/retrieval.py``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import typer
 
 from memgen_cli.commands import options as o
+from memgen_cli.commands import retrieval
 from memgen_cli.commands.grpo_weaver import DATA_HELP as GRPO_DATA_HELP
 from memgen_cli.commands.sft_weaver import DATA_HELP
 from memgen_cli.stages import baseline as sft_stage
@@ -103,3 +105,6 @@ def grpo(
     `baseline sft`, or the --init baseline's adapter is trained further. The artifact is a PEFT
     adapter directory, evaluated by `memgen eval --artifact` like a LoRA-SFT one."""
     o.train(grpo_stage, **locals())
+
+
+app.command("retrieval", short_help=retrieval.SHORT_HELP)(retrieval.command)
