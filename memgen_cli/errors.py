@@ -21,3 +21,12 @@ def did_you_mean(name: str, choices) -> str:
     """
     close = difflib.get_close_matches(name, list(choices), n=1)
     return f' Did you mean "{close[0]}"?' if close else ""
+
+
+def require(checks, prefix: str = "") -> None:
+    """Raise the first failed check as a MemgenError: ``checks`` are (ok, message) pairs, each
+    message without its final period, ``prefix`` (a section, ``"memory."``) before it:
+    ``require([(t.beta >= 0, "training.beta must be >= 0")])``."""
+    for ok, message in checks:
+        if not ok:
+            raise MemgenError(f"{prefix}{message}.")

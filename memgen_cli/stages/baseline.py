@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Unpack
 
 import datasets
 import torch
 import trl
 from peft import LoraConfig, PeftModel
-from rich.console import Console
 from rich.table import Table
 
 from memgen_cli.artifacts import BASELINE_NAMES, BASELINE_SECTIONS, save_baseline
@@ -53,7 +53,7 @@ from memgen_cli.models.weaver import Weaver
 from memgen_cli.stages import frame
 from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
 from memgen_cli.stages.frame import checkpoint_dir as checkpoint_dir
-from memgen_cli.training.sft_data import tokenize_samples
+from memgen_cli.training.sft_data import encode_splits, tokenize_samples
 from memgen_cli.training.sft_run import (
     load_examples,
     trainer_arguments,
@@ -216,6 +216,21 @@ def closest_multiple(unit: int, budget: int) -> int:
     return max(1, round(budget / unit))
 
 
+def measure_budget(model, weaver_count: int) -> dict:
+    """The budget a baseline records: its trainable parameters (``model``: as its Trainer
+    holds it, the adapter attached) and the weaver's it is matched with."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable_params": trainable, "weaver_trainable_params": weaver_count}
+
+
+def budget_text(budget: dict) -> str:
+    """The budget as the run's first line says it."""
+    return (
+        f"{budget['trainable_params']:,} trainable parameters (the weaver: "
+        f"{budget['weaver_trainable_params']:,})"
+    )
+
+
 def off_budget(trainable: int, weaver: int, matched: bool = True) -> str | None:
     """A warning when ``trainable`` is outside ±TOLERANCE of the weaver's count, else None;
     ``matched``: the count was matched to the weaver's (else the recipe set it)."""
@@ -337,30 +352,20 @@ def heldout_loss(model, pairs: list[tuple[list[int], int]], pad_id: int, batch: 
 
 # ------------------------------------------------------------------------------- run
 def run(
-    cfg: BaselineConfig,
-    resume: str | None = None,
-    console: Console | None = None,
-    callbacks: list | None = None,
-    overwrite: bool = False,
+    cfg: BaselineConfig, resume: str | None = None, **options: Unpack[frame.RunOptions]
 ) -> Path:
     """Train the baseline and write the artifact to ``cfg.output``; returns its path."""
     # 1. validate
-    run = frame.Run.start("baseline sft", cfg, resume, validate(cfg, resume), overwrite, console)
+    run = frame.Run.start("baseline sft", cfg, resume, validate(cfg, resume), **options)
     task, train_examples, held_examples, data_seed = load_examples(cfg)
 
     # 2. build
     d, t = cfg.data, cfg.training
     base = run.load_base()
     tok = base.tokenizer
-    train, dropped = tokenize_samples(tok, train_examples, d.prompt_suffix, d.system, d.max_length)
-    held, held_dropped = tokenize_samples(
-        tok, held_examples, d.prompt_suffix, d.system, d.max_length
+    train, dropped, held, held_dropped = encode_splits(
+        tokenize_samples, tok, train_examples, held_examples, d
     )
-    if not train:
-        raise MemgenError(
-            f"All {dropped} training samples are longer than data.max_length={d.max_length} "
-            "tokens; raise it with --set data.max_length=N."
-        )
     if cfg.method == "lora":
         settings, peft_config, weaver_count = lora_settings(base, cfg.lora, cfg.memory)
         model = base.model
@@ -387,17 +392,16 @@ def run(
         train_dataset=as_dataset(train),
         processing_class=tok,
         peft_config=peft_config,
-        callbacks=run.callbacks(RichProgress, args, *(callbacks or [])),
+        callbacks=run.callbacks(RichProgress, args),
     )
     model = trainer.model
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    budget = measure_budget(model, weaver_count)
     run.header(
-        f"{describe(cfg.method, settings)}, {trainable:,} trainable parameters (the weaver: "
-        f"{weaver_count:,}); {len(train)} samples from {task.name} ({dropped} dropped as "
-        f"longer than {d.max_length} tokens)"
+        f"{describe(cfg.method, settings)}, {budget_text(budget)}; {len(train)} samples from "
+        f"{task.name} ({dropped} dropped as longer than {d.max_length} tokens)"
     )
     matched = "set" not in (settings.get("rank_rule"), settings.get("tokens_rule"))
-    if warning := off_budget(trainable, weaver_count, matched):
+    if warning := off_budget(budget["trainable_params"], weaver_count, matched):
         run.say(f"[yellow]warning:[/] {warning}")
 
     # 3. loop
@@ -421,7 +425,6 @@ def run(
             **frame.loss_fields(trainer.state.log_history),
             **run.trainer_fields(trainer),
         }
-        budget = {"trainable_params": trainable, "weaver_trainable_params": weaver_count}
         section = {BASELINE_SECTIONS[cfg.method]: settings}
         out = run.save(save_baseline, model, base, summary, **section, budget=budget)
         run.console.print(summary_table(summary, cfg.method, settings, budget, out))

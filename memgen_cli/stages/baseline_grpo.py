@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Unpack
 
 import datasets
 import torch
 import trl
-from rich.console import Console
 from rich.table import Table
 
 from memgen_cli.artifacts import BASELINE_NAMES, load_baseline, read_manifest, save_baseline
@@ -45,8 +45,10 @@ from memgen_cli.stages import frame
 from memgen_cli.stages.baseline import (
     WEAVER_ONLY,
     beside_weaver,
+    budget_text,
     lora_rows,
     lora_settings,
+    measure_budget,
     validate_lora,
     weaver_trainable_params,
 )
@@ -153,16 +155,12 @@ def heldout_accuracy(model, tok, examples, reward, cfg: BaselineGRPOConfig) -> f
 
 # ------------------------------------------------------------------------------- run
 def run(
-    cfg: BaselineGRPOConfig,
-    resume: str | None = None,
-    console: Console | None = None,
-    callbacks: list | None = None,
-    overwrite: bool = False,
+    cfg: BaselineGRPOConfig, resume: str | None = None, **options: Unpack[frame.RunOptions]
 ) -> Path:
     """Train the LoRA baseline by GRPO and write the artifact to ``cfg.output``; returns it."""
     # 1. validate
     resume_from, init = validate(cfg, resume)
-    run = frame.Run.start("baseline grpo", cfg, resume, resume_from, overwrite, console)
+    run = frame.Run.start("baseline grpo", cfg, resume, resume_from, **options)
     task, train, held, data_seed = sft_run.load_examples(cfg)
 
     # 2. build
@@ -205,14 +203,14 @@ def run(
         train_dataset=datasets.Dataset.from_list(prompts),
         processing_class=tok,
         peft_config=peft_config,
-        callbacks=run.callbacks(GRPOProgress, args, *(callbacks or [])),
+        callbacks=run.callbacks(GRPOProgress, args),
     )
     model = trainer.model
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    budget = measure_budget(model, weaver_count)
     run.header(
         f"LoRA r {lora['r']} on {', '.join(lora['targets'])}"
         + (f" from {cfg.init}" if cfg.init else "")
-        + f", {trainable:,} trainable parameters (the weaver: {weaver_count:,}); "
+        + f", {budget_text(budget)}; "
         f"{len(train)} prompts from {task.name}, G={t.num_generations}, rewards "
         f"{', '.join(rl.reward_name(f) for f in funcs)}"
     )
@@ -233,16 +231,12 @@ def run(
             "samples": len(train),  # prompts: what `memgen eval` counts as drawn
             "heldout_samples": len(held),
             "heldout_accuracy": {k: round(v, 4) for k, v in acc.items()},
-            "rewards": [rl.reward_name(f) for f in funcs],
-            "reward_weights": weights,
-            "num_generations": t.num_generations,
-            "loss_type": t.loss_type,
+            **frame.grpo_fields(funcs, weights, t),
             "beta": t.beta,
             "init": cfg.init,
             **frame.first_and_final(trainer.state.log_history, "reward"),
             **run.trainer_fields(trainer),
         }
-        budget = {"trainable_params": trainable, "weaver_trainable_params": weaver_count}
         out = run.save(
             save_baseline, model, base, summary, lora=lora, budget=budget, parent=cfg.init
         )

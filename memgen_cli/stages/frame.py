@@ -7,7 +7,8 @@ What the frame does, in the order a stage meets it:
 1. config: ``resolve_config`` reads the recipe, then ``--set``, then the command's flags (which
    win); ``resume_point`` gives the checkpoint to resume from (``sft_run``'s one rule);
 2. ``Run.start``: the output guard (``artifacts.check_output``: an existing ``--output`` is
-   replaced only with ``--overwrite`` or ``--resume``), before any model loads;
+   replaced only with ``--overwrite`` or ``--resume``), before any model loads; a stage's
+   ``run(cfg, resume, **options)`` hands it ``RunOptions`` (console, callbacks, overwrite);
 3. build: ``Run.load_base`` (seeded first), ``Run.header`` (the run's first line, "resuming
    from", "no checkpoint"), ``Run.begin`` (the checkpoint folder and what a resume reads back),
    ``Run.callbacks`` (progress line, ``metrics.jsonl``, Ctrl-C, resume-proof logging);
@@ -18,7 +19,8 @@ What the frame does, in the order a stage meets it:
    wait for the main one's artifact), and the summary table's rows (``table``, ``trainer_rows``).
 
 The RL stages also share ``reward_functions`` (the task's grader and the ``--reward``
-plug-ins, weighted) and ``heldout_accuracy`` (held-out problems scored as ``memgen eval`` does).
+plug-ins, weighted), ``grpo_fields`` (what the GRPO stages' summaries record of them) and
+``heldout_accuracy`` (held-out problems scored as ``memgen eval`` does).
 
 Layout: the artifact goes to ``cfg.output``; while a run is unfinished its checkpoints,
 ``recipe.yaml``, ``run.json``, ``metrics.jsonl`` and ``completions/`` live beside it in
@@ -32,7 +34,7 @@ import dataclasses
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from rich.console import Console
@@ -120,6 +122,20 @@ def resume_point(
 
 
 # ------------------------------------------------------------------------------- run
+class RunOptions(TypedDict, total=False):
+    """How a training stage's ``run(cfg, resume, **options)`` runs, the same for every stage
+    (``resume``, which its validation reads, comes before them)."""
+
+    console: Console | None
+    """Where the header, progress line and summary print (default: a new console)."""
+    callbacks: list | None
+    """The caller's callbacks (tests, notebooks), after the stage's own: a Trainer's, or for
+    train-trigger functions ``f(step, metrics)`` called after each step."""
+    overwrite: bool
+    """Replace an artifact already at ``cfg.output`` (a ``resume`` consents too); anything else
+    there is refused before any model is loaded."""
+
+
 @dataclasses.dataclass
 class Run:
     """One training run of a stage: where it writes, where it resumes from, who prints."""
@@ -129,6 +145,7 @@ class Run:
     resume: str | None  # --resume as given
     resume_from: Path | None  # the checkpoint it continues from; None: a fresh start
     console: Console
+    extra: list = dataclasses.field(default_factory=list)  # the caller's callbacks
     main: bool = dataclasses.field(default_factory=lambda: distributed.info().is_main)
     stop: StopOnSignal = dataclasses.field(default_factory=StopOnSignal)  # Ctrl-C -> checkpoint
     clock: Throughput | None = None  # samples/s, set by ``callbacks``
@@ -141,14 +158,16 @@ class Run:
         cfg,
         resume: str | None,
         resume_from: Path | None,
-        overwrite: bool,
+        overwrite: bool = False,
         console: Console | None = None,
+        callbacks: list | None = None,
     ) -> Run:
-        """The run of a validated ``cfg``. An artifact already at ``cfg.output`` is replaced
-        only with ``overwrite`` or a ``resume``; anything else there is refused now, before any
-        model is loaded."""
+        """The run of a validated ``cfg`` (``RunOptions``: ``overwrite``, ``console``,
+        ``callbacks``). An artifact already at ``cfg.output`` is replaced only with
+        ``overwrite`` or a ``resume``; anything else there is refused now, before any model is
+        loaded."""
         check_output(cfg.output, kind="artifact", overwrite=overwrite or resume is not None)
-        return cls(name, cfg, resume, resume_from, console or make_console())
+        return cls(name, cfg, resume, resume_from, console or make_console(), list(callbacks or []))
 
     @property
     def ckpts(self) -> Path:
@@ -196,15 +215,16 @@ class Run:
             return start
         return sft_run.begin_checkpoints(self.ckpts, self.cfg, self.resume_from, start)
 
-    def callbacks(self, progress, args, *extra) -> list:
+    def callbacks(self, progress, args, *own) -> list:
         """A Trainer's callbacks: ``progress`` (a ``RichProgress`` class) draws the progress
-        line, then ``metrics.jsonl``, Ctrl-C, resume-proof logging, and ``extra`` (the stage's
-        own, then the caller's). ``args``: the Trainer's arguments (their world size)."""
+        line, then ``metrics.jsonl``, Ctrl-C, resume-proof logging, the stage's ``own``, and
+        the caller's (``RunOptions.callbacks``). ``args``: the Trainer's arguments (their world
+        size)."""
         t = self.cfg.training
         self.clock = Throughput(t.batch_size * t.grad_accumulation * args.world_size)
         log = MetricsLog(self.ckpts / "metrics.jsonl", self.clock)
         line = progress(self.clock, self.console)
-        return [line, log, self.stop, sft_run.ResumedIntervals(), *extra]
+        return [line, log, self.stop, sft_run.ResumedIntervals(), *own, *self.extra]
 
     # ---------------------------------------------------------------------------- loop
     def fit(self, trainer) -> None:
@@ -306,6 +326,17 @@ def reward_functions(task_reward, r) -> tuple[list, list[float]]:
     graders = [task_reward] if r.task_weight > 0 else []
     plugins = [rl.load_reward(spec) for spec in r.functions]
     return graders + plugins, [r.task_weight] * len(graders) + (r.weights or [1.0] * len(plugins))
+
+
+def grpo_fields(funcs: list, weights: list[float], t) -> dict:
+    """A GRPO run's summary fields: what it was rewarded by (``reward_functions``), G and the
+    loss (``t``: its ``GRPOTrainingConfig``)."""
+    return {
+        "rewards": [rl.reward_name(f) for f in funcs],
+        "reward_weights": weights,
+        "num_generations": t.num_generations,
+        "loss_type": t.loss_type,
+    }
 
 
 def heldout_accuracy(examples: list[Example], reward, prompt, answer, batch: int = 8) -> float:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Unpack
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from transformers import TrainingArguments
 
@@ -102,16 +102,10 @@ def heldout_accuracy(model, examples, reward, settings: GRPOSettings, memory) ->
 
 
 # ------------------------------------------------------------------------------- run
-def run(
-    cfg: GRPOConfig,
-    resume: str | None = None,
-    console: Console | None = None,
-    callbacks: list | None = None,
-    overwrite: bool = False,
-) -> Path:
+def run(cfg: GRPOConfig, resume: str | None = None, **options: Unpack[frame.RunOptions]) -> Path:
     """Train the weaver with GRPO and write the artifact to ``cfg.output``; returns its path."""
     # 1. validate
-    run = frame.Run.start("grpo-weaver", cfg, resume, validate(cfg, resume), overwrite, console)
+    run = frame.Run.start("grpo-weaver", cfg, resume, validate(cfg, resume), **options)
     task, train, held, data_seed = sft_run.load_examples(cfg)
 
     # 2. build
@@ -159,7 +153,7 @@ def run(
         args=args,
         train_dataset=[{"index": i} for i in range(len(train))],
         data_collator=collate_indices,
-        callbacks=run.callbacks(GRPOProgress, args, *(callbacks or [])),
+        callbacks=run.callbacks(GRPOProgress, args),
     )
 
     # 3. loop
@@ -176,10 +170,7 @@ def run(
             "prompts": len(train),
             "heldout_samples": len(held),
             "heldout_accuracy": {k: round(v, 4) for k, v in acc.items()},
-            "rewards": [rl.reward_name(f) for f in funcs],
-            "reward_weights": weights,
-            "num_generations": t.num_generations,
-            "loss_type": t.loss_type,
+            **frame.grpo_fields(funcs, weights, t),
             **frame.first_and_final(trainer.state.log_history, "reward"),
             **run.trainer_fields(trainer),
         }

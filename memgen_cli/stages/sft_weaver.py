@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Unpack
 
 import torch
 import torch.distributed as dist
-from rich.console import Console
 from rich.table import Table
 from transformers import Trainer, TrainingArguments
 
@@ -42,7 +42,13 @@ from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.stages import frame
 from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
 from memgen_cli.stages.frame import checkpoint_dir as checkpoint_dir
-from memgen_cli.training.sft_data import SCHEDULES, SFTCollator, encode_examples, heldout_loss
+from memgen_cli.training.sft_data import (
+    SCHEDULES,
+    SFTCollator,
+    encode_examples,
+    encode_splits,
+    heldout_loss,
+)
 from memgen_cli.training.sft_run import (
     load_examples,
     trainer_arguments,
@@ -87,16 +93,10 @@ def training_args(cfg: SFTConfig, ckpts: Path, device: torch.device) -> Training
     )
 
 
-def run(
-    cfg: SFTConfig,
-    resume: str | None = None,
-    console: Console | None = None,
-    callbacks: list | None = None,
-    overwrite: bool = False,
-) -> Path:
+def run(cfg: SFTConfig, resume: str | None = None, **options: Unpack[frame.RunOptions]) -> Path:
     """Train the weaver and write the artifact to ``cfg.output``; returns its path."""
     # 1. validate
-    run = frame.Run.start("sft-weaver", cfg, resume, validate(cfg, resume), overwrite, console)
+    run = frame.Run.start("sft-weaver", cfg, resume, validate(cfg, resume), **options)
     task, train_examples, held_examples, data_seed = load_examples(cfg)
 
     # 2. build
@@ -104,15 +104,9 @@ def run(
     model = MemGenModel(base.model, base.tokenizer, cfg.memory)
     model.set_trainable(weaver=True, trigger=False)
     d, t = cfg.data, cfg.training
-    train, dropped = encode_examples(model, train_examples, d.prompt_suffix, d.system, d.max_length)
-    held, held_dropped = encode_examples(
-        model, held_examples, d.prompt_suffix, d.system, d.max_length
+    train, dropped, held, held_dropped = encode_splits(
+        encode_examples, model, train_examples, held_examples, d
     )
-    if not train:
-        raise MemgenError(
-            f"All {dropped} training samples are longer than data.max_length={d.max_length} "
-            "tokens; raise it with --set data.max_length=N."
-        )
     cap = cfg.memory.max_inference_insertions
     pad = base.tokenizer.pad_token_id
     collate = SFTCollator(pad, t.schedule, cap, t.prompt_insertion, t.seed)
@@ -134,7 +128,7 @@ def run(
         args=args,
         train_dataset=[dataclasses.asdict(e) for e in train],  # dicts: the sampler reads input_ids
         data_collator=collate,
-        callbacks=run.callbacks(RichProgress, args, SetEpoch(collate), *(callbacks or [])),
+        callbacks=run.callbacks(RichProgress, args, SetEpoch(collate)),
     )
 
     # 3. loop

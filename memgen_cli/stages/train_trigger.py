@@ -25,9 +25,9 @@ import json
 import shutil
 import signal
 from pathlib import Path
+from typing import Unpack
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
@@ -43,7 +43,7 @@ from memgen_cli.artifacts import (
 )
 from memgen_cli.config import GenerationConfig, TriggerConfig
 from memgen_cli.data import Example, get_task, to_messages
-from memgen_cli.errors import MemgenError
+from memgen_cli.errors import MemgenError, require
 from memgen_cli.stages import frame
 from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
 from memgen_cli.stages.frame import checkpoint_dir as checkpoint_dir
@@ -112,17 +112,9 @@ def validate(
         (tr.entropy_coef >= 0, "trigger.entropy_coef must be >= 0"),
         (d.size is None or d.size >= 1, "data.size must be >= 1 (or null for a third)"),
         (d.heldout >= 0, "data.heldout must be >= 0"),
-        (
-            not r.weights or len(r.weights) == len(r.functions),
-            "reward.weights needs one value per reward function (or none)",
-        ),
-        (r.task_weight > 0 or r.functions, "reward.task_weight is 0 and no --reward is given"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise MemgenError(message + ".")
-    for spec in r.functions:
-        rl.load_reward(spec)
+    require(checks)
+    rl.check_rewards(r)
     manifest = read_manifest(cfg.artifact)
     require_kind(manifest, cfg.artifact, "weaver")
     if not manifest.get("tensors", {}).get("weaver"):
@@ -226,13 +218,7 @@ class _CtrlC:
 
 
 # ------------------------------------------------------------------------------- run
-def run(
-    cfg: TriggerConfig,
-    resume: str | None = None,
-    console: Console | None = None,
-    callbacks: list | None = None,
-    overwrite: bool = False,
-) -> Path:
+def run(cfg: TriggerConfig, resume: str | None = None, **options: Unpack[frame.RunOptions]) -> Path:
     """Train the trigger of ``cfg.artifact`` and write the new artifact; returns its path.
 
     ``callbacks``: functions ``f(step, metrics)`` called after each step (tests, notebooks),
@@ -242,15 +228,15 @@ def run(
     """
     dist = distributed.init()  # gloo: the collectives move small CPU tensors
     try:
-        return _run(cfg, resume, console, callbacks or [], dist, overwrite)
+        return _run(cfg, resume, dist, **options)
     finally:
         distributed.finish()
 
 
-def _run(cfg: TriggerConfig, resume, console: Console | None, callbacks: list, dist, overwrite):
+def _run(cfg: TriggerConfig, resume: str | None, dist, **options: Unpack[frame.RunOptions]):
     # 1. validate
     manifest, resume_from = validate(cfg, resume, dist.world_size)
-    run = frame.Run.start("train-trigger", cfg, resume, resume_from, overwrite, console)
+    run = frame.Run.start("train-trigger", cfg, resume, resume_from, **options)
     t, d, tr = cfg.training, cfg.data, cfg.trigger
     task, train, held, excluded = select_examples(cfg, manifest)
 
@@ -316,7 +302,7 @@ def _run(cfg: TriggerConfig, resume, console: Console | None, callbacks: list, d
                 parts = distributed.gather_to_main(shown)
                 if run.main:
                     write_rows(ckpts / "completions" / f"step_{step + 1:05d}.jsonl", parts)
-            for cb in callbacks:
+            for cb in run.extra:
                 cb(step + 1, m)
             if stop.anywhere():
                 if run.main:

@@ -43,7 +43,7 @@ import torch
 from memgen_cli.data.base import Example, Task
 from memgen_cli.data.graders import completion_text
 from memgen_cli.data.gym import GraderErrors, grade_checked
-from memgen_cli.errors import MemgenError
+from memgen_cli.errors import MemgenError, require
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -343,15 +343,23 @@ def check_settings(t, r) -> None:
         (t.epsilon_high is None or t.epsilon_high > 0, "training.epsilon_high must be > 0"),
         (t.num_iterations >= 1, "training.num_iterations must be >= 1"),
         (t.beta >= 0, "training.beta must be >= 0"),
-        (
-            not r.weights or len(r.weights) == len(r.functions),
-            f"reward.weights has {len(r.weights)} values for {len(r.functions)} reward "
-            "functions; give one --reward-weight per --reward (or none)",
-        ),
-        (r.task_weight > 0 or r.functions, "reward.task_weight is 0 and no --reward is given"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise MemgenError(message + ".")
+    require(checks)
+    check_rewards(r)
+
+
+def check_rewards(r) -> None:
+    """Check a ``RewardConfig`` (every RL stage's): one weight per reward function, something
+    to reward, and reward plug-ins that import (now, not after the model has loaded)."""
+    require(
+        [
+            (
+                not r.weights or len(r.weights) == len(r.functions),
+                f"reward.weights has {len(r.weights)} values for {len(r.functions)} reward "
+                "functions; give one --reward-weight per --reward (or none)",
+            ),
+            (r.task_weight > 0 or r.functions, "reward.task_weight is 0 and no --reward is given"),
+        ]
+    )
     for spec in r.functions:
-        load_reward(spec)  # fails now, not after the model has loaded
+        load_reward(spec)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from memgen_cli.data import Example, to_messages
+from memgen_cli.errors import MemgenError
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.models.training import (
     IGNORE,
@@ -100,6 +101,22 @@ def tokenize_samples(
             continue
         kept.append((ids, len(p)))
     return kept, dropped
+
+
+def encode_splits(encode, source, train: list[Example], held: list[Example], data):
+    """The training and the held-out samples, each with how many were longer than
+    ``data.max_length`` (dropped): ``encode`` is ``encode_examples`` (``source``: the model) or
+    ``tokenize_samples`` (the tokenizer). None left to train on is an error that says how to fix
+    it."""
+    prompt = (data.prompt_suffix, data.system, data.max_length)
+    samples, dropped = encode(source, train, *prompt)
+    held_samples, held_dropped = encode(source, held, *prompt)
+    if not samples:
+        raise MemgenError(
+            f"All {dropped} training samples are longer than data.max_length={data.max_length} "
+            "tokens; raise it with --set data.max_length=N."
+        )
+    return samples, dropped, held_samples, held_dropped
 
 
 class SFTCollator:

@@ -39,7 +39,7 @@ from memgen_cli.config import (
     dump_yaml,
 )
 from memgen_cli.data import Example, Task, get_task
-from memgen_cli.errors import MemgenError
+from memgen_cli.errors import MemgenError, require
 from memgen_cli.models.weaver import INITS, INJECTS
 
 REPORTERS = ("none", "tensorboard", "wandb")
@@ -117,9 +117,7 @@ def validate_training(t: SFTTrainingConfig | GRPOTrainingConfig, d: DataConfig) 
         (d.size is None or d.size >= 1, "data.size must be >= 1 (or null for all)"),
         (d.heldout >= 0, "data.heldout must be >= 0"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise MemgenError(message + ".")
+    require(checks)
 
 
 def validate_memory(m: MemoryConfig) -> None:
@@ -139,9 +137,7 @@ def validate_memory(m: MemoryConfig) -> None:
         (m.trigger_hidden >= 1, "trigger_hidden must be >= 1"),
         (0 <= m.trigger_threshold <= 1, "trigger_threshold must be in [0, 1]"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise MemgenError(f"memory.{message}.")
+    require(checks, "memory.")
 
 
 # ----------------------------------------------------------------------------- resume
