@@ -89,6 +89,35 @@ class Stream:
     def chunk(self, i: int) -> range:
         return range(self.chunk_starts[i], self.chunk_starts[i] + self.ks[i])
 
+    def mask_and_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole stream's attention mask (all ones) and positions 0..S-1, (1, S) each."""
+        size, device = self.embeds.shape[1], self.embeds.device
+        ones = torch.ones(1, size, dtype=torch.long, device=device)
+        return ones, torch.arange(size, device=device)[None]
+
+
+def over_stream(decoder, stream: Stream, mask=None, embeds=None, **kwargs):
+    """``decoder`` (a model's ``get_decoder()``) over the whole stream at positions 0..S-1:
+    ``embeds`` (default: the stream's own) under ``mask`` (default: all ones); ``kwargs`` go
+    to it."""
+    ones, positions = stream.mask_and_positions()
+    return decoder(
+        inputs_embeds=stream.embeds if embeds is None else embeds,
+        attention_mask=ones if mask is None else mask,
+        position_ids=positions,
+        **kwargs,
+    )
+
+
+def head_mean_attention(out) -> torch.Tensor:
+    """(layers, S, S): the attention weights of a pass with ``output_attentions``, averaged
+    over heads (fused kernels return none: the caller provides eager attention)."""
+    if not out.attentions:
+        raise RuntimeError(
+            "the reasoner returned no attention weights; eager attention is required"
+        )
+    return torch.stack([a[0].float().mean(0) for a in out.attentions]).cpu()
+
 
 def build_stream(
     model: MemGenModel, prompt_ids: list[int], tokens: list[int], eos: int | None, insertions
@@ -124,18 +153,10 @@ def without(stream: Stream, model: MemGenModel, index: int) -> Stream:
     )
 
 
-def _positions(stream: Stream) -> tuple[torch.Tensor, torch.Tensor]:
-    size = stream.embeds.shape[1]
-    device = stream.embeds.device
-    return torch.ones(1, size, dtype=torch.long, device=device), torch.arange(size, device=device)[
-        None
-    ]
-
-
 @torch.no_grad()
 def continuation_logprobs(model: MemGenModel, stream: Stream) -> torch.Tensor:
     """Teacher-forced log-probability of every continuation token (EOS included): (n,)."""
-    mask, positions = _positions(stream)
+    mask, positions = stream.mask_and_positions()
     hidden = model.reasoner_hidden(stream.embeds, mask, positions)[0]
     pred = prediction_positions(stream.token_pos[None], [stream.points], [stream.ks])[0]
     rows = pred[stream.prompt_len - 1 : len(stream.ids) - 1].to(hidden.device)
@@ -197,21 +218,12 @@ class DeepPass:
 @torch.no_grad()
 def deep_pass(model: MemGenModel, stream: Stream, layers: bool = False) -> DeepPass:
     """One reasoner pass over the stream returning attention weights (needs eager attention)."""
-    mask, positions = _positions(stream)
     model._set_adapter(False)  # the reasoner, never the weaver
-    out = model.reasoner.get_decoder()(
-        inputs_embeds=stream.embeds,
-        attention_mask=mask,
-        position_ids=positions,
-        output_attentions=True,
-        output_hidden_states=layers,
-        use_cache=False,
+    decoder = model.reasoner.get_decoder()
+    out = over_stream(
+        decoder, stream, output_attentions=True, output_hidden_states=layers, use_cache=False
     )
-    if not out.attentions:
-        raise RuntimeError(
-            "the reasoner returned no attention weights; eager attention is required"
-        )
-    attention = torch.stack([a[0].float().mean(0) for a in out.attentions]).cpu()
+    attention = head_mean_attention(out)
     per_layer = None
     if layers:
         # hidden_states = (embeddings, layer 1, ..., layer L); the last entry is already normed.

@@ -24,7 +24,14 @@ import torch
 from transformers import DynamicCache
 
 from memgen_cli.generation import Insertion
-from memgen_cli.inspection.probe import Stream, attention_mass, build_stream, eager_attention
+from memgen_cli.inspection.probe import (
+    Stream,
+    attention_mass,
+    build_stream,
+    eager_attention,
+    head_mean_attention,
+    over_stream,
+)
 from memgen_cli.models.kv import slot_cache
 from memgen_cli.models.memgen import MemGenModel
 
@@ -52,28 +59,17 @@ def slot_stream(
     return build_stream(model, prompt_ids, tokens, eos, queries)
 
 
-def _mask_positions(stream: Stream) -> tuple[torch.Tensor, torch.Tensor]:
-    size, device = stream.embeds.shape[1], stream.embeds.device
-    ones = torch.ones(1, size, dtype=torch.long, device=device)
-    return ones, torch.arange(size, device=device)[None]
-
-
 @torch.no_grad()
 def weave(model: MemGenModel, stream: Stream) -> SlotMemory:
     """The weaver (adapter on) over the whole stream: its keys and values at every column."""
-    mask, positions = _mask_positions(stream)
-    slots = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+    slots = torch.zeros(stream.embeds.shape[:2], dtype=torch.bool, device=stream.embeds.device)
     for i in range(len(stream.insertions)):
         chunk = stream.chunk(i)
         slots[0, chunk.start : chunk.stop] = True
     cache = DynamicCache(config=model.weaver_lm.config)
     with model.weaver_adapter():
-        out = model.weaver_lm.get_decoder()(
-            inputs_embeds=stream.embeds,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
+        out = over_stream(
+            model.weaver_lm.get_decoder(), stream, past_key_values=cache, use_cache=True
         )
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
@@ -103,7 +99,7 @@ def read(
     ``attention``: also return the weights (the caller provides eager attention).
     """
     stream = memory.stream
-    mask, positions = _mask_positions(stream)
+    mask, _ = stream.mask_and_positions()
     values = memory.values
     if drop is not None:
         chunk = stream.chunk(drop)
@@ -117,19 +113,16 @@ def read(
     embeds = torch.where(memory.slots[..., None], 0.0, stream.embeds)
     cache = slot_cache(model.reasoner.config, memory.keys, values, memory.slots)
     model._set_adapter(False)  # the reasoner, never the weaver
-    out = model.reasoner.get_decoder()(
-        inputs_embeds=embeds,
-        attention_mask=mask,
-        position_ids=positions,
+    out = over_stream(
+        model.reasoner.get_decoder(),
+        stream,
+        mask,
+        embeds,
         past_key_values=cache,
         use_cache=True,
         output_attentions=attention,
     )
-    weights = None
-    if attention:
-        if not out.attentions:
-            raise RuntimeError("the reasoner returned no attention weights; eager is required")
-        weights = torch.stack([a[0].float().mean(0) for a in out.attentions]).cpu()
+    weights = head_mean_attention(out) if attention else None
     return Reading(out.last_hidden_state[0], weights, cache)
 
 
