@@ -14,18 +14,20 @@ from memgen_cli.errors import MemgenError
 from memgen_cli.evaluation.plan import parse_task_options
 from memgen_cli.stages.frame import TrainingInterrupted
 
-Base = Annotated[
-    str | None,
-    typer.Option(
-        "--base",
-        help="Reasoner: a hub id, a local model directory, or the embedded alias smollm2-135m "
-        "(default; with --artifact, the base recorded in the artifact).",
-    ),
-]
-Artifact = Annotated[
-    Path | None,
-    typer.Option("--artifact", help="A memgen artifact directory (trained weaver/trigger)."),
-]
+
+def option(kind, name: str, help: str):
+    """An option with no default under ``name``, of type ``kind`` (a command's own wording of
+    a shared flag: ``option(Path, "--recipe", "Recipe YAML (an SFTConfig).")``)."""
+    return Annotated[kind | None, typer.Option(name, help=help)]
+
+
+Base = option(
+    str,
+    "--base",
+    "Reasoner: a hub id, a local model directory, or the embedded alias smollm2-135m "
+    "(default; with --artifact, the base recorded in the artifact).",
+)
+Artifact = option(Path, "--artifact", "A memgen artifact directory (trained weaver/trigger).")
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:i].")]
 Dtype = Annotated[
     str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA).")
@@ -45,14 +47,12 @@ MaxNewTokens = Annotated[
 Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")]
 TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
-PromptSuffix = Annotated[
-    str | None,
-    typer.Option(
-        "--prompt-suffix",
-        help="Answer-format instruction appended to each question "
-        '(default: the one recorded in the artifact; "" for none).',
-    ),
-]
+PromptSuffix = option(
+    str,
+    "--prompt-suffix",
+    "Answer-format instruction appended to each question "
+    '(default: the one recorded in the artifact; "" for none).',
+)
 Json = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON object.")]
 Overwrite = Annotated[
     bool,
@@ -65,41 +65,22 @@ Overwrite = Annotated[
 ]
 
 # Training stages
-Set = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a recipe key: a.b=value (repeatable)."),
-]
-Output = Annotated[Path | None, typer.Option("--output", help="Artifact directory.")]
-Resume = Annotated[
-    str | None,
-    typer.Option(
-        "--resume", help="auto (latest checkpoint of this output, if any) or a checkpoint folder."
-    ),
-]
-ReportTo = Annotated[str | None, typer.Option("--report-to", help="none | tensorboard | wandb.")]
-Columns = Annotated[
-    str | None,
-    typer.Option("--columns", help="Columns of a generic .jsonl: prompt=…,solution=…,answer=…"),
-]
-Reward = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--reward",
-        help="Extra reward module:function with TRL's signature "
-        "f(prompts, completions, **columns) (repeatable; the task's grader always counts "
-        "unless reward.task_weight=0).",
-    ),
-]
-RewardWeight = Annotated[
-    list[float] | None,
-    typer.Option("--reward-weight", help="Weight of each --reward, in order (default 1)."),
-]
-
-
-def option(kind, name: str, help: str):
-    """An option with no default under ``name``, of type ``kind`` (a command's own wording of
-    a shared flag: ``option(Path, "--recipe", "Recipe YAML (an SFTConfig).")``)."""
-    return Annotated[kind | None, typer.Option(name, help=help)]
+Set = option(list[str], "--set", "Override a recipe key: a.b=value (repeatable).")
+Output = option(Path, "--output", "Artifact directory.")
+Resume = option(
+    str, "--resume", "auto (latest checkpoint of this output, if any) or a checkpoint folder."
+)
+ReportTo = option(str, "--report-to", "none | tensorboard | wandb.")
+Columns = option(str, "--columns", "Columns of a generic .jsonl: prompt=…,solution=…,answer=…")
+Reward = option(
+    list[str],
+    "--reward",
+    "Extra reward module:function with TRL's signature f(prompts, completions, **columns) "
+    "(repeatable; the task's grader always counts unless reward.task_weight=0).",
+)
+RewardWeight = option(
+    list[float], "--reward-weight", "Weight of each --reward, in order (default 1)."
+)
 
 
 def train(
