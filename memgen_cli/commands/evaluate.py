@@ -1,5 +1,5 @@
-"""`memgen eval`: memory off vs weaver vs weaver + trigger (and LoRA baselines) on the same
-problems."""
+"""`memgen eval`: memory off vs weaver vs weaver + trigger (and LoRA and retrieval baselines)
+on the same problems."""
 
 from __future__ import annotations
 
@@ -26,10 +26,20 @@ def command(
         list[str] | None,
         typer.Option(
             "--artifact",
-            help="Artifact(s) to compare: weavers (in the --memory modes) and LoRA baselines "
-            "(memgen baseline; run as the adapted reasoner, memory off). Repeat or "
+            help="Artifact(s) to compare: weavers (in the --memory modes), LoRA baselines "
+            "(memgen baseline; run as the adapted reasoner, memory off) and retrieval artifacts "
+            "(memgen baseline retrieval; the plain reasoner with retrieved examples). Repeat or "
             "comma-separate; every one runs on the same problems, and each row gets a paired "
             "figure against the first row of its task.",
+        ),
+    ] = None,
+    retrieval: Annotated[
+        Path | None,
+        typer.Option(
+            "--retrieval",
+            help="A retrieval artifact (memgen baseline retrieval) whose examples also go before "
+            "the questions of every weaver: each weaver runs again, in its modes, with them "
+            "(rows labelled WEAVER+RETRIEVAL; memory woven on top of the examples).",
         ),
     ] = None,
     memory: Annotated[
@@ -114,5 +124,6 @@ def command(
             allow_base_mismatch,
             overwrite,
             show=show,
+            retrieval=retrieval,
         )
     )

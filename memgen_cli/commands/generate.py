@@ -23,7 +23,22 @@ def command(
     interactive: Annotated[
         bool, typer.Option("--interactive", "-i", help="Chat with history.")
     ] = False,
-    artifact: o.Artifact = None,
+    artifact: Annotated[
+        Path | None,
+        typer.Option(
+            "--artifact",
+            help="A memgen artifact directory: a weaver (with trigger), or a retrieval artifact "
+            "(memgen baseline retrieval: the plain reasoner answers after its retrieved examples).",
+        ),
+    ] = None,
+    retrieval: Annotated[
+        Path | None,
+        typer.Option(
+            "--retrieval",
+            help="A retrieval artifact whose examples go before each question, with the weaver "
+            "of --artifact weaving memory on top.",
+        ),
+    ] = None,
     base: o.Base = None,
     memory: o.Memory = "weaver",
     max_new_tokens: o.MaxNewTokens = 256,
@@ -58,5 +73,6 @@ def command(
             json,
             gen,
             overwrite,
+            retrieval,
         )
     )

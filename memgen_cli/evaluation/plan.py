@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from memgen_cli.artifacts import BASELINE_NAMES, read_manifest
+from memgen_cli.artifacts import BASELINE_NAMES, read_manifest, require_kind
 from memgen_cli.config import MEMORY_MODES
 from memgen_cli.data import Example
 from memgen_cli.errors import MemgenError, did_you_mean
@@ -23,14 +23,24 @@ from memgen_cli.errors import MemgenError, did_you_mean
 class Entry:
     """One model under evaluation: an artifact (or the plain reasoner) and its memory modes."""
 
-    label: str | None  # the artifact path as given; None: the plain reasoner
+    label: str | None  # the artifact path as given ("W+R": weaver W with retrieval R); None: plain
     path: Path | None
     manifest: dict | None
     modes: list[str]
+    retrieval: Path | None = None  # a retrieval artifact whose examples go before each question
 
     @property
     def is_baseline(self) -> bool:
         return bool(self.manifest and self.manifest.get("kind") == "baseline")
+
+    @property
+    def is_retrieval(self) -> bool:
+        """A retrieval artifact alone: the plain reasoner, its examples in the prompt."""
+        return bool(self.manifest and self.manifest.get("kind") == "retrieval")
+
+    @property
+    def has_memory(self) -> bool:
+        return self.manifest is not None and not (self.is_baseline or self.is_retrieval)
 
 
 def artifact_paths(artifact) -> list[Path]:
@@ -44,19 +54,41 @@ def asked_modes(memory: str | None) -> list[str]:
     return [m.strip() for m in (memory or "").split(",") if m.strip()]
 
 
-def plan_entries(paths: list[Path], memory: str | None, notes: Console) -> list[Entry]:
+def plan_entries(
+    paths: list[Path], memory: str | None, notes: Console, retrieval: Path | None = None
+) -> list[Entry]:
     """What runs: without artifacts the plain reasoner (memory off); a weaver artifact in the
     modes asked for (default: off + every mode it supports); a baseline (LoRA, prompt or
-    prefix tuning) as the adapted reasoner, mode off only (it has no memory)."""
+    prefix tuning) as the adapted reasoner, and a retrieval artifact as the plain reasoner
+    with its examples in the prompt, mode off only (neither has memory). ``retrieval`` (eval
+    --retrieval R): each weaver also runs, in the same modes, with R's examples in the prompt
+    (an entry labelled "W+R" right after W's)."""
     if not paths:
+        if retrieval is not None:
+            raise MemgenError(
+                f"--retrieval {retrieval} puts its examples before a weaver's questions: give the "
+                "weaver with --artifact. To evaluate the retrieval baseline alone, pass it to "
+                "--artifact."
+            )
         return [Entry(None, None, None, parse_modes(memory, None, notes))]
-    entries = []
-    weavers = [p for p in paths if read_manifest(p).get("kind") != "baseline"]
+    if retrieval is not None:
+        require_kind(read_manifest(retrieval), retrieval, "retrieval")
+    kinds = {p: read_manifest(p).get("kind", "weaver") for p in paths}
+    weavers = [p for p in paths if kinds[p] not in ("baseline", "retrieval")]
+    if retrieval is not None and not weavers:
+        raise MemgenError(
+            f"--retrieval {retrieval} combines retrieved examples with a weaver's memory, and no "
+            "--artifact is a weaver; pass the retrieval artifact to --artifact to evaluate it "
+            "alone."
+        )
     triggered = [p for p in weavers if read_manifest(p)["trigger"].get("trained")]
+    entries = []
     for path in paths:
         manifest = read_manifest(path)
-        if manifest.get("kind") == "baseline":
+        if kinds[path] == "baseline":
             entries.append(Entry(str(path), path, manifest, ["off"]))
+        elif kinds[path] == "retrieval":
+            entries.append(Entry(str(path), path, manifest, ["off"], retrieval=path))
         elif triggered and path not in triggered and "full" in asked_modes(memory):
             # Several artifacts: full runs where there is a trained trigger to run it.
             rest = ",".join(m for m in memory.split(",") if m.strip() != "full")
@@ -65,16 +97,33 @@ def plan_entries(paths: list[Path], memory: str | None, notes: Console) -> list[
                 entries.append(Entry(str(path), path, manifest, parse_modes(rest, manifest, notes)))
         else:
             entries.append(Entry(str(path), path, manifest, parse_modes(memory, manifest, notes)))
+        if retrieval is not None and path in weavers:
+            last = entries[-1] if entries and entries[-1].path == path else None
+            if last is not None:
+                label = f"{path}+{retrieval}"
+                entries.append(Entry(label, path, manifest, list(last.modes), retrieval=retrieval))
     asked = [m for m in (memory or "").split(",") if m.strip() and m.strip() != "off"]
-    if asked and all(e.is_baseline for e in entries):
-        names = " and ".join(dict.fromkeys(BASELINE_NAMES[e.manifest["method"]] for e in entries))
+    if asked and not any(e.has_memory for e in entries):
+        names = " and ".join(dict.fromkeys(no_memory_name(e) for e in entries))
         raise MemgenError(
-            f"--memory {','.join(asked)} needs a weaver artifact; {names} baselines have no "
-            "memory and run as the adapted reasoner (memory off). Drop --memory, or add a weaver."
+            f"--memory {','.join(asked)} needs a weaver artifact; {names} have no memory and "
+            "run with memory off (a baseline as the adapted reasoner, a retrieval artifact as "
+            "the plain reasoner with its examples). Drop --memory, or add a weaver."
         )
     if any(e.is_baseline for e in entries) and len(entries) > 1:
         notes.print("Baselines run as the adapted reasoner (memory off).")
+    if any(e.is_retrieval for e in entries) and len(entries) > 1:
+        notes.print(
+            "Retrieval artifacts run as the plain reasoner with their examples (memory off)."
+        )
     return entries
+
+
+def no_memory_name(entry: Entry) -> str:
+    """What an entry without memory is, in the plural: "LoRA baselines", "retrieval artifacts"."""
+    if entry.is_retrieval:
+        return "retrieval artifacts"
+    return f"{BASELINE_NAMES[entry.manifest['method']]} baselines"
 
 
 def parse_modes(memory: str | None, manifest: dict | None, notes: Console) -> list[str]:
@@ -173,6 +222,7 @@ class Problem:
     index: int  # position in the task's problem list
     example: Example
     messages: list[dict]
+    retrieved: list[str] | None = None  # ids of the retrieved examples in ``messages``, if any
 
 
 def make_batches(tokenizer, items: list[Problem], batch_size: int) -> list[list[Problem]]:

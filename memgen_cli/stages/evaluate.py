@@ -2,7 +2,9 @@
 trigger, and any number of artifacts (weavers, LoRA baselines) side by side, on exactly the
 same problems, in one run. The memory mode is a field of the GenerationConfig; a baseline runs
 as the adapted reasoner, memory off: a LoRA merged into it, or prompt or prefix tuning's virtual
-tokens as a fixed cache prefix before every prompt (``models/prompt_learning.py``).
+tokens as a fixed cache prefix before every prompt (``models/prompt_learning.py``). A retrieval
+artifact runs as the plain reasoner with its retrieved examples before each question, and with
+``--retrieval`` beside every weaver too (``retrieval/prompt.py``).
 
 Reads top to bottom: validate the request (artifacts and their modes, tasks) -> load the
 problems once -> per artifact (one model in memory at a time), per task, cut the problems into
@@ -31,7 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from memgen_cli import __version__, distributed
-from memgen_cli.artifacts import artifact_digest, load_baseline
+from memgen_cli.artifacts import artifact_digest, load_baseline, read_manifest
 from memgen_cli.config import GenerationConfig, MemoryConfig
 from memgen_cli.console import make_console
 from memgen_cli.data import Example, Task, get_task, to_messages
@@ -55,6 +57,7 @@ from memgen_cli.generation import GenerationOutput, encode_prompts, generate, pr
 from memgen_cli.models.base import LoadedBase, load_base
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.outputs import check_output
+from memgen_cli.retrieval import Shots, open_shots
 from memgen_cli.stages.common import Session, open_session, resolve_suffix
 from memgen_cli.versions import environment_versions, version_differences
 
@@ -92,6 +95,9 @@ class EvalOptions:
     show: int = 0
     """After the table, the first ``show`` problems of each task: question, gold answer, and
     per row the answer extracted with ✓ / ✗ (table output only)."""
+    retrieval: Path | None = None
+    """A retrieval artifact whose examples go before the questions of every weaver too: each
+    weaver runs again, in its modes, with them (rows labelled "W+R")."""
 
 
 def run(opts: EvalOptions, console: Console | None = None) -> dict:
@@ -113,8 +119,9 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
         raise MemgenError(f"--batch-size must be at least 1 (got {opts.batch_size}).")
     out = opts.output or Path("runs") / "eval" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     check_output(out, kind="eval", overwrite=opts.overwrite)
-    entries = plan_entries(artifact_paths(opts.artifact), opts.memory, notes)
+    entries = plan_entries(artifact_paths(opts.artifact), opts.memory, notes, opts.retrieval)
     manifests = [e.manifest for e in entries if e.manifest is not None]
+    manifests += [read_manifest(opts.retrieval)] if opts.retrieval else []  # its data is held out
     options = parse_task_options(opts.task_options)
     per_task = {
         label: task_options(label, options, manifests, notes) for label in parse_specs(opts.data)
@@ -147,20 +154,21 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
         session, answer = open_entry(entry, opts, device)
         suffix = resolve_suffix(session, opts.prompt_suffix, notes)
         system = ((entry.manifest or {}).get("prompt") or {}).get("system")
+        shots, framing = None, None
+        if entry.retrieval is not None:  # its examples are found by this entry's reasoner
+            shots = open_shots(entry.retrieval, session.base, opts.allow_base_mismatch)
+            framing = shots.key()
         used.append(entry_config(entry, session, suffix))
         if changed := version_differences((entry.manifest or {}).get("versions")):
             notes.print(
                 f"{display_name(entry.label)}: made with other versions ({', '.join(changed)})"
             )
         for label, task in tasks.items():
-            items = [
-                Problem(i, ex, to_messages(ex, suffix, system))
-                for i, ex in enumerate(problems[label])
-            ]
+            items = problem_items(problems[label], suffix, system, shots, session)
             batches = make_batches(session.model.tokenizer, items, opts.batch_size)
             mine = distributed.shard(list(enumerate(batches)), dist.rank, dist.world_size)
             for mode in entry.modes:
-                key = same_run_key(entry, session, mode, (label, suffix, system))
+                key = same_run_key(entry, session, mode, (label, suffix, system, framing))
                 if key in done:
                     first, records, row = done[key]
                     if dist.is_main:
@@ -224,7 +232,12 @@ def open_entry(entry: Entry, opts: EvalOptions, device) -> tuple[Session, Answer
     tuning baselines. A LoRA baseline's adapter is merged into its reasoner, so that the
     memory-off path of generation runs the adapted weights; a prompt or prefix baseline's
     virtual tokens are a fixed cache prefix, which memgen's loop has no place for: its rows
-    decode after it (``prompt_learning.generate_after``, memory off's steps)."""
+    decode after it (``prompt_learning.generate_after``, memory off's steps). A retrieval
+    artifact alone runs the plain reasoner it was built on (its examples: ``problem_items``)."""
+    if entry.is_retrieval:
+        name = opts.base or entry.manifest["reasoner"]["name"]
+        plain = open_session(name, None, device, opts.dtype)
+        return Session(plain.model, plain.base, entry.manifest), partial(generate, plain.model)
     if not entry.is_baseline:
         session = open_session(opts.base, entry.path, device, opts.dtype, opts.allow_base_mismatch)
         return session, partial(generate, session.model)
@@ -247,11 +260,28 @@ def open_entry(entry: Entry, opts: EvalOptions, device) -> tuple[Session, Answer
     return Session(model, adapted, manifest), partial(generate, model)
 
 
+def problem_items(
+    examples: list[Example], suffix: str, system: str | None, shots: Shots | None, session
+) -> list[Problem]:
+    """A task's problems as one entry asks them: with a retrieval artifact (``shots``), each
+    question after its retrieved examples (found by the session's own reasoner)."""
+    items = [Problem(i, ex, to_messages(ex, suffix, system)) for i, ex in enumerate(examples)]
+    if shots is None:
+        return items
+    messages, ids = shots.frame(
+        session.model, [p.messages for p in items], [ex.question for ex in examples], suffix
+    )
+    return [
+        replace(p, messages=m, retrieved=r) for p, m, r in zip(items, messages, ids, strict=True)
+    ]
+
+
 def entry_config(entry: Entry, session: Session, suffix: str) -> dict:
     return {
         "path": entry.label,
         "sha256": None if entry.path is None else artifact_digest(entry.path),
         "kind": (entry.manifest or {}).get("kind", "plain"),
+        **({"retrieval": str(entry.retrieval)} if entry.retrieval else {}),
         "modes": entry.modes,
         "prompt_suffix": suffix,
         "base": {"name": session.base.name, "fingerprint": session.base.fingerprint},
@@ -340,6 +370,7 @@ def prediction(task: Task, label: str, mode: str, problem: Problem, out, row: in
         "num_tokens": len(out.tokens[row]),
         "finished": out.finished[row],
         "insertions": [ins.summary() for ins in out.trace.for_row(row)],
+        **({} if problem.retrieved is None else {"retrieved": problem.retrieved}),
     }
 
 

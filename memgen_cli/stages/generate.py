@@ -1,6 +1,8 @@
 """``memgen generate``: answer one question, a JSONL file of them, or chat interactively.
 
-Every memory insertion is shown inline as a dim marker such as ``⟨mem 8⟩``.
+Every memory insertion is shown inline as a dim marker such as ``⟨mem 8⟩``. With a retrieval
+artifact (``--artifact R`` alone, or ``--retrieval R`` beside a weaver) each question comes
+after its retrieved examples (``retrieval/prompt.py``), and an answer records their ids.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from memgen_cli.artifacts import read_manifest, require_kind
 from memgen_cli.config import GenerationConfig
 from memgen_cli.console import make_console
 from memgen_cli.data.base import jsonl_objects
@@ -29,6 +32,7 @@ from memgen_cli.generation import (
 )
 from memgen_cli.outputs import check_output, write_output
 from memgen_cli.rendering import MARKER, segments
+from memgen_cli.retrieval import Shots, open_shots
 from memgen_cli.stages.common import (
     Session,
     check_memory,
@@ -56,6 +60,7 @@ class GenerateOptions:
     json: bool = False
     gen: GenerationConfig = field(default_factory=GenerationConfig)
     overwrite: bool = False  # replace an answers file of an earlier run at ``output``
+    retrieval: Path | None = None  # a retrieval artifact whose examples frame each question
 
 
 def run(opts: GenerateOptions, console: Console | None = None) -> object:
@@ -70,17 +75,58 @@ def run(opts: GenerateOptions, console: Console | None = None) -> object:
             raise MemgenError("--input needs --output OUT.jsonl for the answers.")
         check_output(opts.output, kind="generate", overwrite=opts.overwrite)
     check_memory(opts.gen.memory)
-    session = open_session(
-        opts.base, opts.artifact, opts.device, opts.dtype, opts.allow_base_mismatch
-    )
+    session, shots = open_models(opts)
     note = None if opts.json else console
-    gen = replace(opts.gen, memory=resolve_memory(session, opts.gen.memory, note))
-    suffix = resolve_suffix(session, opts.prompt_suffix, note)
+    if shots is not None and not session.has_memory:  # a retrieval artifact alone
+        if note is not None:
+            note.print("[dim]retrieval artifact: memory off, its examples before each question[/]")
+        gen = replace(opts.gen, memory="off")
+        suffix = resolve_suffix(replace(session, manifest=shots.manifest), opts.prompt_suffix, note)
+    else:
+        gen = replace(opts.gen, memory=resolve_memory(session, opts.gen.memory, note))
+        suffix = resolve_suffix(session, opts.prompt_suffix, note)
     if opts.interactive:
-        return chat(session, gen, suffix, console)
+        return chat(session, gen, suffix, console, shots)
     if opts.input is not None:
-        return answer_file(session, gen, suffix, prompts, opts.output, opts.batch_size, console)
-    return answer_one(session, gen, suffix, opts.prompt, opts.json, console)
+        return answer_file(
+            session, gen, suffix, prompts, opts.output, opts.batch_size, console, shots
+        )
+    return answer_one(session, gen, suffix, opts.prompt, opts.json, console, shots)
+
+
+def open_models(opts: GenerateOptions) -> tuple[Session, Shots | None]:
+    """The session, and the retrieval artifact that frames each question (None without one):
+    ``--artifact R`` of kind retrieval (then the plain reasoner it was built on answers) or
+    ``--retrieval R`` beside a weaver's ``--artifact``."""
+    artifact, retrieval = opts.artifact, opts.retrieval
+    if artifact is not None and read_manifest(artifact).get("kind") == "retrieval":
+        if retrieval is not None:
+            raise MemgenError(
+                "Give one retrieval artifact: --artifact RETRIEVAL alone, or --artifact WEAVER "
+                "--retrieval RETRIEVAL."
+            )
+        artifact, retrieval = None, artifact
+    base = opts.base
+    if retrieval is not None:
+        manifest = read_manifest(retrieval)
+        require_kind(manifest, retrieval, "retrieval")
+        if artifact is None and base is None:
+            base = manifest["reasoner"]["name"]
+    session = open_session(base, artifact, opts.device, opts.dtype, opts.allow_base_mismatch)
+    if retrieval is None:
+        return session, None
+    return session, open_shots(retrieval, session.base, opts.allow_base_mismatch)
+
+
+def ask(
+    session: Session, shots: Shots | None, suffix: str, questions: list[str]
+) -> tuple[list[list[dict]], list[list[str]] | list[None]]:
+    """Each question's chat messages (after its retrieved examples, with ``shots``) and the
+    retrieved ids (None each without)."""
+    messages = [[user_message(q, suffix)] for q in questions]
+    if shots is None:
+        return messages, [None] * len(questions)
+    return shots.frame(session.model, messages, questions, suffix)
 
 
 def _run_batch(
@@ -98,7 +144,12 @@ def render(session: Session, tokens, insertions) -> Text:
 
 
 def record(
-    session: Session, question: str, out: GenerationOutput, row: int, gen: GenerationConfig
+    session: Session,
+    question: str,
+    out: GenerationOutput,
+    row: int,
+    gen: GenerationConfig,
+    retrieved: list[str] | None = None,
 ) -> dict:
     tok = session.model.tokenizer
     ins = out.trace.for_row(row)
@@ -113,18 +164,23 @@ def record(
             {"token_index": k.token_index, "trigger_prob": round(k.trigger_prob, 4)}
             for k in out.trace.skips_for_row(row)
         ],
+        **({} if retrieved is None else {"retrieved": retrieved}),
     }
 
 
-def answer_one(session, gen, suffix, question, as_json, console) -> dict:
-    out = _run_batch(session, gen, [[user_message(question, suffix)]])
-    result = record(session, question, out, 0, gen)
+def answer_one(session, gen, suffix, question, as_json, console, shots=None) -> dict:
+    messages, retrieved = ask(session, shots, suffix, [question])
+    out = _run_batch(session, gen, messages)
+    result = record(session, question, out, 0, gen, retrieved[0])
     if as_json:
         print(json.dumps(result, ensure_ascii=False))  # not rich: no wrapping, no markup
     else:
         console.print(render(session, out.tokens[0], out.trace.for_row(0)))
         n = len(result["insertions"])
-        console.print(Text(f"\n[memory {gen.memory}: {n} insertion{'s' * (n != 1)}]", style="dim"))
+        found = f"; retrieved {', '.join(retrieved[0])}" if retrieved[0] is not None else ""
+        console.print(
+            Text(f"\n[memory {gen.memory}: {n} insertion{'s' * (n != 1)}{found}]", style="dim")
+        )
     return result
 
 
@@ -146,15 +202,18 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def answer_file(session, gen, suffix, prompts, output: Path, batch_size, console) -> Path:
+def answer_file(
+    session, gen, suffix, prompts, output: Path, batch_size, console, shots=None
+) -> Path:
     rows = []
     columns = [TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("generate", total=len(prompts))
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            out = _run_batch(session, gen, [[user_message(q, suffix)] for q in chunk])
-            rows += [record(session, q, out, i, gen) for i, q in enumerate(chunk)]
+            messages, retrieved = ask(session, shots, suffix, chunk)
+            out = _run_batch(session, gen, messages)
+            rows += [record(session, q, out, i, gen, retrieved[i]) for i, q in enumerate(chunk)]
             progress.advance(task, len(chunk))
     # atomic: an interrupted run never leaves half a file
     write_output(output, "".join(json.dumps(r) + "\n" for r in rows), kind="generate")
@@ -166,8 +225,11 @@ def answer_file(session, gen, suffix, prompts, output: Path, batch_size, console
 HELP = "commands: /memory off|weaver|full, /trace, /clear, /exit (Ctrl-D also leaves)"
 
 
-def chat(session: Session, gen: GenerationConfig, suffix: str, console: Console) -> list[dict]:
-    """A multi-turn REPL with streamed answers and memory markers."""
+def chat(
+    session: Session, gen: GenerationConfig, suffix: str, console: Console, shots=None
+) -> list[dict]:
+    """A multi-turn REPL with streamed answers and memory markers; with ``shots``, each new
+    question comes after its retrieved examples (kept out of the history)."""
     history: list[dict] = []
     last_trace: list = []
     console.print(Text(f"memgen chat — memory {gen.memory}. {HELP}", style="dim"))
@@ -198,8 +260,12 @@ def chat(session: Session, gen: GenerationConfig, suffix: str, console: Console)
                 console.print(Text(HELP, style="dim"))
             continue
         history.append(user_message(line, suffix))
+        context = history
+        if shots is not None:
+            [context], [ids] = shots.frame(session.model, [history], [line], suffix)
+            console.print(Text(f"[retrieved {', '.join(ids)}]", style="dim"))
         try:
-            reply, last_trace = stream_reply(session, gen, history, console)
+            reply, last_trace = stream_reply(session, gen, context, console)
         except KeyboardInterrupt:
             console.print(Text("\n[interrupted]", style="dim"))
             history.pop()
