@@ -1,0 +1,161 @@
+"""TextWorld tasks: games generated offline from seeds, cached, played to a win by their
+walkthrough; held-out games disjoint from training ones; one message when TextWorld is missing."""
+
+from __future__ import annotations
+
+import doctest
+import sys
+from importlib.util import find_spec
+
+import pytest
+from typer.testing import CliRunner
+
+from memgen_cli.cli import app
+from memgen_cli.data import get_task
+from memgen_cli.data import textworld as tw_task
+from memgen_cli.data.textworld import INSTALL, INVALID, TRAIN_SEED, TextWorldTask
+from memgen_cli.errors import MemgenError
+
+needs_textworld = pytest.mark.skipif(
+    find_spec("textworld") is None,
+    reason="textworld is not installed: `make setup` installs it (pip install -e '.[agents]')",
+)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """One game cache for the module: games made by one test are reused by the next."""
+    return tmp_path_factory.mktemp("memgen-home")
+
+
+@pytest.fixture
+def cached(home, monkeypatch):
+    monkeypatch.setenv("MEMGEN_HOME", str(home))
+    return home
+
+
+def test_doctests():
+    assert doctest.testmod(tw_task).failed == 0
+
+
+@needs_textworld
+@pytest.mark.parametrize(
+    "challenge, objective", [("coin_collector", "brief"), ("treasure_hunter", "detailed")]
+)
+def test_walkthrough_wins_a_generated_game(cached, challenge, objective):
+    task = get_task(f"textworld:{challenge}", level=5, objective=objective, exclude_train=0)
+    (game,) = task.load("test", 1)
+    walkthrough = game.meta["walkthrough"]
+    assert walkthrough[-1].startswith("take ") and game.solution == "\n".join(walkthrough)
+    env = task.environment(game)
+    try:
+        first = env.reset()
+        # cleaned: no title banner, no prompt or status line; the objective, commands, instruction
+        assert "$$" not in first.text and "-= " in first.text and ">" not in first.text
+        assert first.text.startswith(game.question)
+        if objective == "brief":  # the goal without the route the generated objective gives
+            detailed = get_task(f"textworld:{challenge}", level=5, exclude_train=0)
+            route = detailed.game(game.meta["seed"])["objective"]
+            assert game.question == "Find the coin and take it." and route not in first.text
+            assert detailed.game(game.meta["seed"])["walkthrough"] == walkthrough
+        assert f"Available commands: {', '.join(first.commands)}." in first.text
+        assert first.expert == walkthrough and not first.done
+        invalid = env.step(None)  # answered, and the game does not move
+        assert invalid.text.startswith(INVALID) and invalid.commands == first.commands
+        assert invalid.expert == walkthrough and invalid.reward == 0 and not invalid.done
+        assert env.step("not a command").text.startswith(INVALID)
+        seen = []
+        for command in walkthrough:
+            assert command in seen[-1].commands if seen else command in first.commands
+            seen.append(env.step(command))
+        assert [o.won for o in seen] == [False] * (len(walkthrough) - 1) + [True]
+        assert seen[-1].done and seen[-1].reward == 1.0 and sum(o.reward for o in seen) == 1.0
+        assert seen[0].expert == walkthrough[1:]
+    finally:
+        env.close()
+
+
+@needs_textworld
+def test_games_are_cached_by_challenge_settings_and_seed(cached, monkeypatch):
+    task = TextWorldTask("coin_collector", level=5, objective="brief", exclude_train=0)
+    (game,) = task.load("test", 1)
+    folder = task.cache_dir()
+    assert folder.relative_to(cached).parts[0] == "textworld"
+    assert folder.parts[-2:] == ("coin_collector", "level5-brief")
+    seed = game.meta["seed"]
+    assert {p.name for p in folder.glob(f"{seed}.*")} >= {f"{seed}.meta.json", f"{seed}.z8"}
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a cached game was generated again")
+
+    monkeypatch.setattr(TextWorldTask, "_make", no_generation)
+    again = TextWorldTask("coin_collector", level=5, objective="brief", exclude_train=0)
+    assert again.load("test", 1)[0] == game
+    assert again.compiled(seed) == folder / f"{seed}.z8"
+    # other settings are other games, in another folder
+    detailed = TextWorldTask("coin_collector", level=5, objective="detailed", exclude_train=0)
+    assert detailed.cache_dir() != folder
+
+
+@needs_textworld
+def test_heldout_games_are_disjoint_from_training_games(cached):
+    train_size = 5
+    task = get_task("textworld:coin_collector", level=3, exclude_train=train_size)
+    train = task.load("train", train_size)
+    assert [g.meta["seed"] for g in train] == list(range(TRAIN_SEED, TRAIN_SEED + train_size))
+    routes = {tuple(g.meta["walkthrough"]) for g in train}
+    # held-out seeds asked to start inside the training range: training seeds are skipped, and
+    # so is any game whose route (walkthrough) a training game has
+    heldout = task.load("test", 3, seed=TRAIN_SEED)
+    seeds = [g.meta["seed"] for g in heldout]
+    assert len(seeds) == 3 and min(seeds) >= TRAIN_SEED + train_size
+    assert not routes & {tuple(g.meta["walkthrough"]) for g in heldout}
+    skipped = set(range(TRAIN_SEED + train_size, max(seeds))) - set(seeds)
+    assert skipped and all(tuple(task.game(s)["walkthrough"]) in routes for s in skipped)
+    # the default held-out seeds are far from the training ones
+    assert min(g.meta["seed"] for g in task.load("test", 2)) >= tw_task.EVAL_SEED
+
+
+@needs_textworld
+def test_too_few_distinct_routes_is_one_clear_error(cached, monkeypatch):
+    monkeypatch.setattr(tw_task, "TRIES_PER_GAME", 0)
+    task = get_task("textworld:coin_collector", level=3, exclude_train=5)
+    monkeypatch.setattr(task, "game", lambda seed: {"walkthrough": ["go east", "take coin"]})
+    with pytest.raises(MemgenError, match="few routes exist at this level"):
+        task.load("test", 2)
+
+
+@needs_textworld
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"level": 0}, "level must be 1-300"),
+        ({"level": 31}, "level must be 1-30"),
+        ({"objective": "short"}, "objective must be detailed or brief"),
+        ({"max_turns": 0}, "max_turns must be at least 1"),
+        ({"turns": 5}, "has no option 'turns'"),
+    ],
+)
+def test_bad_options_are_refused(options, message):
+    challenge = "treasure_hunter" if options.get("level") == 31 else "coin_collector"
+    with pytest.raises(MemgenError, match=message):
+        get_task(f"textworld:{challenge}", **options)
+
+
+@needs_textworld
+def test_unknown_challenge_suggests_one():
+    with pytest.raises(MemgenError, match='Did you mean "coin_collector"'):
+        get_task("textworld:coin_colector")
+
+
+def test_missing_textworld_is_one_message_and_exit_2(monkeypatch, tiny_weaver, tmp_path):
+    monkeypatch.setitem(sys.modules, "textworld", None)  # `import textworld` raises ImportError
+    with pytest.raises(MemgenError, match="not installed") as raised:
+        get_task("textworld:coin_collector")
+    assert INSTALL in str(raised.value) and ".[agents]" in str(raised.value)
+    _, artifact = tiny_weaver
+    args = ["eval", "--artifact", str(artifact), "--data", "textworld:coin_collector"]
+    result = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "eval")])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.stderr.split())
+    assert text.count("error:") == 1 and INSTALL in text and "Traceback" not in result.output
