@@ -1,6 +1,7 @@
 """Shared test builders: tiny models saved as real model directories and tiny artifacts, tiny
-recipe configs and their data, readers of what a stage writes, a CLI runner, a trainer callback,
-reward plug-ins, and torchrun. Fixtures built from them are in conftest.py."""
+recipe configs and their data, chat prompts, readers of what a stage writes, a weaver's
+gradients, a CLI runner, a trainer callback, reward plug-ins, and torchrun. Fixtures built from
+them are in conftest.py; what a training stage's tests run and check is in stage_runs.py."""
 
 from __future__ import annotations
 
@@ -118,6 +119,11 @@ def tiny_config(stage, recipe: Path, base: Path, tmp: Path, sets, n: int, answer
     )
 
 
+def chats(*texts: str) -> list[list[dict]]:
+    """One single-turn chat (a user message) per text."""
+    return [[{"role": "user", "content": text}] for text in texts]
+
+
 def files(path: Path) -> set[str]:
     """Every file under ``path``, by its name relative to ``path``."""
     return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
@@ -126,6 +132,16 @@ def files(path: Path) -> set[str]:
 def rows(path: Path) -> list[dict]:
     """The JSON objects of a JSONL file (blank lines skipped)."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def forward_and_grads(mg, forward, batch) -> tuple:
+    """``forward(mg, *batch, return_logits=True)`` (``weave_forward`` or a reference) from
+    zeroed gradients, and a copy of the gradient its loss gives each weaver tensor it reaches."""
+    mg.zero_grad()
+    out = forward(mg, *batch, return_logits=True)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in mg.weaver_parameters().items() if p.grad is not None}
+    return out, grads
 
 
 def plain_names(state: dict) -> dict:

@@ -32,6 +32,7 @@ from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.stages import baseline as stage
 from memgen_cli.training.sft_data import IGNORE, SFTCollator, encode_examples, tokenize_samples
 from memgen_cli.training.sft_run import load_examples
+from stage_runs import OVERFIT, command_run, finished_run, losses
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny" / "baseline-sft.yaml"
@@ -42,11 +43,6 @@ pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 def tiny_cfg(tiny_base, tmp_path, *sets) -> BaselineConfig:
     """The tiny recipe on 12 problems with worked answers (helpers.tiny_config)."""
     return tiny_config(stage, TINY, tiny_base, tmp_path, sets, 12, WORKED)
-
-
-def losses(out: Path) -> list[float]:
-    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-    return [r["loss"] for r in rows if "loss" in r]
 
 
 # ------------------------------------------------------------------------------ budget
@@ -97,17 +93,7 @@ def test_same_samples_and_loss_mask_as_the_weaver(tiny_base, tmp_path):
 
 
 def test_training_lowers_loss_and_changes_only_lora_tensors(tiny_base, tmp_path):
-    # 4 samples, batch 4: every step sees the same samples, so the loss must fall.
-    cfg = tiny_cfg(
-        tiny_base,
-        tmp_path,
-        "data.size=4",
-        "data.heldout=2",
-        "training.batch_size=4",
-        "training.max_steps=6",
-        "training.learning_rate=0.01",
-        "lora.dropout=0.0",
-    )
+    cfg = tiny_cfg(tiny_base, tmp_path, *OVERFIT, "data.heldout=2", "lora.dropout=0.0")
     capture = Capture()
     out = stage.run(cfg, callbacks=[capture])
     got = losses(out)
@@ -129,12 +115,7 @@ def test_training_lowers_loss_and_changes_only_lora_tensors(tiny_base, tmp_path)
 
 def test_artifact_file_set_manifest_and_plain_peft_reload(tiny_base, tmp_path):
     cfg = tiny_cfg(tiny_base, tmp_path)
-    capture = Capture()
-    out = stage.run(cfg, callbacks=[capture])
-    assert files(out) == ARTIFACT_FILES
-    assert not stage.checkpoint_dir(cfg).exists()
-    assert load_recipe(BaselineConfig, out / "recipe.yaml") == cfg
-    manifest = json.loads((out / "memgen.json").read_text())
+    out, manifest, capture = finished_run(stage, cfg, ARTIFACT_FILES)
     assert manifest["kind"] == "baseline"
     base = load_base(str(tiny_base), "cpu")
     assert manifest["reasoner"]["fingerprint"] == base.fingerprint
@@ -505,11 +486,8 @@ def test_a_prompt_baseline_is_not_a_weaver(three_baselines):
 # ------------------------------------------------------------------------------- slow
 @pytest.mark.slow
 def test_tiny_recipe_end_to_end_on_the_embedded_model(tmp_path):
-    result = cli("--recipe", TINY, "--output", tmp_path / "out")
-    assert result.exit_code == 0, result.output
     out = tmp_path / "out"
-    assert files(out) == ARTIFACT_FILES
-    manifest = json.loads((out / "memgen.json").read_text())
+    manifest = command_run(cli, out, ARTIFACT_FILES, "--recipe", TINY)
     assert manifest["kind"] == "baseline" and manifest["reasoner"]["name"] == "smollm2-135m"
     budget = manifest["budget"]
     assert abs(budget["trainable_params"] / budget["weaver_trainable_params"] - 1) < 0.1

@@ -20,7 +20,7 @@ from helpers import TARGET, Capture, files, invoke, plain_names, rows, tiny_conf
 from helpers import broken_reward as broken_reward  # reward plug-ins, re-exported: the stage
 from helpers import first_token_reward as first_token_reward  # loads test_baseline_grpo:<name>
 from memgen_cli.artifacts import artifact_digest, load_baseline
-from memgen_cli.config import BaselineGRPOConfig, load_recipe
+from memgen_cli.config import BaselineGRPOConfig
 from memgen_cli.data import to_messages
 from memgen_cli.errors import MemgenError
 from memgen_cli.generation import encode_prompts
@@ -28,6 +28,7 @@ from memgen_cli.models.base import load_base
 from memgen_cli.stages import baseline as sft_stage
 from memgen_cli.stages import baseline_grpo as stage
 from memgen_cli.training.sft_run import load_examples
+from stage_runs import finished_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny" / "baseline-grpo.yaml"
@@ -98,12 +99,7 @@ def test_grpo_steps_raise_a_learnable_reward_and_change_only_lora_tensors(tiny_b
 
 def test_artifact_file_set_manifest_plain_peft_reload_and_eval(tiny_base, tmp_path):
     cfg = tiny_cfg(tiny_base, tmp_path, "data.heldout=2")
-    capture = Capture()
-    out = stage.run(cfg, callbacks=[capture])
-    assert files(out) == ARTIFACT_FILES
-    assert not sft_stage.checkpoint_dir(cfg).exists()
-    assert load_recipe(BaselineGRPOConfig, out / "recipe.yaml") == cfg
-    manifest = json.loads((out / "memgen.json").read_text())
+    out, manifest, capture = finished_run(stage, cfg, ARTIFACT_FILES)
     assert manifest["kind"] == "baseline" and manifest["parent"] is None
     base = load_base(str(tiny_base), "cpu")
     assert manifest["reasoner"]["fingerprint"] == base.fingerprint

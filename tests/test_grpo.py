@@ -25,7 +25,7 @@ from transformers import set_seed
 from typer.testing import CliRunner
 
 from conftest import make_memgen
-from helpers import TARGET, Capture, files, plain_names, rows, tiny_config, torchrun, write_problems
+from helpers import TARGET, Capture, chats, files, plain_names, rows, tiny_config, write_problems
 from helpers import WEAVER_ARTIFACT_FILES as ARTIFACT_FILES
 from helpers import broken_reward as broken_reward  # reward plug-ins, re-exported: the stage
 from helpers import first_token_reward as first_token_reward  # loads test_grpo:<name>
@@ -38,14 +38,11 @@ from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.stages import grpo_weaver as stage
 from memgen_cli.training import grpo as grpo_loop
 from memgen_cli.training.rollouts import Rollouts, policy_inputs, policy_logprobs, rollout
+from stage_runs import command_run, train_on_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny" / "grpo-weaver.yaml"
-MESSAGES = [
-    [{"role": "user", "content": "Hi there, what is 2+2?"}],
-    [{"role": "user", "content": "Yo, say a word."}],
-    [{"role": "user", "content": "Count: 1, 2"}],
-]
+MESSAGES = chats("Hi there, what is 2+2?", "Yo, say a word.", "Count: 1, 2")
 
 # One thread for the slow tests too (see conftest.one_thread for the measurement).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -692,14 +689,10 @@ def test_two_processes_train_as_one_process_with_both_micro_batches(
 def test_tiny_recipe_end_to_end_on_the_embedded_model(tmp_path):
     light = ["training.max_steps=2", "training.batch_size=4", "training.num_generations=2"]
     light += ["training.max_completion_length=12"]  # about 40 s of CPU on a quiet 2-core machine
-    result = cli("--recipe", TINY, "--output", tmp_path / "out", *(f"--set={s}" for s in light))
-    assert result.exit_code == 0, result.output
     out = tmp_path / "out"
-    assert files(out) == ARTIFACT_FILES | {
-        "completions/step_00001.jsonl",
-        "completions/step_00002.jsonl",
-    }
-    manifest = json.loads((out / "memgen.json").read_text())
+    written = ARTIFACT_FILES | {"completions/step_00001.jsonl", "completions/step_00002.jsonl"}
+    sets = [f"--set={s}" for s in light]
+    manifest = command_run(cli, out, written, "--recipe", TINY, *sets)
     assert manifest["reasoner"]["name"] == "smollm2-135m"
     assert manifest["training"]["steps"] == 2 and manifest["training"]["task"] == "gsm_symbolic"
     for r in (r for r in rows(out / "metrics.jsonl") if "reward" in r):
@@ -711,13 +704,7 @@ def test_two_process_torchrun_writes_one_artifact(tiny_base, tmp_path):
     """Launched by torchrun; that two processes train as one process does, on the same
     completions: test_two_processes_train_as_one_process_with_both_micro_batches."""
     data = write_problems(tmp_path / "train.jsonl", 8)
-    out = tmp_path / "out"
-    proc = torchrun(
-        ["grpo-weaver", "--recipe", TINY, "--base", tiny_base, "--data", data, "--output", out],
-        cwd=tmp_path,
-        timeout=240,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    out = train_on_two_processes("grpo-weaver", TINY, tiny_base, data, tmp_path)
     assert files(out) == ARTIFACT_FILES | {
         "completions/step_00001.jsonl",
         "completions/step_00002.jsonl",

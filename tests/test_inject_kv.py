@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_model import PROMPTS, _compare, _diverse, _training_batch
+from test_model import PROMPTS, _compare, _diverse, _training_batch, _undecided_trigger
 from transformers import LlamaConfig
 from typer.testing import CliRunner
 
 from conftest import make_memgen, make_model
-from helpers import checked_kv, save_tiny_base, tiny_artifact
+from helpers import checked_kv, forward_and_grads, save_tiny_base, tiny_artifact
 from memgen_cli.artifacts import load_artifact
 from memgen_cli.cli import app
 from memgen_cli.config import GenerationConfig, MemoryConfig
@@ -161,10 +161,7 @@ def test_cached_generation_equals_reference(kind, reuse, defer, monkeypatch):
 
 
 def test_cached_generation_with_trained_trigger_equals_reference():
-    mg = _diverse(kv_memgen("qwen2"))
-    with torch.no_grad():
-        mg.trigger.trained.fill_(True)
-        mg.trigger.head[2].bias.fill_(0.0)
+    mg = _undecided_trigger(_diverse(kv_memgen("qwen2")))
     out = _compare(mg, GenerationConfig(max_new_tokens=24, memory="full"))
     assert any(i.kind == "inference" for i in out.trace.insertions)
 
@@ -187,20 +184,13 @@ def test_shared_prompt_rollouts_equal_unshared_ones():
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["k_proj", "v_proj"]])
 def test_training_forward_equals_reference(kind, targets):
     mg = kv_memgen(kind, lora_targets=targets)
-    ids, mask, labels, points = _training_batch(mg)
+    batch = _training_batch(mg)
     mg.set_trainable(weaver=True, trigger=False)
-
-    def run(fn):
-        mg.zero_grad()
-        out = fn(mg, ids, mask, labels, points, return_logits=True)
-        out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in mg.weaver_parameters().items() if p.grad is not None}
-        return out, grads
-
-    fast, g_fast = run(weave_forward)
-    ref, g_ref = run(reference_weave_forward)
+    fast, g_fast = forward_and_grads(mg, weave_forward, batch)
+    ref, g_ref = forward_and_grads(mg, reference_weave_forward, batch)
     assert abs(fast.loss.item() - ref.loss.item()) < 1e-4
-    torch.testing.assert_close(fast.logits[mask.bool()], ref.logits[mask.bool()], atol=1e-4, rtol=0)
+    mask = batch[1].bool()
+    torch.testing.assert_close(fast.logits[mask], ref.logits[mask], atol=1e-4, rtol=0)
     assert g_fast.keys() == g_ref.keys()
     for name, grad in g_ref.items():
         torch.testing.assert_close(g_fast[name], grad, atol=1e-4, rtol=0, msg=name)

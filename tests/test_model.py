@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import make_memgen, make_model
+from helpers import chats, forward_and_grads
 from memgen_cli.config import GenerationConfig
 from memgen_cli.generation import (
     encode_prompts,
@@ -17,12 +18,7 @@ from memgen_cli.generation import (
 from memgen_cli.models import kv
 from memgen_cli.models.training import Points, reference_weave_forward, weave_forward
 
-PROMPTS = [
-    [{"role": "user", "content": "Hi there, what is 2+2?"}],
-    [{"role": "user", "content": "x"}],
-    [{"role": "user", "content": "Tell me a story about cats."}],
-    [{"role": "user", "content": "List three primes."}],
-]
+PROMPTS = chats("Hi there, what is 2+2?", "x", "Tell me a story about cats.", "List three primes.")
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
@@ -122,11 +118,17 @@ def test_cached_generation_equals_reference(kind, weaver_kind, reuse, defer, mon
     assert any(waited) == defer
 
 
-def test_cached_generation_with_trained_trigger_equals_reference():
-    mg = _diverse(make_memgen("llama"))
+def _undecided_trigger(mg):
+    """``mg`` with its trigger marked trained and the head's last bias zero: probabilities
+    spread around 0.5, so rows decide differently."""
     with torch.no_grad():
         mg.trigger.trained.fill_(True)
         mg.trigger.head[2].bias.fill_(0.0)
+    return mg
+
+
+def test_cached_generation_with_trained_trigger_equals_reference():
+    mg = _undecided_trigger(_diverse(make_memgen("llama")))
     out = _compare(mg, GenerationConfig(max_new_tokens=24, memory="full"))
     probs = [i.trigger_prob for i in out.trace.insertions if i.kind == "inference"]
     assert probs and all(p >= 0.5 for p in probs)
@@ -185,7 +187,7 @@ def test_pass_groups_trade_a_pass_against_padding():
 def _training_batch(mg):
     tok = mg.tokenizer
     tok.padding_side = "right"
-    prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "hello there"}]]
+    prompts = chats("hi", "hello there")
     answers = ["ab, cd. ef, gh.", "x, y."]
     heads = [
         tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts
@@ -211,22 +213,16 @@ def _training_batch(mg):
 @pytest.mark.parametrize("kind,weaver_kind", [("llama", None), ("qwen2", None), ("llama", "qwen2")])
 def test_training_forward_equals_reference(kind, weaver_kind, official):
     mg = make_memgen(kind, weaver_kind)
-    ids, mask, labels, points = _training_batch(mg)
+    batch = _training_batch(mg)
     mg.set_trainable(weaver=True, trigger=False)
-
-    def run(fn):
-        mg.zero_grad()
-        out = fn(mg, ids, mask, labels, points, return_logits=True)
-        out.loss.backward()
-        return out, {
-            n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-            for n, p in mg.weaver_parameters().items()
-        }
-
-    fast, g_fast = run(weave_forward)
-    ref, g_ref = run(functools.partial(reference_weave_forward, official=official))
+    fast, g_fast = forward_and_grads(mg, weave_forward, batch)
+    reference = functools.partial(reference_weave_forward, official=official)
+    ref, g_ref = forward_and_grads(mg, reference, batch)
     assert abs(fast.loss.item() - ref.loss.item()) < 1e-4
-    torch.testing.assert_close(fast.logits[mask.bool()], ref.logits[mask.bool()], atol=1e-4, rtol=0)
+    mask = batch[1].bool()
+    torch.testing.assert_close(fast.logits[mask], ref.logits[mask], atol=1e-4, rtol=0)
+    # Every weaver tensor is reached, on both paths.
+    assert g_fast.keys() == g_ref.keys() == mg.weaver_parameters().keys()
     for name, grad in g_ref.items():
         assert grad.abs().max() > 0, f"{name} got no gradient"
         torch.testing.assert_close(g_fast[name], grad, atol=1e-4, rtol=0, msg=name)

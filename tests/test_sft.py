@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from conftest import make_model
 from helpers import WEAVER_ARTIFACT_FILES as ARTIFACT_FILES
-from helpers import WORKED, Capture, files, plain_names, tiny_config, torchrun, write_problems
+from helpers import WORKED, Capture, files, plain_names, tiny_config, write_problems
 from memgen_cli.artifacts import load_artifact
 from memgen_cli.cli import app
 from memgen_cli.config import MemoryConfig, SFTConfig, load_recipe
@@ -29,6 +29,7 @@ from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.models.training import IGNORE, Points, weave_forward
 from memgen_cli.stages import sft_weaver as stage
 from memgen_cli.training.sft_data import SFTCollator, encode_examples
+from stage_runs import OVERFIT, command_run, finished_run, losses, train_on_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny" / "sft-weaver.yaml"
@@ -141,24 +142,11 @@ def test_flags_map_onto_the_config(tmp_path):
 
 # --------------------------------------------------------------------------- training
 def test_training_lowers_loss_changes_every_weaver_tensor_and_not_the_reasoner(tiny_base, tmp_path):
-    # 4 samples, batch 4: every step sees the same samples, so the loss must fall.
-    cfg = tiny_cfg(
-        tiny_base,
-        tmp_path,
-        "data.size=4",
-        "data.heldout=0",
-        "training.batch_size=4",
-        "training.max_steps=6",
-        "training.learning_rate=0.01",
-    )
+    cfg = tiny_cfg(tiny_base, tmp_path, *OVERFIT, "data.heldout=0")
     capture = Capture()
     out = stage.run(cfg, callbacks=[capture])
-    losses = [
-        r["loss"]
-        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-        if "loss" in r
-    ]
-    assert len(losses) == 6 and losses[-1] < losses[0] * 0.9, losses
+    got = losses(out)
+    assert len(got) == 6 and got[-1] < got[0] * 0.9, got
 
     set_seed(cfg.training.seed)  # the stage's seed, then the same construction: initial weights
     fresh = load_base(str(tiny_base), "cpu")
@@ -176,12 +164,7 @@ def test_training_lowers_loss_changes_every_weaver_tensor_and_not_the_reasoner(t
 
 def test_artifact_file_set_reload_and_summary(tiny_base, tmp_path):
     cfg = tiny_cfg(tiny_base, tmp_path)
-    capture = Capture()
-    out = stage.run(cfg, callbacks=[capture])
-    assert files(out) == ARTIFACT_FILES
-    assert not stage.checkpoint_dir(cfg).exists()  # finished: nothing left to resume
-    assert load_recipe(SFTConfig, out / "recipe.yaml") == cfg
-    manifest = json.loads((out / "memgen.json").read_text())
+    out, manifest, capture = finished_run(stage, cfg, ARTIFACT_FILES)
     s = manifest["training"]
     assert (s["steps"], s["samples"], s["heldout_samples"], s["world_size"]) == (3, 6, 2, 1)
     assert s["samples_per_rank"] == [6] and s["dropped_too_long"] == 0
@@ -286,11 +269,8 @@ def test_bad_config_exits_2_with_a_suggestion(tmp_path):
 # ------------------------------------------------------------------------------- slow
 @pytest.mark.slow
 def test_tiny_recipe_end_to_end_on_the_embedded_model(tmp_path):
-    result = cli("--recipe", TINY, "--output", tmp_path / "out")
-    assert result.exit_code == 0, result.output
     out = tmp_path / "out"
-    assert files(out) == ARTIFACT_FILES
-    manifest = json.loads((out / "memgen.json").read_text())
+    manifest = command_run(cli, out, ARTIFACT_FILES, "--recipe", TINY)
     assert manifest["reasoner"]["name"] == "smollm2-135m"
     assert manifest["training"]["steps"] == 3 and manifest["training"]["task"] == "gsm_symbolic"
     load_artifact(out, device="cpu")
@@ -299,13 +279,7 @@ def test_tiny_recipe_end_to_end_on_the_embedded_model(tmp_path):
 @pytest.mark.slow
 def test_two_process_torchrun_writes_one_artifact(tiny_base, tmp_path):
     data = write_problems(tmp_path / "train.jsonl", 12, WORKED)
-    out = tmp_path / "out"
-    proc = torchrun(
-        ["sft-weaver", "--recipe", TINY, "--base", tiny_base, "--data", data, "--output", out],
-        cwd=tmp_path,
-        timeout=240,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    out = train_on_two_processes("sft-weaver", TINY, tiny_base, data, tmp_path)
     assert files(out) == ARTIFACT_FILES
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == ["out"]
     s = json.loads((out / "memgen.json").read_text())["training"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import make_memgen
+from helpers import chats
 from memgen_cli.config import GenerationConfig, TriggerRLConfig, TriggerTrainingConfig
 from memgen_cli.training import rl
 from memgen_cli.training.trigger_rl import (
@@ -19,10 +20,7 @@ from memgen_cli.training.trigger_rl import (
     trigger_update,
 )
 
-MESSAGES = [
-    [{"role": "user", "content": "Hi there, what is 2+2?"}],
-    [{"role": "user", "content": "Yo, say a word."}],
-]
+MESSAGES = chats("Hi there, what is 2+2?", "Yo, say a word.")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
