@@ -30,3 +30,9 @@ def require(checks, prefix: str = "") -> None:
     for ok, message in checks:
         if not ok:
             raise MemgenError(f"{prefix}{message}.")
+
+
+def require_choice(name: str, value, choices) -> None:
+    """``value`` must be one of ``choices``; else a MemgenError that names ``name`` and them."""
+    if value not in choices:
+        raise MemgenError(f'{name} must be one of {", ".join(choices)}; got "{value}".')

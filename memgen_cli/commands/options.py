@@ -126,9 +126,3 @@ def parse_columns(spec: str | None) -> dict[str, str] | None:
             f'--columns expects role=column pairs, e.g. prompt=question,answer=label; got "{spec}".'
         )
     return {role.strip(): col.strip() for role, col in pairs}
-
-
-def check_choice(name: str, value: str, choices) -> str:
-    if value not in choices:
-        raise MemgenError(f'{name} must be one of {", ".join(choices)}; got "{value}".')
-    return value

@@ -26,7 +26,7 @@ from transformers import TrainingArguments
 
 from memgen_cli.artifacts import load_artifact, read_manifest, require_kind, save_artifact
 from memgen_cli.config import GRPOConfig, MemoryConfig, from_dict, to_dict
-from memgen_cli.errors import MemgenError
+from memgen_cli.errors import MemgenError, require_choice
 from memgen_cli.generation import GenerationConfig
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.stages import frame
@@ -51,8 +51,7 @@ def validate(cfg: GRPOConfig, resume: str | None) -> Path | None:
     """Check values the dataclass types cannot; return the checkpoint to resume from."""
     t, d, r = cfg.training, cfg.data, cfg.reward
     rl.check_settings(t, r)
-    if t.memory not in MEMORY:
-        raise MemgenError(f'training.memory must be one of {", ".join(MEMORY)}; got "{t.memory}".')
+    require_choice("training.memory", t.memory, MEMORY)
     sft_run.validate_training(t, d)  # schedule, reporters, steps, data sizes
     if cfg.init is not None:
         manifest = read_manifest(cfg.init)

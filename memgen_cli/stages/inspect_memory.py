@@ -35,7 +35,7 @@ from memgen_cli.config import GenerationConfig
 from memgen_cli.console import make_console
 from memgen_cli.data import get_task, to_messages
 from memgen_cli.data.extraction import extract_math_answer
-from memgen_cli.errors import MemgenError
+from memgen_cli.errors import MemgenError, require_choice
 from memgen_cli.generation import encode_prompts, generate
 from memgen_cli.inspection import clusters as C
 from memgen_cli.inspection import probe as P
@@ -186,10 +186,7 @@ def validate(opts: InspectOptions) -> int | None:
     k = opts.clusters if opts.clusters is not None else (DEFAULT_CLUSTERS if opts.data else None)
     if k is not None and k < 2:
         raise MemgenError(f"--clusters must be at least 2; got {k}.")
-    if opts.drop_rule not in C.DROP_RULES:
-        raise MemgenError(
-            f'--drop-rule must be one of {", ".join(C.DROP_RULES)}; got "{opts.drop_rule}".'
-        )
+    require_choice("--drop-rule", opts.drop_rule, C.DROP_RULES)
     if opts.drop_cluster is not None:
         if opts.data is None:
             raise MemgenError(

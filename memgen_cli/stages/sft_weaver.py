@@ -37,7 +37,7 @@ from transformers import Trainer, TrainingArguments
 
 from memgen_cli.artifacts import save_artifact
 from memgen_cli.config import SFTConfig
-from memgen_cli.errors import MemgenError
+from memgen_cli.errors import require_choice
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.stages import frame
 from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
@@ -72,10 +72,7 @@ def resolve_config(recipe=None, overrides=None, **flags) -> SFTConfig:
 
 def validate(cfg: SFTConfig, resume: str | None) -> Path | None:
     """Check values the dataclass types cannot; return the checkpoint to resume from."""
-    if cfg.training.schedule not in SCHEDULES:
-        raise MemgenError(
-            f'training.schedule must be one of {", ".join(SCHEDULES)}; got "{cfg.training.schedule}".'
-        )
+    require_choice("training.schedule", cfg.training.schedule, SCHEDULES)
     validate_training(cfg.training, cfg.data)
     validate_memory(cfg.memory)
     return frame.resume_point(cfg, resume)

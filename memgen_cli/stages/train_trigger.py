@@ -43,7 +43,7 @@ from memgen_cli.artifacts import (
 )
 from memgen_cli.config import GenerationConfig, TriggerConfig
 from memgen_cli.data import Example, get_task, to_messages
-from memgen_cli.errors import MemgenError, require
+from memgen_cli.errors import MemgenError, require, require_choice
 from memgen_cli.stages import frame
 from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
 from memgen_cli.stages.frame import checkpoint_dir as checkpoint_dir
@@ -86,22 +86,13 @@ def validate(
             f"multiple of {g * world_size}, e.g. --set training.batch_size="
             f"{-(-b // (g * world_size)) * g * world_size}, or change --nproc_per_node."
         )
-    for name, value, allowed in [
-        ("training.loss_type", t.loss_type, rl.LOSS_TYPES),
-        ("training.scale_rewards", t.scale_rewards, rl.SCALE_REWARDS),
-        ("training.scheduler", t.scheduler, tuple(s.value for s in SchedulerType)),
-    ]:
-        if value not in allowed:
-            raise MemgenError(f'{name} must be one of {", ".join(allowed)}; got "{value}".')
+    rl.check_loss_names(t)
+    require_choice("training.scheduler", t.scheduler, tuple(s.value for s in SchedulerType))
     checks = [
         (t.learning_rate > 0, "training.learning_rate must be > 0"),
         (t.max_steps > 0, "training.max_steps must be > 0"),
         (t.temperature >= 0, "training.temperature must be >= 0 (0 = greedy tokens)"),
-        (0 < t.top_p <= 1, "training.top_p must be in (0, 1]"),
-        (t.max_completion_length >= 1, "training.max_completion_length must be >= 1"),
-        (t.epsilon > 0, "training.epsilon must be > 0"),
-        (t.epsilon_high is None or t.epsilon_high > 0, "training.epsilon_high must be > 0"),
-        (t.num_iterations >= 1, "training.num_iterations must be >= 1"),
+        *rl.rollout_checks(t),
         (t.save_steps >= 1, "training.save_steps must be >= 1"),
         (tr.penalty >= 0, "trigger.penalty must be >= 0"),
         (0 < tr.initial_rate < 1, "trigger.initial_rate must be in (0, 1)"),

@@ -43,7 +43,7 @@ import torch
 from memgen_cli.data.base import Example, Task
 from memgen_cli.data.graders import completion_text
 from memgen_cli.data.gym import GraderErrors, grade_checked
-from memgen_cli.errors import MemgenError, require
+from memgen_cli.errors import MemgenError, require, require_choice
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -324,28 +324,37 @@ def check_settings(t, r) -> None:
             f"each. Set --set training.batch_size={' or '.join(map(str, fits))}, or change "
             "training.num_generations to a divisor of the batch size."
         )
-    choices = [
-        ("training.loss_type", t.loss_type, LOSS_TYPES),
-        ("training.scale_rewards", t.scale_rewards, SCALE_REWARDS),
-    ]
-    for name, value, allowed in choices:
-        if value not in allowed:
-            raise MemgenError(f'{name} must be one of {", ".join(allowed)}; got "{value}".')
+    check_loss_names(t)
     checks = [
         (
             t.temperature > 0,
             "training.temperature must be > 0: with greedy rollouts a group's completions are "
             "identical and nothing learns",
         ),
+        *rollout_checks(t),
+        (t.beta >= 0, "training.beta must be >= 0"),
+    ]
+    require(checks)
+    check_rewards(r)
+
+
+def check_loss_names(t) -> None:
+    """A GRPO-style ``training`` section's loss and advantage scaling are ones we know."""
+    require_choice("training.loss_type", t.loss_type, LOSS_TYPES)
+    require_choice("training.scale_rewards", t.scale_rewards, SCALE_REWARDS)
+
+
+def rollout_checks(t) -> list[tuple[bool, str]]:
+    """The ``errors.require`` checks of a GRPO-style ``training`` section that every RL stage
+    shares (grpo-weaver, baseline grpo, train-trigger): rollout sampling mass and length, the
+    clipping range, the updates per rollout batch."""
+    return [
         (0 < t.top_p <= 1, "training.top_p must be in (0, 1]"),
         (t.max_completion_length >= 1, "training.max_completion_length must be >= 1"),
         (t.epsilon > 0, "training.epsilon must be > 0"),
         (t.epsilon_high is None or t.epsilon_high > 0, "training.epsilon_high must be > 0"),
         (t.num_iterations >= 1, "training.num_iterations must be >= 1"),
-        (t.beta >= 0, "training.beta must be >= 0"),
     ]
-    require(checks)
-    check_rewards(r)
 
 
 def check_rewards(r) -> None:
