@@ -68,6 +68,9 @@ from memgen_cli.stages import (
     train_trigger,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality_kept  # noqa: E402  (the --kept block, beside this file)
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/smollm2-135m/basic_arithmetic/sft-weaver.yaml"
 # Never trained on: chain_sum states a problem differently ("State the final answer to the
@@ -145,7 +148,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="with --table: write the table and its settings as Markdown into the marked "
         "block of PATH (replaced if present, appended otherwise; repeatable)",
     )
+    p.add_argument(
+        "--kept", action="store_true", help="with --table: the kept block (quality_kept.py)"
+    )
+    quality_kept.add_arguments(p)
     args = p.parse_args(argv)
+    quality_kept.check_arguments(p, args)
     if args.markdown and not args.table:
         p.error("--markdown writes the --table table; add --table")
     if args.deep and not args.table:
@@ -544,8 +552,12 @@ def main(argv=None) -> None:
     if args.table:
         cfg = load_recipe(SFTConfig, args.recipe, args.overrides)
         result = table(args, cfg, Path(args.output), Console(file=sys.stderr))
+        if args.kept:
+            result["kept"] = quality_kept.run(args, result["table"], Path(args.output), Console(file=sys.stderr))  # fmt: skip
         for path in args.markdown:
             write_markdown(Path(path), result)
+            if args.kept:
+                write_markdown(Path(path), result["kept"], quality_kept.markdown_table, quality_kept.MARKERS)  # fmt: skip
         print(json.dumps(result))
         return
     torch_threads = os.environ.get("OMP_NUM_THREADS")
