@@ -228,6 +228,7 @@ def test_eval_writes_one_row_per_artifact_on_the_same_problems(built, tmp_path):
     keys = [(r["artifact"], r["mode"]) for r in got["results"]]
     assert keys == [(str(weaver), "weaver"), (str(embed), "off")]
     assert got["config"]["artifacts"][1]["kind"] == "retrieval"
+    assert got["results"][1]["retrieval_s"] >= 0 and "retrieval_s" not in got["results"][0]
     preds = rows(tmp_path / "ev" / "predictions.jsonl")
     by = {key: [p for p in preds if (p["artifact"], p["mode"]) == key] for key in keys}
     assert [p["index"] for p in by[keys[0]]] == [p["index"] for p in by[keys[1]]] == [0, 1, 2, 3]

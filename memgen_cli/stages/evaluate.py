@@ -164,7 +164,9 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
                 f"{display_name(entry.label)}: made with other versions ({', '.join(changed)})"
             )
         for label, task in tasks.items():
+            tick = time.perf_counter()
             items = problem_items(problems[label], suffix, system, shots, session)
+            searched = round(time.perf_counter() - tick, 3)  # retrieval: not in samples/s
             batches = make_batches(session.model.tokenizer, items, opts.batch_size)
             mine = distributed.shard(list(enumerate(batches)), dist.rank, dist.world_size)
             for mode in entry.modes:
@@ -194,6 +196,8 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
                 row = summarize(
                     label, task, mode, records, seconds, sum(p["grade_s"] for p in parts)
                 )
+                if shots is not None:
+                    row["retrieval_s"] = searched
                 errors = [r["grader_error"] for r in records if r["grader_error"]]
                 GraderErrors(len(records), errors).check(f"{label} (memory {mode})")
                 results.append({"artifact": entry.label, **row})
