@@ -30,11 +30,14 @@ paths give identical greedy tokens and next-token logits within 1e-4.
 
 Modules: ``trace`` (what a run returns and streams), ``sampling`` (token choice, prompts),
 ``state`` (``_Run``, the state machine), ``cached`` (``iter_generate`` / ``generate``),
-``reference`` (``reference_generate``).
+``reference`` (``reference_generate``), ``episodes`` (``play``: multi-turn episodes in an
+environment, the caches kept across turns) and ``episode_reference`` (``reference_play``).
 """
 
 from memgen_cli.config import GenerationConfig
-from memgen_cli.generation.cached import generate, iter_generate
+from memgen_cli.generation.cached import decode, generate, iter_generate
+from memgen_cli.generation.episode_reference import reference_play
+from memgen_cli.generation.episodes import Episode, EpisodeConfig, parse_action, play
 from memgen_cli.generation.reference import reference_generate
 from memgen_cli.generation.sampling import _eos_ids, _pick, check_mode, encode_prompts, sample
 from memgen_cli.generation.state import PASS_COST, _Run, pass_groups
@@ -48,6 +51,8 @@ from memgen_cli.generation.trace import (
 
 __all__ = [
     "PASS_COST",
+    "Episode",
+    "EpisodeConfig",
     "GenerationConfig",
     "GenerationOutput",
     "Insertion",
@@ -55,11 +60,15 @@ __all__ = [
     "Skip",
     "StepEvent",
     "check_mode",
+    "decode",
     "encode_prompts",
     "generate",
     "iter_generate",
+    "parse_action",
     "pass_groups",
+    "play",
     "reference_generate",
+    "reference_play",
     "sample",
     # private, read by tests and by models/prompt_learning.py
     "_Run",

@@ -52,24 +52,14 @@ def iter_generate(
         trace.insertions += woven
         yield StepEvent(None, run.active.clone(), woven)
     tokens, picked, step_logits, logprobs = [], [], [], []
-    run.active &= cfg.max_new_tokens > 0
-    while run.active.any():
-        ready = run.active & ~run.due  # rows whose weave waits pick no token this step
-        logits = model.lm_head(run.last)
+    for token, ready, inserted, logits in decode(run, generator):
         if keep_logits:
             step_logits.append(logits)
-        token = _pick(logits, cfg, generator)
         if keep_logprobs:
             scaled = logits / (cfg.temperature if cfg.temperature > 0 else 1.0)
             logprobs.append(scaled.log_softmax(-1).gather(1, token[:, None])[:, 0])
-        token = torch.where(ready, token, run.eos[0])
         tokens.append(token)
         picked.append(ready)
-        run.chosen = run.chosen + ready.long()
-        if not cfg.ignore_eos:
-            run.active = run.active & ~(ready & torch.isin(token, run.eos))
-        run.active = run.active & (run.chosen < cfg.max_new_tokens)  # a row's last is not fed
-        inserted = run.step(token, ready & run.active) if run.active.any() else []
         trace.insertions += inserted
         yield StepEvent(token, ready, inserted)
     trace.skips = run.skips
@@ -81,6 +71,25 @@ def iter_generate(
             for lp, row, done in zip(lps, result.tokens, result.finished, strict=True)
         ]
     yield result
+
+
+def decode(run: _Run, generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, list, torch.Tensor]]:
+    """Steps 1-4 for every active row until each has stopped (EOS, or ``max_new_tokens``
+    picked): per step (tokens, rows that picked one, insertions, logits). A row whose weave
+    waits picks no token that step: its entry is EOS, and ``ready`` is False there. Shared by
+    ``iter_generate`` and the episode engine (one call per assistant turn)."""
+    cfg = run.cfg
+    run.active &= cfg.max_new_tokens > 0
+    while run.active.any():
+        ready = run.active & ~run.due  # rows whose weave waits pick no token this step
+        logits = run.model.lm_head(run.last)
+        token = torch.where(ready, _pick(logits, cfg, generator), run.eos[0])
+        run.chosen = run.chosen + ready.long()
+        if not cfg.ignore_eos:
+            run.active = run.active & ~(ready & torch.isin(token, run.eos))
+        run.active = run.active & (run.chosen < cfg.max_new_tokens)  # a row's last is not fed
+        inserted = run.step(token, ready & run.active) if run.active.any() else []
+        yield token, ready, inserted, logits
 
 
 def _per_row(steps: list[torch.Tensor], picked: list[torch.Tensor], convert) -> list:

@@ -51,6 +51,8 @@ class _Run:
         # Rows whose weave waits a step (see ``step``), and their trigger probabilities.
         self.due = torch.zeros_like(self.active)
         self.due_probs: torch.Tensor | None = None
+        # Rows that weave again after they stop (an episode's next turn): keep what they read.
+        self.resumes = torch.zeros_like(self.active)
         # What the reasoner has read, as (embeds, mask, positions) pieces for the whole batch;
         # row r's weaver has read pieces[: read[r] - dropped]. Rows weave at different steps,
         # so each row has its own weaver cache, made on its first weave.
@@ -96,7 +98,7 @@ class _Run:
         waiting = [
             self.read[r]
             for r in range(self.batch)
-            if self.active[r] and (self.left[r] > 0 or self.due[r])
+            if (self.active[r] and (self.left[r] > 0 or self.due[r])) or self.resumes[r]
         ]
         done = min(waiting, default=self.dropped + len(self.pieces)) - self.dropped
         del self.pieces[:done]
@@ -226,10 +228,11 @@ class _Run:
             self.active[index],
             self.last[index],
         )
-        self.chosen, self.emitted, self.due = (
+        self.chosen, self.emitted, self.due, self.resumes = (
             self.chosen[index],
             self.emitted[index],
             self.due[index],
+            self.resumes[index],
         )
         self.pieces = [tuple(t[index] for t in piece) for piece in self.pieces]
         self.read = [self.read[r] for r in index.tolist()]
@@ -250,7 +253,8 @@ class _Run:
             return []  # K = 0 turns this kind of insertion off
         index = rows.nonzero().flatten().tolist()
         k = self.model.weaver.num_latents(kind)
-        if kind == "prompt":  # every row weaves: ``index`` is every row
+        first = all(c is None for c in self.weaver_caches)  # a run's prompt; not a later turn's
+        if kind == "prompt" and first and len(index) == self.batch:
             memory, states = self._weave_all(kind)
         else:
             woven = self._weave_rows(kind, index)
