@@ -159,3 +159,80 @@ def test_missing_textworld_is_one_message_and_exit_2(monkeypatch, tiny_weaver, t
     assert result.exit_code == 2, result.output
     text = " ".join(result.stderr.split())
     assert text.count("error:") == 1 and INSTALL in text and "Traceback" not in result.output
+
+
+class Expert:
+    """A TextWorld game that plays its expert's next command whatever the agent says: the
+    engine's turns then follow the walkthrough to a win (the agent's own actions are still
+    parsed and counted)."""
+
+    def __init__(self, env):
+        self.env, self.last = env, None
+
+    def reset(self):
+        self.last = self.env.reset()
+        return self.last
+
+    def step(self, action):
+        self.last = self.env.step(self.last.expert[0])
+        return self.last
+
+    def close(self):
+        self.env.close()
+
+
+@needs_textworld
+def test_the_episode_engine_plays_textworld_games_to_a_win(cached, one_thread):
+    from conftest import make_memgen
+    from memgen_cli.config import GenerationConfig
+    from memgen_cli.generation import EpisodeConfig, play
+
+    tasks = [  # the games test_walkthrough_wins_a_generated_game made (cached)
+        get_task("textworld:coin_collector", level=5, objective="brief", exclude_train=0),
+        get_task("textworld:treasure_hunter", level=5, exclude_train=0),
+    ]
+    games = [task.load("test", 1)[0] for task in tasks]
+    routes = [g.meta["walkthrough"] for g in games]
+    assert len({len(r) for r in routes}) == 2  # episodes that end at different turns
+    envs = [Expert(task.environment(g)) for task, g in zip(tasks, games, strict=True)]
+    cfg = GenerationConfig(max_new_tokens=4, memory="weaver")
+    try:
+        played = play(make_memgen("llama"), envs, cfg, EpisodeConfig(max_turns=10))
+    finally:
+        for env in envs:
+            env.close()
+    for ep, route in zip(played, routes, strict=True):
+        assert ep.won and ep.done and ep.turns == len(route) and sum(ep.rewards) == 1.0
+        assert ep.invalid == ep.actions.count(None) > 0  # a random tiny model names no command
+        users = [m["content"] for m in ep.messages if m["role"] == "user"]
+        assert len(users) == ep.turns + 1 and users[0].startswith(ep.messages[0]["content"][:20])
+        assert "Available commands:" in users[1] and "$$" not in "".join(users)
+        assert ep.weaves >= ep.turns  # prompt latents at every turn's start
+
+
+@needs_textworld
+def test_eval_on_textworld_reports_episodes(cached, tiny_weaver, tmp_path, one_thread):
+    import json
+
+    _, artifact = tiny_weaver
+    out = tmp_path / "eval"
+    args = ["eval", "--artifact", str(artifact), "--data", "textworld:coin_collector"]
+    args += ["--limit", "2", "--max-new-tokens", "4", "--output", str(out)]
+    args += ["--task-option", "max_turns=3", "--task-option", "exclude_train=0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "metrics.json").read_text())["results"]
+    assert [r["mode"] for r in rows] == ["off", "weaver"]
+    for row in rows:
+        assert row["n"] == 2 and row["mean_steps"] == 3.0  # nobody wins: the turn limit
+        assert 0 <= row["invalid_action_rate"] <= 1 and row["accuracy"] == 0.0
+        assert f"memory {row['mode']}: success 0.0 ± 0.0 %, 3.0 steps" in result.output
+    assert rows[0]["weaves_per_episode"] == 0 and rows[1]["weaves_per_episode"] >= 3
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 4
+    woven = next(r for r in records if r["mode"] == "weaver")
+    assert woven["episode"]["turns"] == 3 and len(woven["transcript"]) == 1 + 2 * 3
+    replies = [m["content"] for m in woven["transcript"] if m["role"] == "assistant"]
+    assert all(reply.startswith("⟨mem ") for reply in replies)  # prompt latents each turn
+    assert woven["prompt"].startswith(woven["transcript"][0]["content"][:30])
+    assert woven["gold"] and woven["extracted"].count(";") == 2

@@ -37,8 +37,10 @@ from memgen_cli.artifacts import artifact_digest, load_baseline, read_manifest
 from memgen_cli.config import GenerationConfig, MemoryConfig
 from memgen_cli.console import make_console
 from memgen_cli.data import Example, Task, get_task, to_messages
+from memgen_cli.data.environment import EnvironmentTask
 from memgen_cli.data.gym import GraderErrors, grade_checked
 from memgen_cli.errors import MemgenError
+from memgen_cli.evaluation.episodes import episode_figures, episode_line, play_batch
 from memgen_cli.evaluation.heldout import contamination_warnings, data_seed
 from memgen_cli.evaluation.plan import (
     Entry,
@@ -127,6 +129,7 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
         label: task_options(label, options, manifests, notes) for label in parse_specs(opts.data)
     }
     tasks = {label: get_task(label, **kw) for label, kw in per_task.items()}
+    check_episode_entries(tasks, entries)
     # 2. the problems (the same for every artifact and mode)
     problems: dict[str, list[Example]] = {}
     seeds: dict[str, int | None] = {}
@@ -200,6 +203,8 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
                     row["retrieval_s"] = searched
                 errors = [r["grader_error"] for r in records if r["grader_error"]]
                 GraderErrors(len(records), errors).check(f"{label} (memory {mode})")
+                if isinstance(task, EnvironmentTask):
+                    row.update(episode_figures(records))
                 results.append({"artifact": entry.label, **row})
                 predictions += records
                 if key is not None:
@@ -224,9 +229,26 @@ def _evaluate(opts: EvalOptions, dist, console: Console, notes: Console) -> dict
         console.print(json.dumps(metrics), markup=False, highlight=False, soft_wrap=True)
     else:
         console.print(results_table(results, metrics["seconds"], out, warnings))
+        for row in results:
+            if "mean_steps" in row:
+                console.print(episode_line(row), highlight=False)
         if opts.show:
             console.print(examples_table(predictions, opts.show))
     return metrics
+
+
+def check_episode_entries(tasks: dict[str, Task], entries: list[Entry]) -> None:
+    """Environment tasks play episodes with memgen's generation: refuse the entries that
+    answer otherwise (retrieved examples, prompt or prefix tuning's virtual tokens)."""
+    games = [label for label, task in tasks.items() if isinstance(task, EnvironmentTask)]
+    for entry in entries if games else []:
+        method = (entry.manifest or {}).get("method", "lora")
+        if entry.retrieval is not None or entry.is_retrieval or method != "lora":
+            raise MemgenError(
+                f"{display_name(entry.label)} cannot play {games[0]}: its episodes run weaver "
+                "artifacts, LoRA baselines and the plain reasoner (not retrieval artifacts or "
+                "prompt or prefix tuning)."
+            )
 
 
 # --------------------------------------------------------------------------- models
@@ -338,6 +360,14 @@ def run_mode(
     with Progress(*columns, console=notes, transient=True, disable=not live) as progress:
         bar = progress.add_task("eval", total=total)
         for number, batch in batches:
+            if isinstance(task, EnvironmentTask):  # each problem is a game: play episodes
+                tick = time.perf_counter()
+                records += play_batch(
+                    model, task, label, batch, replace(gen, seed=gen.seed + number)
+                )
+                seconds += time.perf_counter() - tick
+                progress.advance(bar, len(batch))
+                continue
             enc = encode_prompts(tok, [p.messages for p in batch], model.device)
             tick = time.perf_counter()
             # Seeded per batch, so sampling does not depend on how batches are spread.
