@@ -161,6 +161,8 @@ def test_retrieval_is_deterministic_with_ties_in_store_order(built):
         hits = build(model, twins, similarity).search(model, [experiences[0].question], 2)[0]
         assert [h.experience.id for h in hits] == [experiences[0].id, "twin"]
         assert hits[0].score == pytest.approx(hits[1].score)
+        # An empty question matches nothing: the store's first entries, in order.
+        assert ids(a.search(model, ["", NEW[0]], 2))[0] == [e.id for e in experiences[:2]]
     # k larger than the store: the whole store, ranked.
     assert len(a.search(model, NEW[:1], 50)[0]) == len(experiences)
 

@@ -70,20 +70,23 @@ class Retriever:
         return len(self.experiences)
 
     def search(self, model: MemGenModel, questions: list[str], k: int) -> list[list[Hit]]:
-        """For each question, the ``min(k, len(store))`` most similar entries, best first."""
+        """For each question, the ``min(k, len(store))`` most similar entries, best first. A
+        question with no tokens matches nothing: every score 0, so the store's first entries."""
         k = min(k, len(self))
+        scores = np.zeros((len(questions), len(self)))
+        tokens = [bm25_tokens(model.tokenizer, q) for q in questions]
+        asked = [i for i, t in enumerate(tokens) if t]
         if self.similarity == "bm25":
-            scores = [self.index.get_scores(bm25_tokens(model.tokenizer, q)) for q in questions]
-            return [self._ranked(np.asarray(s, dtype=np.float64), k) for s in scores]
-        query = self._normalised(embed_questions(model, questions))
-        # Ask for k + 8: a tie at the k-th place is then broken by store order, not by faiss.
-        scores, ids = self.index.search(query, min(k + 8, len(self)))
-        hits = []
-        for row_scores, row_ids in zip(scores, ids, strict=True):
-            full = np.full(len(self), -np.inf)
-            full[row_ids] = row_scores
-            hits.append(self._ranked(full, k))
-        return hits
+            for i in asked:
+                scores[i] = self.index.get_scores(tokens[i])
+        elif asked:
+            query = self._normalised(embed_questions(model, [questions[i] for i in asked]))
+            # Ask for k + 8: a tie at the k-th place is then broken by store order, not faiss.
+            found, ids = self.index.search(query, min(k + 8, len(self)))
+            for i, row_scores, row_ids in zip(asked, found, ids, strict=True):
+                scores[i] = -np.inf  # outside faiss's answer: below every entry it returned
+                scores[i, row_ids] = row_scores
+        return [self._ranked(row, k) for row in scores]
 
     def _ranked(self, scores: np.ndarray, k: int) -> list[Hit]:
         order = np.lexsort((np.arange(len(scores)), -scores))[:k]  # score desc, then store order
