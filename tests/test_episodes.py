@@ -189,7 +189,7 @@ def test_a_turn_runs_only_its_new_tokens(monkeypatch):
     """After the first prompt, no reasoner pass is longer than one turn's new tokens (the end
     of the reply, the turn break, the observation), and no weaver pass reads more than what
     came since its last: the history is never re-read."""
-    for memory in ("off", "weaver"):
+    for memory, keep in (("off", True), ("weaver", True), ("weaver", False)):
         mg = make_memgen("llama")
         reasoner, weaver = [], []
         hidden, weaver_pass = mg.reasoner_hidden, mg._weaver_pass
@@ -197,7 +197,7 @@ def test_a_turn_runs_only_its_new_tokens(monkeypatch):
         monkeypatch.setattr(mg, "reasoner_hidden", _counted(hidden, reasoner))
         monkeypatch.setattr(mg, "_weaver_pass", _counted(weaver_pass, weaver))
         cfg = GenerationConfig(max_new_tokens=8, memory=memory)
-        played = play(mg, scripted(), cfg)
+        played = play(mg, scripted(), cfg, EpisodeConfig(keep_latents=keep))
         breaks = [
             len(
                 next_tokens(
@@ -207,7 +207,8 @@ def test_a_turn_runs_only_its_new_tokens(monkeypatch):
             for ep in played
             for t in range(ep.turns - 1)
         ]
-        chunk = max(breaks) + 1  # the reply's last token, when it did not stop at EOS
+        # the reply's last token, when it did not stop at EOS; rewound: the whole reply again
+        chunk = max(breaks) + (1 if keep else 8)
         k = max(mg.weaver.num_latents("prompt"), mg.weaver.num_latents("inference"))
         assert reasoner[0] > chunk and max(reasoner[1:]) <= chunk  # decode 1, latents k, chunks
         assert sum(w > k for w in reasoner[1:]) == max(ep.turns for ep in played) - 1  # one a turn

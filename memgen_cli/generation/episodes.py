@@ -178,6 +178,8 @@ def play(
             break
         mark = _mark(run) if rewind else None
         woven, skips = _open_turn(run, alive)  # 1
+        if mark is not None:
+            _mark_read(run, mark, {i.row for i in woven})
         replies, finished = _decode_turn(run, generator, woven)  # 2
         skips += run.skips  # the trained trigger's refusals at clause boundaries
         run.skips = []
@@ -269,7 +271,8 @@ def _append(run: _Run, chunks: list[list[int]]) -> None:
 
 @dataclass
 class _Mark:
-    """Where a turn began, to go back to (``keep_latents=False``)."""
+    """Where a turn began, to go back to (``keep_latents=False``): the reasoner's cache, what
+    is still to read, and per row how much of it its weaver has read (``_mark_read``)."""
 
     columns: int
     mask: torch.Tensor
@@ -290,6 +293,15 @@ def _mark(run: _Run) -> _Mark:
         list(run.read),
         [None if c is None else c.length for c in run.weaver_caches],
     )
+
+
+def _mark_read(run: _Run, mark: _Mark, rows: set[int]) -> None:
+    """After the turn's first weave: the rows that wove have read the history up to the turn,
+    and keep it (the rewind cuts their weaver caches to it, not to before the weave)."""
+    queries = run.model.weaver.num_latents("prompt") if run.kv else 0  # kv keeps its slots
+    for r in rows:
+        mark.weaver[r] = run.weaver_caches[r].length - queries
+        mark.read[r] = run.read[r]
 
 
 def _rewind(run: _Run, mark: _Mark) -> None:
