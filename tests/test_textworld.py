@@ -236,3 +236,18 @@ def test_eval_on_textworld_reports_episodes(cached, tiny_weaver, tmp_path, one_t
     assert all(reply.startswith("⟨mem ") for reply in replies)  # prompt latents each turn
     assert woven["prompt"].startswith(woven["transcript"][0]["content"][:30])
     assert woven["gold"] and woven["extracted"].count(";") == 2
+
+
+@needs_textworld
+def test_a_first_long_generation_says_what_it_makes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MEMGEN_HOME", str(tmp_path))
+    task = TextWorldTask("coin_collector", level=7, exclude_train=25)
+    made = lambda seed: {"walkthrough": [f"go {seed}", "take coin"], "objective": "o"}  # noqa: E731
+    monkeypatch.setattr(task, "game", made)
+    assert len(task.load("test", 2)) == 2
+    note = " ".join(capsys.readouterr().err.split())
+    assert "making up to 25 training and 2+ held-out games" in note and str(tmp_path) in note
+    task.cache_dir().mkdir(parents=True)
+    (task.cache_dir() / "1.meta.json").write_text("{}")  # a cache already there: no note
+    task.load("train", 30)
+    assert capsys.readouterr().err == ""

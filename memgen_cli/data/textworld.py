@@ -238,15 +238,20 @@ class TextWorldTask(EnvironmentTask):
         if limit is not None and limit < 0:
             raise MemgenError(f"limit must be >= 0, got {limit}")
         n = limit if limit is not None else self.size or DEFAULT_SIZE[_kind(split)]
-        seeds = list(range(base, base + n)) if split == "train" else self.heldout(base, n)
+        train = split == "train"
+        if n + (0 if train else self.exclude_train) > 20:
+            self._note(
+                f"{n} training games"
+                if train
+                else f"{self.exclude_train} training and {n}+ held-out games"
+            )
+        seeds = list(range(base, base + n)) if train else self.heldout(base, n)
         return [self.example(s, split) for s in seeds]
 
     def heldout(self, start: int, n: int) -> list[int]:
         """``n`` seeds from ``start`` on whose games are not training games: outside the first
         ``exclude_train`` training seeds, with a walkthrough none of those games has."""
         train = range(self.train_seed, self.train_seed + self.exclude_train)
-        if self.exclude_train + n > 20:
-            self._note(f"{self.exclude_train} training and {n}+ held-out")
         routes = {tuple(self.game(s)["walkthrough"]) for s in train}
         seeds, tries = [], TRIES_PER_GAME * n + 100
         for seed in range(start, start + tries):
@@ -264,12 +269,12 @@ class TextWorldTask(EnvironmentTask):
         return seeds
 
     def _note(self, what: str) -> None:
-        missing = not any(self.cache_dir().glob("*.meta.json"))
-        if missing:
+        """Say once, before a first long generation, what is being made and where it goes."""
+        if not any(self.cache_dir().glob("*.meta.json")):
             from memgen_cli.console import make_console
 
             make_console(stderr=True).print(
-                f"{self.name}: making {what} games (about a second each, cached in "
+                f"{self.name}: making up to {what} (about a second each, cached in "
                 f"{self.cache_dir()})",
                 highlight=False,
             )
