@@ -36,7 +36,13 @@ import torch
 import trl
 from rich.table import Table
 
-from memgen_cli.artifacts import BASELINE_NAMES, load_baseline, read_manifest, save_baseline
+from memgen_cli.artifacts import (
+    BASELINE_NAMES,
+    load_baseline,
+    read_manifest,
+    require_kind,
+    save_baseline,
+)
 from memgen_cli.config import BaselineGRPOConfig
 from memgen_cli.data import Example, to_messages
 from memgen_cli.errors import MemgenError
@@ -78,6 +84,7 @@ def validate(cfg: BaselineGRPOConfig, resume: str | None) -> tuple[Path | None, 
     manifest = None
     if cfg.init is not None:
         manifest = read_manifest(cfg.init)
+        require_kind(manifest, cfg.init, "baseline")  # a retrieval store: its own message
         if manifest["kind"] != "baseline":
             raise MemgenError(
                 f"init {cfg.init} is a {manifest['kind']} artifact (a trained weaver), not a LoRA "
