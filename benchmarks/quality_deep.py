@@ -62,13 +62,13 @@ from memgen_cli.config import (
     load_recipe,
 )
 from memgen_cli.errors import MemgenError
-from memgen_cli.evaluation.stats import paired
 from memgen_cli.models.base import resolve_source
 from memgen_cli.stages import evaluate
 from memgen_cli.stages.baseline import lora_params_per_rank, matched_rank, weaver_trainable_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (the table's shared parts: figures, provenance, Markdown block)
+from quality_kept import correctness, paired_on  # noqa: E402  (one eval run's paired figures)
 
 
 @dataclass(frozen=True)
@@ -358,23 +358,6 @@ def evaluate_runs(paths: dict[str, Path], modes: list[str], spec, args, out, qui
     metrics = evaluate.run(opts, console=quiet)
     lines = (Path(metrics["output"]) / "predictions.jsonl").read_text().splitlines()
     return metrics, correctness([json.loads(line) for line in lines if line.strip()])
-
-
-def correctness(predictions: list[dict]) -> dict[tuple, dict[int, bool]]:
-    """{(artifact, mode): {problem index: solved}} from one eval run's predictions."""
-    out: dict[tuple, dict[int, bool]] = {}
-    for p in predictions:
-        out.setdefault((p["artifact"], p["mode"]), {})[p["index"]] = bool(p["correct"])
-    return out
-
-
-def paired_on(correct: dict, reference: tuple, other: tuple) -> dict:
-    """``other`` − ``reference`` on the problems both ran (the same ones, in one eval run)."""
-    a, b = correct[reference], correct[other]
-    if sorted(a) != sorted(b):
-        raise RuntimeError(f"{reference} and {other} ran different problems")
-    ids = sorted(a)
-    return paired([a[i] for i in ids], [b[i] for i in ids])
 
 
 def pairs(rows: list[str], runs: dict[str, list[Run]], paths, evals: dict) -> list[dict]:

@@ -56,6 +56,20 @@ class Task:
         return float(math_equal(self.extract(completion), example.answer))
 
 
+EVAL_SPLITS = ("test", "validation", "eval")
+"""The names an evaluation split goes by in the seeded (generated) tasks."""
+
+
+def seeded_split(task: str, split: str, train_seed: int, eval_seed: int) -> int:
+    """The seed a generated task draws ``split`` from: ``train_seed`` for train, ``eval_seed``
+    for any of ``EVAL_SPLITS``; another name is an error naming the splits."""
+    if split == "train":
+        return train_seed
+    if split in EVAL_SPLITS:
+        return eval_seed
+    raise MemgenError(f"{task} has splits train, {', '.join(EVAL_SPLITS)}; got {split!r}.")
+
+
 def to_messages(
     example: Example, prompt_suffix: str = "", system: str | None = None
 ) -> list[dict[str, str]]:

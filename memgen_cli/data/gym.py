@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memgen_cli.data.arithmetic import worked_solution
-from memgen_cli.data.base import Example, Task
+from memgen_cli.data.base import Example, Task, seeded_split
 from memgen_cli.data.graders import (
     extract_boxed,
     extract_math_answer,
@@ -32,7 +32,6 @@ TRAIN_SEED = 42
 # uses generator states 42 .. 42+n-1. An evaluation seed of 4242 would collide with train
 # item 4200 onwards; 1_000_000 keeps the two ranges apart for any train set below ~1e6.
 EVAL_SEED = 1_000_000
-EVAL_SPLITS = ("test", "validation", "eval")
 DEFAULT_SIZE = {"train": 5000, "eval": 500}
 # A scorer may choke on the odd completion now and then, but one that raises on more than 2 %
 # of the answers it grades (and on at least 3) is broken: its zeros would read as the model's
@@ -138,11 +137,7 @@ class GymTask(Task):
             ) from None
 
     def seed_for(self, split: str) -> int:
-        if split == "train":
-            return self.train_seed
-        if split in EVAL_SPLITS:
-            return self.eval_seed
-        raise MemgenError(f"{self.name} has splits train, {', '.join(EVAL_SPLITS)}; got {split!r}.")
+        return seeded_split(self.name, split, self.train_seed, self.eval_seed)
 
     def load(
         self, split: str | None = None, limit: int | None = None, seed: int | None = None

@@ -42,7 +42,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from memgen_cli.atomic import write_file
-from memgen_cli.data.base import Example
+from memgen_cli.data.base import Example, seeded_split
 from memgen_cli.data.environment import EnvironmentTask, Observation
 from memgen_cli.errors import MemgenError, did_you_mean
 
@@ -63,7 +63,6 @@ OBJECTIVES = ("detailed", "brief")
 TRAIN_SEED = 1
 # Held-out seeds start far above any training set (the gym tasks' convention, data/gym.py).
 EVAL_SEED = 1_000_000
-EVAL_SPLITS = ("test", "validation", "eval")
 DEFAULT_SIZE = {"train": 1000, "eval": 200}
 # Held-out games tried per game asked for before giving up: at low levels most routes repeat.
 TRIES_PER_GAME = 10
@@ -224,11 +223,7 @@ class TextWorldTask(EnvironmentTask):
 
     # ------------------------------------------------------------------------------ splits
     def seed_for(self, split: str) -> int:
-        if split == "train":
-            return self.train_seed
-        if split in EVAL_SPLITS:
-            return self.eval_seed
-        raise MemgenError(f"{self.name} has splits train, {', '.join(EVAL_SPLITS)}; got {split!r}.")
+        return seeded_split(self.name, split, self.train_seed, self.eval_seed)
 
     def load(
         self, split: str | None = None, limit: int | None = None, seed: int | None = None
