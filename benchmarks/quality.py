@@ -136,6 +136,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--trigger-parent", default="weaver-grpo", help="the weaver the trigger is trained on"
     )
+    p.add_argument(
+        "--retrieval",
+        metavar="DIR",
+        default=None,
+        help="with --table: a retrieval row (memgen baseline retrieval's artifact, memory off; "
+        "k and similarity chosen by benchmarks/retrieval_sweep.py), scored on the same problems",
+    )
     for row in ("grpo", "lora-grpo", "trigger"):
         p.add_argument(
             f"--{row}-set", action="append", default=[], help=f"a.b=value for the {row} recipe"
@@ -300,11 +307,12 @@ def table(args, cfg: SFTConfig, out: Path, quiet: Console) -> dict:
     manifests = {name: read_manifest(path) for name, path in paths.items()}
     specs = task_specs(args, cfg)
     names = list(paths)
+    extra = [Path(args.retrieval)] if args.retrieval else []
     evals = []
     for task, options, n in specs:
         opts = evaluate.EvalOptions(
             data=[task],
-            artifact=[paths[name] for name in names],
+            artifact=[paths[name] for name in names] + extra,
             memory=",".join(dict.fromkeys(TABLE_ROWS[r][1] for r in ["vanilla", *rows_asked])),
             limit=n,
             batch_size=args.batch_size,
@@ -344,6 +352,8 @@ def table(args, cfg: SFTConfig, out: Path, quiet: Console) -> dict:
             )
             entry[task] = {**figures(got), "vs_vanilla": got.get("vs_first")}
         rows.append(entry)
+    if args.retrieval:
+        rows.append(retrieval_row(Path(args.retrieval), evals))
     return {
         "table": rows,
         "tasks": {
@@ -368,6 +378,29 @@ def table(args, cfg: SFTConfig, out: Path, quiet: Console) -> dict:
         "heldout_loss": manifests["weaver"]["training"].get("heldout_loss"),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
+
+
+def retrieval_row(path: Path, evals: list) -> dict:
+    """The retrieval artifact's row: nothing trained; its build time is its training time."""
+    manifest = read_manifest(path)
+    if manifest.get("kind") != "retrieval":
+        raise SystemExit(f"--retrieval {path}: not a retrieval artifact (memgen baseline retrieval)")
+    r, built = manifest["retrieval"], manifest["training"]
+    build_s = round((built.get("store_s") or 0.0) + (built.get("index_s") or 0.0), 1)
+    entry = {
+        "row": f"retrieval ({r['similarity']}, k {r['k']})",
+        "artifact": str(path),
+        "mode": "off",
+        "train_s": build_s,
+        "train_s_total": build_s,
+        "trainable_params": 0,
+        "store_s": built.get("store_s"),
+        "index_s": built.get("index_s"),
+    }
+    for task, metrics in evals:
+        got = next(x for x in metrics["results"] if x["artifact"] == str(path))
+        entry[task] = {**figures(got), "vs_vanilla": got.get("vs_first")}
+    return entry
 
 
 def task_specs(args, cfg: SFTConfig) -> list[tuple[str, list[str], int]]:
@@ -464,6 +497,7 @@ def markdown_table(result: dict) -> str:
         name(first),
         "vs vanilla",
         "insertions per answer",
+        "answers/s",
         *map(name, others),
         "training s (chain)",
         "trainable params",
@@ -478,6 +512,7 @@ def markdown_table(result: dict) -> str:
             acc(r[first]),
             vs(r[first]),
             insertions(r[first]["insertions_per_answer"]),
+            count(r[first].get("samples_per_s"), ".2f"),
             *(acc(r[t]) for t in others),
             count(r.get("train_s_total")),
             count(r.get("trainable_params")),

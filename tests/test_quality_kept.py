@@ -174,3 +174,42 @@ def test_a_block_without_memory_off_or_a_passing_task_says_why(kept, artifacts):
     ]  # fmt: skip
     with pytest.raises(SystemExit, match="no candidate task reaches 100% with memory off"):
         kept.main([str(a) for a in argv])
+
+
+def test_the_tables_retrieval_row_is_scored_on_the_same_problems(artifacts):
+    """``quality.py --table --retrieval DIR``: one more artifact in each task's eval, its row
+    built from that eval (memory off, build seconds as training, no trainable parameters)."""
+    quality = load("quality")
+    store, weaver = artifacts["retrieval"], artifacts["weaver"]
+    metrics = {
+        "results": [
+            {"artifact": str(weaver), "mode": "off", "accuracy": 0.25, "stderr": 0.1, "n": 8,
+             "mean_insertions": 0.0, "mean_tokens": 4.0, "samples_per_s": 3.0},
+            {"artifact": str(store), "mode": "off", "accuracy": 0.5, "stderr": 0.1, "n": 8,
+             "mean_insertions": 0.0, "mean_tokens": 4.0, "samples_per_s": 2.0,
+             "vs_first": {"diff": 0.25, "diff_stderr": 0.1, "mcnemar_p": 0.5}},
+        ]
+    }  # fmt: skip
+    row = quality.retrieval_row(store, [("gym:basic_arithmetic", metrics)])
+    manifest = json.loads((store / "memgen.json").read_text())
+    k, similarity = manifest["retrieval"]["k"], manifest["retrieval"]["similarity"]
+    assert row["row"] == f"retrieval ({similarity}, k {k})"
+    assert row["trainable_params"] == 0 and row["mode"] == "off"
+    built = manifest["training"]["store_s"] + manifest["training"]["index_s"]
+    assert row["train_s_total"] == round(built, 1)
+    assert row["gym:basic_arithmetic"]["accuracy"] == 50.0
+    assert row["gym:basic_arithmetic"]["vs_vanilla"]["diff"] == 0.25
+    with pytest.raises(SystemExit, match="not a retrieval artifact"):
+        quality.retrieval_row(weaver, [("gym:basic_arithmetic", metrics)])
+
+
+def test_the_sweep_chooses_the_best_then_the_smaller_k_then_embed():
+    sweep = load("retrieval_sweep")
+    assert doctest.testmod(sweep).failed == 0
+    rows = [
+        {"similarity": "bm25", "k": 1, "accuracy": 0.40},
+        {"similarity": "embed", "k": 4, "accuracy": 0.45},
+        {"similarity": "bm25", "k": 2, "accuracy": 0.45},
+    ]
+    assert sweep.choose(rows) == {"similarity": "bm25", "k": 2, "accuracy": 0.45}
+    assert sweep.choose(rows[:1] + [{**rows[0], "similarity": "embed"}])["similarity"] == "embed"

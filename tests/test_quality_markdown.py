@@ -22,13 +22,16 @@ def quality():
     return module
 
 
-def cell(acc: float, se: float, ins: float = 0.0, diff: float | None = None) -> dict:
+def cell(
+    acc: float, se: float, ins: float = 0.0, diff: float | None = None, per_s: float = 5.0
+) -> dict:
     vs = None if diff is None else {"diff": diff, "diff_stderr": 0.021, "mcnemar_p": 1e-9}
     return {
         "accuracy": acc,
         "stderr": se,
         "n": 400,
         "insertions_per_answer": ins,
+        "samples_per_s": per_s,
         "vs_vanilla": vs,
     }
 
@@ -50,7 +53,7 @@ def result(weaver_acc: float = 30.8, commit: str = "abc1234") -> dict:
                 "row": "weaver-sft",
                 "train_s_total": 359.4,
                 "trainable_params": 1597826,
-                own: cell(weaver_acc, 2.3, ins=2.32, diff=0.128),
+                own: cell(weaver_acc, 2.3, ins=2.32, diff=0.128, per_s=2.125),
                 cross: cell(29.5, 3.2, diff=0.18),
             },
         ],
@@ -83,15 +86,30 @@ def test_table_rows_and_settings(quality):
     md = quality.markdown_table(result())
     lines = md.splitlines()
     assert lines[0] == (
-        "| row | basic_arithmetic (n 400) | vs vanilla | insertions per answer "
+        "| row | basic_arithmetic (n 400) | vs vanilla | insertions per answer | answers/s "
         "| chain_sum (n 200) | training s (chain) | trainable params |"
     )
-    assert lines[2] == "| vanilla (memory off) | 18.0 ± 1.9 % | – | 0 | 11.5 ± 2.3 % | – | – |"
+    assert lines[2] == (
+        "| vanilla (memory off) | 18.0 ± 1.9 % | – | 0 | 5.00 | 11.5 ± 2.3 % | – | – |"
+    )
     assert lines[3] == (
-        "| LoRA-SFT (r 28, TRL) | 57.5 ± 2.5 % | +39.5 ± 2.1 | 0 | 47.5 ± 3.5 % | 439 | 1,612,800 |"
+        "| LoRA-SFT (r 28, TRL) | 57.5 ± 2.5 % | +39.5 ± 2.1 | 0 | 5.00 | 47.5 ± 3.5 % | 439 "
+        "| 1,612,800 |"
     )
     assert lines[4] == (
-        "| weaver-SFT | 30.8 ± 2.3 % | +12.8 ± 2.1 | 2.32 | 29.5 ± 3.2 % | 359 | 1,597,826 |"
+        "| weaver-SFT | 30.8 ± 2.3 % | +12.8 ± 2.1 | 2.32 | 2.12 | 29.5 ± 3.2 % | 359 "
+        "| 1,597,826 |"
+    )
+    retrieval = {
+        "row": "retrieval (embed, k 2)",
+        "train_s_total": 3.4,
+        "trainable_params": 0,
+        "gym:basic_arithmetic": cell(30.0, 2.3, diff=0.12, per_s=4.0),
+        "gym:chain_sum": cell(20.0, 2.8, diff=0.085),
+    }
+    md2 = quality.markdown_table({**result(), "table": [*result()["table"], retrieval]})
+    assert md2.splitlines()[5] == (
+        "| retrieval (embed, k 2) | 30.0 ± 2.3 % | +12.0 ± 2.1 | 0 | 4.00 | 20.0 ± 2.8 % | 3 | 0 |"
     )
     for fact in ("2026-12-04", "`abc1234`", "2 cores", "torch 2.13.0+cpu", "seed 42"):
         assert fact in md
