@@ -384,7 +384,9 @@ def retrieval_row(path: Path, evals: list) -> dict:
     """The retrieval artifact's row: nothing trained; its build time is its training time."""
     manifest = read_manifest(path)
     if manifest.get("kind") != "retrieval":
-        raise SystemExit(f"--retrieval {path}: not a retrieval artifact (memgen baseline retrieval)")
+        raise SystemExit(
+            f"--retrieval {path}: not a retrieval artifact (memgen baseline retrieval)"
+        )
     r, built = manifest["retrieval"], manifest["training"]
     build_s = round((built.get("store_s") or 0.0) + (built.get("index_s") or 0.0), 1)
     entry = {

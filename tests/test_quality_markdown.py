@@ -97,8 +97,7 @@ def test_table_rows_and_settings(quality):
         "| 1,612,800 |"
     )
     assert lines[4] == (
-        "| weaver-SFT | 30.8 ± 2.3 % | +12.8 ± 2.1 | 2.32 | 2.12 | 29.5 ± 3.2 % | 359 "
-        "| 1,597,826 |"
+        "| weaver-SFT | 30.8 ± 2.3 % | +12.8 ± 2.1 | 2.32 | 2.12 | 29.5 ± 3.2 % | 359 | 1,597,826 |"
     )
     retrieval = {
         "row": "retrieval (embed, k 2)",
