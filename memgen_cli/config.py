@@ -63,6 +63,10 @@ class MemoryConfig:
     keys and values at K slots, at every layer, written into the reasoner's cache (shared
     backbone and full-attention models only; no projections; LoRA on k_proj / v_proj acts
     directly on what is written). See models/memgen.py. Artifacts without it are input."""
+    keep_latents: bool = True
+    """Episodes (environment tasks): latents woven in a turn stay in the context of later turns
+    (false: each turn sees only its own, the official code's multi-turn way). Training and
+    playing read this one setting; artifacts without it are true. See docs/agents.md."""
 
 
 @dataclass
