@@ -70,6 +70,15 @@ class Episode:
     finished: list[bool] = field(default_factory=list)  # the reply stopped at EOS
     insertions: list[list[Insertion]] = field(default_factory=list)  # token_index: in the turn
     skips: list[list[Skip]] = field(default_factory=list)
+    # What a scoring forward needs to see the context the episode saw (``play``'s
+    # ``keep_logprobs``): the first prompt's ids, each reply's stop token (None: cut at
+    # max_new_tokens), the ids fed after each reply but the last (the chat template's turn
+    # break, the observation, the next assistant header), and the sampling-time log-prob of
+    # each reply token and of its stop token.
+    prompt_ids: list[int] = field(default_factory=list)
+    stops: list[int | None] = field(default_factory=list)
+    breaks: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[float]] = field(default_factory=list)
     won: bool = False
     done: bool = False  # ended by the environment (won or lost), not by the turn limit
 
@@ -151,9 +160,11 @@ def play(
     cfg: GenerationConfig,
     episode: EpisodeConfig | None = None,
     system: str | None = None,
+    keep_logprobs: bool = False,
 ) -> list[Episode]:
     """Play one episode per environment, all in one batch; ``cfg.max_new_tokens`` caps each
-    reply. Greedy when ``cfg.temperature`` is 0."""
+    reply. Greedy when ``cfg.temperature`` is 0. ``keep_logprobs`` records each sampled
+    token's log-prob under softmax(logits / temperature) (GRPO's old policy)."""
     episode = episode or EpisodeConfig()
     check_mode(model, cfg.memory)
     model.eval()
@@ -163,6 +174,8 @@ def play(
     out = [Episode([*head, {"role": "user", "content": o.text}]) for o in first]
     enc = encode_prompts(tokenizer, [e.messages for e in out], device)
     run = _Run(model, enc["input_ids"], enc["attention_mask"], cfg)
+    for ep, ids, mask in zip(out, enc["input_ids"], enc["attention_mask"], strict=True):
+        ep.prompt_ids = ids[mask.bool()].tolist()
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     alive = torch.tensor([not o.done for o in first], device=device)
     last: list[Observation] = list(first)
@@ -180,7 +193,8 @@ def play(
         woven, skips = _open_turn(run, alive)  # 1
         if mark is not None:
             _mark_read(run, mark, {i.row for i in woven})
-        replies, finished = _decode_turn(run, generator, woven)  # 2
+        replies, stops, logprobs = _decode_turn(run, generator, woven, keep_logprobs)  # 2
+        finished = [s is not None for s in stops]
         skips += run.skips  # the trained trigger's refusals at clause boundaries
         run.skips = []
         more = turn + 1 < episode.max_turns
@@ -194,13 +208,17 @@ def play(
             ep.rewards.append(last[r].reward)
             ep.replies.append(replies[r])
             ep.finished.append(finished[r])
+            ep.stops.append(stops[r])
+            if keep_logprobs:
+                ep.logprobs.append(logprobs[r])
             ep.insertions.append([i for i in woven if i.row == r])
             ep.skips.append([s for s in skips if s.row == r])
             ep.won, ep.done = last[r].won, last[r].done
             alive[r] = not last[r].done
             if alive[r] and more:  # what follows the reply's last token, before it is recorded
                 unfed = replies[r] if rewind else [] if finished[r] else replies[r][-1:]
-                chunks[r] = unfed + next_tokens(tokenizer, ep.messages, last[r].text)
+                ep.breaks.append(next_tokens(tokenizer, ep.messages, last[r].text))
+                chunks[r] = unfed + ep.breaks[-1]
             ep.messages.append({"role": "assistant", "content": text})
             ep.messages.append({"role": "user", "content": last[r].text})
         if not (more and alive.any()):
@@ -230,24 +248,31 @@ def _open_turn(run: _Run, alive: torch.Tensor) -> tuple[list[Insertion], list[Sk
 
 
 def _decode_turn(
-    run: _Run, generator, woven: list[Insertion]
-) -> tuple[list[list[int]], list[bool]]:
-    """Step 2: every running row's reply (token ids up to its stop token) and whether it
-    stopped at EOS; inference insertions are added to ``woven``."""
+    run: _Run, generator, woven: list[Insertion], keep_logprobs: bool = False
+) -> tuple[list[list[int]], list[int | None], list[list[float]]]:
+    """Step 2: every running row's reply (token ids up to its stop token), the stop token
+    (None: cut at ``max_new_tokens``) and, if asked, the log-prob of each token picked, the
+    stop token's included; inference insertions are added to ``woven``."""
     rows: list[list[int]] = [[] for _ in range(run.batch)]
+    logprobs: list[list[float]] = [[] for _ in range(run.batch)]
     eos = set() if run.cfg.ignore_eos else set(run.eos.tolist())
-    stopped = [False] * run.batch
-    for token, ready, inserted, _ in decode(run, generator):
+    stops: list[int | None] = [None] * run.batch
+    temperature = run.cfg.temperature if run.cfg.temperature > 0 else 1.0
+    for token, ready, inserted, logits in decode(run, generator):
         woven += inserted
+        if keep_logprobs:  # as iter_generate's: the sampling distribution at temperature
+            picked = (logits / temperature).log_softmax(-1).gather(1, token[:, None])[:, 0]
         for r in ready.nonzero().flatten().tolist():
-            if stopped[r]:
+            if stops[r] is not None:
                 continue
             t = int(token[r])
+            if keep_logprobs:
+                logprobs[r].append(float(picked[r]))
             if t in eos:
-                stopped[r] = True
+                stops[r] = t
             else:
                 rows[r].append(t)
-    return rows, stopped
+    return rows, stops, logprobs
 
 
 def _append(run: _Run, chunks: list[list[int]]) -> None:
