@@ -63,32 +63,49 @@ class WeaveOutput:
 
 @dataclass
 class Points:
-    """Insertion points of a batch: the prompt point of each row (or None), then inference ones."""
+    """Insertion points of a batch: the prompt points (per row one index, or a list of them:
+    an episode weaves prompt latents where each assistant turn begins; or None), then the
+    inference points of each row. Every list is sorted."""
 
-    prompt: list[int] | None
+    prompt: list[int] | list[list[int]] | None
     inference: list[list[int]]
 
+    def row(self, b: int) -> list[tuple[int, str]]:
+        """Row ``b``'s points with their kind, in stream order."""
+        prompt = [] if self.prompt is None else self.prompt[b]
+        prompt = [prompt] if isinstance(prompt, int) else prompt
+        marked = [(p, "prompt") for p in prompt] + [(p, "inference") for p in self.inference[b]]
+        return sorted(marked)
+
     def rounds(self) -> list[tuple[str, list[int | None]]]:
-        """Per weaver round, its kind and each row's point (None: the row has no point)."""
+        """Per weaver round, its kind and each row's point (None: the row has no point).
+
+        A round weaves one kind (its query latents); each row takes its points in order, and a
+        round's kind is the one most rows need next (a tie: prompt). One prompt point per row
+        gives a prompt round, then one round per inference depth.
+
+        >>> Points([[1, 9], [4]], [[5], []]).rounds()
+        [('prompt', [1, 4]), ('inference', [5, None]), ('prompt', [9, None])]
+        """
+        queues = [self.row(b) for b in range(len(self.inference))]
+        heads = [0] * len(queues)
         out: list[tuple[str, list[int | None]]] = []
-        if self.prompt is not None:
-            out.append(("prompt", list(self.prompt)))
-        depth = max((len(p) for p in self.inference), default=0)
-        for r in range(depth):
-            out.append(("inference", [p[r] if r < len(p) else None for p in self.inference]))
-        return out
+        while True:
+            nexts = [q[h][1] if h < len(q) else None for q, h in zip(queues, heads, strict=True)]
+            if not any(nexts):
+                return out
+            kind = max(("prompt", "inference"), key=nexts.count)
+            here = [
+                q[h][0] if k == kind else None for q, h, k in zip(queues, heads, nexts, strict=True)
+            ]
+            heads = [h + (k == kind) for h, k in zip(heads, nexts, strict=True)]
+            out.append((kind, here))
 
     def per_row(self, k_prompt: int, k_inference: int) -> tuple[list[list[int]], list[list[int]]]:
         """Sorted points of each row and the number of latents at each."""
-        rows = len(self.inference)
-        pts = [
-            ([self.prompt[b]] if self.prompt is not None else []) + self.inference[b]
-            for b in range(rows)
-        ]
-        ks = [
-            ([k_prompt] if self.prompt is not None else []) + [k_inference] * len(self.inference[b])
-            for b in range(rows)
-        ]
+        rows = [self.row(b) for b in range(len(self.inference))]
+        pts = [[p for p, _ in row] for row in rows]
+        ks = [[k_prompt if kind == "prompt" else k_inference for _, kind in row] for row in rows]
         return pts, ks
 
 
@@ -314,9 +331,7 @@ def reference_weave_forward(
     for b in range(input_ids.shape[0]):
         real = attention_mask[b].bool()
         tokens = model.embed(input_ids[b, real][None])
-        kinds = (["prompt"] if points.prompt is not None else []) + ["inference"] * len(
-            points.inference[b]
-        )
+        kinds = [kind for _, kind in points.row(b)]
         if model.kv:
             row = tokens.new_zeros(input_ids.shape[1], tokens.shape[-1])
             row[real] = _reference_hidden_kv(model, tokens, pts[b], kinds)
