@@ -212,6 +212,7 @@ def test_the_loss_skips_zero_advantage_rows_with_the_same_loss_and_gradient(loss
         fake = SimpleNamespace(
             s=settings, _metrics=defaultdict(list), current_gradient_accumulation_steps=1
         )
+        fake.policy_rows = lambda inputs, rows: GRPOTrainer.policy_rows(fake, inputs, rows)
         mg.zero_grad()
         with pytest.MonkeyPatch.context() as patch:
             if not skip:  # the reference: every row through the training forward

@@ -73,15 +73,21 @@ class GRPOSettings:
 
 
 class PolicyObjective(WeaverObjective):
-    """What the Trainer trains for GRPO: per-token log-probs of rollouts under the woven policy.
+    """What the Trainer trains for GRPO: per-token log-probs of rollouts under the woven policy,
+    from ``scorer(model, temperature=..., **batch) -> (logps, entropy)`` (``policy_logprobs``
+    for completions; ``episode_logprobs`` for episodes).
 
     Checkpoints hold the weaver's trainable tensors only (``WeaverObjective.state_dict``).
     """
 
+    def __init__(self, model: MemGenModel, scorer: Callable = policy_logprobs):
+        super().__init__(model)
+        self.scorer = scorer
+
     def forward(self, temperature: float = 1.0, **batch):
-        logps, entropy = policy_logprobs(self.memgen, temperature=temperature, **batch)
+        logps, entropy = self.scorer(self.memgen, temperature=temperature, **batch)
         if self.training:
-            self.samples_seen += batch["input_ids"].shape[0]
+            self.samples_seen += logps.shape[0]
         return {"logps": logps, "entropy": entropy}
 
 
@@ -224,25 +230,17 @@ class GRPOTrainer(Trainer):
                 seed=((s.seed * 1_000_003 + step) * 1009 + rank) * 31 + micro,
                 memory=s.memory,
             )
-            messages = [to_messages(e, s.prompt_suffix, s.system) for e in exs]
-            rolls.append(rollout(model, messages, cfg, s.num_generations))
+            rolls.append(self._rollout(exs, cfg))
             chosen.append(exs)
         model.train(was_training)
         rollout_s = time.perf_counter() - started
 
         started = time.perf_counter()
         G = s.num_generations
-        tok = model.tokenizer
         tables, totals, rows = [], [], []
         for roll, exs in zip(rolls, chosen, strict=True):
             group = [e for e in exs for _ in range(G)]
-            prompts = [to_messages(e, s.prompt_suffix, s.system) for e in group]
-            text = tok.batch_decode(roll.texts_ids, skip_special_tokens=True)
-            completions = [[{"role": "assistant", "content": t}] for t in text]
-            columns = {**rl.example_columns(group), "completion_ids": roll.texts_ids}
-            table, total = rl.score(
-                self.reward_funcs, self.reward_weights, prompts, completions, columns
-            )
+            table, total = self._rewards(roll, group)
             tables.append(table)
             totals.append(total)
             rows.append(group)
@@ -255,13 +253,8 @@ class GRPOTrainer(Trainer):
         out, offset = [], 0
         for roll in rolls:
             n = len(roll.completion_ids)
-            b = policy_inputs(roll, tok.pad_token_id)
-            b["advantages"] = adv[offset : offset + n]
-            loss_mask = b["completion_mask"].clone()
-            if s.mask_truncated_completions:
-                loss_mask[~torch.tensor(roll.finished)] = 0
-            b["loss_mask"] = loss_mask
-            b = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in b.items()}
+            b = self._policy_batch(roll)
+            b["advantages"] = adv[offset : offset + n].to(model.device)
             if s.num_iterations > 1:
                 b["old_logps"] = self._old_logps(b)
             if self.reference is not None:
@@ -273,6 +266,38 @@ class GRPOTrainer(Trainer):
         if self._should_log_completions(step + 1):
             self._log_completions(step + 1, rows, rolls, tables, rewards, adv)
         return out
+
+    # The hooks a kind of rollout fills (episodes: training/episode_grpo.py).
+    def _rollout(self, exs: list[Example], cfg: GenerationConfig) -> Rollouts:
+        """G sampled completions of each example's prompt."""
+        s = self.s
+        messages = [to_messages(e, s.prompt_suffix, s.system) for e in exs]
+        return rollout(self.policy, messages, cfg, s.num_generations)
+
+    def _rewards(self, roll: Rollouts, group: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rl.score`` of the rollouts (``group``: each row's example): (per function, total)."""
+        s = self.s
+        prompts = [to_messages(e, s.prompt_suffix, s.system) for e in group]
+        text = self.policy.tokenizer.batch_decode(roll.texts_ids, skip_special_tokens=True)
+        completions = [[{"role": "assistant", "content": t}] for t in text]
+        columns = {**rl.example_columns(group), "completion_ids": roll.texts_ids}
+        return rl.score(self.reward_funcs, self.reward_weights, prompts, completions, columns)
+
+    def _policy_batch(self, roll: Rollouts) -> dict:
+        """What the loss reads of the rollouts, on the device: the policy's inputs, and per
+        row and token ``completion_mask``, ``sampling_logps`` and ``loss_mask``."""
+        b = policy_inputs(roll, self.policy.tokenizer.pad_token_id)
+        loss_mask = b["completion_mask"].clone()
+        if self.s.mask_truncated_completions:
+            loss_mask[~torch.tensor(roll.finished)] = 0
+        b["loss_mask"] = loss_mask
+        return {k: v.to(self.policy.device) if torch.is_tensor(v) else v for k, v in b.items()}
+
+    def policy_rows(self, inputs: dict, rows: torch.Tensor | None = None) -> dict:
+        """The scorer's arguments for ``rows`` of a batch (None: all of them)."""
+        if rows is None:
+            return {k: inputs[k] for k in POLICY_KEYS}
+        return take_policy_rows(inputs, rows)
 
     def _old_logps(self, b: dict) -> torch.Tensor:
         """The sampling policy's log-probs for ``num_iterations`` > 1. In fp32 without dropout
@@ -287,9 +312,8 @@ class GRPOTrainer(Trainer):
     def _score(self, b: dict) -> torch.Tensor:
         was = self.policy.training
         self.policy.train(not self.s.disable_dropout)
-        logps, _ = policy_logprobs(
-            self.policy, temperature=self.s.temperature, **{k: b[k] for k in POLICY_KEYS}
-        )
+        scorer = self.model.scorer if isinstance(self.model, PolicyObjective) else policy_logprobs
+        logps, _ = scorer(self.policy, temperature=self.s.temperature, **self.policy_rows(b))
         self.policy.train(was)
         return logps
 
@@ -299,7 +323,7 @@ class GRPOTrainer(Trainer):
         if s.disable_dropout:
             model.eval()  # LoRA dropout off: the loss sees the policy that sampled (TRL default)
         rows = scored_rows(inputs["advantages"], s.beta)
-        out = model(temperature=s.temperature, **take_policy_rows(inputs, rows))
+        out = model(temperature=s.temperature, **self.policy_rows(inputs, rows))
         part, entropy = out["logps"], out["entropy"]
         real = inputs["completion_mask"][rows].to(part.dtype)
         old = inputs.get("old_logps")

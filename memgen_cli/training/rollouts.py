@@ -140,11 +140,26 @@ def policy_logprobs(
     """Log-probs (N, L) of the completion tokens under the woven policy, and the entropy
     of each next-token distribution (N, L, no gradient); zeros where the mask is 0."""
     hidden = weave_hidden(model, input_ids, attention_mask, Points(prompt_points, inference_points))
-    src = (completion_index - 1).clamp(min=0)  # hidden at i - 1 predicts token i
+    tokens = input_ids.gather(1, completion_index)
+    return token_logprobs(model, hidden, completion_index, completion_mask, tokens, temperature)
+
+
+def token_logprobs(
+    model: MemGenModel,
+    hidden: torch.Tensor,
+    index: torch.Tensor,
+    mask: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs (N, L) of ``tokens`` (N, L), each predicted at column ``index - 1`` of
+    ``hidden`` (``weave_hidden``'s, aligned with the tokens), and the entropy of each
+    next-token distribution (no gradient); zeros where ``mask`` is 0."""
+    src = (index - 1).clamp(min=0)  # hidden at i - 1 predicts token i
     picked = hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1]))
-    real = completion_mask.bool()
+    real = mask.bool()
     logits = model.lm_head(picked[real]) / (temperature if temperature > 0 else 1.0)
-    tokens = input_ids.gather(1, completion_index)[real]
+    tokens = tokens[real]
     # logit - logsumexp, as TRL's selective_log_softmax: no (tokens, vocab) log-softmax is kept
     # for the backward pass, only the logits.
     chosen = logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(-1)
