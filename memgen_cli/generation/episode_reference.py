@@ -10,7 +10,13 @@ import torch
 
 from memgen_cli.config import GenerationConfig
 from memgen_cli.data.environment import Environment
-from memgen_cli.generation.episodes import Episode, EpisodeConfig, next_tokens, parse_action
+from memgen_cli.generation.episodes import (
+    Episode,
+    EpisodeConfig,
+    next_tokens,
+    opening,
+    parse_action,
+)
 from memgen_cli.generation.reference import _InputStream, _KVStream
 from memgen_cli.generation.sampling import _eos_ids, check_mode, encode_prompts
 from memgen_cli.generation.trace import Insertion, Skip
@@ -31,15 +37,14 @@ def reference_play(
         raise ValueError("the reference path is greedy only")
     model.eval()
     episode = episode or EpisodeConfig()
-    head = [{"role": "system", "content": system}] if system else []
-    return [_play_one(model, env, cfg, episode, head, row) for row, env in enumerate(envs)]
+    return [_play_one(model, env, cfg, episode, system, row) for row, env in enumerate(envs)]
 
 
-def _play_one(model, env, cfg, episode: EpisodeConfig, head, row: int) -> Episode:
+def _play_one(model, env, cfg, episode: EpisodeConfig, system, row: int) -> Episode:
     tokenizer = model.tokenizer
     eos = set() if cfg.ignore_eos else set(_eos_ids(tokenizer).tolist())
     obs = env.reset()
-    out = Episode([*head, {"role": "user", "content": obs.text}], won=obs.won, done=obs.done)
+    out = Episode(opening(obs.text, system), won=obs.won, done=obs.done)
     enc = encode_prompts(tokenizer, [out.messages], model.device)
     history = enc["input_ids"][0].tolist()  # the text so far, as token ids
     stream = _stream(model, history)

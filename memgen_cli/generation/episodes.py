@@ -125,6 +125,14 @@ def parse_action(reply: str, commands: list[str]) -> str | None:
     return None
 
 
+def opening(text: str, system: str | None = None) -> list[dict[str, str]]:
+    """The conversation an episode starts with: the system turn, if any, then the first
+    observation (``Observation.text``, formatted by the task) as the user turn. ``play``, the
+    reference and the SFT episodes (``training/episode_data.py``) all start here."""
+    head = [{"role": "system", "content": system}] if system else []
+    return [*head, {"role": "user", "content": text}]
+
+
 # Stands for a reply while the chat template renders the text between two turns.
 PLACEHOLDER = "MEMGEN-REPLY-7f3a"
 
@@ -170,8 +178,7 @@ def play(
     model.eval()
     tokenizer, device = model.tokenizer, model.device
     first = [env.reset() for env in envs]
-    head = [{"role": "system", "content": system}] if system else []
-    out = [Episode([*head, {"role": "user", "content": o.text}]) for o in first]
+    out = [Episode(opening(o.text, system)) for o in first]
     enc = encode_prompts(tokenizer, [e.messages for e in out], device)
     run = _Run(model, enc["input_ids"], enc["attention_mask"], cfg)
     for ep, ids, mask in zip(out, enc["input_ids"], enc["attention_mask"], strict=True):

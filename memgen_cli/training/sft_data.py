@@ -119,6 +119,15 @@ def encode_splits(encode, source, train: list[Example], held: list[Example], dat
     return samples, dropped, held_samples, held_dropped
 
 
+def draw_points(candidates: list[int], schedule: str, cap: int, key: tuple) -> list[int]:
+    """The schedule's points among ``candidates``; a random schedule draws from ``key`` (seed,
+    epoch, sample index, ...), so that a resumed run draws the same."""
+    gen = None
+    if schedule in ("random", "subsets"):
+        gen = torch.Generator().manual_seed(hash(key) % 2**62)
+    return select_points(candidates, schedule, cap, gen)
+
+
 class SFTCollator:
     """Right-pads a list of ``Encoded`` into the keyword arguments of the training forward.
 
@@ -143,10 +152,9 @@ class SFTCollator:
     def points(self, item: Encoded) -> list[int]:
         if not self.memory:
             return []
-        gen = None
-        if self.schedule in ("random", "subsets"):
-            gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, item.index)) % 2**62)
-        return select_points(item.candidates, self.schedule, self.cap, gen)
+        return draw_points(
+            item.candidates, self.schedule, self.cap, (self.seed, self.epoch, item.index)
+        )
 
     def __call__(self, items: list[Encoded | Mapping]) -> dict:
         # The trainer's dataset holds plain dicts (so its length-grouped sampler can read
