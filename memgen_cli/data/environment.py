@@ -58,3 +58,16 @@ class EnvironmentTask(Task):
             f"{self.name} is an environment task: its games are played as episodes, and an "
             "episode is scored by whether it was won, not by grading one completion."
         )
+
+
+GAME_TASKS = ("textworld:",)  # the task prefixes whose problems are games
+
+
+def refuse_games(task: str, stage: str) -> None:
+    """One message, before anything loads, for a stage that does not play episodes."""
+    if task.startswith(GAME_TASKS):
+        raise MemgenError(
+            f"{stage} cannot train on {task}: its games are played as episodes, which {stage} "
+            "does not do yet. Train on games with `memgen grpo-weaver` and score them with "
+            "`memgen eval` (docs/agents.md)."
+        )

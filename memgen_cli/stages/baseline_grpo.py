@@ -45,6 +45,7 @@ from memgen_cli.artifacts import (
 )
 from memgen_cli.config import BaselineGRPOConfig
 from memgen_cli.data import Example, to_messages
+from memgen_cli.data.environment import refuse_games
 from memgen_cli.errors import MemgenError
 from memgen_cli.generation import encode_prompts
 from memgen_cli.stages import frame
@@ -77,6 +78,7 @@ def resolve_config(recipe=None, overrides=None, **flags) -> BaselineGRPOConfig:
 def validate(cfg: BaselineGRPOConfig, resume: str | None) -> tuple[Path | None, dict | None]:
     """Check values the dataclass types cannot; return (the checkpoint to resume from, the
     ``init`` artifact's manifest or None)."""
+    refuse_games(cfg.data.task, "baseline grpo")
     validate_lora(cfg.lora)
     rl.check_settings(cfg.training, cfg.reward)
     sft_run.validate_training(cfg.training, cfg.data)

@@ -26,15 +26,18 @@ from transformers import TrainingArguments
 
 from memgen_cli.artifacts import load_artifact, read_manifest, require_kind, save_artifact
 from memgen_cli.config import GRPOConfig, MemoryConfig, from_dict, to_dict
+from memgen_cli.data import EnvironmentTask
+from memgen_cli.data.episode_rewards import won
 from memgen_cli.errors import MemgenError, require_choice
-from memgen_cli.generation import GenerationConfig
+from memgen_cli.generation import EpisodeConfig, GenerationConfig
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.stages import frame
 from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
 from memgen_cli.stages.frame import checkpoint_dir as checkpoint_dir
-from memgen_cli.training import rl, sft_run
+from memgen_cli.training import episode_grpo, rl, sft_run
+from memgen_cli.training.episode_rollouts import episode_logprobs
 from memgen_cli.training.grpo import GRPOProgress, GRPOSettings, GRPOTrainer, PolicyObjective
-from memgen_cli.training.rollouts import rollout
+from memgen_cli.training.rollouts import policy_logprobs, rollout
 
 MEMORY = ("weaver", "full")
 
@@ -100,6 +103,27 @@ def heldout_accuracy(model, examples, reward, settings: GRPOSettings, memory) ->
     return frame.heldout_accuracy(examples, reward, settings, answer)
 
 
+def rollout_kind(cfg: GRPOConfig, task, model, held, accuracy, settings: GRPOSettings):
+    """What prompts and games (``EnvironmentTask``s) do differently: the trainer class and its
+    own arguments, the policy's scorer, and ``score(memory)``: greedy held-out accuracy (of
+    games: the success rate of their episodes, as ``memgen eval`` plays them)."""
+    if not isinstance(task, EnvironmentTask):
+
+        def score(memory: str) -> float:
+            return heldout_accuracy(model, held, accuracy, settings, memory)
+
+        return GRPOTrainer, {}, policy_logprobs, score
+    # The trained memory's keep_latents (the --init artifact's): playing and scoring agree.
+    episode = EpisodeConfig(task.max_turns, cfg.memory.keep_latents)
+
+    def play_score(memory: str) -> float:
+        length, system = settings.max_completion_length, settings.system
+        return episode_grpo.success_rate(model, task, held, length, memory, episode, system)
+
+    trainer = episode_grpo.EpisodeGRPOTrainer
+    return trainer, {"task": task, "episode": episode}, episode_logprobs, play_score
+
+
 # ------------------------------------------------------------------------------- run
 def run(cfg: GRPOConfig, resume: str | None = None, **options: Unpack[frame.RunOptions]) -> Path:
     """Train the weaver with GRPO and write the artifact to ``cfg.output``; returns its path."""
@@ -118,7 +142,8 @@ def run(cfg: GRPOConfig, resume: str | None = None, **options: Unpack[frame.RunO
     else:
         model = MemGenModel(base.model, base.tokenizer, cfg.memory)
     model.set_trainable(weaver=True, trigger=False)
-    accuracy = rl.task_reward(task)
+    games = isinstance(task, EnvironmentTask)  # rollouts are episodes (docs/agents.md)
+    accuracy = won if games else rl.task_reward(task)
     funcs, weights = frame.reward_functions(accuracy, cfg.reward)
     settings = GRPOSettings(
         **sft_run.grpo_arguments(t),
@@ -127,20 +152,23 @@ def run(cfg: GRPOConfig, resume: str | None = None, **options: Unpack[frame.RunO
         seed=t.seed,
         log_completions_steps=t.log_completions_steps,
         prompt_suffix=d.prompt_suffix,
-        system=d.system,
+        system=d.system or (task.system if games else None),
     )
     args = training_args(cfg, run.ckpts, model.device)
+    what = "games" if games else "prompts"
     run.header(
-        f"{len(train)} prompts from {task.name}, G={t.num_generations}, "
-        f"{t.batch_size // t.num_generations} prompts per micro-batch, rewards "
+        f"{len(train)} {what} from {task.name}, G={t.num_generations}, "
+        f"{t.batch_size // t.num_generations} {what} per micro-batch, rewards "
         f"{', '.join(rl.reward_name(f) for f in funcs)}, "
         + (f"from {cfg.init}" if cfg.init else "fresh weaver")
     )
+    trainer_class, kind, scorer, score = rollout_kind(cfg, task, model, held, accuracy, settings)
     acc: dict[str, float] = {}
     if held and run.main and run.resume_from is None:
-        acc["weaver_initial"] = heldout_accuracy(model, held, accuracy, settings, "weaver")
+        acc["weaver_initial"] = score("weaver")
     acc = run.begin(acc)  # a resumed run reads back what its fresh start measured
-    trainer = GRPOTrainer(
+    trainer = trainer_class(
+        **kind,
         policy=model,
         examples=train,
         reward_funcs=funcs,
@@ -148,7 +176,7 @@ def run(cfg: GRPOConfig, resume: str | None = None, **options: Unpack[frame.RunO
         settings=settings,
         completions_dir=run.ckpts / "completions",
         console=run.console,
-        model=PolicyObjective(model),
+        model=PolicyObjective(model, scorer),
         args=args,
         train_dataset=[{"index": i} for i in range(len(train))],
         data_collator=collate_indices,
@@ -161,12 +189,13 @@ def run(cfg: GRPOConfig, resume: str | None = None, **options: Unpack[frame.RunO
     # 4. save (main process; the others wait so that the run ends together)
     if run.main:
         if held:
-            acc["weaver_final"] = heldout_accuracy(model, held, accuracy, settings, "weaver")
-            acc["memory_off"] = heldout_accuracy(model, held, accuracy, settings, "off")
+            acc["weaver_final"] = score("weaver")
+            acc["memory_off"] = score("off")
         summary = {
             "stage": "grpo-weaver",
             **run.data_fields(task, data_seed),
             "prompts": len(train),
+            **({"episodes": dataclasses.asdict(kind["episode"])} if games else {}),
             "heldout_samples": len(held),
             "heldout_accuracy": {k: round(v, 4) for k, v in acc.items()},
             **frame.grpo_fields(funcs, weights, t),

@@ -43,6 +43,7 @@ from memgen_cli.artifacts import (
 )
 from memgen_cli.config import GenerationConfig, TriggerConfig
 from memgen_cli.data import Example, get_task, to_messages
+from memgen_cli.data.environment import refuse_games
 from memgen_cli.errors import MemgenError, require, require_choice
 from memgen_cli.stages import frame
 from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
@@ -63,6 +64,7 @@ def validate(
 ) -> tuple[dict, Path | None]:
     """Check what the types cannot; return the artifact's manifest and the resume point."""
     t, d, tr, r = cfg.training, cfg.data, cfg.trigger, cfg.reward
+    refuse_games(d.task, "train-trigger")
     g, b = t.num_generations, t.batch_size
     if cfg.artifact is None:
         raise MemgenError(
