@@ -21,6 +21,11 @@ One optimizer step, on each process (each process owns whole groups of G complet
 3. ``log`` (public): TRL's metric names, averaged since the last log, plus ``insertions/mean``
    and ``logp_diff/mean|max`` (training-forward vs sampling-time log-probs: the check that
    rollout and loss see the same policy).
+
+What a kind of rollout decides is in four hooks (``_rollout``: sample a micro-batch's groups;
+``_rewards``: score them; ``_policy_batch``: what the loss reads; ``policy_rows``: the scorer's
+arguments for some rows) and the objective's scorer (``PolicyObjective``). Here they are single
+completions; an episode of a text game is another kind (``training/episode_grpo.py``).
 """
 
 from __future__ import annotations
