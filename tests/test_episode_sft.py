@@ -15,12 +15,10 @@ from memgen_cli.errors import MemgenError
 from memgen_cli.generation.episode_reference import _stream
 from memgen_cli.models import training
 from memgen_cli.models.training import IGNORE, Points, weave_forward
-from memgen_cli.training import episode_data
 from memgen_cli.training.episode_data import (
     EpisodeCollator,
     expert_episode,
     expert_samples,
-    refuse_episodes,
     render,
 )
 
@@ -197,9 +195,3 @@ def test_training_forward_equals_the_episode_read_turn_by_turn(case):
     assert out.num_tokens == sum(e - b for s in samples for b, e in s.spans)
     assert weaves > 0  # inference latents inside replies too, not only at turn starts
 
-
-def test_other_stages_refuse_episodes_naming_those_that_train_on_them():
-    refuse_episodes("sft-weaver", Corridors())
-    with pytest.raises(MemgenError, match="train-trigger does not train on corridors") as e:
-        refuse_episodes("train-trigger", Corridors())
-    assert all(stage in str(e.value) for stage in episode_data.EPISODE_STAGES)

@@ -30,7 +30,8 @@ def play_batch(
     when the problems have one, is the episodes' system turn too."""
     first = batch[0].messages[0]
     system = first["content"] if first["role"] == "system" else task.system
-    setting = setting or EpisodeConfig(max_turns=task.max_turns)
+    # Latents of earlier turns stay or go as the weaver was trained (memory.keep_latents).
+    setting = setting or EpisodeConfig(task.max_turns, keep_latents=model.cfg.keep_latents)
     envs = []
     try:
         envs = [task.environment(p.example) for p in batch]

@@ -29,6 +29,7 @@ baseline's, LoRA settings at the weaver's budget, the artifact's LoRA rows) is b
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Unpack
 
@@ -46,6 +47,7 @@ from memgen_cli.config import (
     BaselinePromptLearningConfig,
     MemoryConfig,
 )
+from memgen_cli.data.environment import EnvironmentTask
 from memgen_cli.errors import MemgenError, did_you_mean
 from memgen_cli.generation import prompt_learning
 from memgen_cli.models.base import LoadedBase
@@ -53,6 +55,7 @@ from memgen_cli.models.weaver import Weaver
 from memgen_cli.stages import frame
 from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
 from memgen_cli.stages.frame import checkpoint_dir as checkpoint_dir
+from memgen_cli.training.episode_data import check_episode_data, episode_pairs
 from memgen_cli.training.sft_data import encode_splits, tokenize_samples
 from memgen_cli.training.sft_run import (
     load_examples,
@@ -311,17 +314,28 @@ def prompt_learning_settings(
 
 
 # ------------------------------------------------------------------------------- data
-def as_dataset(pairs: list[tuple[list[int], int]]) -> datasets.Dataset:
+def completion_mask(ids: list[int], target: int | list[int]) -> list[int]:
+    """1 on the tokens the loss covers: from the prompt length ``target`` on, or where the
+    mask ``target`` (an episode's: the agent's tokens) says.
+
+    >>> completion_mask([5, 6, 7], 2), completion_mask([5, 6, 7], [0, 1, 0])
+    ([0, 0, 1], [0, 1, 0])
+    """
+    return target if isinstance(target, list) else [0] * target + [1] * (len(ids) - target)
+
+
+def as_dataset(pairs: list[tuple[list[int], int | list[int]]]) -> datasets.Dataset:
     """TRL's pre-tokenised format: ``input_ids`` and a ``completion_mask`` (1 on the target)."""
-    rows = [
-        {"input_ids": ids, "completion_mask": [0] * n + [1] * (len(ids) - n)} for ids, n in pairs
-    ]
+    rows = [{"input_ids": ids, "completion_mask": completion_mask(ids, n)} for ids, n in pairs]
     return datasets.Dataset.from_list(rows)
 
 
 @torch.no_grad()
-def heldout_loss(model, pairs: list[tuple[list[int], int]], pad_id: int, batch: int) -> float:
-    """Token-weighted cross-entropy on the targets of held-out samples (prompt masked)."""
+def heldout_loss(
+    model, pairs: list[tuple[list[int], int | list[int]]], pad_id: int, batch: int
+) -> float:
+    """Token-weighted cross-entropy on the targets of held-out samples (prompt masked;
+    ``pairs`` as ``as_dataset`` takes them)."""
     was_training, device = model.training, model.get_input_embeddings().weight.device
     model.eval()
     total, count = 0.0, 0
@@ -333,7 +347,8 @@ def heldout_loss(model, pairs: list[tuple[list[int], int]], pad_id: int, batch: 
         for row, (seq, n) in enumerate(chunk):
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-            labels[row, n : len(seq)] = ids[row, n : len(seq)]
+            keep = torch.tensor(completion_mask(seq, n), dtype=torch.bool)
+            labels[row, : len(seq)] = torch.where(keep, ids[row, : len(seq)], IGNORE)
         # Logits of the text only: prompt tuning's model puts its virtual tokens before it.
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=width)
         logits = out.logits[:, :-1].float()
@@ -358,13 +373,17 @@ def run(
     # 1. validate
     run = frame.Run.start("baseline sft", cfg, resume, validate(cfg, resume), **options)
     task, train_examples, held_examples, data_seed = load_examples(cfg)
+    encode = tokenize_samples
+    if isinstance(task, EnvironmentTask):  # expert episodes, as sft-weaver trains on them
+        check_episode_data(task, cfg.data, len(train_examples) + len(held_examples), cfg.method)
+        encode = functools.partial(episode_pairs, task=task)
 
     # 2. build
     d, t = cfg.data, cfg.training
     base = run.load_base()
     tok = base.tokenizer
     train, dropped, held, held_dropped = encode_splits(
-        tokenize_samples, tok, train_examples, held_examples, d
+        encode, tok, train_examples, held_examples, d
     )
     if cfg.method == "lora":
         settings, peft_config, weaver_count = lora_settings(base, cfg.lora, cfg.memory)

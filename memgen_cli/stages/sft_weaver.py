@@ -27,6 +27,7 @@ held-out loss before training), so a resumed run's artifact says what an uninter
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Unpack
 
@@ -37,11 +38,17 @@ from transformers import Trainer, TrainingArguments
 
 from memgen_cli.artifacts import save_artifact
 from memgen_cli.config import SFTConfig
+from memgen_cli.data.environment import EnvironmentTask
 from memgen_cli.errors import require_choice
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.stages import frame
 from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
 from memgen_cli.stages.frame import checkpoint_dir as checkpoint_dir
+from memgen_cli.training.episode_data import (
+    EpisodeCollator,
+    check_episode_data,
+    encode_episodes,
+)
 from memgen_cli.training.sft_data import (
     SCHEDULES,
     SFTCollator,
@@ -95,6 +102,11 @@ def run(cfg: SFTConfig, resume: str | None = None, **options: Unpack[frame.RunOp
     # 1. validate
     run = frame.Run.start("sft-weaver", cfg, resume, validate(cfg, resume), **options)
     task, train_examples, held_examples, data_seed = load_examples(cfg)
+    encode, collator = encode_examples, SFTCollator
+    if isinstance(task, EnvironmentTask):  # expert episodes (training/episode_data.py)
+        check_episode_data(task, cfg.data, len(train_examples) + len(held_examples))
+        encode = functools.partial(encode_episodes, task=task)
+        collator = functools.partial(EpisodeCollator, keep_latents=cfg.memory.keep_latents)
 
     # 2. build
     base = run.load_base()
@@ -102,14 +114,14 @@ def run(cfg: SFTConfig, resume: str | None = None, **options: Unpack[frame.RunOp
     model.set_trainable(weaver=True, trigger=False)
     d, t = cfg.data, cfg.training
     train, dropped, held, held_dropped = encode_splits(
-        encode_examples, model, train_examples, held_examples, d
+        encode, model, train_examples, held_examples, d
     )
     cap = cfg.memory.max_inference_insertions
     pad = base.tokenizer.pad_token_id
-    collate = SFTCollator(pad, t.schedule, cap, t.prompt_insertion, t.seed)
+    collate = collator(pad, t.schedule, cap, t.prompt_insertion, t.seed)
     # Held-out points follow what generation does: the first `cap` delimiters.
-    held_collate = SFTCollator(pad, "first", cap, t.prompt_insertion, t.seed)
-    off_collate = SFTCollator(pad, memory=False)
+    held_collate = collator(pad, "first", cap, t.prompt_insertion, t.seed)
+    off_collate = collator(pad, memory=False)
     args = training_args(cfg, run.ckpts, model.device)
     run.header(
         f"{len(train)} samples from {task.name} ({dropped} dropped as longer than "

@@ -41,10 +41,6 @@ from memgen_cli.generation.sampling import _eos_ids, encode_prompts
 from memgen_cli.models.training import IGNORE
 from memgen_cli.training.sft_data import draw_points
 
-# The stages that train on episodes; every other training stage refuses an environment task
-# with one message naming these (``refuse_episodes``).
-EPISODE_STAGES = ("sft-weaver", "baseline sft")
-
 
 @dataclass
 class EpisodeSample:
@@ -65,18 +61,11 @@ class EpisodeSample:
         return mask
 
 
-def refuse_episodes(stage: str, task) -> None:
-    """One message when ``stage`` does not train on an environment task's episodes."""
-    if isinstance(task, EnvironmentTask) and stage not in EPISODE_STAGES:
-        raise MemgenError(
-            f"{stage} does not train on {task.name}'s episodes yet; the stages that do are "
-            f"{', '.join(EPISODE_STAGES)}, and `memgen eval --data {task.name}` plays its games."
-        )
-
-
-def check_episode_data(task: EnvironmentTask, d: DataConfig, method: str = "lora") -> None:
-    """Up-front checks of a recipe's data section for an environment task (no model yet)."""
-    games = (d.size or 0) + d.heldout
+def check_episode_data(
+    task: EnvironmentTask, d: DataConfig, games: int, method: str = "lora"
+) -> None:
+    """Up-front checks for training on ``games`` games of an environment task (no model yet):
+    the data section, the baseline method, and that held-out games stay off trained routes."""
     exclude = getattr(task, "exclude_train", None)
     checks = [
         (
@@ -84,9 +73,9 @@ def check_episode_data(task: EnvironmentTask, d: DataConfig, method: str = "lora
             "data.prompt_suffix must be empty: the environment writes every user turn itself",
         ),
         (
-            exclude is None or d.size is None or exclude >= games,
-            f"data.options.exclude_train ({exclude}) must be at least the {games} training "
-            "games (data.size + data.heldout), so that no held-out game repeats a trained "
+            exclude is None or exclude >= games,
+            f"data.options.exclude_train ({exclude}) must be at least the {games} games "
+            "trained on or held out for the loss (data.size + data.heldout), so that no held-out game repeats a trained "
             f"route; set --task-option exclude_train={games}",
         ),
         (
