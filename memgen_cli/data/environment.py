@@ -68,6 +68,7 @@ def refuse_games(task: str, stage: str) -> None:
     if task.startswith(GAME_TASKS):
         raise MemgenError(
             f"{stage} cannot train on {task}: its games are played as episodes, which {stage} "
-            "does not do yet. Train on games with `memgen grpo-weaver` and score them with "
-            "`memgen eval` (docs/agents.md)."
+            "does not do yet. Train on games with `memgen sft-weaver` or `memgen baseline sft` "
+            "(expert episodes) and `memgen grpo-weaver`, and score them with `memgen eval` "
+            "(docs/agents.md)."
         )
