@@ -235,6 +235,20 @@ def test_grpo_weaver_on_textworld_games_writes_an_artifact(games, tiny_base, tmp
 
 
 @needs_textworld
+def test_kl_and_reused_episodes_on_games(games, tiny_base, tmp_path):
+    """beta > 0 scores every episode under the starting weaver too (the first step's KL is 0),
+    and num_iterations 2 trains twice on one generation of episodes, its old log-probs the
+    sampling ones (fp32, no dropout)."""
+    sets = ["training.beta=0.05", "training.num_iterations=2", "memory.keep_latents=false"]
+    out = stage.run(game_cfg(tiny_base, tmp_path / "out", *sets))
+    logs = [r for r in rows(out / "metrics.jsonl") if "reward" in r]
+    assert [r["step"] for r in logs] == [1, 2] and logs[0]["kl"] == 0.0 and logs[1]["kl"] >= 0
+    assert logs[0]["reward"] == logs[1]["reward"]  # the same episodes, logged with both steps
+    assert "logp_diff/max" in logs[0] and "logp_diff/max" not in logs[1]
+    assert files(out) == ARTIFACT_FILES | {"completions/step_00001.jsonl"}
+
+
+@needs_textworld
 def test_resume_on_games_gives_the_same_weights(games, tiny_base, tmp_path):
     sets = ["training.max_steps=3"]
     straight = stage.run(game_cfg(tiny_base, tmp_path / "a", *sets))
