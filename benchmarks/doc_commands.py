@@ -1,0 +1,384 @@
+"""Every shell command that README.md and docs/**/*.md show: where it is and what running it takes.
+
+    .venv/bin/python benchmarks/doc_commands.py                # JSON: each command, file:line, class
+    .venv/bin/python benchmarks/doc_commands.py --run fast     # also run the `fast` ones for real
+
+Which text is a command: each line of a fenced code block, and each inline code span, whose
+program (after any ``VAR=value`` prefixes and a ``$`` prompt) is ``memgen`` (or
+``.venv/bin/memgen``, ``python -m memgen_cli``, ``torchrun … -m memgen_cli``), ``python``
+(``.venv/bin/python``, ``python3``) or ``make``; other lines are output or file listings and are
+left alone. A line ending in ``\\`` continues on the next; an unquoted ``#`` after a space starts a comment;
+``> file`` and ``| cmd`` end the command.
+
+Placeholders: a command holding a token that stands for something the reader fills in is a
+template, listed with ``placeholder`` set and never checked or run. Such tokens are
+``<anything>``, ``...`` or ``…``, and a word in capitals alone (``COMMAND``, ``DIR``, ``N``).
+
+Classes (``classify``), so that one can run the cheap ones and know which need a GPU:
+
+- ``gpu``: a GPU is needed: ``cuda`` in the command, a ``--base`` or a recipe whose reasoner is
+  not the embedded ``smollm2-135m`` (the Qwen2.5-1.5B recipes: hub download, paper settings).
+- ``train``: trains on the embedded model (a training stage, ``benchmarks/quality.py``,
+  ``make demo``): minutes to hours on a CPU.
+- ``slow``: trains nothing but takes long: ``eval``/``inspect-memory`` over more than
+  ``FAST_LIMIT`` problems, a benchmark, the test suite.
+- ``setup``: installs, deletes or rewrites the checkout (``make setup|lock|clean|format|…``).
+- ``fast``: ``--help``, ``generate``, ``eval``/``inspect-memory`` with ``--limit`` of at most
+  ``FAST_LIMIT``, ``baseline retrieval``, ``make lint``.
+- ``mention``: an inline span naming a memgen command without options (`memgen eval`).
+- ``placeholder``: a template (above).
+
+``--run fast`` runs each ``fast`` command, in file order, in a scratch folder with ``recipes/``
+linked in, the hub offline and the usual model cache (``$MEMGEN_HOME``), and reports its exit
+code. An input it names (``--artifact``, ``--init``, ``--retrieval``, ``--input``, a ``.jsonl``)
+comes from an earlier command's output there or, given ``--runs DIR``, is linked in from DIR
+(``runs/demo/sft-weaver`` from ``DIR/demo/sft-weaver``; what the command writes stays in
+scratch); without it the command is skipped and says which input it lacks.
+tests/test_doc_commands.py checks every command without running it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ("README.md", "docs")
+EMBEDDED = "smollm2-135m"
+FAST_LIMIT = 100
+TRAINING = {"sft-weaver", "grpo-weaver", "train-trigger", "baseline sft", "baseline grpo"}
+SETUP_TARGETS = {"setup", "lock", "clean", "format", "browser", "sandbox-tools"}
+INPUT_OPTIONS = ("--artifact", "--init", "--retrieval", "--input")
+PLACEHOLDER = re.compile(r"<[^<>]+>|\.\.\.|…|^[A-Z][A-Z0-9_]*$")
+ENV_PREFIX = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+FENCE = re.compile(r"^\s*(```|~~~)")
+INLINE = re.compile(r"`((?:[^`\n]|\n(?!\s*\n))+)`")  # a span may wrap, not cross paragraphs
+ENDS = {">", ">>", "2>", "2>&1", "|", "<"}
+PROGRAMS = {
+    "memgen": "memgen",
+    ".venv/bin/memgen": "memgen",
+    "python": "python",
+    "python3": "python",
+    ".venv/bin/python": "python",
+    ".venv/bin/python3": "python",
+    "make": "make",
+    "torchrun": "torchrun",
+    ".venv/bin/torchrun": "torchrun",
+}
+GPU = re.compile(r"cuda|/whl/cu\d+")
+
+
+@dataclass
+class DocCommand:
+    """One command as a doc shows it. ``args`` follow the program: for memgen the (sub)command
+    and its options, for python the script and its flags, for make the targets and variables."""
+
+    file: str  # relative to the repository root
+    line: int  # where the command starts (its first line when continued)
+    text: str  # the command as written, continuations joined, comment left out
+    program: str  # memgen | python | make
+    args: list[str]
+    inline: bool = False  # from an inline code span in prose, not a code block
+    comment: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    prefix: list[str] = field(default_factory=list)  # what starts the program: ["torchrun", …]
+    placeholder: str | None = None  # the token that makes this a template
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    @property
+    def mention(self) -> bool:
+        """An inline span naming a memgen command without running it: `memgen eval`."""
+        return self.inline and self.program == "memgen" and not any(a[:1] == "-" for a in self.args)
+
+    @property
+    def path(self) -> str:
+        """The memgen (sub)command: "eval", "baseline sft"; the script; make's targets."""
+        if self.program == "memgen":
+            words = []
+            for arg in self.args:
+                if arg.startswith("-") or len(words) == 2:
+                    break
+                words.append(arg)
+                if arg != "baseline":
+                    break
+            return " ".join(words)
+        return self.args[0] if self.args else ""
+
+
+# ----------------------------------------------------------------------------- extraction
+def doc_files(root: Path = ROOT) -> list[Path]:
+    files = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    return [f for f in files if f.is_file()]
+
+
+def extract(root: Path = ROOT) -> list[DocCommand]:
+    """Every command of every doc, in file order."""
+    found = []
+    for path in doc_files(root):
+        found += commands_in(path.read_text(encoding="utf-8"), str(path.relative_to(root)))
+    return found
+
+
+def commands_in(markdown: str, file: str) -> list[DocCommand]:
+    """The commands in one Markdown text: code-block lines, then inline code spans."""
+    found, prose, in_block, pending, start = [], [], False, "", 0
+    for number, line in enumerate(markdown.splitlines(), 1):
+        if FENCE.match(line):
+            in_block, pending = not in_block, ""
+            prose.append("")
+            continue
+        prose.append("" if in_block else line)
+        if not in_block:
+            continue
+        if not pending:
+            start = number
+        code, _ = split_comment(line.strip())
+        if code.endswith("\\"):
+            pending += code[:-1].rstrip() + " "
+            continue
+        found += parse_line(pending + line.strip(), file, start)
+        pending = ""
+    text = "\n".join(prose)  # code blocks blanked, so that offsets keep their line numbers
+    for span in INLINE.finditer(text):
+        number = text.count("\n", 0, span.start()) + 1
+        found += parse_line(" ".join(span[1].split()), file, number, inline=True)
+    return sorted(found, key=lambda command: command.line)
+
+
+def split_comment(line: str) -> tuple[str, str]:
+    """(code, comment) of a shell line: a ``#`` outside quotes after a space starts a comment."""
+    quote = None
+    for i, char in enumerate(line):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip(), line[i + 1 :].strip()
+    return line.rstrip(), ""
+
+
+def parse_line(line: str, file: str, number: int, inline: bool = False) -> list[DocCommand]:
+    """The commands on one (joined) line, or none when its program is not one of ours."""
+    code, comment = split_comment(line.strip())
+    code = code.removeprefix("$ ").strip()
+    try:
+        tokens = shlex.split(code)
+    except ValueError:  # unbalanced quotes: prose, not a command
+        return []
+    commands, current = [], []
+    for token in tokens:
+        if token == "&&" or token == ";":
+            commands.append(current)
+            current = []
+        elif token in ENDS or token.startswith(">"):
+            break
+        else:
+            current.append(token)
+    commands.append(current)
+    found = []
+    for words in commands:
+        command = from_words(words, file, number, inline, comment)
+        if command is not None:
+            command.text = code
+            found.append(command)
+    return found
+
+
+def from_words(words, file, number, inline, comment) -> DocCommand | None:
+    env = {}
+    while words and ENV_PREFIX.match(words[0]):
+        key, value = words[0].split("=", 1)
+        env[key] = value
+        words = words[1:]
+    if not words:
+        return None
+    head = PROGRAMS.get(words[0])
+    start = words.index("memgen_cli") + 1 if "memgen_cli" in words else 0
+    if head in ("torchrun", "python") and start and words[start - 2] == "-m":
+        head = "memgen"  # torchrun … -m memgen_cli, python -m memgen_cli
+    elif head == "torchrun" or (head == "python" and (len(words) < 2 or words[1][:1] == "-")):
+        return None  # torchrun or python running something else
+    else:
+        start = 1
+    if head is None or len(words) == start:
+        return None  # not one of ours, or the program alone (`memgen` in prose)
+    found = DocCommand(file, number, "", head, words[start:], inline, comment, env, words[:start])
+    found.placeholder = next((w for w in words if PLACEHOLDER.search(w)), None)
+    return found
+
+
+# ----------------------------------------------------------------------------- classes
+def option_values(args: list[str], name: str) -> list[str]:
+    """Every value of option ``name`` (``--x v`` and ``--x=v``), comma lists split."""
+    values = []
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            values.append(args[i + 1])
+        elif arg.startswith(name + "="):
+            values.append(arg.split("=", 1)[1])
+    return [v for value in values for v in value.split(",") if v]
+
+
+@functools.cache
+def recipe_base(recipe: str, root: Path = ROOT) -> tuple[str, str]:
+    """(model.base, model.device) of a recipe file, the defaults where it says nothing."""
+    try:
+        model = (yaml.safe_load((root / recipe).read_text()) or {}).get("model") or {}
+    except (OSError, yaml.YAMLError):
+        return EMBEDDED, "auto"
+    return str(model.get("base", EMBEDDED)), str(model.get("device", "auto"))
+
+
+def classify(cmd: DocCommand, root: Path = ROOT) -> str:
+    if cmd.placeholder:
+        return "placeholder"
+    if cmd.mention:
+        return "mention"
+    args = cmd.args
+    recipes = [recipe_base(recipe, root) for recipe in option_values(args, "--recipe")]
+    bases = option_values(args, "--base") + [base for base, _ in recipes]
+    if any(GPU.search(a) for a in args) or any(device.startswith("cuda") for _, device in recipes):
+        return "gpu"
+    if any(base != EMBEDDED and not (root / base).exists() for base in bases):
+        return "gpu"  # a hub model: the Qwen2.5-1.5B recipes (paper settings)
+    if cmd.program == "make":
+        targets = {a for a in args if not a.startswith("-") and "=" not in a} or {"setup"}
+        if targets & SETUP_TARGETS:
+            return "setup"
+        if "demo" in targets:
+            return "train"
+        return "fast" if targets <= {"lint"} else "slow"
+    if cmd.program == "python":
+        if Path(cmd.path).name == "doc_commands.py" and "--run" not in args:
+            return "fast"  # this listing
+        return "train" if Path(cmd.path).name == "quality.py" else "slow"
+    if "--help" in args or "-h" in args or cmd.path == "baseline retrieval":
+        return "fast"
+    if cmd.path in TRAINING:
+        return "train"
+    if cmd.path in ("eval", "inspect-memory") and "--prompt" not in args:
+        limits = option_values(args, "--limit")
+        small = limits and limits[-1].isdigit() and int(limits[-1]) <= FAST_LIMIT
+        return "fast" if small else "slow"
+    return "fast"
+
+
+def needs(cmd: DocCommand) -> list[str]:
+    """Paths a command reads that some other command (or the reader) makes: artifacts, inputs."""
+    paths = [v for name in INPUT_OPTIONS for v in option_values(cmd.args, name)]
+    paths += [v for v in option_values(cmd.args, "--data") if v.endswith(".jsonl")]
+    paths += [
+        o.split("=", 1)[1]
+        for o in option_values(cmd.args, "--task-option")
+        if o.startswith("path=")
+    ]
+    return paths
+
+
+def listing(commands: list[DocCommand], root: Path = ROOT) -> dict:
+    rows = []
+    for cmd in commands:
+        row = {"where": cmd.where, "command": cmd.text, "comment": cmd.comment}
+        row |= {"inline": cmd.inline, "placeholder": cmd.placeholder}
+        row |= {"class": classify(cmd, root), "needs": needs(cmd)}
+        rows.append(row)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["class"]] = counts.get(row["class"], 0) + 1
+    return {"counts": counts, "commands": rows}
+
+
+# ----------------------------------------------------------------------------- --run fast
+def run_fast(commands: list[DocCommand], runs: Path | None, timeout: float) -> list[dict]:
+    """Run each ``fast`` command for real in a scratch folder; its rc, seconds, stderr tail."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="memgen-doc-commands-") as scratch:
+        scratch = Path(scratch)
+        (scratch / "recipes").symlink_to(ROOT / "recipes")
+        env = os.environ | {"HF_HUB_OFFLINE": "1"}  # the usual model cache ($MEMGEN_HOME)
+        for cmd in commands:
+            if classify(cmd) != "fast":
+                continue
+            result = {"where": cmd.where, "command": cmd.text}
+            missing = [p for p in needs(cmd) if not link_input(p, scratch, runs)]
+            if missing:
+                results.append(result | {"rc": None, "skipped": f"needs {', '.join(missing)}"})
+                continue
+            argv, cwd = launch(cmd), scratch
+            if cmd.program != "memgen":
+                cwd = ROOT  # make lint and the listing read the checkout itself
+            started = time.perf_counter()
+            try:
+                done = subprocess.run(
+                    argv,
+                    cwd=cwd,
+                    env=env | cmd.env,
+                    input="/exit\n",  # generate --interactive: leave at once
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                )
+                rc, tail = done.returncode, done.stderr[-600:]
+            except subprocess.TimeoutExpired:
+                rc, tail = None, f"timed out after {timeout:.0f} s"
+            seconds = round(time.perf_counter() - started, 1)
+            results.append(result | {"rc": rc, "seconds": seconds, "stderr_tail": tail})
+            print(f"{cmd.where}: rc {rc} in {seconds} s", file=sys.stderr)
+    return results
+
+
+def link_input(path: str, scratch: Path, runs: Path | None) -> bool:
+    """Whether ``path`` is there in ``scratch``: made by an earlier command, or linked in from
+    ``runs`` (the artifact itself, so that what a command writes beside it stays in scratch)."""
+    if (scratch / path).exists():
+        return True
+    parts = Path(path).parts
+    source = runs.joinpath(*parts[1:]) if runs and parts[0] == "runs" else None
+    if source is None or not source.exists():
+        return False
+    (scratch / path).parent.mkdir(parents=True, exist_ok=True)
+    (scratch / path).symlink_to(source.resolve())
+    return True
+
+
+def launch(cmd: DocCommand) -> list[str]:
+    """The argv that runs ``cmd`` with this interpreter (and its venv's torchrun)."""
+    head = PROGRAMS[cmd.prefix[0]]
+    if head == "torchrun":
+        return [str(Path(sys.executable).with_name("torchrun")), *cmd.prefix[1:], *cmd.args]
+    if head in ("memgen", "python") and cmd.program == "memgen":
+        return [sys.executable, "-m", "memgen_cli", *cmd.args]
+    return [sys.executable if head == "python" else head, *cmd.args]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", choices=["fast"], help="run the commands of this class for real")
+    p.add_argument("--runs", type=Path, help="with --run: a runs/ folder whose artifacts to use")
+    p.add_argument("--timeout", type=float, default=900, help="with --run: seconds per command")
+    args = p.parse_args(argv)
+    commands = extract()
+    report = listing(commands)
+    if args.run:
+        report["run"] = run_fast(commands, args.runs, args.timeout)
+    print(json.dumps(report, indent=1, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
