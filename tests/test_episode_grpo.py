@@ -282,3 +282,28 @@ def test_stages_that_do_not_play_games_refuse_them_up_front(tiny_weaver, tmp_pat
     assert f"{stage_name} cannot train on textworld:coin_collector" in text
     assert "memgen grpo-weaver" in text and text.count("error:") == 1
     assert "Traceback" not in result.output and not out.exists()
+
+
+@needs_textworld
+@pytest.mark.parametrize(
+    "sets,message",
+    [
+        (["data.prompt_suffix=Think."], "data.prompt_suffix must be empty"),
+        (["data.options.exclude_train=1"], "exclude_train (1) must be at least the 2 games"),
+    ],
+    ids=["prompt-suffix", "exclude-train"],
+)
+def test_grpo_weaver_on_games_refuses_bad_data_before_any_model(
+    games, tiny_base, tmp_path, sets, message
+):
+    out = tmp_path / "out"
+    args = ["grpo-weaver", "--recipe", str(TINY_GAMES), "--base", str(tiny_base)]
+    args += [a for s in sets for a in ("--set", s)] + ["--output", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert message in text and text.count("error:") == 1 and "Traceback" not in result.output
+    assert (
+        not out.exists()
+        and not stage.checkpoint_dir(stage.resolve_config(TINY_GAMES, output=out)).exists()
+    )
