@@ -195,3 +195,22 @@ def test_training_forward_equals_the_episode_read_turn_by_turn(case):
     assert out.num_tokens == sum(e - b for s in samples for b, e in s.spans)
     assert weaves > 0  # inference latents inside replies too, not only at turn starts
 
+
+def test_baseline_and_weaver_score_the_same_tokens_of_an_episode():
+    """baseline sft's pairs (TRL's completion_mask) and sft-weaver's rows label the same
+    tokens: with memory off both held-out losses are the plain model's on the agent's tokens."""
+    from conftest import make_model
+    from memgen_cli.stages import baseline
+    from memgen_cli.training.episode_data import episode_pairs
+    from memgen_cli.training.sft_data import heldout_loss
+
+    mg = make_memgen("llama")
+    plain, tok = make_model("llama")
+    examples = _examples([3, 2, 4])
+    pairs, _ = episode_pairs(tok, examples, "", None, 4096, task=Corridors())
+    samples, _ = expert_samples(Corridors(), tok, examples, None, 4096, mg.delimiters.cpu())
+    rows = baseline.as_dataset(pairs)
+    assert rows["completion_mask"] == [s.completion_mask() for s in samples]
+    lora = baseline.heldout_loss(plain, pairs, tok.pad_token_id, batch=2)
+    weaver = heldout_loss(mg, samples, EpisodeCollator(tok.pad_token_id, memory=False), batch=2)
+    assert abs(lora - weaver) < 1e-5

@@ -65,6 +65,7 @@ def test_sft_weaver_trains_on_episodes_and_eval_reads_keep_latents(
     out, manifest, _ = finished_run(sft_weaver, cfg, WEAVER_ARTIFACT_FILES)
     s = manifest["training"]
     assert (s["samples"], s["heldout_samples"], s["steps"]) == (2, 1, 2)
+    assert s["samples_per_rank"] == [4]  # episodes (2 steps of 2), not their turns' rows
     assert manifest["memory"]["keep_latents"] is False
     assert set(s["heldout_loss"]) == {"weaver_initial", "memory_off", "weaver_final"}
     assert all(v > 0 for v in s["heldout_loss"].values())

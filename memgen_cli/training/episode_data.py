@@ -235,4 +235,5 @@ class EpisodeCollator:
             "labels": labels,
             "prompt_points": [row[2] for row in rows] if use_prompt else None,
             "inference_points": [row[3] for row in rows],
+            "samples": len(items),  # episodes, whatever the rows
         }

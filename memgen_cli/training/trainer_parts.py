@@ -49,11 +49,21 @@ class WeaverObjective(nn.Module):
         self.memgen = model
         self.samples_seen = 0  # per process: shows that every rank really trained
 
-    def forward(self, input_ids, attention_mask, labels, prompt_points=None, inference_points=None):
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        labels,
+        prompt_points=None,
+        inference_points=None,
+        samples: int | None = None,
+    ):
+        """``samples``: how many samples the rows hold when it is not one a row (an episode
+        split into one row per turn, ``EpisodeCollator``)."""
         points = Points(prompt_points, inference_points)
         out = weave_forward(self.memgen, input_ids, attention_mask, labels, points)
         if self.training:
-            self.samples_seen += input_ids.shape[0]
+            self.samples_seen += samples or input_ids.shape[0]
         return {"loss": out.loss}
 
     def state_dict(self, *args, **kwargs):
