@@ -169,10 +169,14 @@ def play(
     episode: EpisodeConfig | None = None,
     system: str | None = None,
     keep_logprobs: bool = False,
+    decide=None,
 ) -> list[Episode]:
     """Play one episode per environment, all in one batch; ``cfg.max_new_tokens`` caps each
     reply. Greedy when ``cfg.temperature`` is 0. ``keep_logprobs`` records each sampled
-    token's log-prob under softmax(logits / temperature) (GRPO's old policy)."""
+    token's log-prob under softmax(logits / temperature) (GRPO's old policy). ``decide``
+    (trigger RL, memory ``full``): the hook that replaces the trigger's threshold,
+    ``decide(hidden, eligible, token, emitted) -> invoke``, asked at each turn's start (with
+    ``token`` None) and at each clause boundary below the cap (``generation.state._Run``)."""
     episode = episode or EpisodeConfig()
     check_mode(model, cfg.memory)
     model.eval()
@@ -180,7 +184,7 @@ def play(
     first = [env.reset() for env in envs]
     out = [Episode(opening(o.text, system)) for o in first]
     enc = encode_prompts(tokenizer, [e.messages for e in out], device)
-    run = _Run(model, enc["input_ids"], enc["attention_mask"], cfg)
+    run = _Run(model, enc["input_ids"], enc["attention_mask"], cfg, decide=decide)
     for ep, ids, mask in zip(out, enc["input_ids"], enc["attention_mask"], strict=True):
         ep.prompt_ids = ids[mask.bool()].tolist()
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -197,7 +201,7 @@ def play(
         if not alive.any():
             break
         mark = _mark(run) if rewind else None
-        woven, skips = _open_turn(run, alive)  # 1
+        woven, skips = _open_turn(run, alive, decide)  # 1
         if mark is not None:
             _mark_read(run, mark, {i.row for i in woven})
         replies, stops, logprobs = _decode_turn(run, generator, woven, keep_logprobs)  # 2
@@ -236,9 +240,10 @@ def play(
     return out
 
 
-def _open_turn(run: _Run, alive: torch.Tensor) -> tuple[list[Insertion], list[Skip]]:
+def _open_turn(run: _Run, alive: torch.Tensor, decide=None) -> tuple[list[Insertion], list[Skip]]:
     """Step 1: reset the per-turn counters of the running rows and weave where their turn
-    begins (the trigger decides once, here, in memory ``full``)."""
+    begins (the trigger decides once, here, in memory ``full``; ``decide`` samples instead of
+    the threshold, from the state the head reads: the last token before the turn)."""
     model = run.model
     run.active, run.resumes = alive.clone(), alive.clone()
     run.chosen, run.emitted = torch.zeros_like(run.chosen), torch.zeros_like(run.emitted)
@@ -249,6 +254,8 @@ def _open_turn(run: _Run, alive: torch.Tensor) -> tuple[list[Insertion], list[Sk
     if run.cfg.memory == "full" and model.trigger.is_trained:
         probs = model.trigger.probability(run.last)
         rows = alive & (probs >= model.cfg.trigger_threshold)
+        if decide is not None:
+            rows = alive & decide(run.last, alive, None, run.emitted)
         skips = [Skip(r, 0, float(probs[r])) for r in (alive & ~rows).nonzero().flatten().tolist()]
     woven = run.weave("prompt", rows, probs) if rows.any() else []
     return woven, skips

@@ -54,19 +54,23 @@ def init_head(trigger: Trigger, rate: float) -> None:
 
 
 # ---------------------------------------------------------------------------- rollouts
+TURN_START = -1  # ``Decision.token`` of the decision where an episode's turn begins
+
+
 @dataclass
 class Decision:
     """One trigger decision inside a completion."""
 
     token_index: int  # completion tokens before the decision point (the delimiter included)
-    token: int  # the delimiter token
+    token: int  # the delimiter token; TURN_START where an episode's turn begins
     prob: float  # INVOKE probability when sampled
     invoke: bool
     logp: float  # log-prob of the decision taken
 
 
 class DecisionSampler:
-    """``decide`` hook for ``generate``: sample INVOKE ~ Bernoulli(p) where eligible, record."""
+    """``decide`` hook for ``generate`` and ``episodes.play``: sample INVOKE ~ Bernoulli(p)
+    where eligible, and record; ``token`` None is an episode's turn start (``TURN_START``)."""
 
     def __init__(self, trigger: Trigger, seed: int):
         self.trigger = trigger
@@ -87,7 +91,7 @@ class DecisionSampler:
             self.decisions.setdefault(r, []).append(
                 Decision(
                     token_index=int(emitted[r]),
-                    token=int(token[r]),
+                    token=TURN_START if token is None else int(token[r]),
                     prob=float(torch.sigmoid(logits[r])),
                     invoke=act,
                     logp=float(F.logsigmoid(logits[r] if act else -logits[r])),
