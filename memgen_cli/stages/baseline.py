@@ -74,6 +74,7 @@ WEAVER_ONLY = (
     "training.memory",
     "memory.delimiters",
     "memory.max_inference_insertions",
+    "memory.keep_latents",
     "memory.lora_alpha",
     "memory.lora_dropout",
     "memory.projection_init",
