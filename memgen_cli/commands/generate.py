@@ -39,12 +39,26 @@ def command(
             "of --artifact weaving memory on top.",
         ),
     ] = None,
+    play: Annotated[
+        str | None,
+        typer.Option(
+            "--play",
+            help="Play one game of a game task (textworld:coin_collector, ...) and print the "
+            "transcript: the game eval plays first with the same --seed and --task-option.",
+        ),
+    ] = None,
+    task_option: o.TaskOption = None,
     base: o.Base = None,
     memory: o.Memory = "weaver",
     max_new_tokens: o.MaxNewTokens = 256,
     temperature: o.Temperature = 0.0,
     top_p: o.TopP = 1.0,
-    seed: o.Seed = 0,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            "--seed", help="Random seed (default 0); with --play also the game, as eval's --seed."
+        ),
+    ] = None,
     prompt_suffix: o.PromptSuffix = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, help="Prompts per batch (--input).")
@@ -56,7 +70,7 @@ def command(
     overwrite: o.Overwrite = False,
 ) -> None:
     """Answer with memory: inline ⟨mem K⟩ markers show where latents were woven."""
-    gen = GenerationConfig(max_new_tokens, temperature, top_p, seed, memory)
+    gen = GenerationConfig(max_new_tokens, temperature, top_p, seed or 0, memory)
     stage.run(
         stage.GenerateOptions(
             prompt,
@@ -74,5 +88,8 @@ def command(
             gen,
             overwrite,
             retrieval,
+            play,
+            task_option or [],
+            seed,
         )
     )

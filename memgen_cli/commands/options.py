@@ -53,6 +53,12 @@ PromptSuffix = option(
     "Answer-format instruction appended to each question "
     '(default: the one recorded in the artifact; "" for none).',
 )
+TaskOption = option(
+    list[str],
+    "--task-option",
+    "A task option KEY=VALUE (repeatable), as `memgen eval` takes it, e.g. level=105 "
+    "(default: the options the artifact recorded for this task).",
+)
 Json = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON object.")]
 Overwrite = Annotated[
     bool,

@@ -26,8 +26,22 @@ def play_batch(
     gen: GenerationConfig,
     setting: EpisodeConfig | None = None,
 ) -> list[dict]:
-    """Play the games of ``batch`` together; one prediction record per game. The system turn,
-    when the problems have one, is the episodes' system turn too."""
+    """Play the games of ``batch`` together; one prediction record per game."""
+    played = play_games(model, task, batch, gen, setting)
+    tok = model.tokenizer
+    return [record(label, gen.memory, p, ep, tok) for p, ep in zip(batch, played, strict=True)]
+
+
+def play_games(
+    model: MemGenModel,
+    task: EnvironmentTask,
+    batch: list[Problem],
+    gen: GenerationConfig,
+    setting: EpisodeConfig | None = None,
+) -> list[Episode]:
+    """The played episodes of ``batch``'s games, their woven latents in ``Episode.insertions``
+    (``inspect-memory`` clusters them). The system turn, when the problems have one, is the
+    episodes' system turn too."""
     first = batch[0].messages[0]
     system = first["content"] if first["role"] == "system" else task.system
     # Latents of earlier turns stay or go as the weaver was trained (memory.keep_latents).
@@ -35,12 +49,10 @@ def play_batch(
     envs = []
     try:
         envs = [task.environment(p.example) for p in batch]
-        played = play(model, envs, gen, setting, system=system)
+        return play(model, envs, gen, setting, system=system)
     finally:
         for env in envs:
             env.close()
-    tok = model.tokenizer
-    return [record(label, gen.memory, p, ep, tok) for p, ep in zip(batch, played, strict=True)]
 
 
 def marked(tokenizer, ep: Episode, turn: int) -> str:

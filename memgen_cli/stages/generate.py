@@ -33,6 +33,7 @@ from memgen_cli.generation import (
 from memgen_cli.outputs import check_output, write_output
 from memgen_cli.rendering import MARKER, segments
 from memgen_cli.retrieval import Shots, open_shots
+from memgen_cli.stages import generate_play
 from memgen_cli.stages.common import (
     Session,
     check_memory,
@@ -61,14 +62,21 @@ class GenerateOptions:
     gen: GenerationConfig = field(default_factory=GenerationConfig)
     overwrite: bool = False  # replace an answers file of an earlier run at ``output``
     retrieval: Path | None = None  # a retrieval artifact whose examples frame each question
+    play: str | None = None  # a game task: play one game and print it (``generate_play.py``)
+    task_options: list[str] = field(default_factory=list)  # KEY=VALUE, as eval takes them
+    play_seed: int | None = None  # --seed as given: picks the game as eval's data seed does
 
 
 def run(opts: GenerateOptions, console: Console | None = None) -> object:
     """Validate, build, then answer (one-shot, batch or interactive)."""
     console = console or make_console()
+    if opts.play is not None:
+        return generate_play.run(opts, console)
     modes = sum([opts.prompt is not None, opts.input is not None, opts.interactive])
     if modes != 1:
-        raise MemgenError("Give exactly one of: a PROMPT argument, --input FILE, or --interactive.")
+        raise MemgenError(
+            "Give exactly one of: a PROMPT argument, --input FILE, --interactive, or --play GAME."
+        )
     if opts.input is not None:
         prompts = read_prompts(opts.input)
         if opts.output is None:
