@@ -226,6 +226,7 @@ TOP_KEYS = {
     "skipped",
     "clusters",
     "drop_cluster",
+    "episodes",
     "plots",
     "timings",
 }
@@ -262,6 +263,7 @@ INSERTION_KEYS = {
     "ablation",
     "cluster",
     "correct",
+    "turn",
 }
 VIEW_NAMES = {
     "nearest_tokens",
@@ -348,7 +350,7 @@ def prompt_run(artifact, tmp_path_factory):
 
 def test_prompt_json_has_the_documented_stable_keys(prompt_run, artifact):
     data, out, before = prompt_run
-    assert set(data) == TOP_KEYS and data["schema_version"] == 3 and data["mode"] == "prompt"
+    assert set(data) == TOP_KEYS and data["schema_version"] == 4 and data["mode"] == "prompt"
     assert set(data["examples"][0]) == EXAMPLE_KEYS and set(data["timings"]) == TIMING_KEYS
     assert data["attention_implementation"] == "eager" and data["inject"] == "input"
     assert set(data["views"]) == VIEW_NAMES
@@ -862,7 +864,7 @@ def kv_prompt_run(request, tmp_path_factory):
 
 def test_kv_prompt_json_marks_what_does_not_apply_and_fills_the_rest(kv_prompt_run):
     data, _, _, _ = kv_prompt_run
-    assert set(data) == TOP_KEYS and data["schema_version"] == 3 and data["inject"] == "kv"
+    assert set(data) == TOP_KEYS and data["schema_version"] == 4 and data["inject"] == "kv"
     views = data["views"]
     assert set(views) == VIEW_NAMES and all(set(v) == VIEW_KEYS for v in views.values())
     assert {name for name, v in views.items() if not v["applies"]} == {"logit_lens", "norms"}

@@ -30,6 +30,7 @@ def command(
         str | None,
         typer.Option("--split", help="Data split (default: the task's evaluation split)."),
     ] = None,
+    task_option: o.TaskOption = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Nearest tokens per latent.")] = 5,
     clusters: Annotated[
         int | None,
@@ -89,6 +90,6 @@ def command(
             html=html, json=json, output=output, memory=memory, max_new_tokens=max_new_tokens,
             seed=seed, batch_size=batch_size, prompt_suffix=prompt_suffix, base=base,
             device=device, dtype=dtype, allow_base_mismatch=allow_base_mismatch,
-            overwrite=overwrite,
+            overwrite=overwrite, task_options=task_option or [],
         )
     )  # fmt: skip

@@ -58,6 +58,7 @@ def new_report(version, opts, session, digest, memory, suffix, vocab) -> dict:
         "skipped": [],
         "clusters": None,
         "drop_cluster": None,
+        "episodes": None,  # games: success rate, turns, what does not apply (inspect_episodes)
         "plots": {},
         "timings": dict.fromkeys(TIMINGS),
     }
@@ -128,6 +129,7 @@ def insertion_record(
         "ablation": None,
         "cluster": None,
         "correct": None,
+        "turn": None,  # games: the turn it was woven in (0 = first)
     }
 
 

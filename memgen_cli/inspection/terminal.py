@@ -105,12 +105,13 @@ def cluster_table(report: dict) -> Table:
     n = len(report["insertions"])
     title = f"k-means over {n} insertions (k={cl['k']}, seed {cl['seed']})"
     table = Table(title=title, title_justify="left")
+    games = report.get("episodes") is not None
     for col in (
         "cluster",
         "n",
         "prompt/inf",
-        "position (q25-q75)",
-        "right/wrong",
+        "turn in episode (q25-q75)" if games else "position (q25-q75)",
+        "won/lost" if games else "right/wrong",
         "centroid's nearest tokens",
     ):
         table.add_column(col)
@@ -155,6 +156,16 @@ def print_terminal(console: Console, report: dict) -> None:
                     style="dim",
                 )
             )
+    elif report["episodes"] is not None:  # games (stages/inspect_episodes.py)
+        ep = report["episodes"]
+        inside = sum(r["kind"] == "inference" for r in recs)
+        console.print(
+            f"[bold]{report['task']}[/]: {ep['games']} games, success "
+            f"{100 * ep['success_rate']:.1f}%, {len(recs)} insertions: prompt latents at "
+            f"{ep['woven_turns']} of {sum(ep['turns'])} turns, {inside} inside replies"
+        )
+        for name, why in ep["not_applicable"].items():
+            console.print(Text(f"not applicable to episodes: {name} ({why})", style="dim"))
     else:
         n = len(report["examples"])
         console.print(

@@ -111,14 +111,18 @@ def print_episode(console: Console, rec: dict) -> None:
     """The transcript turn by turn, then the outcome."""
     ep = rec["episode"]
     console.print(
-        Text(f"{rec['task']} · game {rec['id']} (seed {rec['seed']}) · memory {rec['mode']}", "bold")
+        Text(
+            f"{rec['task']} · game {rec['id']} (seed {rec['seed']}) · memory {rec['mode']}", "bold"
+        )
     )
     users = [m["content"] for m in rec["transcript"] if m["role"] == "user"]
     replies = [m["content"] for m in rec["transcript"] if m["role"] == "assistant"]
     system = [m["content"] for m in rec["transcript"] if m["role"] == "system"]
     if system:
         console.print(Text("system: ", "bold") + Text(system[0]))
-    for turn, (seen, reply, action) in enumerate(zip(users, replies, ep["actions"])):
+    for turn, (seen, reply, action) in enumerate(
+        zip(users[: len(replies)], replies, ep["actions"], strict=True)
+    ):
         console.rule(f"turn {turn + 1}", style="dim")
         console.print(Text("game:   ", "bold") + Text(seen))
         console.print(Text("agent:  ", "bold green") + marked_text(reply))

@@ -34,8 +34,10 @@ from memgen_cli.artifacts import MANIFEST, WEAVER_FILES, artifact_digest
 from memgen_cli.config import GenerationConfig
 from memgen_cli.console import make_console
 from memgen_cli.data import get_task, to_messages
+from memgen_cli.data.environment import GAME_TASKS, EnvironmentTask
 from memgen_cli.data.extraction import extract_math_answer
 from memgen_cli.errors import MemgenError, require_choice
+from memgen_cli.evaluation.plan import parse_task_options, task_options
 from memgen_cli.generation import encode_prompts, generate
 from memgen_cli.inspection import clusters as C
 from memgen_cli.inspection import probe as P
@@ -45,10 +47,12 @@ from memgen_cli.inspection import terminal as T
 from memgen_cli.outputs import check_output
 from memgen_cli.rendering import segments
 from memgen_cli.stages.common import open_session, resolve_suffix, user_message
+from memgen_cli.stages.inspect_episodes import check_games, inspect_games
 
 # 2: `skipped` (boundaries a trained trigger did not weave at); 3: memory.inject kv views
 # (`inject`, `views`, `weaver_lens`, `slot_norms`, `attention.per_layer`, `ablation.zero_values`)
-SCHEMA_VERSION = 3
+# 4: games (`--data textworld:...`): `episodes`, insertions' `turn`
+SCHEMA_VERSION = 4
 DEFAULT_CLUSTERS = 4
 
 
@@ -77,6 +81,7 @@ class InspectOptions:
     dtype: str = "auto"
     allow_base_mismatch: bool = False
     overwrite: bool = False  # replace an earlier inspect-memory output at ``output``/``html``
+    task_options: list[str] = field(default_factory=list)  # KEY=VALUE, as eval takes them
 
 
 @dataclass
@@ -128,7 +133,8 @@ def run(opts: InspectOptions, console: Console | None = None) -> dict:
     if opts.prompt is not None:
         inspect_prompt(job, user_message(opts.prompt, suffix))
     else:
-        job.task = get_task(opts.data)
+        given = parse_task_options(opts.task_options)
+        job.task = get_task(opts.data, **task_options(opts.data, given, [session.manifest], note))
         job.examples = job.task.load(opts.split, opts.limit)
         if not job.examples:
             raise MemgenError(
@@ -136,7 +142,10 @@ def run(opts: InspectOptions, console: Console | None = None) -> dict:
             )
         system = (session.manifest.get("prompt") or {}).get("system")
         job.messages = [to_messages(ex, suffix, system) for ex in job.examples]
-        inspect_data(job)
+        if isinstance(job.task, EnvironmentTask):  # games: the latents of played episodes
+            inspect_games(job, _describe)
+        else:
+            inspect_data(job)
     if k is not None:
         centroids = cluster(job, k)
         if opts.drop_cluster is not None:
@@ -187,6 +196,8 @@ def validate(opts: InspectOptions) -> int | None:
     if k is not None and k < 2:
         raise MemgenError(f"--clusters must be at least 2; got {k}.")
     require_choice("--drop-rule", opts.drop_rule, C.DROP_RULES)
+    if opts.data is not None and opts.data.startswith(GAME_TASKS):
+        check_games(opts)
     if opts.drop_cluster is not None:
         if opts.data is None:
             raise MemgenError(
