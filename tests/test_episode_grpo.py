@@ -267,8 +267,8 @@ def test_resume_on_games_gives_the_same_weights(games, tiny_base, tmp_path):
 
 @pytest.mark.parametrize(
     "command",
-    [["train-trigger", "--artifact", "{artifact}"], ["baseline", "grpo", "--base", "{base}"]],
-    ids=["train-trigger", "baseline-grpo"],
+    [["train-trigger", "--artifact", "{artifact}"]],  # baseline grpo plays them (lora_episodes)
+    ids=["train-trigger"],
 )
 def test_stages_that_do_not_play_games_refuse_them_up_front(tiny_weaver, tmp_path, command):
     base, artifact = tiny_weaver
