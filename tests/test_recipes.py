@@ -210,3 +210,32 @@ def test_baseline_sft_runs_the_demos_weaver_recipe(monkeypatch):
     assert result.exit_code == 0, result.output
     assert seen["cfg"].output == "runs/demo/baseline-sft"
     assert seen["cfg"].memory == load_recipe(SFTConfig, recipe).memory
+
+
+GAME_RECIPES = [
+    p
+    for p in ALL
+    if p.stem in ("sft-weaver", "grpo-weaver")
+    and load_recipe(RECIPE_CONFIGS[p.stem], p).data.task.startswith("textworld:")
+]
+
+
+@pytest.mark.parametrize("path", GAME_RECIPES, ids=ids(GAME_RECIPES))
+def test_game_recipes_pass_the_episode_data_checks(path):
+    """Each recipe on games (the embedded model's, Qwen2.5-1.5B's) builds its task and passes the
+    stages' up-front data checks (empty prompt_suffix, exclude_train covering the games)."""
+    pytest.importorskip("textworld")
+    from memgen_cli.data import get_task
+    from memgen_cli.training.episode_data import check_episode_data
+
+    data = load_recipe(RECIPE_CONFIGS[path.stem], path).data
+    task = get_task(data.task, **data.options)
+    check_episode_data(task, data, data.size + data.heldout)
+
+
+def test_qwen_has_game_recipes_beside_its_gsm8k_ones():
+    qwen = {str(p.relative_to(RECIPES / "qwen2.5-1.5b")) for p in GAME_RECIPES if "qwen" in str(p)}
+    assert qwen == {
+        "textworld/coin_collector/sft-weaver.yaml",
+        "textworld/coin_collector/grpo-weaver.yaml",
+    }
