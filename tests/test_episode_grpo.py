@@ -265,25 +265,6 @@ def test_resume_on_games_gives_the_same_weights(games, tiny_base, tmp_path):
     assert [r["reward"] for r in logs] == [r["reward"] for r in same]
 
 
-@pytest.mark.parametrize(
-    "command",
-    [["train-trigger", "--artifact", "{artifact}"]],  # baseline grpo plays them (lora_episodes)
-    ids=["train-trigger"],
-)
-def test_stages_that_do_not_play_games_refuse_them_up_front(tiny_weaver, tmp_path, command):
-    base, artifact = tiny_weaver
-    args = [a.format(artifact=artifact, base=base) for a in command]
-    out = tmp_path / "out"
-    args += ["--data", "textworld:coin_collector", "--output", str(out)]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2, result.output
-    text = " ".join(result.output.split())
-    stage_name = " ".join(command[:2]) if command[0] == "baseline" else command[0]
-    assert f"{stage_name} cannot train on textworld:coin_collector" in text
-    assert "memgen grpo-weaver" in text and text.count("error:") == 1
-    assert "Traceback" not in result.output and not out.exists()
-
-
 @needs_textworld
 @pytest.mark.parametrize(
     "sets,message",

@@ -21,6 +21,7 @@ What every training stage shares (config, output guard, resume, summary fields, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -43,12 +44,15 @@ from memgen_cli.artifacts import (
 )
 from memgen_cli.config import GenerationConfig, TriggerConfig
 from memgen_cli.data import Example, get_task, to_messages
-from memgen_cli.data.environment import refuse_games
+from memgen_cli.data.environment import EnvironmentTask
+from memgen_cli.data.episode_rewards import won
 from memgen_cli.errors import MemgenError, require, require_choice
+from memgen_cli.generation.episodes import EpisodeConfig
 from memgen_cli.stages import frame
 from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
 from memgen_cli.stages.frame import checkpoint_dir as checkpoint_dir
-from memgen_cli.training import rl, trigger_rl
+from memgen_cli.training import episode_trigger, rl, trigger_rl
+from memgen_cli.training.episode_data import check_episode_data
 from memgen_cli.training.trigger_rl import init_head, trigger_rollout, trigger_update
 
 
@@ -64,7 +68,6 @@ def validate(
 ) -> tuple[dict, Path | None]:
     """Check what the types cannot; return the artifact's manifest and the resume point."""
     t, d, tr, r = cfg.training, cfg.data, cfg.trigger, cfg.reward
-    refuse_games(d.task, "train-trigger")
     g, b = t.num_generations, t.batch_size
     if cfg.artifact is None:
         raise MemgenError(
@@ -232,6 +235,11 @@ def _run(cfg: TriggerConfig, resume: str | None, dist, **options: Unpack[frame.R
     run = frame.Run.start("train-trigger", cfg, resume, resume_from, **options)
     t, d, tr = cfg.training, cfg.data, cfg.trigger
     task, train, held, excluded = select_examples(cfg, manifest)
+    # Games: each rollout is an episode, the trigger deciding where each turn begins
+    # (training/episode_trigger.py); held-out games must stay off every route loaded here.
+    games = isinstance(task, EnvironmentTask)
+    if games:
+        check_episode_data(task, d, len(train) + len(held) + excluded)
 
     # 2. build
     base = run.load_base(distributed.device_for_rank(cfg.model.device, dist.local_rank))
@@ -242,7 +250,10 @@ def _run(cfg: TriggerConfig, resume: str | None, dist, **options: Unpack[frame.R
     recorded = manifest.get("prompt", {})
     suffix = d.prompt_suffix or recorded.get("prompt_suffix") or ""
     system = d.system if d.system is not None else recorded.get("system")
-    funcs, weights = frame.reward_functions(rl.task_reward(task), cfg.reward)
+    if games:
+        system = system or task.system
+        episode = EpisodeConfig(task.max_turns, model.cfg.keep_latents)
+    funcs, weights = frame.reward_functions(won if games else rl.task_reward(task), cfg.reward)
     init_head(trigger, tr.initial_rate)
     opt = torch.optim.AdamW(trigger.parameters(), lr=t.learning_rate, weight_decay=0.0)
     warmup = int(t.warmup * t.max_steps) if t.warmup < 1 else int(t.warmup)
@@ -262,8 +273,8 @@ def _run(cfg: TriggerConfig, resume: str | None, dist, **options: Unpack[frame.R
     per_step = t.batch_size // g
     mine = per_step // w  # this process's prompts: the step's k-th block of them
     run.header(
-        f"{len(train)} prompts from {task.name} ({excluded} seen by the weaver left out), G={g}, "
-        f"{per_step} prompts per step"
+        f"{len(train)} {'games' if games else 'prompts'} from {task.name} ({excluded} seen by "
+        f"the weaver left out), G={g}, {per_step} {'games' if games else 'prompts'} per step"
         + (f" ({mine} per process)" if w > 1 else "")
         + f", λ={tr.penalty}, start rate {tr.initial_rate}, weaver frozen, from {cfg.artifact}"
     )
@@ -280,18 +291,28 @@ def _run(cfg: TriggerConfig, resume: str | None, dist, **options: Unpack[frame.R
                 seed=t.seed * 100_003 + step + 1_000_003 * dist.rank,  # rank 0: one process's
                 memory="full",
             )
-            msgs = [to_messages(e, suffix, system) for e in exs]
-            roll = trigger_rollout(model, msgs, gen, g)
-            m, per_row = train_step(model, roll, exs, msgs, funcs, weights, cfg, opt, sched)
+            if games:
+                roll = episode_trigger.play_trigger_groups(
+                    model, task, exs, gen, g, episode, system
+                )
+                task_r = episode_trigger.episode_task_rewards(roll, exs, funcs, weights)
+                m, per_row = trigger_update(trigger, roll, task_r, opt, sched, t, tr)
+                m |= episode_trigger.episode_metrics(roll, episode.max_turns)
+            else:
+                msgs = [to_messages(e, suffix, system) for e in exs]
+                roll = trigger_rollout(model, msgs, gen, g)
+                m, per_row = train_step(model, roll, exs, msgs, funcs, weights, cfg, opt, sched)
             m = {"step": step + 1, **m, "lr": sched.get_last_lr()[0], "world_size": w}
             if run.main and ((step + 1) % t.logging_steps == 0 or step + 1 == t.max_steps):
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(m) + "\n")
                 run.console.print(progress_line(m, t.max_steps))
             if t.log_completions_steps and (step == 0 or (step + 1) % t.log_completions_steps == 0):
-                shown = completion_rows(
-                    step + 1, model.tokenizer, msgs, roll, per_row, dist.rank * mine
-                )
+                rows_of = episode_trigger.episode_rows if games else completion_rows
+                shown = rows_of(
+                    step + 1, model.tokenizer, exs if games else msgs, roll, per_row,
+                    dist.rank * mine,
+                )  # fmt: skip
                 parts = distributed.gather_to_main(shown)
                 if run.main:
                     write_rows(ckpts / "completions" / f"step_{step + 1:05d}.jsonl", parts)
@@ -322,6 +343,7 @@ def _run(cfg: TriggerConfig, resume: str | None, dist, **options: Unpack[frame.R
             "initial_rate": tr.initial_rate,
             "num_generations": g,
             "steps": t.max_steps,
+            **({"episodes": dataclasses.asdict(episode)} if games else {}),
             **frame.first_and_final(rows, "invocation_rate"),
             **frame.first_and_final(rows, "task_reward"),
             **run.end_fields(w),
@@ -364,7 +386,7 @@ def progress_line(m: dict, total: int) -> str:
         f"penalty {m['penalty']:.3f})  invoke {rate} p̄ {m['p_bar']:.2f}  "
         f"decisions {m['decisions_per_completion']:.1f} invocations "
         f"{m['invocations_per_completion']:.1f}/completion  entropy {m['entropy']:.3f}  "
-        f"clip {m['clip_ratio']:.2f}"
+        f"clip {m['clip_ratio']:.2f}" + (episode_trigger.progress(m) if "episodes/won" in m else "")
     )
 
 

@@ -102,7 +102,8 @@ class DecisionSampler:
 
 @dataclass
 class TriggerRollouts:
-    """G completions per prompt (rows p*G .. p*G+G-1) and the trigger's decisions in each."""
+    """G completions per prompt (rows p*G .. p*G+G-1) and the trigger's decisions in each; on
+    games a row is an episode (``training/episode_trigger.py``)."""
 
     group_size: int
     completion_ids: list[list[int]]  # stop token excluded (what the reward reads)
@@ -110,6 +111,7 @@ class TriggerRollouts:
     decisions: list[list[Decision]]
     states: list[torch.Tensor]  # per row (decisions, D): the hidden states the head read
     insertions: list[int] = field(default_factory=list)  # inference insertions per row
+    episodes: list = field(default_factory=list)  # the played episodes, when rows are episodes
 
     def invocations(self) -> torch.Tensor:
         return torch.tensor([float(sum(d.invoke for d in row)) for row in self.decisions])
