@@ -23,6 +23,10 @@ bottom:
 4. save: the main process writes the baseline artifact atomically (the same kind as
    ``baseline sft``'s, so ``memgen eval --artifact`` scores it the same way), with ``init`` as
    its parent.
+
+On a ``textworld:<challenge>`` task a rollout is an episode: TRL's ``rollout_func`` plays the
+games through memgen's engine and masks the environment's tokens out of the loss
+(``training/lora_episodes.py``); the task reward is ``won``, held-out accuracy the success rate.
 """
 
 from __future__ import annotations
@@ -44,10 +48,10 @@ from memgen_cli.artifacts import (
     save_baseline,
 )
 from memgen_cli.config import BaselineGRPOConfig
-from memgen_cli.data import Example, to_messages
-from memgen_cli.data.environment import refuse_games
+from memgen_cli.data import EnvironmentTask, Example, to_messages
+from memgen_cli.data.episode_rewards import won
 from memgen_cli.errors import MemgenError
-from memgen_cli.generation import encode_prompts
+from memgen_cli.generation import EpisodeConfig, encode_prompts
 from memgen_cli.stages import frame
 from memgen_cli.stages.baseline import (
     WEAVER_ONLY,
@@ -62,7 +66,9 @@ from memgen_cli.stages.baseline import (
 from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
 from memgen_cli.stages.frame import checkpoint_dir as checkpoint_dir
 from memgen_cli.training import rl, sft_run
+from memgen_cli.training.episode_data import check_episode_data
 from memgen_cli.training.grpo import GRPOProgress
+from memgen_cli.training.lora_episodes import EpisodeRollout, on_episodes, player_for
 
 
 # ----------------------------------------------------------------------------- config
@@ -78,7 +84,6 @@ def resolve_config(recipe=None, overrides=None, **flags) -> BaselineGRPOConfig:
 def validate(cfg: BaselineGRPOConfig, resume: str | None) -> tuple[Path | None, dict | None]:
     """Check values the dataclass types cannot; return (the checkpoint to resume from, the
     ``init`` artifact's manifest or None)."""
-    refuse_games(cfg.data.task, "baseline grpo")
     validate_lora(cfg.lora)
     rl.check_settings(cfg.training, cfg.reward)
     sft_run.validate_training(cfg.training, cfg.data)
@@ -162,6 +167,22 @@ def heldout_accuracy(model, tok, examples, reward, cfg: BaselineGRPOConfig) -> f
     return accuracy
 
 
+def episode_rollout(cfg: BaselineGRPOConfig, task, train, base) -> EpisodeRollout:
+    """TRL's rollout function for ``task``'s games (``training/lora_episodes.py``)."""
+    episode = EpisodeConfig(task.max_turns)  # memory off: no latents to keep or drop
+    system = cfg.data.system or task.system
+    player = player_for(base.model, base.tokenizer)
+    mask = cfg.training.mask_truncated_completions
+    return EpisodeRollout(player, task, train, episode, system, mask)
+
+
+def score(model, tok, held, accuracy, cfg: BaselineGRPOConfig, rollout) -> float:
+    """Held-out greedy accuracy; of games, the success rate of the policy's episodes."""
+    if rollout is None:
+        return heldout_accuracy(model, tok, held, accuracy, cfg)
+    return rollout.success_rate(model, held, cfg.training.max_completion_length)
+
+
 # ------------------------------------------------------------------------------- run
 def run(
     cfg: BaselineGRPOConfig, resume: str | None = None, **options: Unpack[frame.RunOptions]
@@ -171,11 +192,16 @@ def run(
     resume_from, init = validate(cfg, resume)
     run = frame.Run.start("baseline grpo", cfg, resume, resume_from, **options)
     task, train, held, data_seed = sft_run.load_examples(cfg)
+    games = isinstance(task, EnvironmentTask)  # rollouts are episodes (docs/agents.md)
+    if games:
+        check_episode_data(task, cfg.data, len(train) + len(held))
 
     # 2. build
     d, t = cfg.data, cfg.training
     base = run.load_base()
     tok = base.tokenizer
+    # Games: the engine plays a copy of the reasoner set to the policy's weights (before LoRA).
+    rollout = episode_rollout(cfg, task, train, base) if games else None
     if init is not None:
         check_init_base(cfg, init, base)
         weaver_count = weaver_trainable_params(base.model, cfg.memory)  # before LoRA wraps it
@@ -185,11 +211,14 @@ def run(
     else:
         model = base.model
         lora, peft_config, weaver_count = lora_settings(base, cfg.lora, cfg.memory)
-    accuracy = rl.task_reward(task)
+    accuracy = won if games else rl.task_reward(task)
     funcs, weights = frame.reward_functions(accuracy, cfg.reward)
+    grpo = sft_run.grpo_arguments(t)
+    if games:  # cut replies leave the loss through the rollout's env_mask, each on its own
+        grpo["mask_truncated_completions"] = False
     args = trl.GRPOConfig(
         **sft_run.trainer_arguments(t, run.ckpts, base.model.device),  # batch_size: completions
-        **sft_run.grpo_arguments(t),
+        **grpo,
         epsilon_high=t.epsilon_high,
         reward_weights=weights,
         activation_checkpointing=False,  # TRL turns it on by default; grpo-weaver does not
@@ -198,21 +227,27 @@ def run(
     acc: dict[str, float] = {}
     if held and run.main and run.resume_from is None:
         # A fresh LoRA's B is zero: before training, the adapted reasoner is the plain one.
-        acc["initial"] = heldout_accuracy(model, tok, held, accuracy, cfg)
+        acc["initial"] = score(model, tok, held, accuracy, cfg, rollout)
     acc = run.begin(acc)  # a resumed run reads back what its fresh start measured
-    prompts = [
-        {"prompt": to_messages(e, d.prompt_suffix, d.system), "index": i}
-        for i, e in enumerate(train)
-    ]
+    if games:  # a prompt names its game; the rollout plays it (TRL repeats it G times)
+        prompts = [{"prompt": e.id, "index": i} for i, e in enumerate(train)]
+        rewards = [on_episodes(f, train, log=j == 0) for j, f in enumerate(funcs)]
+    else:
+        prompts = [
+            {"prompt": to_messages(e, d.prompt_suffix, d.system), "index": i}
+            for i, e in enumerate(train)
+        ]
+        rewards = [by_index(f, train) for f in funcs]
     datasets.disable_progress_bars()
     trainer = trl.GRPOTrainer(
         model=model,
-        reward_funcs=[by_index(f, train) for f in funcs],
+        reward_funcs=rewards,
         args=args,
         train_dataset=datasets.Dataset.from_list(prompts),
         processing_class=tok,
         peft_config=peft_config,
         callbacks=run.callbacks(GRPOProgress, args),
+        rollout_func=rollout,
     )
     model = trainer.model
     budget = measure_budget(model, weaver_count)
@@ -220,7 +255,8 @@ def run(
         f"LoRA r {lora['r']} on {', '.join(lora['targets'])}"
         + (f" from {cfg.init}" if cfg.init else "")
         + f", {budget_text(budget)}; "
-        f"{len(train)} prompts from {task.name}, G={t.num_generations}, rewards "
+        f"{len(train)} {'games' if games else 'prompts'} from {task.name}, "
+        f"G={t.num_generations}, rewards "
         f"{', '.join(rl.reward_name(f) for f in funcs)}"
     )
 
@@ -232,12 +268,13 @@ def run(
         if "ref" in model.peft_config:  # TRL's frozen copy of init's adapter for beta > 0
             model.delete_adapter("ref")
         if held:
-            acc["final"] = heldout_accuracy(model, tok, held, accuracy, cfg)
+            acc["final"] = score(model, tok, held, accuracy, cfg, rollout)
         summary = {
             "stage": "baseline-grpo",
             "method": "lora-grpo",
             **run.data_fields(task, data_seed),
             "samples": len(train),  # prompts: what `memgen eval` counts as drawn
+            **({"episodes": {"max_turns": rollout.episode.max_turns}} if games else {}),
             "heldout_samples": len(held),
             "heldout_accuracy": {k: round(v, 4) for k, v in acc.items()},
             **frame.grpo_fields(funcs, weights, t),
