@@ -61,14 +61,3 @@ class EnvironmentTask(Task):
 
 
 GAME_TASKS = ("textworld:",)  # the task prefixes whose problems are games
-
-
-def refuse_games(task: str, stage: str) -> None:
-    """One message, before anything loads, for a stage that does not play episodes."""
-    if task.startswith(GAME_TASKS):
-        raise MemgenError(
-            f"{stage} cannot train on {task}: its games are played as episodes, which {stage} "
-            "does not do yet. Train on games with `memgen sft-weaver` or `memgen baseline sft` "
-            "(expert episodes) and `memgen grpo-weaver`, and score them with `memgen eval` "
-            "(docs/agents.md)."
-        )
