@@ -15,6 +15,8 @@ by step, so a resumed run regenerates exactly the rollouts it would have made. C
 a checkpoint; ``--resume auto`` continues. With torchrun the step's prompts are split across
 processes (whole groups of G each), the head's gradients and the metrics are averaged over
 them, and rank 0 writes the metrics, checkpoints and the artifact while the others wait.
+On games (``textworld:<challenge>``) a rollout is an episode and the trigger decides where each
+turn begins (``training/episode_trigger.py``; the loss and the loop are the same).
 What every training stage shares (config, output guard, resume, summary fields, artifact) is
 ``stages/frame.py``.
 """
