@@ -185,3 +185,17 @@ def tiny(tiny_weaver, tmp_path_factory) -> tuple[Path, Path, Path]:
     from helpers import write_problems
 
     return (*tiny_weaver, write_problems(tmp_path_factory.mktemp("tiny") / "train.jsonl", 12))
+
+
+# ------------------------------------------------------------------ game cache (textworld tests)
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """One $MEMGEN_HOME per test module: games made by one test are reused by the next."""
+    return tmp_path_factory.mktemp("memgen-home")
+
+
+@pytest.fixture
+def cached(home, monkeypatch):
+    """``home`` as this test's $MEMGEN_HOME (where TextWorld games are generated and cached)."""
+    monkeypatch.setenv("MEMGEN_HOME", str(home))
+    return home

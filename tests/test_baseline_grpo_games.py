@@ -36,18 +36,6 @@ pytestmark = [
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "textworld" / "grpo-weaver.yaml"
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """One game cache for the module: games made by one test are reused by the next."""
-    return tmp_path_factory.mktemp("memgen-home")
-
-
-@pytest.fixture
-def cached(home, monkeypatch):
-    monkeypatch.setenv("MEMGEN_HOME", str(home))
-    return home
-
-
 def odd_tokens(prompts, completions, completion_ids, **_):
     """The agent's tokens with an odd id: a reward that differs between sampled episodes where
     a random tiny model never wins and names no command (every reply cut at the limit)."""

@@ -27,18 +27,6 @@ pytestmark = [
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "textworld" / "sft-weaver.yaml"
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """One game cache for the module: games made by one test are reused by the next."""
-    return tmp_path_factory.mktemp("memgen-home")
-
-
-@pytest.fixture
-def cached(home, monkeypatch):
-    monkeypatch.setenv("MEMGEN_HOME", str(home))
-    return home
-
-
 def config(stage, tiny_base, tmp_path, *sets):
     return stage.resolve_config(RECIPE, list(sets), base=str(tiny_base), output=tmp_path / "out")
 

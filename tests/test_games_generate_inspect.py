@@ -22,18 +22,6 @@ pytestmark = [
 GAME = ["--task-option", "max_turns=3", "--task-option", "exclude_train=0"]
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """One game cache for the module: a game made by one test is reused by the next."""
-    return tmp_path_factory.mktemp("memgen-home")
-
-
-@pytest.fixture
-def cached(home, monkeypatch):
-    monkeypatch.setenv("MEMGEN_HOME", str(home))
-    return home
-
-
 def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 

@@ -22,18 +22,6 @@ needs_textworld = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """One game cache for the module: games made by one test are reused by the next."""
-    return tmp_path_factory.mktemp("memgen-home")
-
-
-@pytest.fixture
-def cached(home, monkeypatch):
-    monkeypatch.setenv("MEMGEN_HOME", str(home))
-    return home
-
-
 def test_doctests():
     assert doctest.testmod(tw_task).failed == 0
 
