@@ -8,10 +8,8 @@ from pathlib import Path
 
 import typer
 
+from memgen_cli.commands import grpo_weaver, retrieval, sft_weaver
 from memgen_cli.commands import options as o
-from memgen_cli.commands import retrieval
-from memgen_cli.commands.grpo_weaver import DATA_HELP as GRPO_DATA_HELP
-from memgen_cli.commands.sft_weaver import DATA_HELP
 from memgen_cli.stages import baseline as sft_stage
 from memgen_cli.stages import baseline_grpo as grpo_stage
 
@@ -23,8 +21,6 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-SFTData = o.option(str, "--data", DATA_HELP)
-GRPOData = o.option(str, "--data", GRPO_DATA_HELP)
 TaskOption = o.option(
     list[str],
     "--task-option",
@@ -59,18 +55,13 @@ Init = o.option(
     "sft",
     short_help="LoRA-, prompt- or prefix-SFT of the reasoner (TRL SFTTrainer) at the weaver's budget.",
 )
+@o.options_of(sft_weaver.command)  # the weaver's options, some reworded, and --method
 def sft(
     recipe: SFTRecipe = None,
     set_: o.Set = None,
     method: Method = None,
-    base: o.Base = None,
-    data: SFTData = None,
-    columns: o.Columns = None,
     task_option: TaskOption = None,
-    output: o.Output = None,
-    resume: o.Resume = None,
-    report_to: o.ReportTo = None,
-    overwrite: o.Overwrite = False,
+    **options,
 ) -> None:
     """LoRA-SFT of the reasoner with TRL's SFTTrainer: the same examples, prompt, target, steps,
     batches and schedule as sft-weaver. By default (lora.r: null) the rank is the one whose
@@ -79,32 +70,22 @@ def sft(
     or prefix tuning instead, with as many virtual tokens as bring the count closest to the
     weaver's (prompt_learning.num_virtual_tokens: null). The artifact is a PEFT adapter
     directory."""
-    o.train(sft_stage, **locals())
+    o.train(sft_stage, recipe=recipe, set_=set_, method=method, task_option=task_option, **options)
 
 
 @app.command(
     "grpo", short_help="LoRA-GRPO of the reasoner (TRL GRPOTrainer) at the weaver's budget."
 )
+@o.options_of(grpo_weaver.command)  # the weaver's options, some reworded
 def grpo(
-    recipe: GRPORecipe = None,
-    set_: o.Set = None,
-    base: o.Base = None,
-    data: GRPOData = None,
-    task_option: TaskOption = None,
-    init: Init = None,
-    reward: o.Reward = None,
-    reward_weight: o.RewardWeight = None,
-    output: o.Output = None,
-    resume: o.Resume = None,
-    report_to: o.ReportTo = None,
-    overwrite: o.Overwrite = False,
+    recipe: GRPORecipe = None, task_option: TaskOption = None, init: Init = None, **options
 ) -> None:
     """LoRA-GRPO of the reasoner with TRL's GRPOTrainer: G sampled answers per prompt, rewarded
     by the task's grader (and any --reward), with grpo-weaver's prompts, G, sampling, loss,
     steps, batches and schedule. The rank is matched to the weaver's trainable parameters as in
     `baseline sft`, or the --init baseline's adapter is trained further. The artifact is a PEFT
     adapter directory, evaluated by `memgen eval --artifact` like a LoRA-SFT one."""
-    o.train(grpo_stage, **locals())
+    o.train(grpo_stage, recipe=recipe, task_option=task_option, init=init, **options)
 
 
 app.command("retrieval", short_help=retrieval.SHORT_HELP)(retrieval.command)

@@ -7,13 +7,7 @@ from pathlib import Path
 from memgen_cli.commands import options as o
 from memgen_cli.stages import grpo_weaver as stage
 
-DATA_HELP = (
-    "gsm_symbolic (default, offline), gsm8k (hub), gym:<name> (any reasoning_gym task), "
-    "math, kodcode (rewarded by running its tests in the sandbox), or a GSM8K-format .jsonl "
-    "file."
-)
 Recipe = o.option(Path, "--recipe", "Recipe YAML (a GRPOConfig).")
-Data = o.option(str, "--data", DATA_HELP)
 TaskOption = o.option(
     list[str],
     "--task-option",
@@ -28,7 +22,7 @@ def command(
     recipe: Recipe = None,
     set_: o.Set = None,
     base: o.Base = None,
-    data: Data = None,
+    data: o.GRPOData = None,
     task_option: TaskOption = None,
     init: Init = None,
     reward: o.Reward = None,

@@ -1,8 +1,9 @@
-"""Option types shared by several commands (one definition each), and ``train``: how a
-training command runs its stage."""
+"""Option types shared by several commands (one definition each), ``options_of``: a command
+that takes another's options, and ``train``: how a training command runs its stage."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated
 
@@ -72,6 +73,20 @@ Overwrite = Annotated[
 
 # Training stages
 Set = option(list[str], "--set", "Override a recipe key: a.b=value (repeatable).")
+SFTData = option(  # sft-weaver, baseline sft, baseline retrieval: the same training samples
+    str,
+    "--data",
+    "gsm_symbolic (default, offline), gsm8k (hub), gym:<name> (any reasoning_gym task; "
+    "tasks without worked solutions train on bare answers), or a .jsonl file: GSM8K format "
+    "(question, answer ending in '#### N'), or any columns with --columns.",
+)
+GRPOData = option(  # grpo-weaver, baseline grpo
+    str,
+    "--data",
+    "gsm_symbolic (default, offline), gsm8k (hub), gym:<name> (any reasoning_gym task), "
+    "math, kodcode (rewarded by running its tests in the sandbox), or a GSM8K-format .jsonl "
+    "file.",
+)
 Output = option(Path, "--output", "Artifact directory.")
 Resume = option(
     str, "--resume", "auto (latest checkpoint of this output, if any) or a checkpoint folder."
@@ -87,6 +102,32 @@ Reward = option(
 RewardWeight = option(
     list[float], "--reward-weight", "Weight of each --reward, in order (default 1)."
 )
+
+
+def options_of(template):
+    """Decorator: the command takes ``template``'s options, in ``template``'s order, besides its
+    own, and receives them in its ``**options``. An own option of the same name replaces the
+    template's where it stands (a rewording: ``baseline grpo`` takes grpo-weaver's options); a
+    new one goes right after the own option before it, or first. Typer reads the merged
+    ``__signature__``, so ``--help`` lists them all."""
+
+    def merge(command):
+        params = list(inspect.signature(template, eval_str=True).parameters.values())
+        at = 0
+        for param in inspect.signature(command, eval_str=True).parameters.values():
+            if param.kind is param.VAR_KEYWORD:
+                continue
+            names = [p.name for p in params]
+            if param.name in names:
+                at = names.index(param.name)
+                params[at] = param
+            else:
+                params.insert(at, param)
+            at += 1
+        command.__signature__ = inspect.Signature(params, return_annotation=None)
+        return command
+
+    return merge
 
 
 def train(

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from memgen_cli.commands import options as o
-from memgen_cli.commands.sft_weaver import DATA_HELP
 from memgen_cli.console import make_console
 from memgen_cli.evaluation.plan import parse_task_options
 from memgen_cli.stages import retrieval as stage
@@ -30,7 +29,6 @@ Similarity = o.option(
 Method = o.option(
     str, "--method", "expel (default, the only one): retrieve solved problems (ExpeL)."
 )
-Data = o.option(str, "--data", DATA_HELP)
 TaskOption = o.option(
     list[str], "--task-option", "A task option KEY=VALUE (repeatable), as the weaver takes it."
 )
@@ -43,7 +41,7 @@ def command(
     similarity: Similarity = None,
     method: Method = None,
     base: o.Base = None,
-    data: Data = None,
+    data: o.SFTData = None,
     columns: o.Columns = None,
     task_option: TaskOption = None,
     output: o.Output = None,

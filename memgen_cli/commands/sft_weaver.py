@@ -7,13 +7,7 @@ from pathlib import Path
 from memgen_cli.commands import options as o
 from memgen_cli.stages import sft_weaver as stage
 
-DATA_HELP = (
-    "gsm_symbolic (default, offline), gsm8k (hub), gym:<name> (any reasoning_gym task; "
-    "tasks without worked solutions train on bare answers), or a .jsonl file: GSM8K format "
-    "(question, answer ending in '#### N'), or any columns with --columns."
-)
 Recipe = o.option(Path, "--recipe", "Recipe YAML (an SFTConfig).")
-Data = o.option(str, "--data", DATA_HELP)
 TaskOption = o.option(
     list[str],
     "--task-option",
@@ -27,7 +21,7 @@ def command(
     recipe: Recipe = None,
     set_: o.Set = None,
     base: o.Base = None,
-    data: Data = None,
+    data: o.SFTData = None,
     columns: o.Columns = None,
     task_option: TaskOption = None,
     output: o.Output = None,
