@@ -13,7 +13,7 @@ from __future__ import annotations
 from memgen_cli.config import GenerationConfig
 from memgen_cli.data.environment import EnvironmentTask
 from memgen_cli.evaluation.plan import Problem
-from memgen_cli.generation import Episode, EpisodeConfig, play
+from memgen_cli.generation.episodes import Episode, EpisodeConfig, environments, play
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.rendering import segments
 
@@ -46,13 +46,8 @@ def play_games(
     system = first["content"] if first["role"] == "system" else task.system
     # Latents of earlier turns stay or go as the weaver was trained (memory.keep_latents).
     setting = setting or EpisodeConfig(task.max_turns, keep_latents=model.cfg.keep_latents)
-    envs = []
-    try:
-        envs = [task.environment(p.example) for p in batch]
+    with environments(task, [p.example for p in batch]) as envs:
         return play(model, envs, gen, setting, system=system)
-    finally:
-        for env in envs:
-            env.close()
 
 
 def marked(tokenizer, ep: Episode, turn: int) -> str:
@@ -61,14 +56,18 @@ def marked(tokenizer, ep: Episode, turn: int) -> str:
     return "".join(text for _, text in segments(tokenizer, ep.replies[turn], woven))
 
 
+def marked_messages(tokenizer, ep: Episode) -> list[dict]:
+    """The episode's conversation, each reply marked where memory went in (``marked``)."""
+    replies = iter(marked(tokenizer, ep, t) for t in range(ep.turns))
+    return [
+        {"role": "assistant", "content": next(replies)} if m["role"] == "assistant" else m
+        for m in ep.messages
+    ]
+
+
 def record(label: str, mode: str, problem: Problem, ep: Episode, tokenizer) -> dict:
-    replies = [marked(tokenizer, ep, t) for t in range(ep.turns)]
-    transcript, turn = [], 0
-    for message in ep.messages:
-        if message["role"] == "assistant":
-            message = {"role": "assistant", "content": replies[turn]}
-            turn += 1
-        transcript.append(message)
+    transcript = marked_messages(tokenizer, ep)
+    replies = [m["content"] for m in transcript if m["role"] == "assistant"]
     return {
         "task": label,
         "mode": mode,

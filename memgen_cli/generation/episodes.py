@@ -35,12 +35,15 @@ re-read at every turn, as the official code does). Tests require identical greed
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from memgen_cli.config import GenerationConfig
-from memgen_cli.data.environment import Environment, Observation
+from memgen_cli.data.base import Example
+from memgen_cli.data.environment import Environment, EnvironmentTask, Observation
 from memgen_cli.errors import MemgenError
 from memgen_cli.generation.cached import decode
 from memgen_cli.generation.sampling import check_mode, encode_prompts
@@ -93,6 +96,29 @@ class Episode:
     @property
     def weaves(self) -> int:
         return sum(i.inserted for turn in self.insertions for i in turn)
+
+
+def picked(ep: Episode, turn: int) -> list[int]:
+    """The tokens the agent chose in ``turn``: the reply, then its stop token if it had one."""
+    stop = ep.stops[turn]
+    return ep.replies[turn] + ([stop] if stop is not None else [])
+
+
+def agent_ids(ep: Episode) -> list[int]:
+    """Every token the agent chose, stop tokens included (grpo-weaver's ``completion_ids``)."""
+    return [t for turn in range(len(ep.replies)) for t in picked(ep, turn)]
+
+
+@contextmanager
+def environments(task: EnvironmentTask, examples: list[Example]) -> Iterator[list[Environment]]:
+    """``task``'s environment of each of ``examples``, in order, all closed on leaving."""
+    envs = []
+    try:
+        envs = [task.environment(e) for e in examples]
+        yield envs
+    finally:
+        for env in envs:
+            env.close()
 
 
 def _normal(text: str) -> str:

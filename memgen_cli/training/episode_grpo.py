@@ -4,7 +4,7 @@ The loop, loss, clipping, KL, logs and checkpoints are ``GRPOTrainer``'s; this t
 its rollout hooks:
 
 - ``_rollout``: a group is G episodes of one game (the same seed), played together by the
-  episode engine with sampling (``episode_rollouts.play_groups``);
+  episode engine with sampling (``episode_rollouts.EpisodeRollouts``);
 - ``_rewards``: the reward functions see each episode as a TRL conversation (its first
   messages as the prompt, the rest as the completion) with the episode's columns (``won``,
   ``turns``, ``invalid``, ...: ``data/episode_rewards.py``); the task reward is ``won``;
@@ -21,26 +21,49 @@ its rollout hooks:
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from memgen_cli.config import GenerationConfig
 from memgen_cli.data.base import Example
 from memgen_cli.data.environment import EnvironmentTask
 from memgen_cli.data.episode_rewards import episode_columns
-from memgen_cli.evaluation.episodes import marked
-from memgen_cli.generation.episodes import Episode, EpisodeConfig
+from memgen_cli.evaluation.episodes import marked_messages
+from memgen_cli.generation.episodes import Episode, EpisodeConfig, environments, play
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.training import rl
-from memgen_cli.training.episode_rollouts import EpisodeRollouts, episode_inputs, play_groups
-from memgen_cli.training.grpo import GRPOTrainer, _gather_list, _num
+from memgen_cli.training.episode_rollouts import EpisodeRollouts, episode_inputs
+from memgen_cli.training.grpo import GRPOTrainer, _gather_list
 
 
 def split_episode(ep: Episode) -> tuple[list[dict], list[dict]]:
     """An episode as a TRL conversation: (prompt messages, completion messages)."""
     first = next(i for i, m in enumerate(ep.messages) if m["role"] == "user") + 1
     return ep.messages[:first], ep.messages[first:]
+
+
+def episode_fields(tokenizer, ep: Episode) -> dict:
+    """An episode's part of a completions-log record: its first user turn, the rest of the
+    conversation (⟨mem K⟩ where memory went in), its actions and its outcome."""
+    prompt = split_episode(ep)[0]
+    return {
+        "prompt": prompt[-1]["content"],
+        "completion": marked_messages(tokenizer, ep)[len(prompt) :],
+        "actions": ep.actions,
+        "won": ep.won,
+        "turns": ep.turns,
+        "invalid": ep.invalid,
+    }
+
+
+def episode_means(n: float, won: float, turns: float, invalid: float, weaves: float) -> dict:
+    """``episodes/*`` from the sums over ``n`` episodes: the success rate, turns and weaves per
+    episode, and invalid actions per turn."""
+    return {
+        "episodes/won": won / max(n, 1),
+        "episodes/turns": turns / max(n, 1),
+        "episodes/invalid_rate": invalid / max(turns, 1),
+        "episodes/weaves": weaves / max(n, 1),
+    }
 
 
 class EpisodeGRPOTrainer(GRPOTrainer):
@@ -52,10 +75,10 @@ class EpisodeGRPOTrainer(GRPOTrainer):
         self.task, self.episode = task, episode
 
     def _rollout(self, exs: list[Example], cfg: GenerationConfig) -> EpisodeRollouts:
-        s = self.s
-        return play_groups(
-            self.policy, self.task, exs, cfg, s.num_generations, self.episode, s.system
-        )
+        g, episode, system = self.s.num_generations, self.episode, self.s.system
+        with environments(self.task, [e for e in exs for _ in range(g)]) as envs:
+            played = play(self.policy, envs, cfg, episode, system, keep_logprobs=True)
+        return EpisodeRollouts(g, played, episode.keep_latents)
 
     def _rewards(self, roll: EpisodeRollouts, group: list[Example]):
         prompts, completions = zip(*map(split_episode, roll.episodes), strict=True)
@@ -88,47 +111,13 @@ class EpisodeGRPOTrainer(GRPOTrainer):
         super()._record_rollouts(rolls, tables, rewards, all_rewards, flat, rollout_s, score_s)
         eps = [ep for r in rolls for ep in r.episodes]
         figures = _gather_list([(ep.won, ep.turns, ep.invalid, ep.weaves) for ep in eps])
-        won, turns, invalid, weaves = (list(x) for x in zip(*figures, strict=True))
-        m = self._metrics
-        m["episodes/won"].append(sum(won) / len(won))
-        m["episodes/turns"].append(sum(turns) / len(turns))
-        m["episodes/invalid_rate"].append(sum(invalid) / max(sum(turns), 1))
-        m["episodes/weaves"].append(sum(weaves) / len(weaves))
+        sums = (sum(x) for x in zip(*figures, strict=True))
+        for key, value in episode_means(len(figures), *sums).items():
+            self._metrics[key].append(value)
 
-    def _log_completions(self, step, rows, rolls, tables, rewards, adv):
-        names = [rl.reward_name(f) for f in self.reward_funcs]
-        tok, records, i = self.policy.tokenizer, [], 0
-        for group, roll, table in zip(rows, rolls, tables, strict=True):
-            for r, (ex, ep) in enumerate(zip(group, roll.episodes, strict=True)):
-                replies = iter(marked(tok, ep, t) for t in range(ep.turns))
-                transcript = [
-                    {"role": "assistant", "content": next(replies)}
-                    if m["role"] == "assistant"
-                    else m
-                    for m in split_episode(ep)[1]
-                ]
-                records.append(
-                    {
-                        "id": ex.id,
-                        "prompt": split_episode(ep)[0][-1]["content"],
-                        "completion": transcript,
-                        "actions": ep.actions,
-                        "won": ep.won,
-                        "turns": ep.turns,
-                        "invalid": ep.invalid,
-                        "rewards": {n: _num(table[r, j]) for j, n in enumerate(names)},
-                        "reward": _num(rewards[i]),
-                        "advantage": round(float(adv[i]), 4),
-                        "insertions": ep.weaves,
-                        "finished": all(ep.finished),
-                    }
-                )
-                i += 1
-        records = _gather_list(records)
-        if self.args.process_index == 0:
-            self.completions_dir.mkdir(parents=True, exist_ok=True)
-            path = self.completions_dir / f"step_{step:05d}.jsonl"
-            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    def _completion(self, roll: EpisodeRollouts, r: int, ex: Example) -> tuple[dict, int]:
+        ep = roll.episodes[r]
+        return episode_fields(self.policy.tokenizer, ep), ep.weaves
 
 
 def success_rate(
@@ -145,7 +134,6 @@ def success_rate(
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, memory=memory)
     won = 0
     for i in range(0, len(examples), batch):
-        part = examples[i : i + batch]
-        roll = play_groups(model, task, part, cfg, 1, episode, system)
-        won += sum(ep.won for ep in roll.episodes)
+        with environments(task, examples[i : i + batch]) as envs:
+            won += sum(ep.won for ep in play(model, envs, cfg, episode, system))
     return won / max(len(examples), 1)

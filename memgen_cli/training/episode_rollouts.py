@@ -1,10 +1,10 @@
 """GRPO rollouts that are episodes, and the policy's log-probs of every token the agent wrote.
 
-``play_groups``: a group is G episodes of one game (the same seed), played together by the
-episode engine (``generation.episodes.play``) with sampling, the weaver woven where each
-assistant turn begins (and at clause boundaries, as the engine does); the engine records
-each token's sampling-time log-prob, each reply's stop token, and the ids it fed between
-replies.
+``EpisodeRollouts``: a group is G episodes of one game (the same seed), played together by
+the episode engine (``generation.episodes.play``, ``keep_logprobs``) with sampling, the weaver
+woven where each assistant turn begins (and at clause boundaries, as the engine does); the
+engine records each token's sampling-time log-prob, each reply's stop token, and the ids it
+fed between replies.
 
 ``episode_inputs`` + ``episode_logprobs``: the same tokens scored by the batched training
 forward (``weave_hidden``) in the context the episode saw, which ``memory.keep_latents``
@@ -30,10 +30,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from memgen_cli.config import GenerationConfig
-from memgen_cli.data.base import Example
-from memgen_cli.data.environment import EnvironmentTask
-from memgen_cli.generation.episodes import Episode, EpisodeConfig, play
+from memgen_cli.generation.episodes import Episode, agent_ids, picked
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.models.training import Points, weave_hidden
 from memgen_cli.training.rollouts import token_logprobs
@@ -51,14 +48,7 @@ class EpisodeRollouts:
     @property
     def completion_ids(self) -> list[list[int]]:
         """Every token the agent chose, stop tokens included."""
-        return [
-            [
-                t
-                for reply, stop in zip(ep.replies, ep.stops, strict=True)
-                for t in _picked(reply, stop)
-            ]
-            for ep in self.episodes
-        ]
+        return [agent_ids(ep) for ep in self.episodes]
 
     @property
     def finished(self) -> list[bool]:
@@ -71,30 +61,6 @@ class EpisodeRollouts:
             [i.token_index for turn in ep.insertions for i in turn if i.kind == "inference"]
             for ep in self.episodes
         ]
-
-
-def _picked(reply: list[int], stop: int | None) -> list[int]:
-    return reply + ([stop] if stop is not None else [])
-
-
-def play_groups(
-    model: MemGenModel,
-    task: EnvironmentTask,
-    examples: list[Example],
-    cfg: GenerationConfig,
-    group_size: int,
-    episode: EpisodeConfig,
-    system: str | None = None,
-) -> EpisodeRollouts:
-    """Play each example's game ``group_size`` times, all episodes in one batch."""
-    envs = []
-    try:
-        envs = [task.environment(e) for e in examples for _ in range(group_size)]
-        played = play(model, envs, cfg, episode, system=system, keep_logprobs=True)
-    finally:
-        for env in envs:
-            env.close()
-    return EpisodeRollouts(group_size, played, episode.keep_latents)
 
 
 @dataclass
@@ -154,10 +120,10 @@ def _turn(row: _Row, ep: Episode, t: int) -> None:
     woven = [i for i in ep.insertions[t] if i.inserted]
     row.prompt += [start - 1 for i in woven if i.kind == "prompt"]
     row.inference += [start + i.token_index - 1 for i in woven if i.kind == "inference"]
-    picked = _picked(ep.replies[t], ep.stops[t])
+    chosen = picked(ep, t)
     row.ids += ep.replies[t]
-    row.index += range(start, start + len(picked))
-    row.tokens += picked
+    row.index += range(start, start + len(chosen))
+    row.tokens += chosen
 
 
 def _rows(episodes: list[Episode], keep_latents: bool) -> list[_Row]:
@@ -188,10 +154,7 @@ def episode_inputs(
     ``sampling_logps`` and ``truncated`` (the token's reply was cut at max_new_tokens)."""
     rows = _rows(episodes, keep_latents)
     n, m = len(episodes), len(rows)
-    counts = [
-        sum(len(r) + (s is not None) for r, s in zip(ep.replies, ep.stops, strict=True))
-        for ep in episodes
-    ]
+    counts = [len(agent_ids(ep)) for ep in episodes]
     width = max(max(counts, default=0), 1)
     length = max(len(r.ids) for r in rows)
     slots = max(max(len(r.index) for r in rows), 1)
@@ -216,7 +179,7 @@ def episode_inputs(
     truncated = torch.zeros(n, width, dtype=torch.bool)
     for e, ep in enumerate(episodes):
         logps = [lp for turn in ep.logprobs for lp in turn]
-        cut = [s is None for r, s in zip(ep.replies, ep.stops, strict=True) for _ in _picked(r, s)]
+        cut = [s is None for t, s in enumerate(ep.stops) for _ in picked(ep, t)]
         if len(logps) != counts[e]:
             raise ValueError("episodes must be played with keep_logprobs=True")
         completion[e, : counts[e]] = 1

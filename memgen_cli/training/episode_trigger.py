@@ -28,11 +28,10 @@ from memgen_cli.config import GenerationConfig
 from memgen_cli.data.base import Example
 from memgen_cli.data.environment import EnvironmentTask
 from memgen_cli.data.episode_rewards import episode_columns
-from memgen_cli.evaluation.episodes import marked
-from memgen_cli.generation.episodes import EpisodeConfig, play
+from memgen_cli.generation.episodes import EpisodeConfig, agent_ids, environments, play
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.training import rl
-from memgen_cli.training.episode_grpo import split_episode
+from memgen_cli.training.episode_grpo import episode_fields, episode_means, split_episode
 from memgen_cli.training.trigger_rl import (
     TURN_START,
     DecisionSampler,
@@ -54,24 +53,12 @@ def play_trigger_groups(
     """Play each example's game ``group_size`` times in one batch, the trigger sampling its
     decisions (seeded from ``cfg.seed``); ``cfg.memory`` must be ``full``."""
     sampler = DecisionSampler(model.trigger, cfg.seed + 1)
-    envs = []
-    try:
-        envs = [task.environment(e) for e in examples for _ in range(group_size)]
+    with environments(task, [e for e in examples for _ in range(group_size)]) as envs:
         played = play(model, envs, cfg, episode, system=system, decide=sampler)
-    finally:
-        for env in envs:
-            env.close()
     width = model.reasoner.config.hidden_size
     return TriggerRollouts(
         group_size=group_size,
-        completion_ids=[  # every token the agent chose, each reply's stop token included
-            [
-                t
-                for reply, stop in zip(ep.replies, ep.stops, strict=True)
-                for t in reply + ([] if stop is None else [stop])
-            ]
-            for ep in played
-        ],
+        completion_ids=[agent_ids(ep) for ep in played],  # each reply's stop token included
         finished=[all(ep.finished) for ep in played],
         decisions=[sampler.decisions.get(r, []) for r in range(len(played))],
         states=[
@@ -130,13 +117,10 @@ def episode_metrics(roll: TriggerRollouts, max_turns: int) -> dict:
             if d.token == TURN_START:
                 by_turn[0, turn] += 1
                 by_turn[1, turn] += d.invoke
-    n, won, turns, invalid, weaves = _all_reduce(sums).tolist()
+    means = episode_means(*_all_reduce(sums).tolist())
     asked, invoked = _all_reduce(by_turn)
     return {
-        "episodes/won": won / max(n, 1),
-        "episodes/turns": turns / max(n, 1),
-        "episodes/invalid_rate": invalid / max(turns, 1),
-        "episodes/weaves": weaves / max(n, 1),
+        **means,
         "episodes/turn_weave_rate": float(invoked.sum() / asked.sum()) if asked.sum() else None,
         "episodes/weave_rate_by_turn": [
             round(float(i / a), 4) if a else None for a, i in zip(asked, invoked, strict=True)
@@ -160,22 +144,12 @@ def episode_rows(
     actions, outcome, reward parts and every decision with its turn and probability."""
     g, out = roll.group_size, []
     for i, ep in enumerate(roll.episodes):
-        replies = iter(marked(tokenizer, ep, t) for t in range(ep.turns))
-        transcript = [
-            {"role": "assistant", "content": next(replies)} if m["role"] == "assistant" else m
-            for m in split_episode(ep)[1]
-        ]
         out.append(
             {
                 "step": step,
                 "group": first_group + i // g,
                 "id": examples[i // g].id,
-                "prompt": split_episode(ep)[0][-1]["content"],
-                "completion": transcript,
-                "actions": ep.actions,
-                "won": ep.won,
-                "turns": ep.turns,
-                "invalid": ep.invalid,
+                **episode_fields(tokenizer, ep),
                 **{k: round(float(v[i]), 4) for k, v in per_row.items()},
                 "decisions": [
                     {

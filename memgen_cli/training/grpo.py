@@ -22,10 +22,11 @@ One optimizer step, on each process (each process owns whole groups of G complet
    and ``logp_diff/mean|max`` (training-forward vs sampling-time log-probs: the check that
    rollout and loss see the same policy).
 
-What a kind of rollout decides is in four hooks (``_rollout``: sample a micro-batch's groups;
+What a kind of rollout decides is in five hooks (``_rollout``: sample a micro-batch's groups;
 ``_rewards``: score them; ``_policy_batch``: what the loss reads; ``policy_rows``: the scorer's
-arguments for some rows) and the objective's scorer (``PolicyObjective``). Here they are single
-completions; an episode of a text game is another kind (``training/episode_grpo.py``).
+arguments for some rows; ``_completion``: a row's own part of the completions log) and the
+objective's scorer (``PolicyObjective``). Here they are single completions; an episode of a
+text game is another kind (``training/episode_grpo.py``).
 """
 
 from __future__ import annotations
@@ -304,6 +305,14 @@ class GRPOTrainer(Trainer):
             return {k: inputs[k] for k in POLICY_KEYS}
         return take_policy_rows(inputs, rows)
 
+    def _completion(self, roll: Rollouts, r: int, ex: Example) -> tuple[dict, int]:
+        """Rollout ``r``'s own part of its completions-log record (``ex`` its example): the
+        prompt and the completion, ⟨mem K⟩ where memory went in; and its insertion count."""
+        ids, points = roll.texts_ids[r], roll.inference_points[r]
+        marks = [_Mark(t, self.policy.cfg.inference_latents) for t in points]
+        text = "".join(p for _, p in segments(self.policy.tokenizer, ids, marks))
+        return {"prompt": ex.question, "completion": text}, len(points)
+
     def _old_logps(self, b: dict) -> torch.Tensor:
         """The sampling policy's log-probs for ``num_iterations`` > 1. In fp32 without dropout
         they are the sampling-time log-probs (the training forward equals them within 1e-4:
@@ -422,22 +431,18 @@ class GRPOTrainer(Trainer):
 
     def _log_completions(self, step, rows, rolls, tables, rewards, adv):
         names = [rl.reward_name(f) for f in self.reward_funcs]
-        tok, records, i = self.policy.tokenizer, [], 0
+        records, i = [], 0
         for group, roll, table in zip(rows, rolls, tables, strict=True):
             for r, ex in enumerate(group):
-                ids = roll.texts_ids[r]
-                marks = [
-                    _Mark(t, self.policy.cfg.inference_latents) for t in roll.inference_points[r]
-                ]
+                fields, insertions = self._completion(roll, r, ex)
                 records.append(
                     {
                         "id": ex.id,
-                        "prompt": ex.question,
-                        "completion": "".join(p for _, p in segments(tok, ids, marks)),
+                        **fields,
                         "rewards": {n: _num(table[r, j]) for j, n in enumerate(names)},
                         "reward": _num(rewards[i]),
                         "advantage": round(float(adv[i]), 4),
-                        "insertions": len(roll.inference_points[r]),
+                        "insertions": insertions,
                         "finished": roll.finished[r],
                     }
                 )

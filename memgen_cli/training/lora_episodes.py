@@ -44,7 +44,14 @@ from memgen_cli.data.base import Example
 from memgen_cli.data.environment import EnvironmentTask
 from memgen_cli.data.episode_rewards import episode_columns
 from memgen_cli.errors import MemgenError
-from memgen_cli.generation.episodes import Episode, EpisodeConfig, play
+from memgen_cli.generation.episodes import (
+    Episode,
+    EpisodeConfig,
+    agent_ids,
+    environments,
+    picked,
+    play,
+)
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.training import rl
 from memgen_cli.training.episode_grpo import split_episode
@@ -60,13 +67,12 @@ def episode_completion(
     mask: list[int] = []
     logps: list[float] = []
     for t in range(ep.turns):
-        reply, stop = ep.replies[t], ep.stops[t]
-        picked = reply + ([stop] if stop is not None else [])
-        if len(ep.logprobs[t]) != len(picked):
+        stop, chosen = ep.stops[t], picked(ep, t)
+        if len(ep.logprobs[t]) != len(chosen):
             raise ValueError("episodes must be played with keep_logprobs=True")
         keep = 0 if mask_truncated and stop is None else 1
-        ids += picked
-        mask += [keep] * len(picked)
+        ids += chosen
+        mask += [keep] * len(chosen)
         logps += ep.logprobs[t]
         if t < len(ep.breaks):  # what the engine fed after the reply (the stop token was not)
             fed = ep.breaks[t]
@@ -76,11 +82,6 @@ def episode_completion(
             mask += [0] * len(fed)
             logps += [0.0] * len(fed)
     return ids, mask, logps
-
-
-def agent_ids(ep: Episode) -> list[int]:
-    """Every token the agent chose, stop tokens included (grpo-weaver's ``completion_ids``)."""
-    return [t for r, s in zip(ep.replies, ep.stops, strict=True) for t in [*r, s] if t is not None]
 
 
 def player_for(base_model, tokenizer) -> MemGenModel:
@@ -167,13 +168,8 @@ class EpisodeRollout:
         }
 
     def play(self, examples: list[Example], cfg: GenerationConfig, keep_logprobs=False):
-        envs = []
-        try:
-            envs = [self.task.environment(e) for e in examples]
+        with environments(self.task, examples) as envs:
             return play(self.player, envs, cfg, self.episode, self.system, keep_logprobs)
-        finally:
-            for env in envs:
-                env.close()
 
     def success_rate(
         self, policy, examples: list[Example], max_new_tokens: int, batch: int = 8
