@@ -65,8 +65,7 @@ from memgen_cli.stages.baseline import (
 )
 from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
 from memgen_cli.stages.frame import checkpoint_dir as checkpoint_dir
-from memgen_cli.training import rl, sft_run
-from memgen_cli.training.episode_data import check_episode_data
+from memgen_cli.training import episode_data, rl, sft_run
 from memgen_cli.training.grpo import GRPOProgress
 from memgen_cli.training.lora_episodes import EpisodeRollout, on_episodes, player_for
 
@@ -191,10 +190,8 @@ def run(
     # 1. validate
     resume_from, init = validate(cfg, resume)
     run = frame.Run.start("baseline grpo", cfg, resume, resume_from, **options)
-    task, train, held, data_seed = sft_run.load_examples(cfg)
+    task, train, held, data_seed = episode_data.load_examples(cfg)  # games checked
     games = isinstance(task, EnvironmentTask)  # rollouts are episodes (docs/agents.md)
-    if games:
-        check_episode_data(task, cfg.data, len(train) + len(held))
 
     # 2. build
     d, t = cfg.data, cfg.training

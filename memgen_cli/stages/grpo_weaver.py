@@ -34,8 +34,7 @@ from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.stages import frame
 from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
 from memgen_cli.stages.frame import checkpoint_dir as checkpoint_dir
-from memgen_cli.training import episode_grpo, rl, sft_run
-from memgen_cli.training.episode_data import check_episode_data
+from memgen_cli.training import episode_data, episode_grpo, rl, sft_run
 from memgen_cli.training.episode_rollouts import episode_logprobs
 from memgen_cli.training.grpo import GRPOProgress, GRPOSettings, GRPOTrainer, PolicyObjective
 from memgen_cli.training.rollouts import policy_logprobs, rollout
@@ -130,10 +129,8 @@ def run(cfg: GRPOConfig, resume: str | None = None, **options: Unpack[frame.RunO
     """Train the weaver with GRPO and write the artifact to ``cfg.output``; returns its path."""
     # 1. validate
     run = frame.Run.start("grpo-weaver", cfg, resume, validate(cfg, resume), **options)
-    task, train, held, data_seed = sft_run.load_examples(cfg)
+    task, train, held, data_seed = episode_data.load_examples(cfg)  # games checked
     games = isinstance(task, EnvironmentTask)  # rollouts are episodes (docs/agents.md)
-    if games:
-        check_episode_data(task, cfg.data, len(train) + len(held))
 
     # 2. build
     t, d = cfg.training, cfg.data

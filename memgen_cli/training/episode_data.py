@@ -33,13 +33,14 @@ from dataclasses import dataclass
 import torch
 
 from memgen_cli.config import DataConfig
-from memgen_cli.data import Example
+from memgen_cli.data import Example, Task
 from memgen_cli.data.environment import Environment, EnvironmentTask
 from memgen_cli.errors import MemgenError
 from memgen_cli.generation.episodes import Episode, next_tokens, opening
 from memgen_cli.generation.sampling import _eos_ids, encode_prompts
 from memgen_cli.models.training import IGNORE
-from memgen_cli.training.sft_data import draw_points
+from memgen_cli.training import sft_run
+from memgen_cli.training.sft_data import SFTCollator, draw_points
 
 
 @dataclass
@@ -87,6 +88,15 @@ def check_episode_data(
     for ok, message in checks:
         if not ok:
             raise MemgenError(f"{task.name}: {message}.")
+
+
+def load_examples(cfg) -> tuple[Task, list[Example], list[Example], int | None]:
+    """``sft_run.load_examples``, and of an environment task ``check_episode_data``'s checks
+    on the games loaded (training and held out)."""
+    task, train, held, seed = sft_run.load_examples(cfg)
+    if isinstance(task, EnvironmentTask):
+        check_episode_data(task, cfg.data, len(train) + len(held))
+    return task, train, held, seed
 
 
 def expert_episode(env: Environment, max_turns: int, system: str | None = None) -> Episode:
@@ -178,26 +188,16 @@ def episode_pairs(tokenizer, examples, prompt_suffix, system, max_length, *, tas
     return [(s.input_ids, s.completion_mask()) for s in samples], dropped
 
 
-class EpisodeCollator:
-    """Right-pads episodes into the keyword arguments of the training forward (as
-    ``SFTCollator``): labels on the agent's tokens, prompt points where each assistant turn
-    begins, inference points drawn per turn. ``keep_latents`` false gives one row per turn;
-    ``memory=False`` no points (and one row per episode: without latents both are the same)."""
+class EpisodeCollator(SFTCollator):
+    """``SFTCollator`` for episodes (its arguments, and ``keep_latents``): right-pads episodes
+    into the keyword arguments of the training forward, labels on the agent's tokens, prompt
+    points where each assistant turn begins, inference points drawn per turn. ``keep_latents``
+    false gives one row per turn; ``memory=False`` no points (and one row per episode: without
+    latents both are the same)."""
 
-    def __init__(
-        self,
-        pad_id: int,
-        schedule: str = "first",
-        cap: int = 5,
-        prompt_insertion: bool = True,
-        seed: int = 0,
-        memory: bool = True,
-        keep_latents: bool = True,
-    ):
-        self.pad_id, self.schedule, self.cap = pad_id, schedule, cap
-        self.prompt_insertion, self.seed, self.memory = prompt_insertion, seed, memory
+    def __init__(self, *args, keep_latents: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
         self.keep_latents = keep_latents
-        self.epoch = 0  # set by the trainer callback at each epoch start (random schedule)
 
     def rows(self, item: EpisodeSample) -> list[tuple[list[int], list, list[int], list[int]]]:
         """(token ids, labelled spans, prompt points, inference points) of each row ``item``
