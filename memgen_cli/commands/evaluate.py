@@ -13,6 +13,7 @@ from memgen_cli.config import GenerationConfig
 from memgen_cli.stages import evaluate as stage
 
 
+@o.options_of(o.running)
 def command(
     data: Annotated[
         list[str],
@@ -97,10 +98,7 @@ def command(
         ),
     ] = 0,
     base: o.Base = None,
-    device: o.Device = "auto",
-    dtype: o.Dtype = "auto",
-    allow_base_mismatch: o.AllowMismatch = False,
-    overwrite: o.Overwrite = False,
+    **running,
 ) -> None:
     """Benchmark memory modes side by side: accuracy ± s.e., insertions, throughput."""
     gen = GenerationConfig(max_new_tokens, temperature, top_p, 0, "off")
@@ -119,10 +117,7 @@ def command(
             json,
             prompt_suffix,
             task_option or [],
-            device,
-            dtype,
-            allow_base_mismatch,
-            overwrite,
+            **running,
             show=show,
             retrieval=retrieval,
         )

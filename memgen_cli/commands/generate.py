@@ -12,6 +12,7 @@ from memgen_cli.config import GenerationConfig
 from memgen_cli.stages import generate as stage
 
 
+@o.options_of(o.running)
 def command(
     prompt: Annotated[str | None, typer.Argument(help="The question to answer.")] = None,
     input: Annotated[
@@ -64,10 +65,7 @@ def command(
         int, typer.Option("--batch-size", min=1, help="Prompts per batch (--input).")
     ] = 8,
     json: o.Json = False,
-    device: o.Device = "auto",
-    dtype: o.Dtype = "auto",
-    allow_base_mismatch: o.AllowMismatch = False,
-    overwrite: o.Overwrite = False,
+    **running,
 ) -> None:
     """Answer with memory: inline ⟨mem K⟩ markers show where latents were woven."""
     gen = GenerationConfig(max_new_tokens, temperature, top_p, seed or 0, memory)
@@ -79,17 +77,14 @@ def command(
             interactive,
             base,
             artifact,
-            device,
-            dtype,
-            allow_base_mismatch,
-            prompt_suffix,
-            batch_size,
-            json,
-            gen,
-            overwrite,
-            retrieval,
-            play,
-            task_option or [],
-            seed,
+            prompt_suffix=prompt_suffix,
+            batch_size=batch_size,
+            json=json,
+            gen=gen,
+            retrieval=retrieval,
+            play=play,
+            task_options=task_option or [],
+            play_seed=seed,
+            **running,
         )
     )

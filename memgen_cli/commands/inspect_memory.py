@@ -11,6 +11,7 @@ from memgen_cli.commands import options as o
 from memgen_cli.stages import inspect_memory as stage
 
 
+@o.options_of(o.running)
 def command(
     artifact: o.Artifact = None,
     prompt: Annotated[
@@ -76,10 +77,7 @@ def command(
     ] = 8,
     prompt_suffix: o.PromptSuffix = None,
     base: o.Base = None,
-    device: o.Device = "auto",
-    dtype: o.Dtype = "auto",
-    allow_base_mismatch: o.AllowMismatch = False,
-    overwrite: o.Overwrite = False,
+    **running,
 ) -> None:
     """Look inside the memory: nearest tokens, logit lens, norms, attention, ablations, clusters
     (for a memory.inject kv weaver, the views that apply; it says which do not, and why)."""
@@ -89,7 +87,6 @@ def command(
             clusters=clusters, drop_cluster=drop_cluster, drop_rule=drop_rule, layers=layers,
             html=html, json=json, output=output, memory=memory, max_new_tokens=max_new_tokens,
             seed=seed, batch_size=batch_size, prompt_suffix=prompt_suffix, base=base,
-            device=device, dtype=dtype, allow_base_mismatch=allow_base_mismatch,
-            overwrite=overwrite, task_options=task_option or [],
+            task_options=task_option or [], **running,
         )
     )  # fmt: skip

@@ -71,6 +71,18 @@ Overwrite = Annotated[
     ),
 ]
 
+
+def running(
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    allow_base_mismatch: AllowMismatch = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """The options eval, generate and inspect-memory end with (``@options_of(running)``): where
+    the model runs, whether an artifact may go onto another base, and whether an earlier
+    output may be replaced. A template: never called."""
+
+
 # Training stages
 Set = option(list[str], "--set", "Override a recipe key: a.b=value (repeatable).")
 SFTData = option(  # sft-weaver, baseline sft, baseline retrieval: the same training samples
