@@ -1,5 +1,6 @@
 """Hermetic fixtures: a byte-level tokenizer with a ChatML template and tiny models from config,
-and the tiny base, weaver artifact and data file that many modules read (built once a session).
+and the tiny base, weaver artifact, data file and TextWorld games that many modules read (built
+once a session).
 
 A module that runs tiny models asks for one torch thread with
 ``pytestmark = pytest.mark.usefixtures("one_thread")``.
@@ -188,9 +189,11 @@ def tiny(tiny_weaver, tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 # ------------------------------------------------------------------ game cache (textworld tests)
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def home(tmp_path_factory):
-    """One $MEMGEN_HOME per test module: games made by one test are reused by the next."""
+    """One $MEMGEN_HOME for the whole session: a TextWorld game is keyed by challenge, settings
+    and seed and made the same every time, so a game one test module makes (about 2 s) serves
+    every later one."""
     return tmp_path_factory.mktemp("memgen-home")
 
 
@@ -199,3 +202,11 @@ def cached(home, monkeypatch):
     """``home`` as this test's $MEMGEN_HOME (where TextWorld games are generated and cached)."""
     monkeypatch.setenv("MEMGEN_HOME", str(home))
     return home
+
+
+@pytest.fixture
+def empty_home(tmp_path, monkeypatch):
+    """An empty $MEMGEN_HOME of this test's own, for tests of what is written there and when
+    (the shared ``home`` may already hold any game)."""
+    monkeypatch.setenv("MEMGEN_HOME", str(tmp_path / "memgen-home"))
+    return tmp_path / "memgen-home"

@@ -1,6 +1,7 @@
 """What the training stages' tests run and check: settings under which the loss must fall, a
 finished run's checks (file set, no checkpoints, recipe round trip), the losses it logged, a
-run through the command line, and a run over two processes."""
+run through the command line, a run on the tiny recipes' TextWorld games, and a run over two
+processes."""
 
 from __future__ import annotations
 
@@ -39,6 +40,19 @@ def command_run(cli, out: Path, artifact_files, *args) -> dict:
     assert result.exit_code == 0, result.output
     assert files(out) == artifact_files
     return json.loads((out / "memgen.json").read_text())
+
+
+def game_run_manifest(out: Path, stage: str, keep_latents: bool = True) -> dict:
+    """The manifest of ``out``, an artifact that ``stage`` trained with a tiny TextWorld recipe
+    (``recipes/tiny/textworld``), checked for what those recipes set: 2 coin_collector games
+    (the prompts) in 2 steps, episodes of at most 3 turns, latents kept or not."""
+    manifest = json.loads((out / "memgen.json").read_text())
+    s = manifest["training"]
+    assert (s["stage"], s["task"], s["prompts"], s["steps"]) == (
+        stage, "textworld:coin_collector", 2, 2,
+    )  # fmt: skip
+    assert s["episodes"] == {"max_turns": 3, "keep_latents": keep_latents}
+    return manifest
 
 
 def losses(out: Path) -> list[float]:

@@ -1,6 +1,6 @@
 """`memgen baseline grpo` on TextWorld games: TRL's GRPOTrainer with a rollout function that
 plays episodes through memgen's engine (training/lora_episodes.py). Real games (made offline,
-cached for the module), the tiny textworld recipe on a 2-layer Llama."""
+cached for the session), the tiny textworld recipe on a 2-layer Llama."""
 
 from __future__ import annotations
 

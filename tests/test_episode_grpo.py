@@ -5,7 +5,6 @@ played episodes, and ``memgen grpo-weaver`` on a TextWorld game end to end."""
 from __future__ import annotations
 
 import doctest
-import json
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from memgen_cli.data import episode_rewards
 from memgen_cli.generation.episodes import EpisodeConfig, play
 from memgen_cli.stages import grpo_weaver as stage
 from memgen_cli.training.episode_rollouts import EpisodeRollouts, episode_inputs, episode_logprobs
+from stage_runs import game_run_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 needs_textworld = pytest.mark.skipif(
@@ -159,18 +159,6 @@ def even_token_reward(prompts, completions, completion_ids, **columns):
     return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]
 
 
-@pytest.fixture(scope="module")
-def games_home(tmp_path_factory):
-    return tmp_path_factory.mktemp("memgen-home")
-
-
-@pytest.fixture
-def games(games_home, monkeypatch):
-    """Games made once for the module, offline, under its own $MEMGEN_HOME."""
-    monkeypatch.setenv("MEMGEN_HOME", str(games_home))
-    return games_home
-
-
 def game_cfg(tiny_base, out: Path, *sets: str):
     return stage.resolve_config(
         TINY_GAMES,
@@ -184,7 +172,7 @@ def game_cfg(tiny_base, out: Path, *sets: str):
 
 @needs_textworld
 @pytest.mark.parametrize("keep", [True, False])
-def test_grpo_weaver_on_textworld_games_writes_an_artifact(games, tiny_base, tmp_path, keep):
+def test_grpo_weaver_on_textworld_games_writes_an_artifact(cached, tiny_base, tmp_path, keep):
     sets = [f"memory.keep_latents={str(keep).lower()}", "data.heldout=1"]
     cfg = game_cfg(tiny_base, tmp_path / "out", *sets)
     capture = Capture()
@@ -193,12 +181,8 @@ def test_grpo_weaver_on_textworld_games_writes_an_artifact(games, tiny_base, tmp
         "completions/step_00001.jsonl",
         "completions/step_00002.jsonl",
     }
-    manifest = json.loads((out / "memgen.json").read_text())
+    manifest = game_run_manifest(out, "grpo-weaver", keep)
     s = manifest["training"]
-    assert (s["stage"], s["task"], s["steps"], s["prompts"]) == (
-        "grpo-weaver", "textworld:coin_collector", 2, 2,
-    )  # fmt: skip
-    assert s["episodes"] == {"max_turns": 3, "keep_latents": keep}
     assert s["rewards"] == ["won", "invalid_actions", "even_token_reward"]
     assert set(s["heldout_accuracy"]) == {"weaver_initial", "weaver_final", "memory_off"}
     assert manifest["memory"]["keep_latents"] is keep
@@ -235,7 +219,7 @@ def test_grpo_weaver_on_textworld_games_writes_an_artifact(games, tiny_base, tmp
 
 
 @needs_textworld
-def test_kl_and_reused_episodes_on_games(games, tiny_base, tmp_path):
+def test_kl_and_reused_episodes_on_games(cached, tiny_base, tmp_path):
     """beta > 0 scores every episode under the starting weaver too (the first step's KL is 0),
     and num_iterations 2 trains twice on one generation of episodes, its old log-probs the
     sampling ones (fp32, no dropout)."""
@@ -249,7 +233,7 @@ def test_kl_and_reused_episodes_on_games(games, tiny_base, tmp_path):
 
 
 @needs_textworld
-def test_resume_on_games_gives_the_same_weights(games, tiny_base, tmp_path):
+def test_resume_on_games_gives_the_same_weights(cached, tiny_base, tmp_path):
     sets = ["training.max_steps=3"]
     straight = stage.run(game_cfg(tiny_base, tmp_path / "a", *sets))
     cfg = game_cfg(tiny_base, tmp_path / "b", *sets)
@@ -275,7 +259,7 @@ def test_resume_on_games_gives_the_same_weights(games, tiny_base, tmp_path):
     ids=["prompt-suffix", "exclude-train"],
 )
 def test_grpo_weaver_on_games_refuses_bad_data_before_any_model(
-    games, tiny_base, tmp_path, sets, message
+    cached, tiny_base, tmp_path, sets, message
 ):
     out = tmp_path / "out"
     args = ["grpo-weaver", "--recipe", str(TINY_GAMES), "--base", str(tiny_base)]

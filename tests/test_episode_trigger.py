@@ -17,7 +17,7 @@ from test_episodes import MAX_TURNS, _with_frequent_eos, scripted
 from test_train_trigger import ARTIFACT_FILES, WEAVER_FILES
 
 from conftest import make_memgen
-from helpers import invoke, rows
+from helpers import files, invoke, rows
 from memgen_cli.config import GenerationConfig
 from memgen_cli.generation.episodes import EpisodeConfig, play
 from memgen_cli.models.training import Points, weave_hidden
@@ -29,6 +29,7 @@ from memgen_cli.training.trigger_rl import (
     decision_batch,
     decision_logprobs,
 )
+from stage_runs import game_run_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 needs_textworld = pytest.mark.skipif(
@@ -132,14 +133,8 @@ def test_recorded_decisions_equal_a_teacher_forced_forward(keep):
     assert len(m["episodes/weave_rate_by_turn"]) == MAX_TURNS
 
 
-@pytest.fixture(scope="module")
-def games_home(tmp_path_factory):
-    return tmp_path_factory.mktemp("memgen-home")
-
-
 @needs_textworld
-def test_train_trigger_on_games_then_eval_full(games_home, tiny_weaver, tmp_path, monkeypatch):
-    monkeypatch.setenv("MEMGEN_HOME", str(games_home))
+def test_train_trigger_on_games_then_eval_full(cached, tiny_weaver, tmp_path):
     base, art = tiny_weaver
     out = tmp_path / "out"
     result = invoke(
@@ -150,19 +145,14 @@ def test_train_trigger_on_games_then_eval_full(games_home, tiny_weaver, tmp_path
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "2 games from textworld:coin_collector" in " ".join(result.output.split())
-    assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == ARTIFACT_FILES
+    assert files(out) == ARTIFACT_FILES
     for name in WEAVER_FILES:  # the weaver is frozen: bit-identical tensors
         a, b = load_file(art / name), load_file(out / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     head = load_file(out / "trigger.safetensors")
     assert head["head.2.weight"].abs().sum() > 0  # init_head zeroed it: the update moved it
     assert bool(head["trained"])
-    manifest = json.loads((out / "memgen.json").read_text())
-    s = manifest["training"]
-    assert (s["stage"], s["task"], s["prompts"], s["steps"]) == (
-        "train-trigger", "textworld:coin_collector", 2, 2,
-    )  # fmt: skip
-    assert s["episodes"] == {"max_turns": 3, "keep_latents": True}
+    game_run_manifest(out, "train-trigger")
     logged = rows(out / "metrics.jsonl")
     assert [r["step"] for r in logged] == [1, 2]
     for r in logged:

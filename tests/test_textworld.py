@@ -64,14 +64,17 @@ def test_walkthrough_wins_a_generated_game(cached, challenge, objective):
 
 
 @needs_textworld
-def test_games_are_cached_by_challenge_settings_and_seed(cached, monkeypatch):
+def test_games_are_cached_by_challenge_settings_and_seed(empty_home, monkeypatch):
     task = TextWorldTask("coin_collector", level=5, objective="brief", exclude_train=0)
     (game,) = task.load("test", 1)
     folder = task.cache_dir()
-    assert folder.relative_to(cached).parts[0] == "textworld"
+    assert folder.relative_to(empty_home).parts[0] == "textworld"
     assert folder.parts[-2:] == ("coin_collector", "level5-brief")
     seed = game.meta["seed"]
-    assert {p.name for p in folder.glob(f"{seed}.*")} >= {f"{seed}.meta.json", f"{seed}.z8"}
+    written = lambda: {p.name for p in folder.iterdir()}  # noqa: E731
+    assert written() == {f"{seed}.meta.json"}  # described when loaded, compiled when played
+    assert task.compiled(seed) == folder / f"{seed}.z8"
+    assert written() == {f"{seed}.meta.json", f"{seed}.json", f"{seed}.z8"}
 
     def no_generation(*args, **kwargs):
         raise AssertionError("a cached game was generated again")
@@ -227,14 +230,13 @@ def test_eval_on_textworld_reports_episodes(cached, tiny_weaver, tmp_path, one_t
 
 
 @needs_textworld
-def test_a_first_long_generation_says_what_it_makes(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MEMGEN_HOME", str(tmp_path))
+def test_a_first_long_generation_says_what_it_makes(empty_home, monkeypatch, capsys):
     task = TextWorldTask("coin_collector", level=7, exclude_train=25)
     made = lambda seed: {"walkthrough": [f"go {seed}", "take coin"], "objective": "o"}  # noqa: E731
     monkeypatch.setattr(task, "game", made)
     assert len(task.load("test", 2)) == 2
     note = " ".join(capsys.readouterr().err.split())
-    assert "making up to 25 training and 2+ held-out games" in note and str(tmp_path) in note
+    assert "making up to 25 training and 2+ held-out games" in note and str(empty_home) in note
     task.cache_dir().mkdir(parents=True)
     (task.cache_dir() / "1.meta.json").write_text("{}")  # a cache already there: no note
     task.load("train", 30)
