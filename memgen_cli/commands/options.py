@@ -22,6 +22,32 @@ def option(kind, name: str, help: str):
     return Annotated[kind | None, typer.Option(name, help=help)]
 
 
+def options_of(template):
+    """Decorator: the command takes ``template``'s options, in ``template``'s order, besides its
+    own, and receives them in its ``**options``. An own option of the same name replaces the
+    template's where it stands (a rewording: ``baseline grpo`` takes grpo-weaver's options); a
+    new one goes right after the own option before it, or first. Typer reads the merged
+    ``__signature__``, so ``--help`` lists them all."""
+
+    def merge(command):
+        params = list(inspect.signature(template, eval_str=True).parameters.values())
+        at = 0
+        for param in inspect.signature(command, eval_str=True).parameters.values():
+            if param.kind is param.VAR_KEYWORD:
+                continue
+            names = [p.name for p in params]
+            if param.name in names:
+                at = names.index(param.name)
+                params[at] = param
+            else:
+                params.insert(at, param)
+            at += 1
+        command.__signature__ = inspect.Signature(params, return_annotation=None)
+        return command
+
+    return merge
+
+
 Base = option(
     str,
     "--base",
@@ -114,32 +140,6 @@ Reward = option(
 RewardWeight = option(
     list[float], "--reward-weight", "Weight of each --reward, in order (default 1)."
 )
-
-
-def options_of(template):
-    """Decorator: the command takes ``template``'s options, in ``template``'s order, besides its
-    own, and receives them in its ``**options``. An own option of the same name replaces the
-    template's where it stands (a rewording: ``baseline grpo`` takes grpo-weaver's options); a
-    new one goes right after the own option before it, or first. Typer reads the merged
-    ``__signature__``, so ``--help`` lists them all."""
-
-    def merge(command):
-        params = list(inspect.signature(template, eval_str=True).parameters.values())
-        at = 0
-        for param in inspect.signature(command, eval_str=True).parameters.values():
-            if param.kind is param.VAR_KEYWORD:
-                continue
-            names = [p.name for p in params]
-            if param.name in names:
-                at = names.index(param.name)
-                params[at] = param
-            else:
-                params.insert(at, param)
-            at += 1
-        command.__signature__ = inspect.Signature(params, return_annotation=None)
-        return command
-
-    return merge
 
 
 def train(
