@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_episodes import MAX_TURNS, _trained_trigger, _with_frequent_eos, scripted
+from test_episodes import CASES, MAX_TURNS, case_model, scripted
 from typer.testing import CliRunner
 
 from conftest import make_memgen
@@ -38,25 +38,11 @@ def _played(mg, keep: bool, memory: str = "weaver", seed: int = 3):
     return play(mg, scripted(), cfg, setting, keep_logprobs=True)
 
 
-CASES = {
-    "keep": (dict(kind="llama"), "weaver", True),
-    "drop": (dict(kind="llama"), "weaver", False),
-    "qwen2-keep": (dict(kind="qwen2"), "weaver", True),
-    "kv-keep": (dict(kind="llama", inject="kv"), "weaver", True),
-    "kv-drop": (dict(kind="llama", inject="kv"), "weaver", False),
-    "full-keep": (dict(kind="llama"), "full", True),
-    "off": (dict(kind="llama"), "off", True),
-}
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_scoring_forward_logprobs_equal_the_engines(case):
     """The important one: one teacher-forced forward over each episode (or each turn, with
     keep_latents false) gives the log-prob the engine sampled each agent token with."""
-    build, memory, keep = CASES[case]
-    mg = _with_frequent_eos(make_memgen(**build))  # some replies stop early, others are cut
-    if memory == "full":
-        _trained_trigger(mg)
+    mg, memory, keep = case_model(case)  # some replies stop early, others are cut
     played = _played(mg, keep, memory)
     # what the scenario must contain for the comparison to mean something
     stops = [s for ep in played for s in ep.stops]

@@ -100,23 +100,33 @@ def _same(fast, slow):
                 torch.testing.assert_close(x.latents, y.latents, atol=1e-4, rtol=0)
 
 
+# The episode scenarios: (make_memgen's settings, memory mode, keep_latents). The engine plays
+# each here; test_episode_grpo scores each.
 CASES = {
     "off": (dict(kind="llama"), "off", True),
     "weaver-keep": (dict(kind="llama"), "weaver", True),
     "weaver-drop": (dict(kind="llama"), "weaver", False),
     "qwen2-keep": (dict(kind="qwen2"), "weaver", True),
     "other-weaver-drop": (dict(kind="llama", weaver_kind="qwen2"), "weaver", False),
+    "kv-keep": (dict(kind="llama", inject="kv"), "weaver", True),
     "kv-drop": (dict(kind="llama", inject="kv"), "weaver", False),
     "full-keep": (dict(kind="llama"), "full", True),
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_batched_episodes_equal_one_at_a_time(case):
+def case_model(case: str):
+    """(model, memory mode, keep_latents) of ``CASES[case]``: a model that ends some replies
+    early (``_with_frequent_eos``), with a trained trigger for memory full."""
     build, memory, keep = CASES[case]
     mg = _with_frequent_eos(make_memgen(**build))
     if memory == "full":
         _trained_trigger(mg)
+    return mg, memory, keep
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_batched_episodes_equal_one_at_a_time(case):
+    mg, memory, keep = case_model(case)
     cfg = GenerationConfig(max_new_tokens=8, memory=memory)
     setting = EpisodeConfig(max_turns=MAX_TURNS, keep_latents=keep)
     envs = scripted()
