@@ -313,21 +313,21 @@ DROP_KEYS = {
     "rule_name",
     "warning",
 }
-TIMING_KEYS = {
-    "load_s",
-    "generate_s",
-    "probe_s",
-    "ablation_s",
-    "cluster_s",
-    "intervention_s",
-    "total_s",
-}
 
 
 def documented_keys() -> set[str]:
     """Every `name` quoted in a table row of the schema doc."""
     rows = [line for line in SCHEMA_DOC.read_text().splitlines() if line.startswith("|")]
     return {key for line in rows for key in re.findall(r"`(\w+)`", line)}
+
+
+def documented_fields(key: str) -> set[str]:
+    """The `names` that the schema doc's table row for `key` lists: the fields of that object."""
+    (line,) = [x for x in SCHEMA_DOC.read_text().splitlines() if x.startswith(f"| `{key}` |")]
+    return set(re.findall(r"`(\w+)`", line)) - {key}
+
+
+TIMING_KEYS = documented_fields("timings")  # a time in seconds a step, as the doc lists them
 
 
 @pytest.fixture(scope="module")
