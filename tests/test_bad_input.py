@@ -120,6 +120,7 @@ GEN = "generate --device cpu"
 INSPECT = "inspect-memory --device cpu"
 BSFT = "baseline sft --recipe {tiny_bsft} --base {base}"
 BGRPO = "baseline grpo --recipe {tiny_bgrpo} --base {base}"
+RETRIEVAL = "baseline retrieval --recipe {tiny_sft} --base {base}"
 
 CASES = [
     # sft-weaver: recipe keys, --set syntax, types and ranges, recipe files, data
@@ -167,26 +168,7 @@ CASES = [
     case("sft-task-option-without-equals", f"{SFT} --task-option steps",
          "--task-option expects key=value"),
     case("sft-markup-in-value", [*f"{SFT} --data".split(), "[/oops]"], "unknown task '[/oops]'"),
-    # grpo-weaver: rewards, G and batch, --init artifacts, memory full
-    case("grpo-reward-module-missing", f"{GRPO} --reward no_such_module:fn",
-         'cannot import module "no_such_module"'),
-    case("grpo-reward-not-module-function", f"{GRPO} --reward just_a_name",
-         "--reward expects module:function"),
-    case("grpo-reward-function-missing", f"{GRPO} --reward math:no_such_fn",
-         'has no function "no_such_fn"'),
-    case("grpo-reward-weight-count",
-         f"{GRPO} --reward math:sqrt --reward-weight 1 --reward-weight 2",
-         "reward.weights has 2 values for 1 reward functions"),
-    case("grpo-batch-not-multiple-of-g", f"{GRPO} --set training.batch_size=6",
-         "must be a multiple of training.num_generations"),
-    case("grpo-one-generation", f"{GRPO} --set training.num_generations=1",
-         "training.num_generations must be >= 2"),
-    case("grpo-greedy-rollouts", f"{GRPO} --set training.temperature=0",
-         "training.temperature must be > 0"),
-    case("grpo-unknown-loss", f"{GRPO} --set training.loss_type=ppo",
-         "training.loss_type must be one of"),
-    case("grpo-init-missing", f"{GRPO} --init nowhere", "Artifact nowhere does not exist"),
-    case("grpo-init-bad-json", f"{GRPO} --init {{inputs}}/bad-json", "is not valid JSON"),
+    # grpo-weaver (and baseline grpo: GRPO_BOTH, below): --init artifacts, memory full
     case("grpo-init-is-baseline-before-any-load",  # no --base: the recipe's is the embedded
          "grpo-weaver --recipe {tiny_grpo} --init {inputs}/baseline", "is a LoRA baseline"),
     case("grpo-memory-off-read-as-a-word", f"{GRPO} --set training.memory=off",
@@ -288,14 +270,22 @@ CASES = [
     case("baseline-sft-dropout-out-of-range", f"{BSFT} --set lora.dropout=1.5",
          "lora.dropout must be in [0, 1)"),
     case("baseline-sft-unknown-task", f"{BSFT} --data gsm9k", "unknown task 'gsm9k'"),
-    case("baseline-grpo-init-missing", f"{BGRPO} --init nowhere",
-         "Artifact nowhere does not exist"),
     case("baseline-grpo-init-is-a-weaver", f"{BGRPO} --init {{weaver}}", "not a LoRA baseline"),
-    case("baseline-grpo-init-bad-json", f"{BGRPO} --init {{inputs}}/bad-json", "is not valid JSON"),
-    case("baseline-grpo-reward-module-missing", f"{BGRPO} --reward no_such_module:fn",
-         'cannot import module "no_such_module"'),
-    case("baseline-grpo-batch-not-multiple-of-g", f"{BGRPO} --set training.batch_size=6",
-         "must be a multiple of training.num_generations"),
+    case("baseline-grpo-unknown-lora-key", f"{BGRPO} --set lora.targts=[q_proj]",
+         'Did you mean "targets"'),
+    # baseline retrieval: the store's settings
+    case("retrieval-k-zero", f"{RETRIEVAL} --k 0",
+         "--k (retrieval.k) must be a whole number >= 1; got 0"),
+    case("retrieval-negative-k", f"{RETRIEVAL} --set retrieval.k=-2",
+         "must be a whole number >= 1; got -2"),
+    case("retrieval-unknown-similarity", f"{RETRIEVAL} --similarity cosine",
+         '--similarity "cosine" is unknown; use embed or bm25'),
+    case("retrieval-similarity-did-you-mean", f"{RETRIEVAL} --similarity bm52",
+         'Did you mean "bm25"'),
+    case("retrieval-unknown-method", f"{RETRIEVAL} --method awm",
+         'method "awm" is unknown; use expel'),
+    case("retrieval-unknown-key", f"{RETRIEVAL} --set retrieval.kk=3", 'Did you mean "k"'),
+    case("retrieval-unknown-task", f"{RETRIEVAL} --data gsm9k", "unknown task 'gsm9k'"),
     # --output that would destroy what memgen did not write
     case("sft-output-is-a-foreign-folder", f"{SFT} --output {{inputs}}/not-artifact",
          "the folder exists and is not a"),
@@ -310,6 +300,33 @@ CASES = [
     case("usage-unknown-option", "eval --data gsm_symbolic --bogus", "No such option: --bogus"),
     case("usage-top-p-above-one", f"{GEN} Hi? --top-p 2", "Invalid value for '--top-p'"),
 ]  # fmt: skip
+
+# grpo-weaver and baseline grpo read G, the batch, rewards and --init alike: each refuses these.
+GRPO_BOTH = [
+    ("one-generation", "--set training.num_generations=1",
+     "training.num_generations must be >= 2"),
+    ("batch-not-multiple-of-g", "--set training.batch_size=6",
+     "must be a multiple of training.num_generations"),
+    ("greedy-rollouts", "--set training.temperature=0", "training.temperature must be > 0"),
+    ("unknown-loss", "--set training.loss_type=ppo", "training.loss_type must be one of"),
+    ("reward-module-missing", "--reward no_such_module:fn",
+     'cannot import module "no_such_module"'),
+    ("reward-not-module-function", "--reward just_a_name", "--reward expects module:function"),
+    ("reward-function-missing", "--reward math:no_such_fn", 'has no function "no_such_fn"'),
+    ("reward-weight-count", "--reward math:sqrt --reward-weight 1 --reward-weight 2",
+     "reward.weights has 2 values for 1 reward functions"),
+    # --output out: with the default output the stage makes its parent (runs/tiny) before it
+    # tries the rewards
+    ("reward-raises", "--reward helpers:broken_reward --output out",
+     "broken_reward raised ValueError"),
+    ("init-missing", "--init nowhere", "Artifact nowhere does not exist"),
+    ("init-bad-json", "--init {inputs}/bad-json", "is not valid JSON"),
+]  # fmt: skip
+CASES += [
+    case(f"{name}-{id_}", f"{command} {args}", fragment)
+    for name, command in (("grpo", GRPO), ("baseline-grpo", BGRPO))
+    for id_, args, fragment in GRPO_BOTH
+]
 
 
 # -------------------------------------------------------------------------------- test
