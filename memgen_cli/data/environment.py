@@ -11,7 +11,7 @@ not advance). An episode ends when an observation says ``done`` or at the task's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from memgen_cli.data.base import Example, Task
@@ -28,6 +28,8 @@ class Observation:
     done: bool = False  # the episode is over (won or lost)
     won: bool = False
     expert: list[str] | None = None  # the shortest plan from here, where the game knows one
+    # A reset's only: example turns (user, assistant, ...) the task shows before the game.
+    shots: list[dict[str, str]] = field(default_factory=list)
 
 
 class Environment(Protocol):

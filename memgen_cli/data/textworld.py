@@ -24,10 +24,16 @@ Options (``--task-option`` / ``data.options``):
   size           games when no limit is given (default 1000 train, 200 held out)
   exclude_train  training games whose walkthroughs held-out games must differ from (default
                  200; set it to the training set's size)
+  shots          example turns shown before the game, 0-2 (default 0): the turns of one small
+                 hand-written game (``EXAMPLE``: a hall, "go north", a den, "take key") as
+                 user and assistant turns, so that a model never trained on games sees what a
+                 reply is (the embedded SmolLM2-135M-Instruct names no command without them:
+                 0 of 32 first replies valid, 32 of 32 with 2; docs/agents.md)
 
 The prompt: the first user turn is the game's opening (banner and status line stripped: the
 objective, then the room), the admissible commands and one instruction; each later user turn
-is the cleaned answer to the last command, with the commands then admissible.
+is the cleaned answer to the last command, with the commands then admissible. Example turns,
+when asked for, come before the first user turn, formatted the same way.
 """
 
 from __future__ import annotations
@@ -68,6 +74,19 @@ DEFAULT_SIZE = {"train": 1000, "eval": 200}
 TRIES_PER_GAME = 10
 INSTRUCTION = "Reply with one of the available commands and nothing else."
 INVALID = "That is not one of the available commands."
+# The example game of the ``shots`` option: (what the agent sees, the commands, its reply).
+EXAMPLE = (
+    (
+        "Find the key and take it.\n\n-= Hall =-\nYou are in a hall. There is an exit to the north.",
+        ["go north", "inventory", "look"],
+        "go north",
+    ),
+    (
+        "-= Den =-\nYou are in a den. There is a key on the floor. There is an exit to the south.",
+        ["go south", "take key", "inventory", "look"],
+        "take key",
+    ),
+)
 BANNER = set(" _|\\$/<>")  # the characters of TextWorld's ASCII-art title
 
 
@@ -131,6 +150,7 @@ class TextWorldTask(EnvironmentTask):
         commands: bool = True,
         size: int | None = None,
         exclude_train: int = 200,
+        shots: int = 0,
     ):
         if challenge not in CHALLENGES:
             raise MemgenError(
@@ -144,6 +164,10 @@ class TextWorldTask(EnvironmentTask):
             (objective in OBJECTIVES, f"objective must be {' or '.join(OBJECTIVES)}"),
             (isinstance(max_turns, int) and max_turns >= 1, "max_turns must be at least 1"),
             (isinstance(exclude_train, int) and exclude_train >= 0, "exclude_train must be >= 0"),
+            (
+                isinstance(shots, int) and 0 <= shots <= len(EXAMPLE),
+                f"shots must be 0-{len(EXAMPLE)} (example turns before the game)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -152,7 +176,7 @@ class TextWorldTask(EnvironmentTask):
         self.challenge, self.level, self.objective = challenge, level, objective
         self.name = f"textworld:{challenge}"
         self.max_turns, self.commands = max_turns, commands
-        self.size, self.exclude_train = size, exclude_train
+        self.size, self.exclude_train, self.shots = size, exclude_train, shots
 
     # ------------------------------------------------------------------------------- games
     def cache_dir(self) -> Path:
@@ -286,7 +310,7 @@ class TextWorldTask(EnvironmentTask):
 
     def environment(self, example: Example) -> TextWorldEnvironment:
         return TextWorldEnvironment(
-            self.compiled(example.meta["seed"]), self.max_turns, self.commands
+            self.compiled(example.meta["seed"]), self.max_turns, self.commands, self.shots
         )
 
 
@@ -298,14 +322,14 @@ class TextWorldEnvironment:
     """One game being played (``data.environment.Environment``): only admissible commands
     reach the game; an invalid action (``None``) is answered without advancing it."""
 
-    def __init__(self, path: Path, max_turns: int, commands: bool = True):
+    def __init__(self, path: Path, max_turns: int, commands: bool = True, shots: int = 0):
         tw = require_textworld()
         infos = tw.EnvInfos(
             admissible_commands=True, policy_commands=True, won=True, lost=True, score=True
         )
         env_id = tw.gym.register_game(str(path), request_infos=infos, max_episode_steps=max_turns)
         self.env = tw.gym.make(env_id)
-        self.commands = commands
+        self.commands, self.shots = commands, shots
         self.score = 0.0
         self.last: Observation | None = None
 
@@ -334,9 +358,19 @@ class TextWorldEnvironment:
         turn = self._turn(clean_observation(text), commands, first)
         self.last = Observation(
             turn, commands, reward, done or won or bool(infos["lost"]), won,
-            list(infos["policy_commands"]),
+            list(infos["policy_commands"]), self.example_turns() if first else [],
         )  # fmt: skip
         return self.last
+
+    def example_turns(self) -> list[dict[str, str]]:
+        """The first ``shots`` turns of ``EXAMPLE``, formatted as the game's own turns."""
+        out = []
+        for i, (text, commands, reply) in enumerate(EXAMPLE[: self.shots]):
+            out += [
+                {"role": "user", "content": self._turn(text, commands, first=i == 0)},
+                {"role": "assistant", "content": reply},
+            ]
+        return out
 
     def _turn(self, text: str, commands: list[str], first: bool = False) -> str:
         listed = f"\n\nAvailable commands: {', '.join(commands)}." if self.commands else ""

@@ -60,20 +60,22 @@ def marked_messages(tokenizer, ep: Episode) -> list[dict]:
     """The episode's conversation, each reply marked where memory went in (``marked``)."""
     replies = iter(marked(tokenizer, ep, t) for t in range(ep.turns))
     return [
-        {"role": "assistant", "content": next(replies)} if m["role"] == "assistant" else m
-        for m in ep.messages
+        {"role": "assistant", "content": next(replies)}
+        if i >= ep.head and m["role"] == "assistant"
+        else m
+        for i, m in enumerate(ep.messages)
     ]
 
 
 def record(label: str, mode: str, problem: Problem, ep: Episode, tokenizer) -> dict:
     transcript = marked_messages(tokenizer, ep)
-    replies = [m["content"] for m in transcript if m["role"] == "assistant"]
+    replies = [m["content"] for m in transcript[ep.head :] if m["role"] == "assistant"]
     return {
         "task": label,
         "mode": mode,
         "index": problem.index,
         "id": problem.example.id,
-        "prompt": next(m["content"] for m in ep.messages if m["role"] == "user"),
+        "prompt": ep.messages[ep.first]["content"],
         "completion": "\n".join(replies),
         "extracted": "; ".join(a if a is not None else "(invalid)" for a in ep.actions),
         "gold": problem.example.answer,
@@ -92,6 +94,7 @@ def record(label: str, mode: str, problem: Problem, ep: Episode, tokenizer) -> d
             "weaves": ep.weaves,
             "reward": sum(ep.rewards),
             "actions": ep.actions,
+            "first": ep.first,  # the transcript's game begins here (after any example turns)
         },
         "transcript": transcript,
     }

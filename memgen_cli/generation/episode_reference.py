@@ -44,7 +44,7 @@ def _play_one(model, env, cfg, episode: EpisodeConfig, system, row: int) -> Epis
     tokenizer = model.tokenizer
     eos = set() if cfg.ignore_eos else set(_eos_ids(tokenizer).tolist())
     obs = env.reset()
-    out = Episode(opening(obs.text, system), won=obs.won, done=obs.done)
+    out = Episode(opening(obs, system), won=obs.won, done=obs.done)
     enc = encode_prompts(tokenizer, [out.messages], model.device)
     history = enc["input_ids"][0].tolist()  # the text so far, as token ids
     stream = _stream(model, history)

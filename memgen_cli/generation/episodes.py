@@ -66,7 +66,7 @@ class EpisodeConfig:
 class Episode:
     """One played episode: the conversation, and per turn the action, reward and memory."""
 
-    messages: list[dict[str, str]]  # system?, user, assistant, user, ..., the last answer
+    messages: list[dict[str, str]]  # system?, example turns, user, assistant, ..., last answer
     actions: list[str | None] = field(default_factory=list)  # None: an invalid action
     rewards: list[float] = field(default_factory=list)
     replies: list[list[int]] = field(default_factory=list)  # token ids, the stop token excluded
@@ -84,6 +84,19 @@ class Episode:
     logprobs: list[list[float]] = field(default_factory=list)
     won: bool = False
     done: bool = False  # ended by the environment (won or lost), not by the turn limit
+
+    def __post_init__(self):
+        # Messages before the first reply (``opening``): the first observation is the last.
+        self.head = len(self.messages)
+
+    @property
+    def first(self) -> int:
+        """Index in ``messages`` of the game's first observation (after any example turns)."""
+        return self.head - 1
+
+    def user_index(self, turn: int) -> int:
+        """Index in ``messages`` of the observation that ``turn``'s reply answers."""
+        return self.first + 2 * turn
 
     @property
     def turns(self) -> int:
@@ -151,12 +164,13 @@ def parse_action(reply: str, commands: list[str]) -> str | None:
     return None
 
 
-def opening(text: str, system: str | None = None) -> list[dict[str, str]]:
-    """The conversation an episode starts with: the system turn, if any, then the first
-    observation (``Observation.text``, formatted by the task) as the user turn. ``play``, the
-    reference and the SFT episodes (``training/episode_data.py``) all start here."""
+def opening(obs: Observation, system: str | None = None) -> list[dict[str, str]]:
+    """The conversation an episode starts with: the system turn, if any, the task's example
+    turns (``Observation.shots``), then the first observation (``Observation.text``, formatted
+    by the task) as the user turn. ``play``, the reference and the SFT episodes
+    (``training/episode_data.py``) all start here."""
     head = [{"role": "system", "content": system}] if system else []
-    return [*head, {"role": "user", "content": text}]
+    return [*head, *obs.shots, {"role": "user", "content": obs.text}]
 
 
 # Stands for a reply while the chat template renders the text between two turns.
@@ -208,7 +222,7 @@ def play(
     model.eval()
     tokenizer, device = model.tokenizer, model.device
     first = [env.reset() for env in envs]
-    out = [Episode(opening(o.text, system)) for o in first]
+    out = [Episode(opening(o, system)) for o in first]
     enc = encode_prompts(tokenizer, [e.messages for e in out], device)
     run = _Run(model, enc["input_ids"], enc["attention_mask"], cfg, decide=decide)
     for ep, ids, mask in zip(out, enc["input_ids"], enc["attention_mask"], strict=True):

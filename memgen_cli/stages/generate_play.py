@@ -115,11 +115,16 @@ def print_episode(console: Console, rec: dict) -> None:
             f"{rec['task']} · game {rec['id']} (seed {rec['seed']}) · memory {rec['mode']}", "bold"
         )
     )
-    users = [m["content"] for m in rec["transcript"] if m["role"] == "user"]
-    replies = [m["content"] for m in rec["transcript"] if m["role"] == "assistant"]
-    system = [m["content"] for m in rec["transcript"] if m["role"] == "system"]
+    first = ep.get("first", 0)
+    game, before = rec["transcript"][first:], rec["transcript"][:first]
+    users = [m["content"] for m in game if m["role"] == "user"]
+    replies = [m["content"] for m in game if m["role"] == "assistant"]
+    system = [m["content"] for m in before if m["role"] == "system"]
     if system:
         console.print(Text("system: ", "bold") + Text(system[0]))
+    shown = [m for m in before if m["role"] != "system"]
+    if shown:
+        console.print(Text(f"({len(shown) // 2} example turns before the game)", "dim"))
     for turn, (seen, reply, action) in enumerate(
         zip(users[: len(replies)], replies, ep["actions"], strict=True)
     ):

@@ -88,7 +88,7 @@ def _describe_episode(job, describe, problem: Problem, ep, tok) -> None:
     for turn in range(ep.turns):
         # what the agent had read when the turn began: the conversation up to its header
         text = tok.apply_chat_template(
-            ep.messages[: _user_index(ep.messages, turn) + 1],
+            ep.messages[: ep.user_index(turn) + 1],
             tokenize=False,
             add_generation_prompt=True,
         )
@@ -106,7 +106,7 @@ def _describe_episode(job, describe, problem: Problem, ep, tok) -> None:
         pieces += [("text", "\n")] * bool(turn) + segments(tok, ep.replies[turn], found)
     replies = "\n".join(tok.decode(r, skip_special_tokens=True) for r in ep.replies)
     record = R.example_record(
-        e, ep.messages[0]["content"] if ep.messages[0]["role"] == "user" else ep.messages[1]["content"],
+        e, ep.messages[ep.first]["content"],
         replies, sum(len(r) for r in ep.replies), ep.done, problem.example.id,
     )  # fmt: skip
     record.update(
@@ -120,7 +120,3 @@ def _describe_episode(job, describe, problem: Problem, ep, tok) -> None:
     report["examples"].append(record)
 
 
-def _user_index(messages: list[dict], turn: int) -> int:
-    """Index in ``messages`` of the user turn that ``turn``'s reply answers."""
-    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-    return users[turn]

@@ -102,7 +102,7 @@ def load_examples(cfg) -> tuple[Task, list[Example], list[Example], int | None]:
 def expert_episode(env: Environment, max_turns: int, system: str | None = None) -> Episode:
     """The episode the expert plays: its first planned command at every turn."""
     obs = env.reset()
-    ep = Episode(opening(obs.text, system), won=obs.won, done=obs.done)
+    ep = Episode(opening(obs, system), won=obs.won, done=obs.done)
     while not ep.done and ep.turns < max_turns:
         if not obs.expert or obs.expert[0] not in obs.commands:
             raise MemgenError(
@@ -124,7 +124,7 @@ def expert_episode(env: Environment, max_turns: int, system: str | None = None) 
 def render(tokenizer, ep: Episode) -> tuple[list[int], list[int], list[list[int]]]:
     """(token ids, the token before each assistant turn, each turn's [start, end) of agent
     tokens) of a played episode, as the engine's stream holds it."""
-    head = len(ep.messages) - 2 * ep.turns  # the system turn, if any, and the first user turn
+    head = ep.head  # the system turn, if any, example turns and the first observation
     ids = encode_prompts(tokenizer, [ep.messages[:head]], "cpu")["input_ids"][0].tolist()
     stops = set(_eos_ids(tokenizer).tolist())
     turns, spans = [], []

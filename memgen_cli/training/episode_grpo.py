@@ -36,9 +36,9 @@ from memgen_cli.training.grpo import GRPOTrainer, _gather_list
 
 
 def split_episode(ep: Episode) -> tuple[list[dict], list[dict]]:
-    """An episode as a TRL conversation: (prompt messages, completion messages)."""
-    first = next(i for i, m in enumerate(ep.messages) if m["role"] == "user") + 1
-    return ep.messages[:first], ep.messages[first:]
+    """An episode as a TRL conversation: (prompt messages, completion messages); the prompt
+    ends with the game's first observation."""
+    return ep.messages[: ep.head], ep.messages[ep.head :]
 
 
 def episode_fields(tokenizer, ep: Episode) -> dict:
