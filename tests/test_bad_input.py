@@ -114,7 +114,8 @@ def case(id_: str, argv: str | list[str], fragment: str):
 
 SFT = "sft-weaver --recipe {tiny_sft} --base {base}"
 GRPO = "grpo-weaver --recipe {tiny_grpo} --base {base}"
-TRIGGER = "train-trigger --recipe {tiny_trigger} --base {base} --artifact {weaver}"
+TRIGGER_ON = "train-trigger --recipe {tiny_trigger} --base {base}"
+TRIGGER = f"{TRIGGER_ON} --artifact {{weaver}}"
 EVAL = "eval --data gsm_symbolic --limit 2 --device cpu"
 GEN = "generate --device cpu"
 INSPECT = "inspect-memory --device cpu"
@@ -178,17 +179,9 @@ CASES = [
          f"{GRPO} --init {{weaver}} --set training.memory=full",
          "needs a trained trigger"),
     # train-trigger
-    case("trigger-no-artifact", "train-trigger --recipe {tiny_trigger} --base {base}",
-         "train-trigger needs --artifact DIR"),
-    case("trigger-not-an-artifact",
-         "train-trigger --recipe {tiny_trigger} --base {base} --artifact {inputs}/not-artifact",
-         "is not a memgen artifact: memgen.json is missing"),
-    case("trigger-on-a-baseline",
-         "train-trigger --recipe {tiny_trigger} --base {base} --artifact {inputs}/baseline",
+    case("trigger-no-artifact", TRIGGER_ON, "train-trigger needs --artifact DIR"),
+    case("trigger-on-a-baseline", f"{TRIGGER_ON} --artifact {{inputs}}/baseline",
          "is a LoRA baseline"),
-    case("trigger-future-format",
-         "train-trigger --recipe {tiny_trigger} --base {base} --artifact {inputs}/old-format",
-         "has format_version 99"),
     case("trigger-initial-rate-out-of-range", f"{TRIGGER} --set trigger.initial_rate=1.5",
          "trigger.initial_rate must be in (0, 1)"),
     case("trigger-negative-penalty", f"{TRIGGER} --set trigger.penalty=-0.1",
@@ -205,12 +198,6 @@ CASES = [
          "--memory full needs a trained trigger"),
     case("eval-memory-on-a-baseline", f"{EVAL} --artifact {{inputs}}/baseline --memory weaver",
          "needs a weaver artifact"),
-    case("eval-incomplete-artifact", f"{EVAL} --artifact {{inputs}}/incomplete",
-         "is incomplete: missing weaver.safetensors"),
-    case("eval-wrong-tensor-shapes", f"{EVAL} --artifact {{inputs}}/bad-shapes",
-         "does not match its manifest"),
-    case("eval-truncated-tensors", f"{EVAL} --artifact {{inputs}}/truncated",
-         "is not a readable safetensors file"),
     case("eval-malformed-data-file", "eval --data {inputs}/bad.jsonl --device cpu",
          "line 2 is not valid JSON"),
     case("eval-unknown-device", f"{EVAL} --device tpu", 'Unknown --device "tpu"'),
@@ -238,12 +225,8 @@ CASES = [
          "--memory full needs a trained trigger"),
     case("generate-on-a-baseline", f"{GEN} Hi? --artifact {{inputs}}/baseline",
          "is a LoRA baseline"),
-    case("generate-not-an-artifact", f"{GEN} Hi? --artifact {{inputs}}/not-artifact",
-         "is not a memgen artifact"),
     # inspect-memory
     case("inspect-no-artifact", f"{INSPECT} --prompt Hi?", "inspect-memory needs --artifact DIR"),
-    case("inspect-not-an-artifact", f"{INSPECT} --prompt Hi? --artifact {{inputs}}/not-artifact",
-         "is not a memgen artifact"),
     case("inspect-a-baseline", f"{INSPECT} --prompt Hi? --artifact {{inputs}}/baseline",
          "has no weaver"),
     case("inspect-prompt-and-data",
@@ -320,6 +303,28 @@ CASES += [
     case(f"{name}-{id_}", f"{command} {args}", fragment)
     for name, command in (("grpo", GRPO), ("baseline-grpo", BGRPO))
     for id_, args, fragment in GRPO_BOTH
+]
+# Every command that reads a weaver artifact refuses a damaged one alike.
+ARTIFACT_READERS = {
+    "trigger": f"{TRIGGER_ON} --artifact",
+    "eval": f"{EVAL} --artifact",
+    "generate": f"{GEN} Hi? --artifact",
+    "inspect": f"{INSPECT} --prompt Hi? --artifact",
+}
+DAMAGED = [
+    ("not-an-artifact", "not-artifact", "is not a memgen artifact: memgen.json is missing"),
+    ("bad-json", "bad-json", "is not valid JSON"),
+    ("future-format", "old-format", "has format_version 99"),
+    ("incomplete-artifact", "incomplete", "is incomplete: missing weaver.safetensors"),
+    ("wrong-tensor-shapes", "bad-shapes", "does not match its manifest"),
+    ("truncated-tensors", "truncated", "is not a readable safetensors file"),
+]
+# inspect-memory names what an incomplete artifact lacks for it: a weaver, its memory
+OWN_WORDS = {("inspect", "incomplete-artifact"): "has no weaver (missing weaver.safetensors)"}
+CASES += [
+    case(f"{name}-{id_}", f"{command} {{inputs}}/{folder}", OWN_WORDS.get((name, id_), fragment))
+    for name, command in ARTIFACT_READERS.items()
+    for id_, folder, fragment in DAMAGED
 ]
 # Every command that reads --data names a task it does not know the same way.
 DATA_READERS = {
