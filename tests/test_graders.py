@@ -17,7 +17,6 @@ from memgen_cli.data.extraction import (
 )
 from memgen_cli.data.graders import (
     GRADERS,
-    grade_numeric,
     math_accuracy_reward,
     math_equal,
     normalize_latex_answer,
@@ -69,12 +68,20 @@ GSM_CASES = [
     ("so the final answer is \\boxed{ 56 }.", "56", 1),
     ("She has 2 hours and 30 minutes left: \\boxed{150} minutes.", "150", 1),
     ("Final answer: -$3.50", "-3.5", 1),
+    ("So \\boxed{1,000}", "1000", 1),
+    ("Adding them: 40 + 2 = 42", "Work.\n#### 42", 1),
+    ("no idea", "3", 0),
+    ("It costs $3.50.", "3.5", 1),
+    ("\\boxed{7} and later I mention 8", "7", 1),
+    ("It is -3 degrees", "-3", 1),
+    ("Result: 2/3", "0.6666667", 1),
+    ("\\boxed{18} dollars. Check: 18*1 = 18", "18", 1),
 ]
 
 
 @pytest.mark.parametrize("completion,gold,expected", GSM_CASES)
 def test_gsm_numeric_grading(completion, gold, expected):
-    assert grade_numeric(completion, gold) == expected
+    assert GRADERS["numeric"](completion, gold) == expected
 
 
 def test_last_box_by_default_first_on_request():
@@ -375,14 +382,6 @@ GENERIC_CASES = [
     ("exact", "The answer is 42.0", "42", 0),
     ("exact", "**Answer:** Tuesday", "Tuesday", 1),
     ("exact", "Answer: Tuesday\nAnswer: Wednesday", "Wednesday", 1),
-    ("numeric", "So \\boxed{1,000}", "1000", 1),
-    ("numeric", "Adding them: 40 + 2 = 42", "Work.\n#### 42", 1),
-    ("numeric", "no idea", "3", 0),
-    ("numeric", "It costs $3.50.", "3.5", 1),
-    ("numeric", "\\boxed{7} and later I mention 8", "7", 1),
-    ("numeric", "It is -3 degrees", "-3", 1),
-    ("numeric", "Result: 2/3", "0.6666667", 1),
-    ("numeric", "\\boxed{18} dollars. Check: 18*1 = 18", "18", 1),
     ("boxed", "\\boxed{\\frac{1}{2}}", "0.5", 1),
     ("boxed", "The answer is 0.5", "0.5", 0),
     ("boxed", "\\boxed{x=3}", "3", 1),
