@@ -112,6 +112,17 @@ def case(id_: str, argv: str | list[str], fragment: str):
     return pytest.param(argv.split() if isinstance(argv, str) else argv, fragment, id=id_)
 
 
+def across(commands: dict[str, str], rows: list[tuple], own_words: dict | None = None) -> list:
+    """Each row (id, arguments, fragment) as a case of each command ({name: argv}), with the id
+    ``name-id``; ``own_words`` ({``name-id``: fragment}) where a command words it otherwise."""
+    own = own_words or {}
+    return [
+        case(f"{name}-{id_}", f"{argv} {args}", own.get(f"{name}-{id_}", fragment))
+        for name, argv in commands.items()
+        for id_, args, fragment in rows
+    ]
+
+
 SFT = "sft-weaver --recipe {tiny_sft} --base {base}"
 GRPO = "grpo-weaver --recipe {tiny_grpo} --base {base}"
 TRIGGER_ON = "train-trigger --recipe {tiny_trigger} --base {base}"
@@ -299,12 +310,10 @@ GRPO_BOTH = [
     ("init-missing", "--init nowhere", "Artifact nowhere does not exist"),
     ("init-bad-json", "--init {inputs}/bad-json", "is not valid JSON"),
 ]  # fmt: skip
-CASES += [
-    case(f"{name}-{id_}", f"{command} {args}", fragment)
-    for name, command in (("grpo", GRPO), ("baseline-grpo", BGRPO))
-    for id_, args, fragment in GRPO_BOTH
-]
-# Every command that reads a weaver artifact refuses a damaged one alike.
+CASES += across({"grpo": GRPO, "baseline-grpo": BGRPO}, GRPO_BOTH)
+
+# Every command that reads a weaver artifact refuses a damaged one alike (inspect-memory names
+# what an incomplete one lacks for it: a weaver, its memory).
 ARTIFACT_READERS = {
     "trigger": f"{TRIGGER_ON} --artifact",
     "eval": f"{EVAL} --artifact",
@@ -312,20 +321,20 @@ ARTIFACT_READERS = {
     "inspect": f"{INSPECT} --prompt Hi? --artifact",
 }
 DAMAGED = [
-    ("not-an-artifact", "not-artifact", "is not a memgen artifact: memgen.json is missing"),
-    ("bad-json", "bad-json", "is not valid JSON"),
-    ("future-format", "old-format", "has format_version 99"),
-    ("incomplete-artifact", "incomplete", "is incomplete: missing weaver.safetensors"),
-    ("wrong-tensor-shapes", "bad-shapes", "does not match its manifest"),
-    ("truncated-tensors", "truncated", "is not a readable safetensors file"),
-]
-# inspect-memory names what an incomplete artifact lacks for it: a weaver, its memory
-OWN_WORDS = {("inspect", "incomplete-artifact"): "has no weaver (missing weaver.safetensors)"}
-CASES += [
-    case(f"{name}-{id_}", f"{command} {{inputs}}/{folder}", OWN_WORDS.get((name, id_), fragment))
-    for name, command in ARTIFACT_READERS.items()
-    for id_, folder, fragment in DAMAGED
-]
+    ("not-an-artifact", "{inputs}/not-artifact",
+     "is not a memgen artifact: memgen.json is missing"),
+    ("bad-json", "{inputs}/bad-json", "is not valid JSON"),
+    ("future-format", "{inputs}/old-format", "has format_version 99"),
+    ("incomplete-artifact", "{inputs}/incomplete", "is incomplete: missing weaver.safetensors"),
+    ("wrong-tensor-shapes", "{inputs}/bad-shapes", "does not match its manifest"),
+    ("truncated-tensors", "{inputs}/truncated", "is not a readable safetensors file"),
+]  # fmt: skip
+CASES += across(
+    ARTIFACT_READERS,
+    DAMAGED,
+    {"inspect-incomplete-artifact": "has no weaver (missing weaver.safetensors)"},
+)
+
 # Every command that reads --data names a task it does not know the same way.
 DATA_READERS = {
     "sft": SFT,
@@ -337,10 +346,7 @@ DATA_READERS = {
     "baseline-grpo": BGRPO,
     "retrieval": RETRIEVAL,
 }
-CASES += [
-    case(f"{name}-unknown-task", f"{command} --data gsm8kk", "unknown task 'gsm8kk'")
-    for name, command in DATA_READERS.items()
-]
+CASES += across(DATA_READERS, [("unknown-task", "--data gsm8kk", "unknown task 'gsm8kk'")])
 
 
 # -------------------------------------------------------------------------------- test
