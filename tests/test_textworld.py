@@ -218,6 +218,7 @@ def test_eval_on_textworld_reports_episodes(cached, tiny_weaver, tmp_path, one_t
         assert row["n"] == 2 and row["mean_steps"] == 3.0  # nobody wins: the turn limit
         assert 0 <= row["invalid_action_rate"] <= 1 and row["accuracy"] == 0.0
         assert f"memory {row['mode']}: success 0.0 ± 0.0 %, 3.0 steps" in result.output
+        assert f"memory {row['mode']}: 2/2" in result.output  # a log's line per batch
     assert rows[0]["weaves_per_episode"] == 0 and rows[1]["weaves_per_episode"] >= 3
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(records) == 4

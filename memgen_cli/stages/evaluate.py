@@ -360,26 +360,23 @@ def run_mode(
     with Progress(*columns, console=notes, transient=True, disable=not live) as progress:
         bar = progress.add_task("eval", total=total)
         for number, batch in batches:
+            # Seeded per batch, so sampling does not depend on how batches are spread.
+            seeded = replace(gen, seed=gen.seed + number)
             if isinstance(task, EnvironmentTask):  # each problem is a game: play episodes
                 tick = time.perf_counter()
-                records += play_batch(
-                    model, task, label, batch, replace(gen, seed=gen.seed + number)
-                )
+                records += play_batch(model, task, label, batch, seeded)
                 seconds += time.perf_counter() - tick
-                progress.advance(bar, len(batch))
-                continue
-            enc = encode_prompts(tok, [p.messages for p in batch], model.device)
-            tick = time.perf_counter()
-            # Seeded per batch, so sampling does not depend on how batches are spread.
-            out = answer(
-                enc["input_ids"], enc["attention_mask"], replace(gen, seed=gen.seed + number)
-            )
-            seconds += time.perf_counter() - tick
-            tick = time.perf_counter()
-            records += [
-                prediction(task, label, gen.memory, p, out, row, tok) for row, p in enumerate(batch)
-            ]
-            grade_s += time.perf_counter() - tick
+            else:
+                enc = encode_prompts(tok, [p.messages for p in batch], model.device)
+                tick = time.perf_counter()
+                out = answer(enc["input_ids"], enc["attention_mask"], seeded)
+                seconds += time.perf_counter() - tick
+                tick = time.perf_counter()
+                records += [
+                    prediction(task, label, gen.memory, p, out, row, tok)
+                    for row, p in enumerate(batch)
+                ]
+                grade_s += time.perf_counter() - tick
             progress.advance(bar, len(batch))
             if show and not live:
                 notes.print(f"{display_name(label)} · memory {gen.memory}: {len(records)}/{total}")
