@@ -118,5 +118,3 @@ def _describe_episode(job, describe, problem: Problem, ep, tok) -> None:
     )
     record["segments"] = R.answer_segments(pieces, report["insertions"][first:])
     report["examples"].append(record)
-
-
