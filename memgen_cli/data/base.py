@@ -49,6 +49,12 @@ class Task:
     ) -> list[Example]:
         raise NotImplementedError
 
+    def seed_for(self, split: str) -> int | None:
+        """The generator seed ``split`` draws from (``seeded_split``); None for fixed data."""
+        if self.train_seed is None:
+            return None
+        return seeded_split(self.name, split, self.train_seed, self.eval_seed)
+
     def extract(self, completion: str) -> str | None:
         return extract_math_answer(completion)
 

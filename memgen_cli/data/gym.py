@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memgen_cli.data.arithmetic import worked_solution
-from memgen_cli.data.base import Example, Task, seeded_split
+from memgen_cli.data.base import Example, Task
 from memgen_cli.data.graders import (
     extract_boxed,
     extract_math_answer,
@@ -135,9 +135,6 @@ class GymTask(Task):
                 f"cannot build reasoning_gym dataset {self.gym_name!r} with config "
                 f"{self.config}: {e}"
             ) from None
-
-    def seed_for(self, split: str) -> int:
-        return seeded_split(self.name, split, self.train_seed, self.eval_seed)
 
     def load(
         self, split: str | None = None, limit: int | None = None, seed: int | None = None

@@ -48,7 +48,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from memgen_cli.atomic import write_file
-from memgen_cli.data.base import Example, seeded_split
+from memgen_cli.data.base import Example
 from memgen_cli.data.environment import EnvironmentTask, Observation
 from memgen_cli.errors import MemgenError, did_you_mean
 
@@ -246,9 +246,6 @@ class TextWorldTask(EnvironmentTask):
         return target
 
     # ------------------------------------------------------------------------------ splits
-    def seed_for(self, split: str) -> int:
-        return seeded_split(self.name, split, self.train_seed, self.eval_seed)
-
     def load(
         self, split: str | None = None, limit: int | None = None, seed: int | None = None
     ) -> list[Example]:

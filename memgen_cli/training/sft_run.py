@@ -87,8 +87,7 @@ def load_examples(cfg) -> tuple[Task, list[Example], list[Example], int | None]:
     cut = len(examples) - d.heldout
     seed = d.seed
     if seed is None:  # the task's own seed for the split trained on (generated tasks)
-        seed_for = getattr(task, "seed_for", None)
-        seed = seed_for(d.split or task.default_split) if seed_for else task.train_seed
+        seed = task.seed_for(d.split or task.default_split)
     return task, examples[:cut], examples[cut:], seed
 
 
