@@ -63,6 +63,15 @@ class MemoryConfig:
     keys and values at K slots, at every layer, written into the reasoner's cache (shared
     backbone and full-attention models only; no projections; LoRA on k_proj / v_proj acts
     directly on what is written). See models/memgen.py. Artifacts without it are input."""
+    kv_prefix: bool = False
+    """kv only: a learned key and value per layer and memory slot (prefix tuning's parameters)
+    that the weaver's keys and values at that slot add to, so the memory is a static prefix the
+    context moves. Starts at zero: the untrained memory is what the weaver alone writes.
+    Artifacts without it have none."""
+    kv_prefix_rate: float = 10.0
+    """How much faster the kv prefix learns than the rest of the weaver: it is stored divided by
+    this and multiplied back, so under Adam its step is this x training.learning_rate (prefix
+    tuning's best rate here is 10x LoRA's)."""
     keep_latents: bool = True
     """Episodes (environment tasks): latents woven in a turn stay in the context of later turns
     (false: each turn sees only its own, the official code's multi-turn way). Training and

@@ -106,6 +106,8 @@ class MemGenModel(nn.Module):
             hidden_rms=1.0 if self.kv else self._final_hidden_rms(),
             neutral_embedding=None if self.kv else self._neutral_embedding(tokenizer),
             projections=not self.kv,
+            prefix=cache_geometry(reasoner.config) if cfg.kv_prefix else None,
+            prefix_rate=cfg.kv_prefix_rate,
         ).to(reasoner.device)
         self.trigger = Trigger(r_hidden, cfg.trigger_hidden).to(reasoner.device)
         self.trigger.requires_grad_(False)  # trained only by train-trigger, with the weaver frozen
@@ -254,12 +256,36 @@ class MemGenModel(nn.Module):
         state.mask = mask
         layers = state.cache.layers
         end = mask.shape[1]  # k may be 0, so no negative slices
-        slots = SlotKV(
-            [layer.keys[:, :, end - k : end] for layer in layers],
-            [layer.values[:, :, end - k : end] for layer in layers],
-            latent_positions(query_start, k),
-        )
-        return slots, out.last_hidden_state[:, -k:].float()
+        positions = latent_positions(query_start, k)
+        keys = [layer.keys[:, :, end - k : end] for layer in layers]
+        values = [layer.values[:, :, end - k : end] for layer in layers]
+        if self.weaver.prefix_keys is not None:
+            first = 0 if kind == "prompt" else self.weaver.num_latents("prompt")
+            index = torch.arange(first, first + k, device=positions.device).expand_as(positions)
+            keys, values = self.add_prefix(keys, values, index, positions)
+        return SlotKV(keys, values, positions), out.last_hidden_state[:, -k:].float()
+
+    def add_prefix(self, keys: list, values: list, index: torch.Tensor, positions: torch.Tensor):
+        """``memory.kv_prefix``: per layer, the weaver's ``keys`` / ``values`` (B, kv_heads, T,
+        dim) plus the learned prefix at the columns where ``index`` (B, T) names a slot (its row
+        in ``Weaver.prefix_table``: prompt slots, then inference slots; -1 elsewhere), the
+        prefix's keys rotated to ``positions`` (B, T) as the model rotates its own: a cached key
+        means something only at its position, so the same learned key is rotated to wherever
+        the slot sits. The weaver's own cache keeps its own keys and values: the prefix is what
+        the reasoner reads, as prefix tuning's is."""
+        table_k, table_v = self.weaver.prefix_table()
+        at = index.clamp(min=0)
+        on = (index >= 0)[:, None, :, None]
+        cos, sin = self.reasoner.get_decoder().rotary_emb(table_k, positions)
+        cos, sin = cos[:, None].to(table_k.dtype), sin[:, None].to(table_k.dtype)
+        out_k, out_v = [], []
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            pk = table_k[layer][:, at].transpose(0, 1)  # (H, B, T, D) -> (B, H, T, D)
+            pv = table_v[layer][:, at].transpose(0, 1)
+            pk = pk * cos + _rotate_half(pk) * sin
+            out_k.append(k + torch.where(on, pk, 0.0).to(k.dtype))
+            out_v.append(v + torch.where(on, pv, 0.0).to(v.dtype))
+        return out_k, out_v
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -298,6 +324,11 @@ def check_inject(cfg: MemoryConfig, config, separate_weaver: bool) -> None:
     """Refuse memory settings the model cannot honour, saying what to use instead."""
     if cfg.inject not in INJECTS:
         raise MemgenError(f'memory.inject must be input or kv, not "{cfg.inject}".')
+    if cfg.kv_prefix and cfg.inject != "kv":
+        raise MemgenError(
+            "memory.kv_prefix adds a learned prefix to the keys and values the weaver writes, "
+            "so it needs memory.inject: kv. Set memory.inject: kv, or drop memory.kv_prefix."
+        )
     if cfg.inject != "kv":
         return
     if separate_weaver:
@@ -312,6 +343,19 @@ def check_inject(cfg: MemoryConfig, config, separate_weaver: bool) -> None:
             f"(this one has sliding_window {config.sliding_window}): memory written into the "
             "cache would age out of the window like any old token. Use memory.inject: input."
         )
+
+
+def cache_geometry(config) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of ``config``'s KV cache."""
+    heads = config.num_attention_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, dim
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding's half rotation (as Llama and Qwen2 apply it to keys)."""
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], -1)
 
 
 def _rms(x: torch.Tensor) -> float:

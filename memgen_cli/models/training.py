@@ -251,10 +251,14 @@ def _weave_hidden_kv(model: MemGenModel, input_ids, attention_mask, points: Poin
     ]
     stream, mask = _assemble(embeds, attention_mask, queries, points, token_pos, starts, ks)
     slots = torch.zeros(mask.shape, dtype=torch.bool)
+    index = torch.full(mask.shape, -1, dtype=torch.long)  # each slot's row of the kv prefix
+    first = {"prompt": 0, "inference": model.weaver.num_latents("prompt")}
     for b, (row_starts, row_k) in enumerate(zip(starts, ks, strict=True)):
-        for start, k in zip(row_starts, row_k, strict=True):
+        kinds = [kind for kind, row_points in points.rounds() if row_points[b] is not None]
+        for start, k, kind in zip(row_starts, row_k, kinds, strict=True):
             slots[b, start : start + k] = True
-    slots = slots.to(stream.device)
+            index[b, start : start + k] = torch.arange(first[kind], first[kind] + k)
+    slots, index = slots.to(stream.device), index.to(stream.device)
     positions = positions_from_mask(mask)  # one tensor for both passes: the slots' positions
     keys, values = [], []
     if bool(slots.any()):
@@ -270,6 +274,8 @@ def _weave_hidden_kv(model: MemGenModel, input_ids, attention_mask, points: Poin
             )
         keys = [layer.keys for layer in weaver_cache.layers]
         values = [layer.values for layer in weaver_cache.layers]
+        if model.weaver.prefix_keys is not None:
+            keys, values = model.add_prefix(keys, values, index[:, :end], positions[:, :end])
     placeholders = torch.where(slots[..., None], 0.0, stream.detach())
     if keys:
         cache = slot_cache(model.reasoner.config, keys, values, slots)

@@ -22,6 +22,8 @@ Projection initialisation (``projection_init``):
 With ``memory.inject: kv`` (``projections=False``) there are no projections: the weaver reads
 the reasoner's embeddings as they are (the backbone is shared) and what it writes is its own
 keys and values, so the two hidden x hidden maps would be parameters that get no gradient.
+``memory.kv_prefix`` adds a learned key and value per layer and slot (``prefix_keys`` /
+``prefix_values``) that the weaver's own at that slot add to.
 """
 
 from __future__ import annotations
@@ -46,8 +48,28 @@ class Weaver(nn.Module):
         hidden_rms: float = 1.0,
         neutral_embedding: torch.Tensor | None = None,
         projections: bool = True,
+        prefix: tuple[int, int, int] | None = None,
+        prefix_rate: float = 1.0,
     ):
         super().__init__()
+        # memory.kv_prefix: (layers, kv_heads, head_dim) of a learned key and value per layer
+        # and slot that the weaver's own add to (memgen.py ``slot_prefix``); stored divided by
+        # ``prefix_rate`` so it learns that much faster under Adam, and starts at zero.
+        self.prefix_rate = float(prefix_rate)
+        self.prefix_keys: nn.ParameterDict | None = None
+        self.prefix_values: nn.ParameterDict | None = None
+        if prefix is not None:
+            layers, heads, dim = prefix
+            sizes = {"prompt": prompt_latents, "inference": inference_latents}
+            self.prefix_keys, self.prefix_values = (
+                nn.ParameterDict(
+                    {
+                        kind: nn.Parameter(torch.zeros(layers, heads, k, dim))
+                        for kind, k in sizes.items()
+                    }
+                )
+                for _ in range(2)
+            )
         self.queries = nn.ParameterDict(
             {
                 "prompt": nn.Parameter(torch.randn(prompt_latents, weaver_hidden)),
@@ -79,6 +101,16 @@ class Weaver(nn.Module):
 
     def num_latents(self, kind: str) -> int:
         return self.queries[kind].shape[0]
+
+    def prefix_table(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The kv prefix as (layers, kv_heads, K_prompt + K_inference, head_dim) keys and values
+        (prompt slots first), before rotation; None without ``memory.kv_prefix``."""
+        if self.prefix_keys is None:
+            return None
+        return tuple(
+            torch.cat([table[kind] for kind in KINDS], 2) * self.prefix_rate
+            for table in (self.prefix_keys, self.prefix_values)
+        )
 
     def query_embeds(self, kind: str, batch: int) -> torch.Tensor:
         """The K query latents of ``kind`` after LayerNorm and scale: (batch, K, weaver_hidden)."""

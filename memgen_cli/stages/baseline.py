@@ -51,6 +51,7 @@ from memgen_cli.data.environment import EnvironmentTask
 from memgen_cli.errors import MemgenError, did_you_mean
 from memgen_cli.generation import prompt_learning
 from memgen_cli.models.base import LoadedBase
+from memgen_cli.models.memgen import cache_geometry
 from memgen_cli.models.weaver import Weaver
 from memgen_cli.stages import frame
 from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
@@ -191,8 +192,8 @@ def lora_params_per_rank(model, targets: list[str]) -> int:
 
 def weaver_trainable_params(model, memory: MemoryConfig) -> int:
     """What ``sft-weaver`` trains with this memory config on ``model`` (shared backbone): its
-    LoRA plus the weaver's own tensors (queries, norms, scales, and both projections unless
-    ``memory.inject`` is kv, which has none)."""
+    LoRA plus the weaver's own tensors (queries, norms, scales, both projections unless
+    ``memory.inject`` is kv, which has none, and the kv prefix with ``memory.kv_prefix``)."""
     hidden = model.get_input_embeddings().weight.shape[1]
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         own = Weaver(
@@ -201,6 +202,7 @@ def weaver_trainable_params(model, memory: MemoryConfig) -> int:
             memory.prompt_latents,
             memory.inference_latents,
             projections=memory.inject != "kv",
+            prefix=cache_geometry(model.config) if memory.kv_prefix else None,
         )
     lora = memory.lora_r * lora_params_per_rank(model, memory.lora_targets)
     return lora + sum(p.numel() for p in own.parameters())
