@@ -86,6 +86,8 @@ class Method:
     """An option ``command`` must have; until it has it, the row is reported as not available."""
     kv: bool = False
     """``memory.inject: kv`` with its LoRA on KV_TARGETS at the LoRA baseline's count."""
+    prefix: bool = False
+    """With ``kv``: ``memory.kv_prefix`` too (the LoRA rank lowered to keep the count)."""
 
 
 # Prompt tuning at the weaver's budget is 2,774 virtual tokens on SmolLM2-135M: every training
@@ -102,11 +104,12 @@ METHODS = {
     "prefix": Method("prefix tuning", ("baseline", "sft", "--method", "prefix"), "off", False, "--method"),
     "weaver-input": Method("weaver-SFT (input)", ("sft-weaver",), "weaver", True),
     "weaver-kv": Method("weaver-SFT (kv)", ("sft-weaver",), "weaver", True, kv=True),
+    "weaver-kvp": Method("weaver-SFT (kv + prefix)", ("sft-weaver",), "weaver", True, kv=True, prefix=True),
     "lora": Method("LoRA-SFT", ("baseline", "sft"), "off", True),
 }  # fmt: skip
 # Pairs are reported as "a − b" with a the row met first here: the question first (kv against
 # each other row), then input against the rest, and so on.
-ORIENT = ("weaver-kv", "weaver-input", "lora", "prefix", "prompt")
+ORIENT = ("weaver-kvp", "weaver-kv", "weaver-input", "lora", "prefix", "prompt")
 KV_TARGETS = ("q_proj", "k_proj", "v_proj")
 RECORDS = "deep-runs.json"
 
@@ -152,14 +155,19 @@ def meta_model(cfg: ModelConfig) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def kv_budget(model, memory: MemoryConfig, lora: BaselineLoraConfig, targets=KV_TARGETS) -> dict:
+def kv_budget(
+    model, memory: MemoryConfig, lora: BaselineLoraConfig, targets=KV_TARGETS, prefix=False
+) -> dict:
     """The kv weaver's LoRA rank on ``targets`` whose trainable count is closest to the LoRA
     baseline's (its rank matched to the input weaver of ``memory``, as ``baseline sft`` does),
-    with both counts; more than 5 % apart is refused. Alpha keeps the recipe's alpha / r."""
+    with both counts; more than 5 % apart is refused. Alpha keeps the recipe's alpha / r.
+    ``prefix``: with ``memory.kv_prefix``, whose tensors count towards the weaver's own."""
     weaver = weaver_trainable_params(model, memory)
     lora_rank = lora.r or matched_rank(model, lora.targets, weaver)
     lora_count = lora_rank * lora_params_per_rank(model, lora.targets)
-    kv = dataclasses.replace(memory, inject="kv", lora_targets=list(targets), lora_r=0)
+    kv = dataclasses.replace(
+        memory, inject="kv", kv_prefix=prefix, lora_targets=list(targets), lora_r=0
+    )
     own = weaver_trainable_params(model, kv)  # queries, norms, scales: kv has no projections
     unit = lora_params_per_rank(model, list(targets))
     rank = max(1, round((lora_count - own) / unit))
@@ -176,6 +184,7 @@ def kv_budget(model, memory: MemoryConfig, lora: BaselineLoraConfig, targets=KV_
         "kv_alpha": max(1, round(rank * memory.lora_alpha / memory.lora_r)),
         "kv_targets": list(targets),
         "kv_trainable_params": count,
+        "kv_prefix": prefix,
         "lora_rank": lora_rank,
         "lora_trainable_params": lora_count,
         "input_trainable_params": weaver,
@@ -190,6 +199,7 @@ def kv_sets(budget: dict) -> list[str]:
         f"memory.lora_targets=[{','.join(budget['kv_targets'])}]",
         f"memory.lora_r={budget['kv_rank']}",
         f"memory.lora_alpha={budget['kv_alpha']}",
+        *(["memory.kv_prefix=true"] if budget.get("kv_prefix") else []),
     ]
 
 
@@ -402,14 +412,21 @@ def run(args) -> dict:
         raise MemgenError(f"none of the rows asked for can be trained yet: {waiting}")
     lrs = parse_lrs(args.lr, rows, cfg.training.learning_rate)
     seeds = parse_seeds(args.seeds, cfg.training.seed)
-    budget = kv_budget(meta_model(cfg.model), cfg.memory, BaselineLoraConfig())
+    meta = meta_model(cfg.model)
+    budget = kv_budget(meta, cfg.memory, BaselineLoraConfig())
+    budgets = {False: budget, True: kv_budget(meta, cfg.memory, BaselineLoraConfig(), prefix=True)}
     quiet.print(
         f"trainable parameters: LoRA-SFT {budget['lora_trainable_params']:,} (r "
         f"{budget['lora_rank']}), weaver-SFT (kv) {budget['kv_trainable_params']:,} (r "
         f"{budget['kv_rank']} on {', '.join(KV_TARGETS)}, {100 * budget['gap']:+.1f} %), "
-        f"weaver-SFT (input) {budget['input_trainable_params']:,}"
+        f"weaver-SFT (input) {budget['input_trainable_params']:,}, weaver-SFT (kv + prefix) "
+        f"{budgets[True]['kv_trainable_params']:,} (r {budgets[True]['kv_rank']}, "
+        f"{100 * budgets[True]['gap']:+.1f} %)"
     )
-    sets = {row: args.overrides + (kv_sets(budget) if METHODS[row].kv else []) for row in rows}
+    sets = {
+        row: args.overrides + (kv_sets(budgets[METHODS[row].prefix]) if METHODS[row].kv else [])
+        for row in rows
+    }
 
     path = out / RECORDS
     records = json.loads(path.read_text()) if args.reuse and path.is_file() else {}
@@ -448,6 +465,7 @@ def run(args) -> dict:
             sweep_entry(r, r.lr == chosen[r.row], losses, records, paths, evals) for r in sweep
         ],
         "budget": budget,
+        "budget_prefix": budgets[True],
         "lrs": lrs,
         "selection": f"lowest held-out loss ({cfg.data.heldout} samples) at seed {seeds[0]}",
         "seeds": {"train": seeds, "sweep": seeds[0]},
@@ -618,7 +636,13 @@ def markdown_table(result: dict) -> str:
         f"- trainable parameters: LoRA-SFT {b['lora_trainable_params']:,} (r {b['lora_rank']}); "
         f"weaver-SFT (kv) {b['kv_trainable_params']:,} (LoRA r {b['kv_rank']}, alpha "
         f"{b['kv_alpha']} on {', '.join(b['kv_targets'])}; {100 * b['gap']:+.1f} %); "
-        f"weaver-SFT (input) {b['input_trainable_params']:,}",
+        f"weaver-SFT (input) {b['input_trainable_params']:,}"
+        + (
+            f"; weaver-SFT (kv + prefix) {bp['kv_trainable_params']:,} (LoRA r {bp['kv_rank']}, "
+            f"alpha {bp['kv_alpha']}, and the prefix; {100 * bp['gap']:+.1f} %)"
+            if (bp := result.get("budget_prefix"))
+            else ""
+        ),
         f"- learning rate per row: {result['selection']} (bold in the sweep); seeds "
         f"{', '.join(map(str, result['seeds']['train']))} for input, kv and LoRA",
         f"- problems (greedy, the same for every row): {problems}",

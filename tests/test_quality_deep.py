@@ -145,6 +145,7 @@ def test_kv_rank_for_the_lora_baselines_budget_matches_a_hand_count(deep):
         "kv_alpha": 2 * kv_rank,  # the recipe's alpha / r = 32 / 16
         "kv_targets": ["q_proj", "k_proj", "v_proj"],
         "kv_trainable_params": own_kv + kv_rank * 2 * (q + k + v),
+        "kv_prefix": False,
         "lora_rank": lora_rank,
         "lora_trainable_params": lora,
         "input_trainable_params": weaver,
@@ -156,6 +157,29 @@ def test_kv_rank_for_the_lora_baselines_budget_matches_a_hand_count(deep):
     # ... and the kv weaver built with those settings trains exactly that many parameters.
     reasoner, tok = make_model()
     memory = MemoryConfig(inject="kv", lora_targets=budget["kv_targets"], lora_r=kv_rank)
+    mg = MemGenModel(reasoner, tok, memory)
+    mg.set_trainable(weaver=True, trigger=False)
+    assert sum(p.numel() for p in mg.trainable_parameters()) == budget["kv_trainable_params"]
+
+
+def test_kv_prefix_budget_counts_the_prefix_and_lowers_the_rank(deep):
+    with torch.device("meta"):
+        model = LlamaForCausalLM(tiny_config("llama", 300))
+    q, k, v = 32 + 32, 32 + 16, 32 + 16
+    own = (8 + 8) * 32 + 2 * (32 + 32) + 2 + 2 * 2 * 2 * 8 * (8 + 8)  # + keys and values:
+    # 2 layers x 2 KV heads x head dim 8 per slot, 16 slots
+    budget = deep.kv_budget(model, MemoryConfig(), BaselineLoraConfig(), prefix=True)
+    rank = round((6272 - own) / (2 * (q + k + v)))
+    assert (budget["kv_rank"], budget["kv_trainable_params"]) == (
+        rank,
+        own + rank * 2 * (q + k + v),
+    )
+    assert (rank, budget["kv_prefix"]) == (14, True)
+    assert deep.kv_sets(budget)[-1] == "memory.kv_prefix=true"
+    reasoner, tok = make_model()
+    memory = MemoryConfig(
+        inject="kv", kv_prefix=True, lora_targets=budget["kv_targets"], lora_r=rank
+    )
     mg = MemGenModel(reasoner, tok, memory)
     mg.set_trainable(weaver=True, trigger=False)
     assert sum(p.numel() for p in mg.trainable_parameters()) == budget["kv_trainable_params"]
