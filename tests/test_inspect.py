@@ -747,6 +747,24 @@ def test_kv_recomputed_memory_gives_the_generators_logprobs_and_weaver_states(ki
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_kv_prefix_recomputed_memory_gives_the_generators_logprobs(kind):
+    """With ``memory.kv_prefix`` the recomputed slots carry the prefix the generator wrote."""
+    mg = checked_kv(diverse(make_memgen(kind, inject="kv", kv_prefix=True)))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for table in (mg.weaver.prefix_keys, mg.weaver.prefix_values):
+            for p in table.values():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    _, _, out, found, memory = kv_answer(mg)
+    assert len(found) >= 3
+    teacher, produced = S.continuation_logprobs(mg, memory), P.generated_logprobs(out)
+    torch.testing.assert_close(teacher, produced, atol=1e-4, rtol=0)
+    mg.weaver.prefix_keys = None  # the same memory without the prefix reads otherwise
+    bare = S.continuation_logprobs(mg, S.weave(mg, memory.stream))
+    assert (bare - produced).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_kv_attention_per_layer_and_ablations_equal_the_reference_reading(kind):
     mg = kv_memgen(kind)
     _, _, out, found, memory = kv_answer(mg)
