@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/doc_commands.py                # JSON: each command, file:line, class
     .venv/bin/python benchmarks/doc_commands.py --run fast     # also run the `fast` ones for real
+    .venv/bin/python benchmarks/doc_commands.py --run tiny     # also run the `tiny` trainings
 
 Which text is a command: each line of a fenced code block, and each inline code span, whose
 program (after any ``VAR=value`` prefixes and a ``$`` prompt) is ``memgen`` (or
@@ -18,6 +19,9 @@ Classes (``classify``), so that one can run the cheap ones and know which need a
 
 - ``gpu``: a GPU is needed: ``cuda`` in the command, a ``--base`` or a recipe whose reasoner is
   not the embedded ``smollm2-135m`` (the Qwen2.5-1.5B recipes: hub download, paper settings).
+- ``tiny``: a training stage whose recipes are all under ``recipes/tiny/`` and that names no
+  ``--base``: a smoke run of a few steps. As written it trains on the embedded model;
+  ``--run tiny`` gives it a 2-layer model instead (below): 6 to 10 s each.
 - ``train``: trains on the embedded model (a training stage, ``benchmarks/quality.py``,
   ``make demo``): minutes to hours on a CPU.
 - ``slow``: trains nothing but takes long: ``eval``/``inspect-memory`` over more than
@@ -28,12 +32,26 @@ Classes (``classify``), so that one can run the cheap ones and know which need a
 - ``mention``: an inline span naming a memgen command without options (`memgen eval`).
 - ``placeholder``: a template (above).
 
+On 2026-12-06 the docs held 218 commands: fast 36, tiny 11, train 52, slow 48, gpu 5,
+setup 13, mention 43, placeholder 10 (before ``tiny``, its 11 were ``train``: 63).
+
 ``--run fast`` runs each ``fast`` command, in file order, in a scratch folder with ``recipes/``
 linked in, the hub offline and the usual model cache (``$MEMGEN_HOME``), and reports its exit
 code. An input it names (``--artifact``, ``--init``, ``--retrieval``, ``--input``, a ``.jsonl``)
 comes from an earlier command's output there or, given ``--runs DIR``, is linked in from DIR
 (``runs/demo/sft-weaver`` from ``DIR/demo/sft-weaver``; what the command writes stays in
-scratch); without it the command is skipped and says which input it lacks.
+scratch); without it the command is skipped and says which input it lacks. A ``--reward
+module:function`` whose module is not installed is an input too (``module.py``, the reader's own
+file): no doc shows one, so such a command is skipped.
+
+``--run tiny`` runs each ``tiny`` command the same way, in file order in one scratch folder, so
+that a later command finds the artifact an earlier one made (``--artifact runs/tiny``). Each gets
+``--base DIR`` added: by default a 2-layer Llama with a byte-level tokenizer, built from config
+into the scratch folder (the tests' ``tiny_base``), so that nothing of the embedded model is
+loaded; ``--base recipe`` runs the commands as written (the recipes' embedded SmolLM2-135M),
+``--base DIR`` on a model directory of one's own. Docs that write to one folder meet there: a
+command whose ``--output`` exists and is not its own run stops (rc 2), as it would for a reader
+following both docs; the recipes write ``runs/tiny/<stage>``.
 tests/test_doc_commands.py checks every command without running it.
 """
 
@@ -41,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import re
@@ -59,6 +78,7 @@ DOCS = ("README.md", "docs")
 EMBEDDED = "smollm2-135m"
 FAST_LIMIT = 100
 TRAINING = {"sft-weaver", "grpo-weaver", "train-trigger", "baseline sft", "baseline grpo"}
+TINY = "recipes/tiny/"
 SETUP_TARGETS = {"setup", "lock", "clean", "format", "browser", "sandbox-tools"}
 INPUT_OPTIONS = ("--artifact", "--init", "--retrieval", "--input")
 PLACEHOLDER = re.compile(r"<[^<>]+>|\.\.\.|…|^[A-Z][A-Z0-9_]*$")
@@ -271,7 +291,9 @@ def classify(cmd: DocCommand, root: Path = ROOT) -> str:
     if "--help" in args or "-h" in args or cmd.path == "baseline retrieval":
         return "fast"
     if cmd.path in TRAINING:
-        return "train"
+        recipes = option_values(args, "--recipe")
+        tiny = recipes and all(r.startswith(TINY) for r in recipes)
+        return "tiny" if tiny and not option_values(args, "--base") else "train"
     if cmd.path in ("eval", "inspect-memory") and "--prompt" not in args:
         limits = option_values(args, "--limit")
         small = limits and limits[-1].isdigit() and int(limits[-1]) <= FAST_LIMIT
@@ -288,6 +310,10 @@ def needs(cmd: DocCommand) -> list[str]:
         for o in option_values(cmd.args, "--task-option")
         if o.startswith("path=")
     ]
+    for reward in option_values(cmd.args, "--reward"):  # the reader's own module: my_rewards.py
+        module = reward.split(":", 1)[0]
+        if module and importlib.util.find_spec(module.split(".")[0]) is None:
+            paths.append(module.replace(".", "/") + ".py")
     return paths
 
 
@@ -304,23 +330,35 @@ def listing(commands: list[DocCommand], root: Path = ROOT) -> dict:
     return {"counts": counts, "commands": rows}
 
 
-# ----------------------------------------------------------------------------- --run fast
-def run_fast(commands: list[DocCommand], runs: Path | None, timeout: float) -> list[dict]:
-    """Run each ``fast`` command for real in a scratch folder; its rc, seconds, stderr tail."""
+# ----------------------------------------------------------------------------- --run fast|tiny
+def run_class(
+    commands: list[DocCommand],
+    kind: str,
+    runs: Path | None,
+    timeout: float,
+    base: str | None = None,
+) -> list[dict]:
+    """Run each command of class ``kind`` (fast, tiny) for real, in file order, in one scratch
+    folder; its rc, seconds, stderr tail. ``base``: a ``--base`` to add to each memgen command
+    (``tiny_base`` builds the 2-layer model in the scratch folder; None adds none)."""
     results = []
     with tempfile.TemporaryDirectory(prefix="memgen-doc-commands-") as scratch:
         scratch = Path(scratch)
         (scratch / "recipes").symlink_to(ROOT / "recipes")
         env = os.environ | {"HF_HUB_OFFLINE": "1"}  # the usual model cache ($MEMGEN_HOME)
-        for cmd in commands:
-            if classify(cmd) != "fast":
-                continue
+        chosen = [cmd for cmd in commands if classify(cmd) == kind]
+        if base == "tiny_base" and chosen:
+            base = str(tiny_base(scratch / "tiny-base"))
+        for cmd in chosen:
             result = {"where": cmd.where, "command": cmd.text}
             missing = [p for p in needs(cmd) if not link_input(p, scratch, runs)]
             if missing:
                 results.append(result | {"rc": None, "skipped": f"needs {', '.join(missing)}"})
                 continue
             argv, cwd = launch(cmd), scratch
+            if base and cmd.program == "memgen":
+                argv += ["--base", base]
+                result["base"] = base
             if cmd.program != "memgen":
                 cwd = ROOT  # make lint and the listing read the checkout itself
             started = time.perf_counter()
@@ -341,6 +379,17 @@ def run_fast(commands: list[DocCommand], runs: Path | None, timeout: float) -> l
             results.append(result | {"rc": rc, "seconds": seconds, "stderr_tail": tail})
             print(f"{cmd.where}: rc {rc} in {seconds} s", file=sys.stderr)
     return results
+
+
+def tiny_base(path: Path) -> Path:
+    """A 2-layer Llama with a byte-level ChatML tokenizer, built from config and saved at
+    ``path`` (``--base path``): the tests' ``tiny_base`` (tests/helpers.py)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from helpers import save_tiny_base
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    return save_tiny_base(path)
 
 
 def link_input(path: str, scratch: Path, runs: Path | None) -> bool:
@@ -369,14 +418,23 @@ def launch(cmd: DocCommand) -> list[str]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", choices=["fast"], help="run the commands of this class for real")
+    p.add_argument("--run", choices=["fast", "tiny"], help="run the commands of this class")
     p.add_argument("--runs", type=Path, help="with --run: a runs/ folder whose artifacts to use")
     p.add_argument("--timeout", type=float, default=900, help="with --run: seconds per command")
+    p.add_argument(
+        "--base",
+        default="tiny",
+        help="with --run tiny: the --base each command gets: tiny (a 2-layer model built from "
+        "config), recipe (none: the recipe's own, the embedded model), or a model directory",
+    )
     args = p.parse_args(argv)
     commands = extract()
     report = listing(commands)
     if args.run:
-        report["run"] = run_fast(commands, args.runs, args.timeout)
+        base = None
+        if args.run == "tiny" and args.base != "recipe":
+            base = "tiny_base" if args.base == "tiny" else str(Path(args.base).resolve())
+        report["run"] = run_class(commands, args.run, args.runs, args.timeout, base)
     print(json.dumps(report, indent=1, ensure_ascii=False))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -198,10 +199,12 @@ def test_every_doc_with_code_blocks_gives_commands():
 
 def test_every_command_has_a_class():
     classes = {DOC.classify(c) for c in COMMANDS}
-    assert classes <= {"gpu", "train", "slow", "setup", "fast", "mention", "placeholder"}
+    assert classes <= {"gpu", "tiny", "train", "slow", "setup", "fast", "mention", "placeholder"}
     by_where = {(c.where, c.path): DOC.classify(c) for c in COMMANDS}
     assert by_where["docs/stages/sft-weaver.md:17", "sft-weaver"] == "gpu"  # Qwen2.5-1.5B
-    assert by_where["docs/stages/sft-weaver.md:18", "sft-weaver"] == "train"
+    assert by_where["docs/stages/sft-weaver.md:18", "sft-weaver"] == "tiny"  # recipes/tiny/
+    assert by_where["docs/stages/sft-weaver.md:16", "sft-weaver"] == "train"
+    assert by_where["docs/stages/train-trigger.md:12", "train-trigger"] == "tiny"
     assert by_where["docs/stages/generate.md:10", "generate"] == "fast"
 
 
@@ -242,14 +245,14 @@ def test_extraction_joins_lines_and_drops_comments_output_and_redirects():
     assert found[3].comment == "a comment, with --bogus in it"
     assert found[6].prefix == ["torchrun", "--nproc_per_node", "2", "-m", "memgen_cli"]
     assert [DOC.classify(c) for c in found] == [
-        "mention", "placeholder", "fast", "fast", "fast", "placeholder", "train", "fast", "slow"
+        "mention", "placeholder", "fast", "fast", "fast", "placeholder", "tiny", "fast", "slow"
     ]  # fmt: skip
     assert not [problems(c) for c in found if not c.placeholder if problems(c)]
 
 
 def test_listing_and_launch():
     report = DOC.listing(DOC.commands_in(MARKDOWN, "x.md"))
-    assert report["counts"] == {"mention": 1, "placeholder": 2, "fast": 4, "train": 1, "slow": 1}
+    assert report["counts"] == {"mention": 1, "placeholder": 2, "fast": 4, "tiny": 1, "slow": 1}
     assert report["commands"][3]["where"] == "x.md:5"
     assert report["commands"][5]["needs"] == ["<dir>"]
     found = DOC.commands_in(MARKDOWN, "x.md")
@@ -269,6 +272,40 @@ def test_run_links_in_the_inputs_it_has(tmp_path):
     assert not (scratch / "runs/demo").is_symlink()  # what a command writes beside stays here
     assert not DOC.link_input("runs/demo/lora", scratch, runs)
     assert not DOC.link_input("prompts.jsonl", scratch, None)
+
+
+TINY_RUNS = """\
+```bash
+memgen sft-weaver --recipe recipes/tiny/sft-weaver.yaml --output runs/tiny
+memgen train-trigger --recipe recipes/tiny/train-trigger.yaml --artifact runs/tiny --output runs/t
+memgen train-trigger --recipe recipes/tiny/train-trigger.yaml --artifact runs/other
+memgen grpo-weaver --recipe recipes/tiny/grpo-weaver.yaml --reward my_rewards:brevity
+memgen grpo-weaver --recipe recipes/tiny/grpo-weaver.yaml --reward memgen_cli.data.graders:x
+memgen sft-weaver --recipe recipes/smollm2-135m/basic_arithmetic/sft-weaver.yaml
+```
+"""
+# Stands in for memgen: makes its --output folder, says on stderr what it was given.
+FAKE_MEMGEN = """\
+import json, os, sys
+a = sys.argv[1:]
+if "--output" in a:
+    os.makedirs(a[a.index("--output") + 1])
+base = a[a.index("--base") + 1]
+print(json.dumps([a[0], os.path.isfile(os.path.join(base, "config.json"))]), file=sys.stderr)
+"""
+
+
+def test_run_tiny_in_order_in_one_folder_on_a_tiny_base(monkeypatch):
+    found = DOC.commands_in(TINY_RUNS, "x.md")
+    assert [DOC.classify(c) for c in found] == ["tiny"] * 5 + ["train"]
+    assert [DOC.needs(c) for c in found[2:5]] == [["runs/other"], ["my_rewards.py"], []]
+    monkeypatch.setattr(DOC, "launch", lambda cmd: [sys.executable, "-c", FAKE_MEMGEN, *cmd.args])
+    results = DOC.run_class(found, "tiny", None, timeout=60, base="tiny_base")
+    assert [r["where"] for r in results] == [f"x.md:{n}" for n in (2, 3, 4, 5, 6)]
+    assert [r["rc"] for r in results] == [0, 0, None, None, 0]  # the 2nd finds what the 1st made
+    assert [r.get("skipped") for r in results[2:4]] == ["needs runs/other", "needs my_rewards.py"]
+    assert json.loads(results[1]["stderr_tail"]) == ["train-trigger", True]  # the 2-layer base
+    assert Path(results[0]["base"]).name == "tiny-base"
 
 
 @pytest.mark.parametrize(
