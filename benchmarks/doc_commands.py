@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/doc_commands.py                # JSON: each command, file:line, class
     .venv/bin/python benchmarks/doc_commands.py --run fast     # also run the `fast` ones for real
     .venv/bin/python benchmarks/doc_commands.py --run tiny     # also run the `tiny` trainings
+    .venv/bin/python benchmarks/doc_commands.py --run slow --only 'eval.md:1[23]' --keep runs/doc
+                                                               # a chosen few, outputs kept
 
 Which text is a command: each line of a fenced code block, and each inline code span, whose
 program (after any ``VAR=value`` prefixes and a ``$`` prompt) is ``memgen`` (or
@@ -337,16 +339,24 @@ def run_class(
     runs: Path | None,
     timeout: float,
     base: str | None = None,
+    only: str | None = None,
+    keep: Path | None = None,
 ) -> list[dict]:
-    """Run each command of class ``kind`` (fast, tiny) for real, in file order, in one scratch
-    folder; its rc, seconds, stderr tail. ``base``: a ``--base`` to add to each memgen command
-    (``tiny_base`` builds the 2-layer model in the scratch folder; None adds none)."""
+    """Run each command of class ``kind`` for real, in file order, in one scratch folder; its
+    rc, seconds, stderr tail. ``base``: a ``--base`` to add to each memgen command
+    (``tiny_base`` builds the 2-layer model in the scratch folder; None adds none). ``only``:
+    just the commands whose place or text matches this regular expression. ``keep``: this
+    folder is the scratch folder and stays (a later run finds what this one made)."""
     results = []
-    with tempfile.TemporaryDirectory(prefix="memgen-doc-commands-") as scratch:
-        scratch = Path(scratch)
-        (scratch / "recipes").symlink_to(ROOT / "recipes")
+    with tempfile.TemporaryDirectory(prefix="memgen-doc-commands-") as temporary:
+        scratch = Path(keep or temporary)
+        scratch.mkdir(parents=True, exist_ok=True)
+        if not (scratch / "recipes").exists():
+            (scratch / "recipes").symlink_to(ROOT / "recipes")
         env = os.environ | {"HF_HUB_OFFLINE": "1"}  # the usual model cache ($MEMGEN_HOME)
         chosen = [cmd for cmd in commands if classify(cmd) == kind]
+        if only:
+            chosen = [c for c in chosen if re.search(only, c.where) or re.search(only, c.text)]
         if base == "tiny_base" and chosen:
             base = str(tiny_base(scratch / "tiny-base"))
         for cmd in chosen:
@@ -418,7 +428,11 @@ def launch(cmd: DocCommand) -> list[str]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", choices=["fast", "tiny"], help="run the commands of this class")
+    p.add_argument(
+        "--run", choices=["fast", "tiny", "slow", "train"], help="run the commands of this class"
+    )
+    p.add_argument("--only", help="with --run: only commands whose place or text matches (regex)")
+    p.add_argument("--keep", type=Path, help="with --run: the scratch folder, kept afterwards")
     p.add_argument("--runs", type=Path, help="with --run: a runs/ folder whose artifacts to use")
     p.add_argument("--timeout", type=float, default=900, help="with --run: seconds per command")
     p.add_argument(
@@ -434,7 +448,9 @@ def main(argv=None) -> None:
         base = None
         if args.run == "tiny" and args.base != "recipe":
             base = "tiny_base" if args.base == "tiny" else str(Path(args.base).resolve())
-        report["run"] = run_class(commands, args.run, args.runs, args.timeout, base)
+        report["run"] = run_class(
+            commands, args.run, args.runs, args.timeout, base, args.only, args.keep
+        )
     print(json.dumps(report, indent=1, ensure_ascii=False))
 
 

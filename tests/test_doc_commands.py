@@ -308,6 +308,18 @@ def test_run_tiny_in_order_in_one_folder_on_a_tiny_base(monkeypatch):
     assert Path(results[0]["base"]).name == "tiny-base"
 
 
+def test_run_only_what_matches_in_a_kept_folder_that_a_later_run_reads(monkeypatch, tmp_path):
+    found = DOC.commands_in(TINY_RUNS, "x.md")
+    monkeypatch.setattr(DOC, "launch", lambda cmd: [sys.executable, "-c", FAKE_MEMGEN, *cmd.args])
+    keep = tmp_path / "kept"
+    first = DOC.run_class(found, "tiny", None, 60, "tiny_base", only="x.md:2$", keep=keep)
+    assert [(r["where"], r["rc"]) for r in first] == [("x.md:2", 0)]
+    assert (keep / "runs/tiny").is_dir() and (keep / "recipes").is_symlink()
+    second = DOC.run_class(found, "tiny", None, 60, "tiny_base", only="--output runs/t$", keep=keep)
+    assert [(r["where"], r["rc"]) for r in second] == [("x.md:3", 0)]  # finds the first's output
+    assert (keep / "runs/t").is_dir()
+
+
 @pytest.mark.parametrize(
     "line, expected",
     [
