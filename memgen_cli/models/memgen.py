@@ -72,6 +72,7 @@ class MemGenModel(nn.Module):
         self.kv = cfg.inject == "kv"
         for p in reasoner.parameters():
             p.requires_grad_(False)
+        check_lora_targets(cfg.lora_targets, reasoner if self.shared else weaver_backbone)
         lora = LoraConfig(
             r=cfg.lora_r,
             lora_alpha=cfg.lora_alpha,
@@ -342,6 +343,19 @@ def check_inject(cfg: MemoryConfig, config, separate_weaver: bool) -> None:
             f"memory.inject: kv is not supported on models with sliding-window attention "
             f"(this one has sliding_window {config.sliding_window}): memory written into the "
             "cache would age out of the window like any old token. Use memory.inject: input."
+        )
+
+
+def check_lora_targets(targets: list[str], model) -> None:
+    """Refuse LoRA target names that match no linear layer of ``model`` (PEFT's suffix match):
+    PEFT raises only when none match, and says nothing of a misspelt one among others."""
+    names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise MemgenError(
+            f"memory.lora_targets {missing} match no linear layer of "
+            f"{type(model).__name__}; its linear layers are named {', '.join(sorted(names))}. "
+            "Name some of those, e.g. --set memory.lora_targets=[q_proj,v_proj]."
         )
 
 
