@@ -75,13 +75,9 @@ def weave(model: MemGenModel, stream: Stream) -> SlotMemory:
     values = [layer.values for layer in cache.layers]
     if model.weaver.prefix_keys is not None:  # memory.kv_prefix: what the reasoner reads
         index = torch.full_like(slots, -1, dtype=torch.long)
-        first = {"prompt": 0, "inference": model.weaver.num_latents("prompt")}
         for i, ins in enumerate(stream.insertions):
             chunk = stream.chunk(i)
-            start = first[ins.kind]
-            index[0, chunk.start : chunk.stop] = torch.arange(
-                start, start + chunk.stop - chunk.start, device=index.device
-            )
+            index[0, chunk.start : chunk.stop] = model.weaver.prefix_rows(ins.kind, len(chunk))
         _, positions = stream.mask_and_positions()
         keys, values = model.add_prefix(keys, values, index, positions.to(index.device))
     return SlotMemory(stream, keys, values, out.last_hidden_state[0].float(), slots)

@@ -261,8 +261,7 @@ class MemGenModel(nn.Module):
         keys = [layer.keys[:, :, end - k : end] for layer in layers]
         values = [layer.values[:, :, end - k : end] for layer in layers]
         if self.weaver.prefix_keys is not None:
-            first = 0 if kind == "prompt" else self.weaver.num_latents("prompt")
-            index = torch.arange(first, first + k, device=positions.device).expand_as(positions)
+            index = self.weaver.prefix_rows(kind, k).to(positions.device).expand_as(positions)
             keys, values = self.add_prefix(keys, values, index, positions)
         return SlotKV(keys, values, positions), out.last_hidden_state[:, -k:].float()
 

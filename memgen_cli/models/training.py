@@ -252,12 +252,11 @@ def _weave_hidden_kv(model: MemGenModel, input_ids, attention_mask, points: Poin
     stream, mask = _assemble(embeds, attention_mask, queries, points, token_pos, starts, ks)
     slots = torch.zeros(mask.shape, dtype=torch.bool)
     index = torch.full(mask.shape, -1, dtype=torch.long)  # each slot's row of the kv prefix
-    first = {"prompt": 0, "inference": model.weaver.num_latents("prompt")}
     for b, (row_starts, row_k) in enumerate(zip(starts, ks, strict=True)):
         kinds = [kind for kind, row_points in points.rounds() if row_points[b] is not None]
         for start, k, kind in zip(row_starts, row_k, kinds, strict=True):
             slots[b, start : start + k] = True
-            index[b, start : start + k] = torch.arange(first[kind], first[kind] + k)
+            index[b, start : start + k] = model.weaver.prefix_rows(kind, k)
     slots, index = slots.to(stream.device), index.to(stream.device)
     positions = positions_from_mask(mask)  # one tensor for both passes: the slots' positions
     keys, values = [], []

@@ -102,6 +102,11 @@ class Weaver(nn.Module):
     def num_latents(self, kind: str) -> int:
         return self.queries[kind].shape[0]
 
+    def prefix_rows(self, kind: str, k: int) -> torch.Tensor:
+        """The rows of ``prefix_table`` that K slots of ``kind`` read: (k,)."""
+        first = 0 if kind == "prompt" else self.num_latents("prompt")
+        return torch.arange(first, first + k)
+
     def prefix_table(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The kv prefix as (layers, kv_heads, K_prompt + K_inference, head_dim) keys and values
         (prompt slots first), before rotation; None without ``memory.kv_prefix``."""
