@@ -129,6 +129,15 @@ def files(path: Path) -> set[str]:
     return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
 
 
+def tree(path: Path) -> dict[str, bytes | None]:
+    """Every path under ``path`` with its bytes (None for a folder): what a run that fails must
+    leave as it found it."""
+    return {
+        str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(path.rglob("*"))
+    }
+
+
 def rows(path: Path) -> list[dict]:
     """The JSON objects of a JSONL file (blank lines skipped)."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -188,6 +197,16 @@ def first_token_reward(prompts, completions, completion_ids, **columns):
 
 def broken_reward(prompts, completions, **columns):
     raise ValueError("no gold here")
+
+
+# --output of a run whose reward raises at the first rollout (``broken_reward``): folders the run
+# makes (two levels, as the default runs/tiny/<stage> can be), one that was there, an artifact
+# that --overwrite would replace. Each must be left as it was.
+BROKEN_REWARD_OUTPUTS = {
+    "new-folders": "new/deeper/out",
+    "existing-folder": "out",
+    "over-an-artifact": "artifact",
+}
 
 
 def torchrun(args: list, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

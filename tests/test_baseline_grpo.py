@@ -7,6 +7,7 @@ GSM8K-format JSONL with the tiny recipe; nothing here needs the embedded model.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,18 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from helpers import BASELINE_ARTIFACT_FILES as ARTIFACT_FILES
-from helpers import TARGET, Capture, files, invoke, plain_names, rows, tiny_config, write_problems
+from helpers import (
+    BROKEN_REWARD_OUTPUTS,
+    TARGET,
+    Capture,
+    files,
+    invoke,
+    plain_names,
+    rows,
+    tiny_config,
+    tree,
+    write_problems,
+)
 from helpers import first_token_reward as first_token_reward  # re-exported: a reward plug-in
 from memgen_cli.artifacts import artifact_digest, load_baseline
 from memgen_cli.config import BaselineGRPOConfig
@@ -189,6 +201,24 @@ def test_init_from_a_baseline_sft_artifact_and_refusals(
     assert result.exit_code == 2 and "Traceback" not in result.output
     text = " ".join(result.output.split())
     assert "is a weaver artifact" in text and "`memgen baseline sft`" in text, text
+
+
+@pytest.mark.parametrize("output", BROKEN_REWARD_OUTPUTS.values(), ids=BROKEN_REWARD_OUTPUTS)
+def test_a_reward_raising_at_the_first_rollout_leaves_the_folders_as_they_were(
+    tiny_weaver, tmp_path, monkeypatch, output
+):
+    """By the first rollout the run has made its checkpoint folder and the folders above
+    --output; the failure removes them, and nothing that was there before."""
+    base_dir, weaver = tiny_weaver
+    shutil.copytree(weaver, tmp_path / "artifact")
+    data = write_problems(tmp_path / "train.jsonl", 8)
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+    reward = ["--reward", "helpers:broken_reward", "--overwrite"]
+    result = cli("--recipe", TINY, "--base", base_dir, "--data", data, "--output", output, *reward)
+    assert result.exit_code == 2, result.output
+    assert "reward function broken_reward raised ValueError" in " ".join(result.output.split())
+    assert tree(tmp_path) == before
 
 
 def test_resume_after_interruption(tiny_base, tmp_path, monkeypatch):

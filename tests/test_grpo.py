@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import zlib
 from pathlib import Path
@@ -25,7 +26,18 @@ from transformers import set_seed
 from typer.testing import CliRunner
 
 from conftest import make_memgen
-from helpers import TARGET, Capture, chats, files, plain_names, rows, tiny_config, write_problems
+from helpers import (
+    BROKEN_REWARD_OUTPUTS,
+    TARGET,
+    Capture,
+    chats,
+    files,
+    plain_names,
+    rows,
+    tiny_config,
+    tree,
+    write_problems,
+)
 from helpers import WEAVER_ARTIFACT_FILES as ARTIFACT_FILES
 from helpers import broken_reward as broken_reward  # reward plug-ins, re-exported: the stage
 from helpers import first_token_reward as first_token_reward  # loads test_grpo:<name>
@@ -618,6 +630,24 @@ def test_bad_input_exits_2_with_its_message_and_writes_nothing(tiny_base, tmp_pa
     assert message in " ".join(result.output.split()), result.output
     assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]  # nothing half-written
+
+
+@pytest.mark.parametrize("output", BROKEN_REWARD_OUTPUTS.values(), ids=BROKEN_REWARD_OUTPUTS)
+def test_a_reward_raising_at_the_first_rollout_leaves_the_folders_as_they_were(
+    tiny_weaver, tmp_path, monkeypatch, output
+):
+    """By the first rollout the run has made its checkpoint folder and the folders above
+    --output; the failure removes them, and nothing that was there before."""
+    base_dir, weaver = tiny_weaver
+    shutil.copytree(weaver, tmp_path / "artifact")
+    data = write_problems(tmp_path / "train.jsonl", 8)
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+    reward = ["--reward", "test_grpo:broken_reward", "--overwrite"]
+    result = cli("--recipe", TINY, "--base", base_dir, "--data", data, "--output", output, *reward)
+    assert result.exit_code == 2, result.output
+    assert "reward function broken_reward raised ValueError" in " ".join(result.output.split())
+    assert tree(tmp_path) == before
 
 
 # -------------------------------------------------------------------------- processes

@@ -150,6 +150,7 @@ class Run:
     stop: StopOnSignal = dataclasses.field(default_factory=StopOnSignal)  # Ctrl-C -> checkpoint
     clock: Throughput | None = None  # samples/s, set by ``callbacks``
     wall: float = 0.0  # seconds the loop took, set by ``training``
+    made: list[Path] = dataclasses.field(default_factory=list)  # output's parents, not there yet
 
     @classmethod
     def start(
@@ -167,7 +168,9 @@ class Run:
         ``overwrite`` or a ``resume``; anything else there is refused now, before any model is
         loaded."""
         check_output(cfg.output, kind="artifact", overwrite=overwrite or resume is not None)
-        return cls(name, cfg, resume, resume_from, console or make_console(), list(callbacks or []))
+        run = cls(name, cfg, resume, resume_from, console or make_console(), list(callbacks or []))
+        run.made = [p for p in Path(cfg.output).parents if not p.exists()]  # innermost first
+        return run
 
     @property
     def ckpts(self) -> Path:
@@ -244,7 +247,8 @@ class Run:
     @contextlib.contextmanager
     def training(self):
         """Around a training loop: its wall time (``wall``). On a ``MemgenError`` (a reward
-        function failing, say) a fresh run leaves no checkpoint folder behind."""
+        function failing, say) a fresh run leaves nothing behind: neither its checkpoint folder
+        nor the output's parent folders it made (``made``); folders that were there stay."""
         started = time.perf_counter()
         try:
             yield
@@ -252,6 +256,9 @@ class Run:
             fresh = self.resume_from is None and not list(self.ckpts.glob("checkpoint-*"))
             if self.main and fresh:
                 shutil.rmtree(self.ckpts, ignore_errors=True)
+                for folder in self.made:  # innermost first; one that holds anything else stays
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
             raise
         self.wall = time.perf_counter() - started
 
