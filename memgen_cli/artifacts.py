@@ -206,7 +206,10 @@ def read_manifest(path: str | Path) -> dict:
         needed.append(TRIGGER_FILE)
     missing = [name for name in needed if not (path / name).exists()]
     if missing:
-        raise MemgenError(f"Artifact {path} is incomplete: missing {', '.join(missing)}.")
+        raise MemgenError(
+            f"Artifact {path} is incomplete: missing {', '.join(missing)}. Copy the whole folder "
+            "again if it was copied in part, or re-create the artifact."
+        )
     return manifest
 
 

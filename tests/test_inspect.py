@@ -477,7 +477,12 @@ def test_bad_input_gets_one_clear_message(artifact, tmp_path, monkeypatch):
     no_weaver = tmp_path / "no-weaver"
     shutil.copytree(art, no_weaver)
     (no_weaver / "weaver.safetensors").unlink()
-    _fails(invoke("--artifact", no_weaver, "--base", base, "--prompt", "hi"), "has no weaver")
+    incomplete = invoke("--artifact", no_weaver, "--base", base, "--prompt", "hi")
+    _fails(  # as every command that reads an artifact words it
+        incomplete,
+        f"Artifact {no_weaver} is incomplete: missing weaver.safetensors. Copy the whole folder "
+        "again if it was copied in part, or re-create the artifact.",
+    )
     _fails(invoke("--artifact", tmp_path / "nowhere", "--prompt", "hi"), "does not exist")
     _fails(invoke("--artifact", art, "--base", base), "exactly one of --prompt")
     _fails(

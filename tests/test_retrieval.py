@@ -316,7 +316,7 @@ def test_a_retrieval_artifact_is_refused_where_a_weaver_is_required(built, tmp_p
         one_error(result, "is a retrieval artifact", "`memgen sft-weaver`")
         assert not (tmp_path / "out").exists()
     result = invoke("inspect-memory", "--artifact", embed, "--prompt", "Hi?")
-    one_error(result, "has no weaver", "`memgen sft-weaver`")
+    one_error(result, "is a retrieval artifact", "`memgen sft-weaver`")
     lora = ("baseline", "grpo", "--recipe", recipes / "baseline-grpo.yaml", "--init", embed)
     result = invoke(*lora, "--base", built["base"], "--output", tmp_path / "out")
     one_error(result, "kind retrieval, from `memgen baseline retrieval`", "`memgen baseline sft`")

@@ -30,7 +30,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from memgen_cli.artifacts import MANIFEST, WEAVER_FILES, artifact_digest
+from memgen_cli.artifacts import artifact_digest, read_manifest, require_kind
 from memgen_cli.config import GenerationConfig
 from memgen_cli.console import make_console
 from memgen_cli.data import get_task, to_messages
@@ -168,15 +168,10 @@ def validate(opts: InspectOptions) -> int | None:
             "inspect-memory needs --artifact DIR: a weaver artifact from `memgen sft-weaver` or "
             "`memgen grpo-weaver` (without one there is no memory to inspect)."
         )
+    # Now, before any model loads, in the words of every command that reads a weaver: one that
+    # is damaged or incomplete, or a baseline or retrieval artifact (no weaver, no memory).
     art = Path(opts.artifact)
-    if not art.is_dir():
-        raise MemgenError(f"Artifact {art} does not exist (expected a directory with {MANIFEST}).")
-    missing = [f for f in WEAVER_FILES if not (art / f).exists()]
-    if (art / MANIFEST).exists() and missing:
-        raise MemgenError(
-            f"Artifact {art} has no weaver (missing {', '.join(missing)}), so it has no memory to "
-            "inspect. Point --artifact at the output of `memgen sft-weaver` or `memgen grpo-weaver`."
-        )
+    require_kind(read_manifest(art), art, "weaver")
     if (opts.prompt is None) == (opts.data is None):
         raise MemgenError(
             "Give exactly one of --prompt TEXT (one answer) or --data TASK --limit N (many)."
