@@ -87,7 +87,8 @@ class Method:
     kv: bool = False
     """``memory.inject: kv`` with its LoRA on KV_TARGETS at the LoRA baseline's count."""
     prefix: bool = False
-    """With ``kv``: ``memory.kv_prefix`` too (the LoRA rank lowered to keep the count)."""
+    """``memory.kv_prefix`` too (the LoRA rank lowered to keep the count); without ``kv``, on
+    the input weaver (its LoRA on the recipe's targets)."""
 
 
 # Prompt tuning at the weaver's budget is 2,774 virtual tokens on SmolLM2-135M: every training
@@ -105,11 +106,12 @@ METHODS = {
     "weaver-input": Method("weaver-SFT (input)", ("sft-weaver",), "weaver", True),
     "weaver-kv": Method("weaver-SFT (kv)", ("sft-weaver",), "weaver", True, kv=True),
     "weaver-kvp": Method("weaver-SFT (kv + prefix)", ("sft-weaver",), "weaver", True, kv=True, prefix=True),
+    "weaver-inputp": Method("weaver-SFT (input + prefix)", ("sft-weaver",), "weaver", True, prefix=True),
     "lora": Method("LoRA-SFT", ("baseline", "sft"), "off", True),
 }  # fmt: skip
 # Pairs are reported as "a − b" with a the row met first here: the question first (kv against
 # each other row), then input against the rest, and so on.
-ORIENT = ("weaver-kvp", "weaver-kv", "weaver-input", "lora", "prefix", "prompt")
+ORIENT = ("weaver-inputp", "weaver-kvp", "weaver-kv", "weaver-input", "lora", "prefix", "prompt")
 KV_TARGETS = ("q_proj", "k_proj", "v_proj")
 RECORDS = "deep-runs.json"
 
@@ -156,17 +158,24 @@ def meta_model(cfg: ModelConfig) -> torch.nn.Module:
 
 
 def kv_budget(
-    model, memory: MemoryConfig, lora: BaselineLoraConfig, targets=KV_TARGETS, prefix=False
+    model,
+    memory: MemoryConfig,
+    lora: BaselineLoraConfig,
+    targets=KV_TARGETS,
+    prefix=False,
+    inject="kv",
 ) -> dict:
     """The kv weaver's LoRA rank on ``targets`` whose trainable count is closest to the LoRA
     baseline's (its rank matched to the input weaver of ``memory``, as ``baseline sft`` does),
     with both counts; more than 5 % apart is refused. Alpha keeps the recipe's alpha / r.
-    ``prefix``: with ``memory.kv_prefix``, whose tensors count towards the weaver's own."""
+    ``prefix``: with ``memory.kv_prefix``, whose tensors count towards the weaver's own.
+    ``inject="input"``: the same for the input weaver (``targets`` then the recipe's)."""
     weaver = weaver_trainable_params(model, memory)
     lora_rank = lora.r or matched_rank(model, lora.targets, weaver)
     lora_count = lora_rank * lora_params_per_rank(model, lora.targets)
+    targets = list(targets) if inject == "kv" else list(memory.lora_targets)
     kv = dataclasses.replace(
-        memory, inject="kv", kv_prefix=prefix, lora_targets=list(targets), lora_r=0
+        memory, inject=inject, kv_prefix=prefix, lora_targets=targets, lora_r=0
     )
     own = weaver_trainable_params(model, kv)  # queries, norms, scales: kv has no projections
     unit = lora_params_per_rank(model, list(targets))
@@ -185,6 +194,7 @@ def kv_budget(
         "kv_targets": list(targets),
         "kv_trainable_params": count,
         "kv_prefix": prefix,
+        "inject": inject,
         "lora_rank": lora_rank,
         "lora_trainable_params": lora_count,
         "input_trainable_params": weaver,
@@ -194,9 +204,10 @@ def kv_budget(
 
 def kv_sets(budget: dict) -> list[str]:
     """The ``--set`` items that turn the recipe's weaver into the kv one at that budget."""
+    kv = budget.get("inject", "kv") == "kv"
     return [
-        "memory.inject=kv",
-        f"memory.lora_targets=[{','.join(budget['kv_targets'])}]",
+        *(["memory.inject=kv"] if kv else []),
+        *([f"memory.lora_targets=[{','.join(budget['kv_targets'])}]"] if kv else []),
         f"memory.lora_r={budget['kv_rank']}",
         f"memory.lora_alpha={budget['kv_alpha']}",
         *(["memory.kv_prefix=true"] if budget.get("kv_prefix") else []),
@@ -414,17 +425,30 @@ def run(args) -> dict:
     seeds = parse_seeds(args.seeds, cfg.training.seed)
     meta = meta_model(cfg.model)
     budget = kv_budget(meta, cfg.memory, BaselineLoraConfig())
-    budgets = {False: budget, True: kv_budget(meta, cfg.memory, BaselineLoraConfig(), prefix=True)}
+    budgets = {
+        (True, False): budget,
+        (True, True): kv_budget(meta, cfg.memory, BaselineLoraConfig(), prefix=True),
+        (False, True): kv_budget(
+            meta, cfg.memory, BaselineLoraConfig(), prefix=True, inject="input"
+        ),
+    }
     quiet.print(
         f"trainable parameters: LoRA-SFT {budget['lora_trainable_params']:,} (r "
         f"{budget['lora_rank']}), weaver-SFT (kv) {budget['kv_trainable_params']:,} (r "
         f"{budget['kv_rank']} on {', '.join(KV_TARGETS)}, {100 * budget['gap']:+.1f} %), "
         f"weaver-SFT (input) {budget['input_trainable_params']:,}, weaver-SFT (kv + prefix) "
-        f"{budgets[True]['kv_trainable_params']:,} (r {budgets[True]['kv_rank']}, "
-        f"{100 * budgets[True]['gap']:+.1f} %)"
+        f"{budgets[True, True]['kv_trainable_params']:,} (r {budgets[True, True]['kv_rank']}, "
+        f"{100 * budgets[True, True]['gap']:+.1f} %), weaver-SFT (input + prefix) "
+        f"{budgets[False, True]['kv_trainable_params']:,} (r {budgets[False, True]['kv_rank']}, "
+        f"{100 * budgets[False, True]['gap']:+.1f} %)"
     )
     sets = {
-        row: args.overrides + (kv_sets(budgets[METHODS[row].prefix]) if METHODS[row].kv else [])
+        row: args.overrides
+        + (
+            kv_sets(budgets[METHODS[row].kv, METHODS[row].prefix])
+            if METHODS[row].kv or METHODS[row].prefix
+            else []
+        )
         for row in rows
     }
 
@@ -465,7 +489,8 @@ def run(args) -> dict:
             sweep_entry(r, r.lr == chosen[r.row], losses, records, paths, evals) for r in sweep
         ],
         "budget": budget,
-        "budget_prefix": budgets[True],
+        "budget_prefix": budgets[True, True],
+        "budget_input_prefix": budgets[False, True],
         "lrs": lrs,
         "selection": f"lowest held-out loss ({cfg.data.heldout} samples) at seed {seeds[0]}",
         "seeds": {"train": seeds, "sweep": seeds[0]},
@@ -641,6 +666,13 @@ def markdown_table(result: dict) -> str:
             f"; weaver-SFT (kv + prefix) {bp['kv_trainable_params']:,} (LoRA r {bp['kv_rank']}, "
             f"alpha {bp['kv_alpha']}, and the prefix; {100 * bp['gap']:+.1f} %)"
             if (bp := result.get("budget_prefix"))
+            else ""
+        )
+        + (
+            f"; weaver-SFT (input + prefix) {bi['kv_trainable_params']:,} (LoRA r "
+            f"{bi['kv_rank']}, alpha {bi['kv_alpha']} on {', '.join(bi['kv_targets'])}, and the "
+            f"prefix; {100 * bi['gap']:+.1f} %)"
+            if (bi := result.get("budget_input_prefix"))
             else ""
         ),
         f"- learning rate per row: {result['selection']} (bold in the sweep); seeds "

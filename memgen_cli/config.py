@@ -64,9 +64,10 @@ class MemoryConfig:
     backbone and full-attention models only; no projections; LoRA on k_proj / v_proj acts
     directly on what is written). See models/memgen.py. Artifacts without it are input."""
     kv_prefix: bool = False
-    """kv only: a learned key and value per layer and memory slot (prefix tuning's parameters)
-    that the weaver's keys and values at that slot add to, so the memory is a static prefix the
-    context moves. Starts at zero: the untrained memory is what the weaver alone writes.
+    """A learned key and value per layer and memory slot (prefix tuning's parameters), added at
+    every layer to the keys and values at the memory's slots: with kv, to the weaver's own;
+    with input, to those the reasoner computes over the latents (so the memory also writes
+    every layer). Starts at zero: the untrained memory is what the weaver alone writes.
     Artifacts without it have none."""
     kv_prefix_rate: float = 10.0
     """How much faster the kv prefix learns than the rest of the weaver: it is stored divided by

@@ -23,9 +23,7 @@ from conftest import make_memgen, make_model
 from helpers import checked_kv, forward_and_grads, tiny_artifact
 from memgen_cli.artifacts import load_artifact
 from memgen_cli.config import GenerationConfig, MemoryConfig
-from memgen_cli.errors import MemgenError
 from memgen_cli.generation import encode_prompts, generate
-from memgen_cli.models.memgen import check_inject
 from memgen_cli.models.training import reference_weave_forward, weave_forward
 from memgen_cli.stages.baseline import weaver_trainable_params
 
@@ -249,9 +247,3 @@ def test_an_artifact_keeps_the_prefix_and_reloads_it(tmp_path):
             saved = stored[f"{name}.{kind}"]
             assert saved.abs().max() > 0  # tiny_artifact moves every weaver tensor off its start
             torch.testing.assert_close(table[kind].detach(), saved, atol=0, rtol=0)
-
-
-def test_a_prefix_without_kv_is_refused_with_what_to_set():
-    plain, _ = make_model("llama")
-    with pytest.raises(MemgenError, match="memory.inject: kv"):
-        check_inject(MemoryConfig(kv_prefix=True), plain.config, separate_weaver=False)

@@ -146,6 +146,7 @@ def test_kv_rank_for_the_lora_baselines_budget_matches_a_hand_count(deep):
         "kv_targets": ["q_proj", "k_proj", "v_proj"],
         "kv_trainable_params": own_kv + kv_rank * 2 * (q + k + v),
         "kv_prefix": False,
+        "inject": "kv",
         "lora_rank": lora_rank,
         "lora_trainable_params": lora,
         "input_trainable_params": weaver,
@@ -180,6 +181,35 @@ def test_kv_prefix_budget_counts_the_prefix_and_lowers_the_rank(deep):
     memory = MemoryConfig(
         inject="kv", kv_prefix=True, lora_targets=budget["kv_targets"], lora_r=rank
     )
+    mg = MemGenModel(reasoner, tok, memory)
+    mg.set_trainable(weaver=True, trigger=False)
+    assert sum(p.numel() for p in mg.trainable_parameters()) == budget["kv_trainable_params"]
+
+
+def test_input_prefix_budget_lowers_the_input_weavers_rank(deep):
+    """The input weaver with ``memory.kv_prefix``: its own tensors (projections included) and
+    the prefix, the rest LoRA on the recipe's targets, within 5 % of LoRA-SFT's count."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(tiny_config("llama", 300))
+    q, v = 32 + 32, 32 + 16
+    own = (8 + 8) * 32 + 2 * (32 + 32) + 2 + 2 * (32 * 32 + 32) + 2 * 2 * 2 * 8 * (8 + 8)
+    budget = deep.kv_budget(
+        model, MemoryConfig(), BaselineLoraConfig(), prefix=True, inject="input"
+    )
+    rank = round((6272 - own) / (2 * (q + v)))  # 6,272: LoRA-SFT's count (above)
+    assert budget["kv_targets"] == ["q_proj", "v_proj"] and budget["inject"] == "input"
+    assert (rank, budget["kv_rank"], budget["kv_trainable_params"]) == (
+        11,
+        rank,
+        own + rank * 2 * (q + v),
+    )
+    assert deep.kv_sets(budget) == [
+        "memory.lora_r=11",
+        "memory.lora_alpha=22",
+        "memory.kv_prefix=true",
+    ]
+    reasoner, tok = make_model()
+    memory = MemoryConfig(kv_prefix=True, lora_r=rank, lora_alpha=2 * rank)
     mg = MemGenModel(reasoner, tok, memory)
     mg.set_trainable(weaver=True, trigger=False)
     assert sum(p.numel() for p in mg.trainable_parameters()) == budget["kv_trainable_params"]

@@ -74,16 +74,18 @@ class _InputStream:
 
     def __init__(self, model: MemGenModel, ids):
         self.model, self.x = model, model.embed(ids)  # (1, T, D)
+        self.slots = torch.full(ids.shape, -1, device=ids.device)  # kv-prefix rows, -1: token
 
     def hidden(self) -> torch.Tensor:
         """The reasoner over the whole stream, from scratch: the last hidden state (1, D)."""
         mask, pos = _ones_and_positions(self.x.shape[1], self.x.device)
-        return self.model.reasoner_hidden(self.x, mask, pos)[:, -1]
+        return self.model.reasoner_hidden(self.x, mask, pos, slots=self.slots)[:, -1]
 
     def append(self, token: int) -> None:
         self.x = torch.cat(
             [self.x, self.model.embed(torch.tensor([[token]], device=self.x.device))], 1
         )
+        self.slots = torch.cat([self.slots, self.slots.new_full((1, 1), -1)], 1)
 
     def weave(self, kind: str):
         """The weaver re-reads the whole prefix from an empty cache; K latents join the stream."""
@@ -93,6 +95,8 @@ class _InputStream:
             kind, self.x, mask, pos, self.model.new_weaver_cache(), start
         )
         self.x = torch.cat([self.x, latents], dim=1)
+        rows = self.model.weaver.prefix_rows(kind, latents.shape[1]).to(self.slots.device)
+        self.slots = torch.cat([self.slots, rows[None]], 1)
         return latents[0].float().cpu(), states[0].cpu()
 
 

@@ -76,10 +76,11 @@ class _Run:
         if self.memory:
             self.pieces.append((embeds, mask, positions))
 
-    def _feed(self, embeds, chunk, positions) -> torch.Tensor:
-        """Append a chunk to the reasoner's cache; return its last hidden state (B, D)."""
+    def _feed(self, embeds, chunk, positions, slots=None) -> torch.Tensor:
+        """Append a chunk to the reasoner's cache; return its last hidden state (B, D).
+        ``slots``: the chunk's kv-prefix rows when it is latents (``reasoner_hidden``)."""
         self.mask = torch.cat([self.mask, chunk], dim=1)
-        hidden = self.model.reasoner_hidden(embeds, self.mask, positions, self.cache)
+        hidden = self.model.reasoner_hidden(embeds, self.mask, positions, self.cache, slots)
         self._remember(embeds, chunk, positions)
         return hidden[:, -1]
 
@@ -168,7 +169,7 @@ class _Run:
         self._split_weaver_cache(state, index)
         return [(_row(memory, i), states[i]) for i in range(len(index))]
 
-    def _insert(self, latents: torch.Tensor, rows: torch.Tensor) -> None:
+    def _insert(self, latents: torch.Tensor, rows: torch.Tensor, kind: str) -> None:
         """Append K latents of ``rows`` to the reasoner's cache (masked slots for the others).
 
         Only the weaving rows run through the reasoner (a copy of their cache rows). Their
@@ -178,12 +179,15 @@ class _Run:
         k = latents.shape[1]
         index = rows.nonzero().flatten()
         positions = latent_positions(self.next_pos, k)
+        slots = self.model.weaver.prefix_rows(kind, k).to(positions.device)
         if len(index) == self.batch:
-            hidden = self._feed(latents, chunk_mask(rows, k), positions)
+            hidden = self._feed(latents, chunk_mask(rows, k), positions, slots.expand_as(positions))
         else:
             part = take_rows(self.cache, self.model.reasoner.config, index)
             sub_mask = torch.cat([self.mask[index], self.mask.new_ones(len(index), k)], dim=1)
-            hidden = self.model.reasoner_hidden(latents[index], sub_mask, positions[index], part)
+            hidden = self.model.reasoner_hidden(
+                latents[index], sub_mask, positions[index], part, slots.expand(len(index), k)
+            )
             hidden = hidden[:, -1]
             cols = free_slots(self.mask, index, k) if self.reuse else None
             if cols is None:
@@ -284,7 +288,7 @@ class _Run:
             kept = torch.tensor([i for i, r in enumerate(index) if rows[r]], device=rows.device)
             self._insert_kv(memory.select(kept), rows)
         elif rows.any():
-            self._insert(latents, rows)
+            self._insert(latents, rows, kind)
         self._forget_read()
         return events
 

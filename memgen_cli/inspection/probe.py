@@ -89,6 +89,15 @@ class Stream:
     def chunk(self, i: int) -> range:
         return range(self.chunk_starts[i], self.chunk_starts[i] + self.ks[i])
 
+    def prefix_slots(self, model: MemGenModel) -> torch.Tensor:
+        """Each column's kv-prefix row (``MemGenModel.input_prefix``), -1 on tokens: (1, S)."""
+        index = torch.full(self.embeds.shape[:2], -1, device=self.embeds.device)
+        for i, ins in enumerate(self.insertions):
+            chunk = self.chunk(i)
+            rows = model.weaver.prefix_rows(ins.kind, len(chunk))
+            index[0, chunk.start : chunk.stop] = rows.to(index.device)
+        return index
+
     def mask_and_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole stream's attention mask (all ones) and positions 0..S-1, (1, S) each."""
         size, device = self.embeds.shape[1], self.embeds.device
@@ -157,7 +166,9 @@ def without(stream: Stream, model: MemGenModel, index: int) -> Stream:
 def continuation_logprobs(model: MemGenModel, stream: Stream) -> torch.Tensor:
     """Teacher-forced log-probability of every continuation token (EOS included): (n,)."""
     mask, positions = stream.mask_and_positions()
-    hidden = model.reasoner_hidden(stream.embeds, mask, positions)[0]
+    hidden = model.reasoner_hidden(
+        stream.embeds, mask, positions, slots=stream.prefix_slots(model)
+    )[0]
     pred = prediction_positions(stream.token_pos[None], [stream.points], [stream.ks])[0]
     rows = pred[stream.prompt_len - 1 : len(stream.ids) - 1].to(hidden.device)
     logp = torch.log_softmax(model.lm_head(hidden[rows]), dim=-1)
@@ -220,9 +231,10 @@ def deep_pass(model: MemGenModel, stream: Stream, layers: bool = False) -> DeepP
     """One reasoner pass over the stream returning attention weights (needs eager attention)."""
     model._set_adapter(False)  # the reasoner, never the weaver
     decoder = model.reasoner.get_decoder()
-    out = over_stream(
-        decoder, stream, output_attentions=True, output_hidden_states=layers, use_cache=False
-    )
+    with model.input_prefix(stream.prefix_slots(model)):
+        out = over_stream(
+            decoder, stream, output_attentions=True, output_hidden_states=layers, use_cache=False
+        )
     attention = head_mean_attention(out)
     per_layer = None
     if layers:

@@ -27,6 +27,10 @@ Where the memory enters the reasoner (``memory.inject``):
   out of the window like any old token, and that is refused rather than half supported.
   There are no projections, and the last layer's LoRA other than k_proj / v_proj gets no
   gradient (nothing reads that layer's output at the slots).
+
+``memory.kv_prefix`` adds a learned key and value per layer and slot to what sits at the slots:
+with kv to the weaver's keys and values (``add_prefix``), with input to the keys and values the
+reasoner computes over the latents (``input_prefix``); either way before the rotary embedding.
 """
 
 from __future__ import annotations
@@ -151,17 +155,54 @@ class MemGenModel(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.reasoner.get_input_embeddings()(ids)
 
-    def reasoner_hidden(self, embeds, mask, positions, cache=None) -> torch.Tensor:
-        """Last-layer hidden states of the frozen reasoner (adapters off): (B, T, D)."""
+    def reasoner_hidden(self, embeds, mask, positions, cache=None, slots=None) -> torch.Tensor:
+        """Last-layer hidden states of the frozen reasoner (adapters off): (B, T, D).
+
+        ``slots`` (B, T), with ``memory.inject: input`` and ``memory.kv_prefix``: each column's
+        row of ``Weaver.prefix_table`` where ``embeds`` holds a latent (-1 elsewhere); the
+        reasoner's keys and values there get the learned prefix (``input_prefix``)."""
         self._set_adapter(False)
-        out = self.reasoner.get_decoder()(
-            inputs_embeds=embeds.to(self.dtype),
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=cache is not None,
-        )
+        with self.input_prefix(slots):
+            out = self.reasoner.get_decoder()(
+                inputs_embeds=embeds.to(self.dtype),
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
         return out.last_hidden_state
+
+    @contextmanager
+    def input_prefix(self, slots: torch.Tensor | None):
+        """``memory.kv_prefix`` with ``memory.inject: input``: while the reasoner runs over
+        latents, every layer's ``k_proj`` / ``v_proj`` output at the latent columns (``slots``
+        >= 0, the column's prefix row) gets the learned prefix added, *before* the model's own
+        rotary embedding, as ``add_prefix`` adds it to kv slots (rotated there by hand). So the
+        memory writes every layer: the latents at the input, as the paper's weaver does, and a
+        learned key and value per layer and slot on top (prefix tuning's parameters, at the
+        memory's own slots). Forward hooks for the one call: the weaver's passes over the same
+        (shared) modules never see them."""
+        if (
+            slots is None
+            or self.kv
+            or self.weaver.prefix_keys is None
+            or not bool((slots >= 0).any())
+        ):
+            yield
+            return
+        table_k, table_v = self.weaver.prefix_table()
+        at = slots.clamp(min=0).to(table_k.device)
+        on = (slots >= 0)[..., None].to(table_k.device)
+        handles = []
+        for layer, block in enumerate(self.reasoner.get_decoder().layers):
+            attn = block.self_attn
+            for proj, table in ((attn.k_proj, table_k), (attn.v_proj, table_v)):
+                handles.append(proj.register_forward_hook(_adds_prefix(table[layer], at, on)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.reasoner.get_output_embeddings()(hidden).float()
@@ -324,11 +365,6 @@ def check_inject(cfg: MemoryConfig, config, separate_weaver: bool) -> None:
     """Refuse memory settings the model cannot honour, saying what to use instead."""
     if cfg.inject not in INJECTS:
         raise MemgenError(f'memory.inject must be input or kv, not "{cfg.inject}".')
-    if cfg.kv_prefix and cfg.inject != "kv":
-        raise MemgenError(
-            "memory.kv_prefix adds a learned prefix to the keys and values the weaver writes, "
-            "so it needs memory.inject: kv. Set memory.inject: kv, or drop memory.kv_prefix."
-        )
     if cfg.inject != "kv":
         return
     if separate_weaver:
@@ -363,6 +399,17 @@ def cache_geometry(config) -> tuple[int, int, int]:
     heads = config.num_attention_heads
     dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, dim
+
+
+def _adds_prefix(table: torch.Tensor, at: torch.Tensor, on: torch.Tensor):
+    """A forward hook adding ``table`` (kv_heads, slots, dim) rows ``at`` (B, T) to a k_proj or
+    v_proj output (B, T, kv_heads x dim) where ``on`` (B, T, 1)."""
+
+    def hook(module, args, out):
+        rows = table[:, at].permute(1, 2, 0, 3).flatten(2)  # (H, B, T, D) -> (B, T, H x D)
+        return out + torch.where(on, rows, 0.0).to(out.dtype)
+
+    return hook
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -201,29 +201,38 @@ def weave_hidden(model: MemGenModel, input_ids, attention_mask, points: Points) 
         consumed = torch.where(has, target, consumed)
     pts, ks, token_pos, starts, frozen = _layout(model, points, length)
     stream, stream_mask = _assemble(embeds, attention_mask, woven, points, token_pos, starts, ks)
-    hidden = _reasoner_pass(model, stream, stream_mask, frozen)
+    slots = None
+    if model.weaver.prefix_keys is not None:  # memory.kv_prefix on the latents' columns
+        slots = _slot_index(model, points, starts, ks, stream_mask.shape).to(device)
+    hidden = _reasoner_pass(model, stream, stream_mask, frozen, slots=slots)
     # Padding tokens are not placed in the stream; their (ignored) predictions read its end.
     pred = prediction_positions(token_pos, pts, ks).clamp(max=stream.shape[1] - 1).to(device)
     return hidden.gather(1, pred[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
-def _reasoner_pass(model: MemGenModel, stream, mask, frozen: int, cache=None) -> torch.Tensor:
+def _reasoner_pass(
+    model: MemGenModel, stream, mask, frozen: int, cache=None, slots=None
+) -> torch.Tensor:
     """The reasoner over the woven stream; its first ``frozen`` positions without autograd.
 
     Nothing before a row's first latent chunk depends on the weaver, so gradients there are
     pure waste: that prefix (the prompt, ~40% of a GSM8K sample) runs under ``no_grad`` into
     a KV cache and the rest attends to it, which saves its share of the backward pass.
-    ``cache``: the (empty) cache to run into, e.g. a ``kv.slot_cache``.
+    ``cache``: the (empty) cache to run into, e.g. a ``kv.slot_cache``. ``slots``: each
+    column's kv-prefix row (``MemGenModel.input_prefix``), or None.
     """
     positions = positions_from_mask(mask)
     if not (torch.is_grad_enabled() and 0 < frozen < stream.shape[1]):
-        return model.reasoner_hidden(stream, mask, positions, cache)
+        return model.reasoner_hidden(stream, mask, positions, cache, slots)
     cache = cache if cache is not None else DynamicCache(config=model.reasoner.config)
+    head_slots, tail_slots = (
+        (None, None) if slots is None else (slots[:, :frozen], slots[:, frozen:])
+    )
     with torch.no_grad():
         head = model.reasoner_hidden(
-            stream[:, :frozen], mask[:, :frozen], positions[:, :frozen], cache
+            stream[:, :frozen], mask[:, :frozen], positions[:, :frozen], cache, head_slots
         )
-    tail = model.reasoner_hidden(stream[:, frozen:], mask, positions[:, frozen:], cache)
+    tail = model.reasoner_hidden(stream[:, frozen:], mask, positions[:, frozen:], cache, tail_slots)
     return torch.cat([head, tail], 1)
 
 
@@ -250,14 +259,8 @@ def _weave_hidden_kv(model: MemGenModel, input_ids, attention_mask, points: Poin
         model.weaver.query_embeds(kind, batch).to(embeds.dtype) for kind, _ in points.rounds()
     ]
     stream, mask = _assemble(embeds, attention_mask, queries, points, token_pos, starts, ks)
-    slots = torch.zeros(mask.shape, dtype=torch.bool)
-    index = torch.full(mask.shape, -1, dtype=torch.long)  # each slot's row of the kv prefix
-    for b, (row_starts, row_k) in enumerate(zip(starts, ks, strict=True)):
-        kinds = [kind for kind, row_points in points.rounds() if row_points[b] is not None]
-        for start, k, kind in zip(row_starts, row_k, kinds, strict=True):
-            slots[b, start : start + k] = True
-            index[b, start : start + k] = model.weaver.prefix_rows(kind, k)
-    slots, index = slots.to(stream.device), index.to(stream.device)
+    index = _slot_index(model, points, starts, ks, mask.shape).to(stream.device)
+    slots = index >= 0
     positions = positions_from_mask(mask)  # one tensor for both passes: the slots' positions
     keys, values = [], []
     if bool(slots.any()):
@@ -283,6 +286,16 @@ def _weave_hidden_kv(model: MemGenModel, input_ids, attention_mask, points: Poin
         hidden = _reasoner_pass(model, placeholders, mask, frozen)
     pred = token_pos.clamp(max=stream.shape[1] - 1).to(stream.device)
     return hidden.gather(1, pred[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def _slot_index(model: MemGenModel, points: Points, starts, ks, shape) -> torch.Tensor:
+    """Each stream column's row of the kv prefix (``Weaver.prefix_rows``), -1 off the slots."""
+    index = torch.full(shape, -1, dtype=torch.long)
+    for b, (row_starts, row_k) in enumerate(zip(starts, ks, strict=True)):
+        kinds = [kind for kind, row_points in points.rounds() if row_points[b] is not None]
+        for start, k, kind in zip(row_starts, row_k, kinds, strict=True):
+            index[b, start : start + k] = model.weaver.prefix_rows(kind, k)
+    return index
 
 
 def _assemble(embeds, attention_mask, woven, points: Points, token_pos, starts, ks):
@@ -342,9 +355,10 @@ def reference_weave_forward(
             row[real] = _reference_hidden_kv(model, tokens, pts[b], kinds)
             aligned_rows.append(row)
             continue
-        pieces, prev = [], -1
+        pieces, rows, prev = [], [], -1  # rows: each column's kv-prefix row (-1: a token)
         for point, kind in zip(pts[b], kinds, strict=True):
             pieces.append(tokens[:, prev + 1 : point + 1])
+            rows.append(torch.full((point - prev,), -1))
             prefix = torch.cat(pieces, 1)
             ones = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
             pos = torch.arange(prefix.shape[1], device=prefix.device)[None]
@@ -353,12 +367,14 @@ def reference_weave_forward(
                 kind, prefix, ones, pos, model.new_weaver_cache(), start, official=official
             )
             pieces.append(latents)
+            rows.append(model.weaver.prefix_rows(kind, latents.shape[1]))
             prev = point
         pieces.append(tokens[:, prev + 1 :])
         stream = torch.cat(pieces, 1)
+        slots = torch.cat([*rows, torch.full((tokens.shape[1] - prev - 1,), -1)])[None]
         ones = torch.ones(stream.shape[:2], dtype=torch.long, device=stream.device)
         pos = torch.arange(stream.shape[1], device=stream.device)[None]
-        hidden = model.reasoner_hidden(stream, ones, pos)[0]
+        hidden = model.reasoner_hidden(stream, ones, pos, slots=slots.to(stream.device))[0]
         n = tokens.shape[1]
         token_pos, _ = stream_layout([pts[b]], n, [ks[b]])
         pred = prediction_positions(token_pos, [pts[b]], [ks[b]])[0].to(hidden.device)

@@ -23,7 +23,8 @@ With ``memory.inject: kv`` (``projections=False``) there are no projections: the
 the reasoner's embeddings as they are (the backbone is shared) and what it writes is its own
 keys and values, so the two hidden x hidden maps would be parameters that get no gradient.
 ``memory.kv_prefix`` adds a learned key and value per layer and slot (``prefix_keys`` /
-``prefix_values``) that the weaver's own at that slot add to.
+``prefix_values``) that the weaver's own at that slot add to (kv), or that the reasoner's own
+over the latents add to (input: ``MemGenModel.input_prefix``).
 """
 
 from __future__ import annotations

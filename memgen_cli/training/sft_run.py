@@ -133,6 +133,10 @@ def validate_memory(m: MemoryConfig) -> None:
         (bool(m.lora_targets), "lora_targets needs at least one module name (e.g. q_proj,v_proj)"),
         (m.projection_init in INITS, f"projection_init must be one of {', '.join(INITS)}"),
         (m.inject in INJECTS, f"inject must be one of {', '.join(INJECTS)}"),
+        (
+            m.kv_prefix_rate > 0,
+            "kv_prefix_rate must be > 0 (how many times faster the prefix learns)",
+        ),
         (m.trigger_hidden >= 1, "trigger_hidden must be >= 1"),
         (0 <= m.trigger_threshold <= 1, "trigger_threshold must be in [0, 1]"),
     ]

@@ -1,0 +1,213 @@
+"""``memory.kv_prefix`` with ``memory.inject: input``: the reasoner reads the weaver's latents at
+its input, and a learned key and value per layer and slot is added to what it computes there.
+
+Golden relation (outside the code under test): the reasoner over the woven stream (token
+embeddings and the recorded latents), with the prefix added by hand, column by column, to every
+layer's k_proj / v_proj output at the latent columns, gives the logits the training forward,
+cached generation and inspect-memory give. The fast paths must equal the slow references.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_model import PROMPTS, _compare, _diverse, _training_batch
+
+from conftest import make_memgen, make_model
+from helpers import forward_and_grads, tiny_artifact
+from memgen_cli.artifacts import load_artifact
+from memgen_cli.config import GenerationConfig
+from memgen_cli.generation import encode_prompts, generate
+from memgen_cli.inspection import probe as P
+from memgen_cli.models.training import reference_weave_forward, weave_forward
+from memgen_cli.stages.baseline import weaver_trainable_params
+
+KINDS = ["llama", "qwen2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def input_prefix_memgen(kind="llama", seed=0, **memory):
+    """An input-mode model with a random (non-zero) prefix, as training leaves it."""
+    mg = make_memgen(kind, kv_prefix=True, seed=seed, **memory)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for table in (mg.weaver.prefix_keys, mg.weaver.prefix_values):
+            for p in table.values():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 / mg.weaver.prefix_rate)
+    return mg
+
+
+@torch.no_grad()
+def hooked_stream_logits(mg, ids: list[int], woven: dict[int, tuple[str, torch.Tensor]]):
+    """The plain reasoner's logits at every token of ``ids`` with ``woven[i]`` = (kind, latents
+    (K, D)) inserted after token i, the prefix added by hand at every layer to the k_proj /
+    v_proj outputs of the latent columns. Row i predicts token i + 1 (from the chunk's last
+    latent when one follows token i)."""
+    first = {"prompt": 0, "inference": mg.weaver.num_latents("prompt")}
+    embeds, rows, pred, col = [], {}, [], 0
+    tokens = mg.embed(torch.tensor([ids]))[0]
+    for i in range(len(ids)):
+        embeds.append(tokens[i : i + 1])
+        col += 1
+        if i in woven:
+            kind, latents = woven[i]
+            embeds.append(latents.to(tokens.dtype))
+            rows.update({col + j: first[kind] + j for j in range(latents.shape[0])})
+            col += latents.shape[0]
+        pred.append(col - 1)
+    stream = torch.cat(embeds)[None]
+    scale = mg.weaver.prefix_rate
+    handles = []
+    for layer, block in enumerate(mg.reasoner.get_decoder().layers):
+        for proj, table in (
+            (block.self_attn.k_proj, mg.weaver.prefix_keys),
+            (block.self_attn.v_proj, mg.weaver.prefix_values),
+        ):
+
+            def hook(module, args, out, layer=layer, table=table):
+                out = out.clone()
+                for c, r in rows.items():
+                    kind = "prompt" if r < first["inference"] else "inference"
+                    out[0, c] += table[kind][layer][:, r - first[kind]].reshape(-1) * scale
+                return out
+
+            handles.append(proj.register_forward_hook(hook))
+    try:
+        n = stream.shape[1]
+        hidden = mg.reasoner_hidden(
+            stream, torch.ones(1, n, dtype=torch.long), torch.arange(n)[None]
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    return mg.lm_head(hidden[0, pred])
+
+
+# ------------------------------------------------------------------ the golden relation
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_forward_equals_the_prefix_added_by_hand(kind):
+    mg = input_prefix_memgen(kind)
+    ids, mask, labels, points = _training_batch(mg)
+    with torch.no_grad():
+        out = weave_forward(mg, ids, mask, labels, points, return_logits=True)
+        for b in range(ids.shape[0]):
+            real = mask[b].bool()
+            tokens = mg.embed(ids[b, real][None])
+            woven, prev, seen = {}, -1, []
+            for point, kind_ in points.row(b):  # the weaver re-reads its prefix: the reference
+                seen.append(tokens[:, prev + 1 : point + 1])
+                prefix = torch.cat(seen, 1)
+                n = prefix.shape[1]
+                latents, _ = mg.weave(
+                    kind_, prefix, torch.ones(1, n, dtype=torch.long), torch.arange(n)[None],
+                    mg.new_weaver_cache(), torch.tensor([n]),
+                )  # fmt: skip
+                seen.append(latents)
+                woven[point] = (kind_, latents[0])
+                prev = point
+            want = hooked_stream_logits(mg, ids[b, real].tolist(), woven)
+            torch.testing.assert_close(out.logits[b, real], want, atol=1e-5, rtol=0)
+            # ... and the prefix matters: without it the logits differ
+            bare = input_prefix_memgen(kind)
+            bare.weaver.prefix_keys = bare.weaver.prefix_values = None
+            plain = weave_forward(bare, ids, mask, labels, points, return_logits=True)
+            assert (plain.logits[b, real] - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_generation_equals_the_prefix_added_by_hand(kind):
+    mg = _diverse(input_prefix_memgen(kind))
+    enc = encode_prompts(mg.tokenizer, PROMPTS, "cpu")
+    cfg = GenerationConfig(max_new_tokens=20, memory="weaver")
+    out = generate(mg, enc["input_ids"], enc["attention_mask"], cfg, keep_logits=True)
+    assert sum(i.kind == "inference" for i in out.trace.insertions) >= 3
+    for row in range(len(PROMPTS)):
+        prompt = enc["input_ids"][row, enc["attention_mask"][row].bool()].tolist()
+        woven = {
+            len(prompt) - 1 + i.token_index: (i.kind, i.latents) for i in out.trace.for_row(row)
+        }
+        want = hooked_stream_logits(mg, prompt + out.tokens[row], woven)
+        for step in range(len(out.tokens[row])):
+            got = out.step_logits[step][row]
+            torch.testing.assert_close(got, want[len(prompt) - 1 + step], atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------ fast paths equal references
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_forward_and_gradients_equal_the_reference(kind):
+    mg = input_prefix_memgen(kind)
+    batch = _training_batch(mg)
+    mg.set_trainable(weaver=True, trigger=False)
+    fast, g_fast = forward_and_grads(mg, weave_forward, batch)
+    ref, g_ref = forward_and_grads(mg, reference_weave_forward, batch)
+    assert abs(fast.loss.item() - ref.loss.item()) < 1e-4
+    assert g_fast.keys() == g_ref.keys()
+    for name, grad in g_ref.items():
+        torch.testing.assert_close(g_fast[name], grad, atol=1e-4, rtol=0, msg=name)
+    for table in ("prefix_keys", "prefix_values"):  # every layer's prefix learns, both kinds
+        for kind_ in ("prompt", "inference"):
+            grad = g_ref[f"weaver.{table}.{kind_}"]
+            assert all(grad[layer].abs().max() > 0 for layer in range(grad.shape[0]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_generation_equals_the_reference(kind):
+    mg = _diverse(input_prefix_memgen(kind))
+    out = _compare(mg, GenerationConfig(max_new_tokens=24, memory="weaver"))
+    assert sum(i.kind == "inference" for i in out.trace.insertions) >= 3
+
+
+def test_inspect_memory_reads_the_generators_logprobs():
+    """inspect-memory's teacher-forced pass over the recorded stream carries the prefix."""
+    mg = _diverse(input_prefix_memgen("llama"))
+    enc = encode_prompts(mg.tokenizer, PROMPTS[:1], "cpu")
+    gen = GenerationConfig(max_new_tokens=30, memory="weaver")
+    out = generate(mg, enc["input_ids"], enc["attention_mask"], gen, keep_logits=True)
+    found = out.trace.for_row(0)
+    assert len(found) >= 3
+    stream = P.build_stream(
+        mg, enc["input_ids"][0].tolist(), out.tokens[0], P.emitted_eos(out), found
+    )
+    torch.testing.assert_close(
+        P.continuation_logprobs(mg, stream), P.generated_logprobs(out), atol=1e-4, rtol=0
+    )
+    with P.eager_attention(mg):  # the attention pass reads the same stream, prefix included
+        deep = P.deep_pass(mg, stream)
+    hidden = mg.reasoner_hidden(
+        stream.embeds, *stream.mask_and_positions(), slots=stream.prefix_slots(mg)
+    )[0]
+    torch.testing.assert_close(deep.hidden, hidden, atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------- start, count, files
+def test_an_untrained_prefix_changes_nothing():
+    with_prefix = make_memgen("llama", kv_prefix=True)
+    without = make_memgen("llama")
+    batch = _training_batch(without)
+    with torch.no_grad():
+        a = weave_forward(with_prefix, *batch, return_logits=True)
+        b = weave_forward(without, *batch, return_logits=True)
+    torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)
+
+
+def test_the_trainable_count_includes_the_prefix():
+    mg = make_memgen("llama", kv_prefix=True)
+    mg.set_trainable(weaver=True, trigger=False)
+    plain, _ = make_model("llama")
+    assert weaver_trainable_params(plain, mg.cfg) == sum(
+        p.numel() for p in mg.trainable_parameters()
+    )
+
+
+def test_an_artifact_keeps_the_prefix_and_reloads_it(tmp_path):
+    _, art = tiny_artifact(tmp_path, kv_prefix=True)
+    model, _, _ = load_artifact(art, device="cpu")
+    assert model.cfg.kv_prefix and model.cfg.inject == "input"
+    assert model.weaver.prefix_keys["inference"].abs().max() > 0
