@@ -676,7 +676,7 @@ def markdown_table(result: dict) -> str:
             else ""
         ),
         f"- learning rate per row: {result['selection']} (bold in the sweep); seeds "
-        f"{', '.join(map(str, result['seeds']['train']))} for input, kv and LoRA",
+        f"{', '.join(map(str, result['seeds']['train']))} for the main rows (the weavers and LoRA)",
         f"- problems (greedy, the same for every row): {problems}",
         "- vs vanilla and pairs: paired difference in points ± s.e., exact McNemar p; training "
         "CPU s: user + system of one training process (model loading included), in brackets "
