@@ -211,3 +211,70 @@ def test_an_artifact_keeps_the_prefix_and_reloads_it(tmp_path):
     model, _, _ = load_artifact(art, device="cpu")
     assert model.cfg.kv_prefix and model.cfg.inject == "input"
     assert model.weaver.prefix_keys["inference"].abs().max() > 0
+
+
+# --------------------------------------------------------------------------- embedded model
+@pytest.mark.slow
+def test_generation_and_training_on_the_embedded_model():
+    """SmolLM2 (30 layers, GQA 9/3 heads) with a non-zero prefix: cached generation gives the
+    reference's tokens, training loss equals the reference's, and the prefix moves the logits."""
+    from memgen_cli.config import MemoryConfig
+    from memgen_cli.generation import reference_generate
+    from memgen_cli.models.base import load_base
+    from memgen_cli.models.memgen import MemGenModel
+
+    torch.manual_seed(0)
+    base = load_base(device="cpu")
+    cfg = MemoryConfig(kv_prefix=True, prompt_latents=4, inference_latents=4)
+    mg = _diverse(MemGenModel(base.model, base.tokenizer, cfg).eval())
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for table in (mg.weaver.prefix_keys, mg.weaver.prefix_values):
+            for p in table.values():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1 / mg.weaver.prefix_rate)
+    prompts = [[{"role": "user", "content": "Tom has 3 apples, and buys 4 more. How many?"}]]
+    enc = encode_prompts(mg.tokenizer, prompts, "cpu")
+    gen = GenerationConfig(max_new_tokens=16, memory="weaver")
+    fast = generate(mg, enc["input_ids"], enc["attention_mask"], gen, keep_logits=True)
+    ref = reference_generate(mg, enc["input_ids"], enc["attention_mask"], gen)
+    assert fast.tokens == ref.tokens and len(fast.trace.insertions) >= 2
+    for step, logits in enumerate(ref.step_logits[0]):
+        torch.testing.assert_close(fast.step_logits[step][0], logits, atol=1e-3, rtol=0)
+    batch = _embedded_batch(mg)
+    with torch.no_grad():
+        a = weave_forward(mg, *batch)
+        b = reference_weave_forward(mg, *batch, official=False)
+        assert abs(float(a.loss) - float(b.loss)) < 1e-3
+        mg.weaver.prefix_keys = mg.weaver.prefix_values = None
+        assert abs(float(weave_forward(mg, *batch).loss) - float(a.loss)) > 1e-3
+
+
+def _embedded_batch(mg):
+    """Two right-padded SFT rows for SmolLM2's tokenizer: a prompt point per row, three and one
+    inference points inside the answers."""
+    from memgen_cli.models.training import Points
+
+    tok = mg.tokenizer
+    tok.padding_side = "right"
+    prompts = ["Tom has 3 apples and buys 4 more. How many?", "What is 2 + 2?"]
+    answers = ["3 plus 4 is 7, so Tom has 7 apples. The answer is 7.", "2 + 2 = 4. So 4."]
+    heads = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                add_generation_prompt=True)
+        for p in prompts
+    ]  # fmt: skip
+    enc = tok(
+        [h + a + tok.eos_token for h, a in zip(heads, answers, strict=True)],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
+    plen = [len(tok(h, add_special_tokens=False)["input_ids"]) for h in heads]
+    labels = enc["input_ids"].clone()
+    labels[enc["attention_mask"] == 0] = -100
+    for b, p in enumerate(plen):
+        labels[b, :p] = -100
+    points = Points(
+        [p - 1 for p in plen], [[plen[0] + 2, plen[0] + 6, plen[0] + 10], [plen[1] + 3]]
+    )
+    return enc["input_ids"], enc["attention_mask"], labels, points
