@@ -465,6 +465,18 @@ def test_an_unknown_method_is_refused_with_the_choices(tiny_base, tmp_path):
     assert result.exit_code == 2 and "exceed the 512 positions" in " ".join(result.output.split())
 
 
+def test_a_matched_prompt_far_longer_than_the_samples_is_warned():
+    from memgen_cli.generation.prompt_learning import long_prompt
+
+    matched = {"num_virtual_tokens": 2774, "tokens_rule": "matched to the weaver's trainable"}
+    text = long_prompt(matched, 120)
+    assert "2,774 virtual tokens" in text and "--set prompt_learning.num_virtual_tokens=100" in text
+    assert long_prompt(matched, 700) is None  # at most four times the longest sample
+    assert long_prompt({**matched, "num_virtual_tokens": 139}, 120) is None  # prefix's count
+    assert long_prompt({**matched, "tokens_rule": "set"}, 120) is None  # the user's own count
+    assert long_prompt({"r": 28, "rank_rule": "matched"}, 0) is None  # LoRA
+
+
 def test_baseline_grpo_refuses_a_prompt_or_prefix_init(three_baselines, tmp_path):
     from memgen_cli.stages import baseline_grpo
 

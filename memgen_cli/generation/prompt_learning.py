@@ -179,3 +179,20 @@ def _collect(steps: list[torch.Tensor], batch: int, eos: set[int]) -> Generation
     tokens = [row if cut is None else row[:cut] for row, cut in zip(grid, cuts, strict=True)]
     stops = [None if cut is None else row[cut] for row, cut in zip(grid, cuts, strict=True)]
     return GenerationOutput(tokens, MemoryTrace(), [c is not None for c in cuts], stop_tokens=stops)
+
+
+def long_prompt(settings: dict, longest: int) -> str | None:
+    """A warning when the virtual tokens matched to the weaver's budget are more than four times
+    the longest sample's tokens: every training sequence grows that much, and memory with it
+    (the table's recipe matches 2,774 prompt-tuning tokens on SmolLM2-135M; that training was
+    killed for memory on a 24 GiB machine)."""
+    n = settings.get("num_virtual_tokens")
+    if settings.get("tokens_rule") == "set" or not n or n <= max(longest, 1) * 4:
+        return None
+    return (
+        f"{n:,} virtual tokens (matched to the weaver's budget) before samples of at most "
+        f"{longest} tokens: every training sequence is {n:,} tokens longer, which takes far more "
+        "memory and time than the weaver or LoRA (2,774 on SmolLM2-135M was killed for memory "
+        "on 24 GiB). Set fewer with --set prompt_learning.num_virtual_tokens=100 (Lester et "
+        "al.'s count; the budget then differs and the manifest says so)."
+    )

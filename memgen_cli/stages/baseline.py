@@ -425,6 +425,8 @@ def run(
     matched = "set" not in (settings.get("rank_rule"), settings.get("tokens_rule"))
     if warning := off_budget(budget["trainable_params"], weaver_count, matched):
         run.say(f"[yellow]warning:[/] {warning}")
+    if warning := prompt_learning.long_prompt(settings, longest if cfg.method != "lora" else 0):
+        run.say(f"[yellow]warning:[/] {warning}")
 
     # 3. loop
     run.fit(trainer)
