@@ -153,6 +153,24 @@ def forward_and_grads(mg, forward, batch) -> tuple:
     return out, grads
 
 
+def assert_training_equals_reference(mg, batch) -> None:
+    """The fast training forward's loss and every weaver gradient equal the reference's (1e-4),
+    and every layer's kv prefix learns, for both kinds of slot (the batch must have both)."""
+    from memgen_cli.models.training import reference_weave_forward, weave_forward
+
+    mg.set_trainable(weaver=True, trigger=False)
+    fast, g_fast = forward_and_grads(mg, weave_forward, batch)
+    ref, g_ref = forward_and_grads(mg, reference_weave_forward, batch)
+    assert abs(fast.loss.item() - ref.loss.item()) < 1e-4
+    assert g_fast.keys() == g_ref.keys()
+    for name, grad in g_ref.items():
+        torch.testing.assert_close(g_fast[name], grad, atol=1e-4, rtol=0, msg=name)
+    for table in ("prefix_keys", "prefix_values"):
+        for kind in ("prompt", "inference"):
+            grad = g_ref[f"weaver.{table}.{kind}"]
+            assert all(grad[layer].abs().max() > 0 for layer in range(grad.shape[0]))
+
+
 def plain_names(state: dict) -> dict:
     """A PEFT model's base tensors under the plain model's names."""
     return {
@@ -207,6 +225,23 @@ BROKEN_REWARD_OUTPUTS = {
     "existing-folder": "out",
     "over-an-artifact": "artifact",
 }
+
+
+def assert_broken_reward_leaves_folders(cli, recipe, tiny_weaver, tmp: Path, output, reward):
+    """``cli`` (a stage's runner) with the reward plug-in ``reward`` (``broken_reward``)
+    writing to ``output`` inside ``tmp`` (the working folder): one clear failure, and every
+    path under ``tmp`` as it was (a copy of the weaver is there as ``artifact``)."""
+    import shutil
+
+    base_dir, weaver = tiny_weaver
+    shutil.copytree(weaver, tmp / "artifact")
+    data = write_problems(tmp / "train.jsonl", 8)
+    before = tree(tmp)
+    args = ["--reward", reward, "--overwrite"]
+    result = cli("--recipe", recipe, "--base", base_dir, "--data", data, "--output", output, *args)
+    assert result.exit_code == 2, result.output
+    assert "reward function broken_reward raised ValueError" in " ".join(result.output.split())
+    assert tree(tmp) == before
 
 
 def torchrun(args: list, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -7,7 +7,6 @@ GSM8K-format JSONL with the tiny recipe; nothing here needs the embedded model.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,12 @@ from helpers import (
     BROKEN_REWARD_OUTPUTS,
     TARGET,
     Capture,
+    assert_broken_reward_leaves_folders,
     files,
     invoke,
     plain_names,
     rows,
     tiny_config,
-    tree,
     write_problems,
 )
 from helpers import first_token_reward as first_token_reward  # re-exported: a reward plug-in
@@ -209,16 +208,10 @@ def test_a_reward_raising_at_the_first_rollout_leaves_the_folders_as_they_were(
 ):
     """By the first rollout the run has made its checkpoint folder and the folders above
     --output; the failure removes them, and nothing that was there before."""
-    base_dir, weaver = tiny_weaver
-    shutil.copytree(weaver, tmp_path / "artifact")
-    data = write_problems(tmp_path / "train.jsonl", 8)
     monkeypatch.chdir(tmp_path)
-    before = tree(tmp_path)
-    reward = ["--reward", "helpers:broken_reward", "--overwrite"]
-    result = cli("--recipe", TINY, "--base", base_dir, "--data", data, "--output", output, *reward)
-    assert result.exit_code == 2, result.output
-    assert "reward function broken_reward raised ValueError" in " ".join(result.output.split())
-    assert tree(tmp_path) == before
+    assert_broken_reward_leaves_folders(
+        cli, TINY, tiny_weaver, tmp_path, output, "helpers:broken_reward"
+    )
 
 
 def test_resume_after_interruption(tiny_base, tmp_path, monkeypatch):

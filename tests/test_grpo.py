@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import shutil
 import socket
 import zlib
 from pathlib import Path
@@ -30,12 +29,12 @@ from helpers import (
     BROKEN_REWARD_OUTPUTS,
     TARGET,
     Capture,
+    assert_broken_reward_leaves_folders,
     chats,
     files,
     plain_names,
     rows,
     tiny_config,
-    tree,
     write_problems,
 )
 from helpers import WEAVER_ARTIFACT_FILES as ARTIFACT_FILES
@@ -638,16 +637,10 @@ def test_a_reward_raising_at_the_first_rollout_leaves_the_folders_as_they_were(
 ):
     """By the first rollout the run has made its checkpoint folder and the folders above
     --output; the failure removes them, and nothing that was there before."""
-    base_dir, weaver = tiny_weaver
-    shutil.copytree(weaver, tmp_path / "artifact")
-    data = write_problems(tmp_path / "train.jsonl", 8)
     monkeypatch.chdir(tmp_path)
-    before = tree(tmp_path)
-    reward = ["--reward", "test_grpo:broken_reward", "--overwrite"]
-    result = cli("--recipe", TINY, "--base", base_dir, "--data", data, "--output", output, *reward)
-    assert result.exit_code == 2, result.output
-    assert "reward function broken_reward raised ValueError" in " ".join(result.output.split())
-    assert tree(tmp_path) == before
+    assert_broken_reward_leaves_folders(
+        cli, TINY, tiny_weaver, tmp_path, output, "test_grpo:broken_reward"
+    )
 
 
 # -------------------------------------------------------------------------- processes

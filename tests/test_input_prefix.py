@@ -14,7 +14,7 @@ import torch
 from test_model import PROMPTS, _compare, _diverse, _training_batch
 
 from conftest import make_memgen, make_model
-from helpers import forward_and_grads, tiny_artifact
+from helpers import assert_training_equals_reference, tiny_artifact
 from memgen_cli.artifacts import load_artifact
 from memgen_cli.config import GenerationConfig
 from memgen_cli.generation import encode_prompts, generate
@@ -25,12 +25,7 @@ from memgen_cli.stages.baseline import weaver_trainable_params
 KINDS = ["llama", "qwen2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def input_prefix_memgen(kind="llama", seed=0, **memory):
@@ -144,17 +139,7 @@ def test_cached_generation_equals_the_prefix_added_by_hand(kind):
 def test_training_forward_and_gradients_equal_the_reference(kind):
     mg = input_prefix_memgen(kind)
     batch = _training_batch(mg)
-    mg.set_trainable(weaver=True, trigger=False)
-    fast, g_fast = forward_and_grads(mg, weave_forward, batch)
-    ref, g_ref = forward_and_grads(mg, reference_weave_forward, batch)
-    assert abs(fast.loss.item() - ref.loss.item()) < 1e-4
-    assert g_fast.keys() == g_ref.keys()
-    for name, grad in g_ref.items():
-        torch.testing.assert_close(g_fast[name], grad, atol=1e-4, rtol=0, msg=name)
-    for table in ("prefix_keys", "prefix_values"):  # every layer's prefix learns, both kinds
-        for kind_ in ("prompt", "inference"):
-            grad = g_ref[f"weaver.{table}.{kind_}"]
-            assert all(grad[layer].abs().max() > 0 for layer in range(grad.shape[0]))
+    assert_training_equals_reference(mg, batch)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -240,41 +225,15 @@ def test_generation_and_training_on_the_embedded_model():
     assert fast.tokens == ref.tokens and len(fast.trace.insertions) >= 2
     for step, logits in enumerate(ref.step_logits[0]):
         torch.testing.assert_close(fast.step_logits[step][0], logits, atol=1e-3, rtol=0)
-    batch = _embedded_batch(mg)
+    batch = _training_batch(
+        mg,
+        ["Tom has 3 apples and buys 4 more. How many?", "What is 2 + 2?"],
+        ["3 plus 4 is 7, so Tom has 7 apples. The answer is 7.", "2 + 2 = 4. So 4."],
+        last=(3,),
+    )
     with torch.no_grad():
         a = weave_forward(mg, *batch)
         b = reference_weave_forward(mg, *batch, official=False)
         assert abs(float(a.loss) - float(b.loss)) < 1e-3
         mg.weaver.prefix_keys = mg.weaver.prefix_values = None
         assert abs(float(weave_forward(mg, *batch).loss) - float(a.loss)) > 1e-3
-
-
-def _embedded_batch(mg):
-    """Two right-padded SFT rows for SmolLM2's tokenizer: a prompt point per row, three and one
-    inference points inside the answers."""
-    from memgen_cli.models.training import Points
-
-    tok = mg.tokenizer
-    tok.padding_side = "right"
-    prompts = ["Tom has 3 apples and buys 4 more. How many?", "What is 2 + 2?"]
-    answers = ["3 plus 4 is 7, so Tom has 7 apples. The answer is 7.", "2 + 2 = 4. So 4."]
-    heads = [
-        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                add_generation_prompt=True)
-        for p in prompts
-    ]  # fmt: skip
-    enc = tok(
-        [h + a + tok.eos_token for h, a in zip(heads, answers, strict=True)],
-        return_tensors="pt",
-        padding=True,
-        add_special_tokens=False,
-    )
-    plen = [len(tok(h, add_special_tokens=False)["input_ids"]) for h in heads]
-    labels = enc["input_ids"].clone()
-    labels[enc["attention_mask"] == 0] = -100
-    for b, p in enumerate(plen):
-        labels[b, :p] = -100
-    points = Points(
-        [p - 1 for p in plen], [[plen[0] + 2, plen[0] + 6, plen[0] + 10], [plen[1] + 3]]
-    )
-    return enc["input_ids"], enc["attention_mask"], labels, points

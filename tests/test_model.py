@@ -184,11 +184,14 @@ def test_pass_groups_trade_a_pass_against_padding():
     assert pass_groups([], fixed=16) == []
 
 
-def _training_batch(mg):
+def _training_batch(
+    mg, prompts=("hi", "hello there"), answers=("ab, cd. ef, gh.", "x, y."), last=(1,)
+):
+    """Two right-padded SFT rows: a prompt point per row; inference points 2, 6 and 10 tokens
+    into the first answer and ``last`` into the second."""
     tok = mg.tokenizer
     tok.padding_side = "right"
-    prompts = chats("hi", "hello there")
-    answers = ["ab, cd. ef, gh.", "x, y."]
+    prompts = chats(*prompts)
     heads = [
         tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts
     ]
@@ -204,7 +207,8 @@ def _training_batch(mg):
     for b, p in enumerate(plen):
         labels[b, :p] = -100
     points = Points(
-        [p - 1 for p in plen], [[plen[0] + 2, plen[0] + 6, plen[0] + 10], [plen[1] + 1]]
+        [p - 1 for p in plen],
+        [[plen[0] + 2, plen[0] + 6, plen[0] + 10], [plen[1] + i for i in last]],
     )
     return enc["input_ids"], enc["attention_mask"], labels, points
 
