@@ -23,7 +23,9 @@ sft`` chooses it) on the identical batches, projecting only the labelled positio
 batched path does; ``weaver_over_lora_step`` is the batched weaver step's time over it, and
 ``kv_over_lora_step`` the same for a ``memory.inject: kv`` weaver (a third copy of the reasoner,
 the same memory settings otherwise; its trainable count, without the projections, is reported
-with the LoRA rank that would match it).
+with the LoRA rank that would match it); ``inputp_over_lora_step`` the same for the input weaver
+with ``memory.kv_prefix`` (a learned key and value per layer at the latents' slots, the weaver's
+LoRA rank lowered from 16 to 13 to pay for it, as the results table's recipe does).
 ``memory_mb`` is each step's peak: on CUDA the allocator's peak during the step; everywhere the
 tensors autograd saves for the backward (activations, not weights), which is what differs
 between the paths. On a CPU, where a
@@ -200,6 +202,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda[:i] | auto")
     parser.add_argument("--skip-kv", action="store_true", help="leave out the kv weaver step")
     parser.add_argument(
+        "--skip-inputp", action="store_true", help="leave out the input + prefix weaver step"
+    )
+    parser.add_argument(
         "--skip-reference",
         action="store_true",
         help="time only the batched weaver step and the LoRA step (the cost of memory)",
@@ -241,6 +246,14 @@ def main() -> None:
         kv_model.train()
         kv_opt = torch.optim.AdamW(kv_model.trainable_parameters(), lr=0.0)
         steps["batched_kv"] = (weave_forward, kv_model, kv_opt)
+    if not args.skip_inputp:
+        inputp_cfg = dataclasses.replace(cfg, kv_prefix=True, lora_r=13, lora_alpha=26)
+        inputp_base = load_base("smollm2-135m", device=args.device)
+        inputp = MemGenModel(inputp_base.model, inputp_base.tokenizer, inputp_cfg)
+        inputp.set_trainable(weaver=True, trigger=False)
+        inputp.train()
+        inputp_opt = torch.optim.AdamW(inputp.trainable_parameters(), lr=0.0)
+        steps["batched_inputp"] = (weave_forward, inputp, inputp_opt)
     seconds = dict.fromkeys(steps, 0.0)
     for fn, m, o in steps.values():
         train_step(fn, m, o, data[0])  # warm-up
@@ -286,6 +299,12 @@ def main() -> None:
                     ),
                     "matched_lora_rank": kv_rank,
                 },
+                "inputp_over_lora_step": None
+                if args.skip_inputp
+                else round(seconds["batched_inputp"] / seconds["lora"], 2),
+                "inputp_trainable_params": None
+                if args.skip_inputp
+                else sum(p.numel() for p in inputp.trainable_parameters()),
                 "lora": {
                     "rank": rank,
                     "trainable_params": sum(
