@@ -189,6 +189,15 @@ def step_memory_mb(fn, model, b) -> float:
     return sum(sizes) / 2**20
 
 
+def weaver_step(base, cfg: MemoryConfig) -> tuple:
+    """(forward, model, optimizer) of a further weaver on its own copy of the reasoner, in
+    training mode; lr 0, as every path here."""
+    model = MemGenModel(base.model, base.tokenizer, cfg)
+    model.set_trainable(weaver=True, trigger=False)
+    model.train()
+    return weave_forward, model, torch.optim.AdamW(model.trainable_parameters(), lr=0.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per path")
@@ -241,19 +250,14 @@ def main() -> None:
         kv_base = load_base("smollm2-135m", device=args.device)
         kv_budget = weaver_trainable_params(kv_base.model, kv_cfg)  # before LoRA wraps it
         kv_rank = matched_rank(kv_base.model, kv_cfg.lora_targets, kv_budget)
-        kv_model = MemGenModel(kv_base.model, kv_base.tokenizer, kv_cfg)
-        kv_model.set_trainable(weaver=True, trigger=False)
-        kv_model.train()
-        kv_opt = torch.optim.AdamW(kv_model.trainable_parameters(), lr=0.0)
-        steps["batched_kv"] = (weave_forward, kv_model, kv_opt)
+        steps["batched_kv"] = weaver_step(kv_base, kv_cfg)
+        kv_model = steps["batched_kv"][1]
     if not args.skip_inputp:
         inputp_cfg = dataclasses.replace(cfg, kv_prefix=True, lora_r=13, lora_alpha=26)
-        inputp_base = load_base("smollm2-135m", device=args.device)
-        inputp = MemGenModel(inputp_base.model, inputp_base.tokenizer, inputp_cfg)
-        inputp.set_trainable(weaver=True, trigger=False)
-        inputp.train()
-        inputp_opt = torch.optim.AdamW(inputp.trainable_parameters(), lr=0.0)
-        steps["batched_inputp"] = (weave_forward, inputp, inputp_opt)
+        steps["batched_inputp"] = weaver_step(
+            load_base("smollm2-135m", device=args.device), inputp_cfg
+        )
+        inputp = steps["batched_inputp"][1]
     seconds = dict.fromkeys(steps, 0.0)
     for fn, m, o in steps.values():
         train_step(fn, m, o, data[0])  # warm-up
