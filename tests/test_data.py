@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -220,6 +223,51 @@ def test_gym_config_and_errors():
         get_task("gym:chain_sum").load("dev", limit=1)
     with pytest.raises(MemgenError, match="must be a mapping"):
         get_task("gym:chain_sum", config="{min_terms: 2")  # unbalanced YAML stays a string
+
+
+_DIGEST = """
+import hashlib, sys
+{make}
+print(hashlib.md5("".join(q + a for q, a in pairs).encode()).hexdigest())
+"""
+
+
+def _digest_in_a_process(hash_seed: str, make: str) -> str:
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    done = subprocess.run(
+        [sys.executable, "-c", _DIGEST.format(make=make)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def test_gym_problems_are_the_same_in_every_process():
+    # ransom_note draws its letters from list(a set of str), so reasoning_gym alone gives
+    # other problems for the same seed in each process (Python's string hash seed); a task
+    # loaded by memgen must not, or two runs' columns would not be the same problems.
+    raw = (
+        "import reasoning_gym\n"
+        "ds = reasoning_gym.create_dataset('ransom_note', seed=1000000, size=40)\n"
+        "pairs = [(ds[i]['question'], ds[i]['answer']) for i in range(40)]"
+    )
+    assert _digest_in_a_process("1", raw) != _digest_in_a_process("2", raw)  # the premise
+    ours = (
+        "from memgen_cli.data.gym import GymTask\n"
+        "pairs = [(e.question, e.answer) for e in GymTask('ransom_note').load('test', limit=40)]"
+    )
+    digests = {seed: _digest_in_a_process(seed, ours) for seed in ("0", "1", "2")}
+    assert len(set(digests.values())) == 1, digests
+    assert digests["0"] == _digest_in_a_process("0", raw)  # the problems drawn with no hash salt
+
+
+def test_gym_loads_do_not_share_items():
+    task = get_task("gym:chain_sum")
+    first, second = task.load("test", limit=2), task.load("test", limit=2)
+    first[0].meta["metadata"]["num_terms"] = -1
+    assert second[0].meta["metadata"]["num_terms"] != -1
 
 
 def test_gym_scorer_crash_scores_zero():

@@ -13,7 +13,13 @@ A reasoning_gym scorer that raises is an error, not a wrong answer: the answer s
 from __future__ import annotations
 
 import difflib
+import functools
+import json
+import os
+import pickle
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +44,42 @@ DEFAULT_SIZE = {"train": 5000, "eval": 500}
 # failures, so the run stops instead.
 MAX_GRADER_ERROR_RATE = 0.02
 MIN_GRADER_ERRORS = 3
+
+
+_CONFIG_ERRORS = (TypeError, ValueError, AssertionError)
+# Run by ``_generated`` under PYTHONHASHSEED=0: reads (name, seed, size, config) pickled on
+# stdin, writes ("ok", items) or ("config", message) pickled on stdout.
+_CHILD = """
+import pickle, sys
+import reasoning_gym
+name, seed, size, config = pickle.load(sys.stdin.buffer)
+try:
+    dataset = reasoning_gym.create_dataset(name, seed=seed, size=size, **config)
+    out = ("ok", [dataset[i] for i in range(len(dataset))])
+except (TypeError, ValueError, AssertionError) as e:
+    out = ("config", str(e))
+pickle.dump(out, sys.stdout.buffer)
+"""
+
+
+@functools.lru_cache(maxsize=16)
+def _generated(key: tuple, config: bytes) -> bytes:
+    """``GymTask._entries`` in a child process with hash randomization off, as the child's
+    pickled answer (unpickled afresh by each caller, so no two loads share an item); ``key``
+    is (name, seed, size, the config as sorted JSON) and ``config`` the pickled config."""
+    name, seed, size, _ = key
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    request = pickle.dumps((name, seed, size, pickle.loads(config)))
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD], input=request, capture_output=True, env=env, check=False
+    )
+    if done.returncode != 0:
+        tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        raise MemgenError(
+            f"generating reasoning_gym dataset {name!r} (seed {seed}, {size} items) in a child "
+            f"process failed with exit code {done.returncode}: {tail[0]}"
+        )
+    return done.stdout
 
 
 def gym_names() -> list[str]:
@@ -125,16 +167,38 @@ class GymTask(Task):
         self._scorer = None
         self._train_cache: set[str] | None = None
 
+    def _config_error(self, message: str) -> MemgenError:
+        return MemgenError(
+            f"cannot build reasoning_gym dataset {self.gym_name!r} with config "
+            f"{self.config}: {message}"
+        )
+
     def _dataset(self, seed: int, size: int):
         import reasoning_gym
 
         try:
             return reasoning_gym.create_dataset(self.gym_name, seed=seed, size=size, **self.config)
-        except (TypeError, ValueError, AssertionError) as e:
-            raise MemgenError(
-                f"cannot build reasoning_gym dataset {self.gym_name!r} with config "
-                f"{self.config}: {e}"
-            ) from None
+        except _CONFIG_ERRORS as e:
+            raise self._config_error(str(e)) from None
+
+    def _entries(self, seed: int, size: int) -> list[dict]:
+        """Items ``0 .. size-1`` of the dataset at ``seed``, the same in every process.
+
+        Some generators iterate over a set of strings (ransom_note draws its letters from
+        ``list(set_of_letters)``), so what they draw depends on Python's string hash seed,
+        which differs per process unless ``PYTHONHASHSEED`` fixes it. Items are therefore
+        always the ones drawn with hash randomization off: in this process when it runs with
+        ``PYTHONHASHSEED=0``, else in a child process that does (about 1 s to import
+        reasoning_gym; each set is generated once per process).
+        """
+        if sys.flags.hash_randomization == 0:
+            dataset = self._dataset(seed, size)
+            return [dataset[i] for i in range(len(dataset))]
+        key = (self.gym_name, seed, size, json.dumps(self.config, sort_keys=True, default=repr))
+        status, payload = pickle.loads(_generated(key, pickle.dumps(self.config)))
+        if status == "config":
+            raise self._config_error(payload)
+        return payload
 
     def load(
         self, split: str | None = None, limit: int | None = None, seed: int | None = None
@@ -150,12 +214,11 @@ class GymTask(Task):
             return []
         exclude = self._train_questions() if split != "train" and seed != self.train_seed else set()
         # A few spare items make up for the ones dropped as duplicates of train questions.
-        dataset = self._dataset(seed, want + (want // 10 + 16 if exclude else 0))
+        entries = self._entries(seed, want + (want // 10 + 16 if exclude else 0))
         examples = []
-        for index in range(len(dataset)):
+        for index, entry in enumerate(entries):
             if len(examples) == want:
                 break
-            entry = dataset[index]
             if entry["question"] not in exclude:
                 examples.append(self._example(entry, seed, index))
         return examples
@@ -164,8 +227,8 @@ class GymTask(Task):
         if self.exclude_train <= 0:
             return set()
         if self._train_cache is None:
-            dataset = self._dataset(self.train_seed, self.exclude_train)
-            self._train_cache = {dataset[i]["question"] for i in range(len(dataset))}
+            entries = self._entries(self.train_seed, self.exclude_train)
+            self._train_cache = {entry["question"] for entry in entries}
         return self._train_cache
 
     def _example(self, entry: dict, seed: int, index: int) -> Example:
