@@ -55,6 +55,14 @@ loaded; ``--base recipe`` runs the commands as written (the recipes' embedded Sm
 command whose ``--output`` exists and is not its own run stops (rc 2), as it would for a reader
 following both docs; the recipes write ``runs/tiny/<stage>``.
 tests/test_doc_commands.py checks every command without running it.
+
+The ledger: ``--run … --ledger benchmarks/doc_commands_ledger.jsonl`` appends one record per
+command run (its text, place, rc, seconds, class, date, commit, threads);
+``--ledger benchmarks/doc_commands_ledger.jsonl --unrun`` lists the train, slow and gpu commands
+that no record shows run with rc 0, matched by their text, so a command moved to another line
+keeps its runs and an edited one is run again. Records whose ``source`` is not
+``doc_commands.py --run`` were entered by hand from a session's closing note (runs made before
+the ledger existed, or the same command run by ``make`` or in a clean clone).
 """
 
 from __future__ import annotations
@@ -426,6 +434,69 @@ def launch(cmd: DocCommand) -> list[str]:
     return [sys.executable if head == "python" else head, *cmd.args]
 
 
+# ----------------------------------------------------------------------------- the ledger
+HEAVY = ("train", "slow", "gpu")
+
+
+def record(results: list[dict], ledger: Path, kind: str) -> None:
+    """Append each command that ran (skipped ones did not) to the JSON-lines ``ledger`` with
+    its class, the date, the checkout's commit and the thread count it ran at."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    stamp = {
+        "class": kind,
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit or None,
+        "threads": os.environ.get("OMP_NUM_THREADS"),
+        "source": "doc_commands.py --run",
+    }
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    with ledger.open("a", encoding="utf-8") as out:
+        for result in results:
+            if "skipped" not in result:
+                row = {k: result.get(k) for k in ("where", "command", "rc", "seconds")}
+                out.write(json.dumps(row | stamp, ensure_ascii=False) + "\n")
+
+
+def read_ledger(ledger: Path) -> dict[str, list[dict]]:
+    """The ledger's records by command text, oldest first (no file: none)."""
+    runs: dict[str, list[dict]] = {}
+    if ledger.exists():
+        for n, line in enumerate(ledger.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    entry = json.loads(line)
+                    runs.setdefault(entry["command"], []).append(entry)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise SystemExit(f"{ledger}:{n}: not a ledger record: {line[:80]}") from None
+    return runs
+
+
+def unrun(commands: list[DocCommand], ledger: Path) -> dict:
+    """The train, slow and gpu commands that no ledger record shows run with rc 0, by class,
+    each text once (with every place it is shown), and how many of each class have run."""
+    runs = read_ledger(ledger)
+    left: dict[str, dict[str, list[str]]] = {kind: {} for kind in HEAVY}
+    ran: dict[str, set[str]] = {kind: set() for kind in HEAVY}
+    for cmd in commands:
+        kind = classify(cmd)
+        if kind not in HEAVY:
+            continue
+        if any(entry.get("rc") == 0 for entry in runs.get(cmd.text, [])):
+            ran[kind].add(cmd.text)
+        else:
+            left[kind].setdefault(cmd.text, []).append(cmd.where)
+    return {
+        "ran": {kind: len(texts) for kind, texts in ran.items()},
+        "left": {kind: len(texts) for kind, texts in left.items()},
+        "unrun": {
+            kind: [{"command": text, "where": places} for text, places in texts.items()]
+            for kind, texts in left.items()
+        },
+    }
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -441,8 +512,24 @@ def main(argv=None) -> None:
         help="with --run tiny: the --base each command gets: tiny (a 2-layer model built from "
         "config), recipe (none: the recipe's own, the embedded model), or a model directory",
     )
+    p.add_argument(
+        "--ledger",
+        type=Path,
+        help="a JSON-lines record of runs (the project's: benchmarks/doc_commands_ledger.jsonl): "
+        "with --run, each command that ran is appended; with --unrun, read",
+    )
+    p.add_argument(
+        "--unrun",
+        action="store_true",
+        help="with --ledger: only the train, slow and gpu commands no record shows run with rc 0",
+    )
     args = p.parse_args(argv)
+    if args.unrun and not args.ledger:
+        p.error("--unrun reads a ledger: add --ledger benchmarks/doc_commands_ledger.jsonl")
     commands = extract()
+    if args.unrun:
+        print(json.dumps(unrun(commands, args.ledger), indent=1, ensure_ascii=False))
+        return
     report = listing(commands)
     if args.run:
         base = None
@@ -451,6 +538,8 @@ def main(argv=None) -> None:
         report["run"] = run_class(
             commands, args.run, args.runs, args.timeout, base, args.only, args.keep
         )
+        if args.ledger:
+            record(report["run"], args.ledger, args.run)
     print(json.dumps(report, indent=1, ensure_ascii=False))
 
 

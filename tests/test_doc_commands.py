@@ -356,3 +356,52 @@ def test_checking_runs_no_stage(monkeypatch):
     )
     for cmd in DOC.commands_in(f"```bash\n{line}\n```\n", "ok.md"):
         assert problems(cmd) == []
+
+
+HEAVY_RUNS = """\
+```bash
+memgen sft-weaver --recipe recipes/smollm2-135m/basic_arithmetic/sft-weaver.yaml
+memgen baseline sft --recipe recipes/smollm2-135m/basic_arithmetic/sft-weaver.yaml
+memgen eval --data gym:basic_arithmetic --limit 400
+memgen sft-weaver --recipe recipes/smollm2-135m/basic_arithmetic/sft-weaver.yaml
+memgen eval --data gym:chain_sum --artifact runs/absent --limit 400
+make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" test
+```
+"""
+
+
+def test_the_ledger_records_runs_and_lists_what_has_not_run(monkeypatch, tmp_path):
+    found = DOC.commands_in(HEAVY_RUNS, "x.md")
+    assert [DOC.classify(c) for c in found] == ["train", "train", "slow", "train", "slow", "gpu"]
+    # The weaver's training exits 0, LoRA's fails: only a run with rc 0 counts as run.
+    fails = "import sys; sys.exit('baseline' in sys.argv)"
+    monkeypatch.setattr(DOC, "launch", lambda cmd: [sys.executable, "-c", fails, *cmd.args])
+    ledger = tmp_path / "ledger.jsonl"
+    assert DOC.unrun(found, ledger)["left"] == {"train": 2, "slow": 2, "gpu": 1}  # no file yet
+    results = DOC.run_class(found, "train", None, timeout=60)
+    assert [r["rc"] for r in results] == [0, 1, 0]
+    DOC.record(results, ledger, "train")
+    slow = DOC.run_class(found, "slow", None, timeout=60)
+    assert slow[1]["skipped"] == "needs runs/absent"
+    DOC.record(slow, ledger, "slow")
+    lines = [json.loads(line) for line in ledger.read_text().splitlines()]
+    assert [(r["where"], r["rc"], r["class"]) for r in lines] == [
+        ("x.md:2", 0, "train"),
+        ("x.md:3", 1, "train"),
+        ("x.md:5", 0, "train"),
+        ("x.md:4", 0, "slow"),  # the skipped one is not recorded
+    ]
+    assert all(r["date"] and r["source"] == "doc_commands.py --run" for r in lines)
+    report = DOC.unrun(found, ledger)
+    assert report["ran"] == {"train": 1, "slow": 1, "gpu": 0}  # one text, shown twice
+    assert report["left"] == {"train": 1, "slow": 1, "gpu": 1}
+    assert report["unrun"]["train"] == [
+        {"command": found[1].text, "where": ["x.md:3"]}  # failed: still to run
+    ]
+    assert report["unrun"]["slow"][0]["where"] == ["x.md:6"]
+    # A record is matched by its text: the same command moved to another line has run.
+    moved = DOC.commands_in("```bash\n\n\n" + HEAVY_RUNS.split("\n", 1)[1], "x.md")
+    assert DOC.unrun(moved, ledger)["ran"] == report["ran"]
+    ledger.write_text(ledger.read_text() + "not json\n")
+    with pytest.raises(SystemExit, match="ledger.jsonl:5: not a ledger record"):
+        DOC.read_ledger(ledger)
