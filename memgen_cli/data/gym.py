@@ -51,6 +51,7 @@ _CONFIG_ERRORS = (TypeError, ValueError, AssertionError)
 # stdin, writes ("ok", items) or ("config", message) pickled on stdout.
 _CHILD = """
 import pickle, sys
+answer, sys.stdout = sys.stdout.buffer, sys.stderr  # whatever a generator prints stays out
 import reasoning_gym
 name, seed, size, config = pickle.load(sys.stdin.buffer)
 try:
@@ -58,7 +59,7 @@ try:
     out = ("ok", [dataset[i] for i in range(len(dataset))])
 except (TypeError, ValueError, AssertionError) as e:
     out = ("config", str(e))
-pickle.dump(out, sys.stdout.buffer)
+pickle.dump(out, answer)
 """
 
 
