@@ -263,6 +263,24 @@ def test_gym_problems_are_the_same_in_every_process():
     assert digests["0"] == _digest_in_a_process("0", raw)  # the problems drawn with no hash salt
 
 
+def test_a_bad_gym_config_is_one_message_whichever_process_draws_the_problems():
+    script = (
+        "from memgen_cli.data.gym import GymTask\n"
+        "from memgen_cli.errors import MemgenError\n"
+        "try:\n"
+        "    GymTask('chain_sum', config={'no_such_field': 1}).load('test', limit=1)\n"
+        "except MemgenError as e:\n"
+        "    print(e)\n"
+    )
+    for seed in ("0", "1"):  # in this process, and in the child that draws with no hash salt
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        )
+        assert done.stdout.startswith("cannot build reasoning_gym dataset 'chain_sum' with config")
+        assert "no_such_field" in done.stdout
+
+
 def test_gym_loads_do_not_share_items():
     task = get_task("gym:chain_sum")
     first, second = task.load("test", limit=2), task.load("test", limit=2)
