@@ -38,7 +38,8 @@ On 2026-12-06 the docs held 218 commands: fast 36, tiny 11, train 52, slow 48, g
 setup 13, mention 43, placeholder 10 (before ``tiny``, its 11 were ``train``: 63).
 
 ``--run fast`` runs each ``fast`` command, in file order, in a scratch folder with ``recipes/``
-linked in, the hub offline and the usual model cache (``$MEMGEN_HOME``), and reports its exit
+and ``benchmarks/`` linked in and ``README.md`` and ``docs/`` copied (``make`` runs in the
+checkout), the hub offline and the usual model cache (``$MEMGEN_HOME``), and reports its exit
 code. An input it names (``--artifact``, ``--init``, ``--retrieval``, ``--input``, a ``.jsonl``)
 comes from an earlier command's output there or, given ``--runs DIR``, is linked in from DIR
 (``runs/demo/sft-weaver`` from ``DIR/demo/sft-weaver``; what the command writes stays in
@@ -74,6 +75,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -359,8 +361,7 @@ def run_class(
     with tempfile.TemporaryDirectory(prefix="memgen-doc-commands-") as temporary:
         scratch = Path(keep or temporary)
         scratch.mkdir(parents=True, exist_ok=True)
-        if not (scratch / "recipes").exists():
-            (scratch / "recipes").symlink_to(ROOT / "recipes")
+        furnish(scratch)
         env = os.environ | {"HF_HUB_OFFLINE": "1"}  # the usual model cache ($MEMGEN_HOME)
         chosen = [cmd for cmd in commands if classify(cmd) == kind]
         if only:
@@ -377,7 +378,7 @@ def run_class(
             if base and cmd.program == "memgen":
                 argv += ["--base", base]
                 result["base"] = base
-            if cmd.program != "memgen":
+            if cmd.program == "make":
                 cwd = ROOT  # make lint and the listing read the checkout itself
             started = time.perf_counter()
             try:
@@ -397,6 +398,19 @@ def run_class(
             results.append(result | {"rc": rc, "seconds": seconds, "stderr_tail": tail})
             print(f"{cmd.where}: rc {rc} in {seconds} s", file=sys.stderr)
     return results
+
+
+def furnish(scratch: Path) -> None:
+    """What a command finds in the scratch folder besides its inputs: ``recipes/`` and
+    ``benchmarks/`` linked in, and copies of ``README.md`` and ``docs/``, so that a benchmark
+    that rewrites a Markdown block (``--markdown README.md``) rewrites the copy."""
+    for name in ("recipes", "benchmarks"):
+        if not (scratch / name).exists():
+            (scratch / name).symlink_to(ROOT / name)
+    if not (scratch / "README.md").exists():
+        shutil.copy2(ROOT / "README.md", scratch / "README.md")
+    if not (scratch / "docs").exists():
+        shutil.copytree(ROOT / "docs", scratch / "docs")
 
 
 def tiny_base(path: Path) -> Path:

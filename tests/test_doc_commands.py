@@ -405,3 +405,25 @@ def test_the_ledger_records_runs_and_lists_what_has_not_run(monkeypatch, tmp_pat
     ledger.write_text(ledger.read_text() + "not json\n")
     with pytest.raises(SystemExit, match="ledger.jsonl:5: not a ledger record"):
         DOC.read_ledger(ledger)
+
+
+def test_a_benchmark_runs_in_the_scratch_folder_and_finds_its_linked_input(monkeypatch, tmp_path):
+    # A python command used to run in the checkout, where the artifact linked into the scratch
+    # folder is not: `benchmarks/generation.py --artifact runs/...` exited 2 for that reason.
+    (cmd,) = DOC.commands_in(
+        "```bash\n.venv/bin/python benchmarks/generation.py --artifact runs/trig --limit 32\n```\n",
+        "x.md",
+    )
+    assert DOC.classify(cmd) == "slow" and DOC.needs(cmd) == ["runs/trig"]
+    runs = tmp_path / "runs"
+    (runs / "trig").mkdir(parents=True)
+    (runs / "trig" / "memgen.json").write_text("{}")
+    sees = (
+        "import os, sys; print(os.path.isfile('runs/trig/memgen.json'), "
+        "os.path.isfile('benchmarks/generation.py'), os.path.isfile('docs/results.md'), "
+        "os.path.islink('README.md'), file=sys.stderr)"
+    )
+    monkeypatch.setattr(DOC, "launch", lambda c: [sys.executable, "-c", sees])
+    (result,) = DOC.run_class([cmd], "slow", runs, timeout=60, keep=tmp_path / "kept")
+    assert result["rc"] == 0
+    assert result["stderr_tail"].split() == ["True", "True", "True", "False"]  # README a copy
