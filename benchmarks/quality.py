@@ -455,10 +455,11 @@ def provenance() -> dict:
     }
 
 
-def command_line() -> str:
-    """This run's command, with the thread count that its timings depend on."""
+def command_line(script: str = "benchmarks/quality.py", argv: list[str] | None = None) -> str:
+    """This run's command (``script`` with ``argv``, default this process's arguments), with
+    the thread count that its timings depend on."""
     threads = os.environ.get("OMP_NUM_THREADS")
-    cmd = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
+    cmd = f"python {script} " + shlex.join(sys.argv[1:] if argv is None else argv)
     return f"OMP_NUM_THREADS={threads} {cmd}" if threads else cmd
 
 

@@ -364,7 +364,10 @@ def main(argv=None) -> None:
         block = run(args, rows, out, Console(file=sys.stderr))
     except MemgenError as exc:
         raise SystemExit(f"error: {exc}") from None
-    block |= {"measured": quality.provenance(), "command": quality.command_line()}
+    command = quality.command_line(
+        "benchmarks/quality_kept.py", sys.argv[1:] if argv is None else argv
+    )
+    block |= {"measured": quality.provenance(), "command": command}
     for path in args.markdown:
         quality.write_markdown(Path(path), block, markdown_table, MARKERS)
     print(json.dumps({"kept": block}))

@@ -142,6 +142,9 @@ def test_the_block_end_to_end_on_the_same_problems(kept, artifacts, capsys):
     assert {p["id"] for p in choice_preds}.isdisjoint({p["id"] for p in preds})
     text = (tmp / "results.md").read_text()
     assert kept.MARKERS[0] in text and "| retrieval | off |" in text and "McNemar" in text
+    # the block names the script that made it, with the arguments it was given
+    assert block["command"].split(" --row ")[0].endswith("python benchmarks/quality_kept.py")
+    assert f"--kept-artifact retrieval={store}" in block["command"]
 
 
 def test_the_table_runs_the_block_on_its_rows(kept, artifacts, monkeypatch, capsys):
