@@ -162,7 +162,7 @@ def test_atomic_dir_refuses_a_folder_that_is_not_memgens_even_when_called_direct
 
 
 # --------------------------------------------------------------- memgen's own: --overwrite
-def test_sft_weaver_replaces_an_artifact_only_with_overwrite_or_resume(tiny, tmp_path, monkeypatch):
+def test_sft_weaver_replaces_an_artifact_only_with_overwrite(tiny, tmp_path, monkeypatch):
     base, _, data = tiny
     out = tmp_path / "out"
     args = ["sft-weaver", "--recipe", SFT, "--base", base, "--data", data, *ONE_STEP]
@@ -178,8 +178,18 @@ def test_sft_weaver_replaces_an_artifact_only_with_overwrite_or_resume(tiny, tmp
     assert read_manifest(out)["training"]["training_seed"] == 1
     assert snapshot(out)["weaver.safetensors"] != before["weaver.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .tmp- / .old siblings
-    result = memgen(*args, "--set", "training.seed=2", "--output", out, "--resume", "auto")
-    assert result.exit_code == 0, result.output  # --resume consents to replacing an artifact
+    # --resume consents to replacing an artifact only with a checkpoint to continue from: this
+    # run ended, so there is none, and starting again needs --overwrite (test_resume.py too).
+    before = snapshot(out)
+    with monkeypatch.context() as m:
+        block_model_loads(m)
+        result = memgen(*args, "--set", "training.seed=2", "--output", out, "--resume", "auto")
+    refused(result, "--resume auto: there is no checkpoint in", "pass --overwrite")
+    assert snapshot(out) == before
+    result = memgen(
+        *args, "--set", "training.seed=2", "--output", out, "--resume", "auto", "--overwrite"
+    )
+    assert result.exit_code == 0, result.output
     assert read_manifest(out)["training"]["training_seed"] == 2
 
 

@@ -242,3 +242,21 @@ def test_sft_weaver_logs_at_every_checkpoint_and_takes_a_new_logging_interval(ti
     a, b = (json.loads((o / "memgen.json").read_text())["training"] for o in (straight, resumed))
     assert b["mean_loss"] == pytest.approx(a["mean_loss"], rel=1e-6)
     assert b["final_loss"] == a["final_loss"]
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_resume_auto_with_nothing_to_resume_keeps_a_finished_artifact(name, tiny, tmp_path):
+    # A run that ended leaves no checkpoint: `--resume auto` run again (as the guides' "continue
+    # after Ctrl-C" line after a run that finished) would start from scratch and replace it.
+    stage = STAGES[name]
+    cfg = config(stage, tiny, tmp_path / "out", "training.max_steps=1")
+    finished = stage.module.run(cfg)
+    before = {p: p.read_bytes() for p in sorted(finished.rglob("*")) if p.is_file()}
+    with pytest.raises(MemgenError) as refused:
+        stage.module.run(cfg, resume="auto")
+    message = str(refused.value)
+    assert "no checkpoint" in message and "--overwrite" in message and str(cfg.output) in message
+    assert {p: p.read_bytes() for p in sorted(finished.rglob("*")) if p.is_file()} == before
+    assert not stage.module.checkpoint_dir(cfg).exists()
+    again = stage.module.run(cfg, resume="auto", overwrite=True)  # said so: trained again
+    assert (again / "memgen.json").is_file()

@@ -48,6 +48,7 @@ from memgen_cli.console import make_console
 from memgen_cli.data import Example, Task, to_messages
 from memgen_cli.errors import MemgenError
 from memgen_cli.models.base import LoadedBase, load_base
+from memgen_cli.outputs import output_kind
 from memgen_cli.training import rl, sft_run
 from memgen_cli.training.trainer_parts import (
     MetricsLog,
@@ -122,6 +123,21 @@ def resume_point(
 
 
 # ------------------------------------------------------------------------------- run
+
+
+def refuse_a_fresh_start_over(cfg) -> None:
+    """``--resume auto`` found no checkpoint, so the run would start from scratch: refused
+    where ``cfg.output`` holds an artifact (a run that ended, whose checkpoints are gone), which
+    only ``--overwrite`` may replace."""
+    if output_kind(Path(cfg.output))[0] == "artifact":
+        raise MemgenError(
+            f"--resume auto: there is no checkpoint in {checkpoint_dir(cfg)} to continue from, "
+            f"and {cfg.output} holds an artifact of a run that ended. Starting again would "
+            "replace it: pass --overwrite to train it again from the start, or choose another "
+            "--output."
+        )
+
+
 class RunOptions(TypedDict, total=False):
     """How a training stage's ``run(cfg, resume, **options)`` runs, the same for every stage
     (``resume``, which its validation reads, comes before them)."""
@@ -167,7 +183,9 @@ class Run:
         ``callbacks``). An artifact already at ``cfg.output`` is replaced only with
         ``overwrite`` or a ``resume``; anything else there is refused now, before any model is
         loaded."""
-        check_output(cfg.output, kind="artifact", overwrite=overwrite or resume is not None)
+        if resume == "auto" and resume_from is None and not overwrite:
+            refuse_a_fresh_start_over(cfg)
+        check_output(cfg.output, kind="artifact", overwrite=overwrite or resume_from is not None)
         run = cls(name, cfg, resume, resume_from, console or make_console(), list(callbacks or []))
         run.made = [p for p in Path(cfg.output).parents if not p.exists()]  # innermost first
         return run
