@@ -47,13 +47,13 @@ MIN_GRADER_ERRORS = 3
 
 
 _CONFIG_ERRORS = (TypeError, ValueError, AssertionError)
-# Run by ``_generated`` under PYTHONHASHSEED=0: reads (name, seed, size, config) pickled on
+# Run by ``_generated`` under PYTHONHASHSEED=0: reads [name, seed, size, config] as JSON on
 # stdin, writes ("ok", items) or ("config", message) pickled on stdout.
 _CHILD = """
-import pickle, sys
+import json, pickle, sys
 answer, sys.stdout = sys.stdout.buffer, sys.stderr  # whatever a generator prints stays out
 import reasoning_gym
-name, seed, size, config = pickle.load(sys.stdin.buffer)
+name, seed, size, config = json.load(sys.stdin)
 try:
     dataset = reasoning_gym.create_dataset(name, seed=seed, size=size, **config)
     out = ("ok", [dataset[i] for i in range(len(dataset))])
@@ -64,13 +64,12 @@ pickle.dump(out, answer)
 
 
 @functools.lru_cache(maxsize=16)
-def _generated(key: tuple, config: bytes) -> bytes:
+def _generated(name: str, seed: int, size: int, config: str) -> bytes:
     """``GymTask._entries`` in a child process with hash randomization off, as the child's
-    pickled answer (unpickled afresh by each caller, so no two loads share an item); ``key``
-    is (name, seed, size, the config as sorted JSON) and ``config`` the pickled config."""
-    name, seed, size, _ = key
+    pickled answer (unpickled afresh by each caller, so no two loads share an item);
+    ``config``: the dataset's config as JSON with sorted keys (recipes' options are YAML)."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    request = pickle.dumps((name, seed, size, pickle.loads(config)))
+    request = json.dumps([name, seed, size, json.loads(config)]).encode()
     done = subprocess.run(
         [sys.executable, "-c", _CHILD], input=request, capture_output=True, env=env, check=False
     )
@@ -195,8 +194,8 @@ class GymTask(Task):
         if sys.flags.hash_randomization == 0:
             dataset = self._dataset(seed, size)
             return [dataset[i] for i in range(len(dataset))]
-        key = (self.gym_name, seed, size, json.dumps(self.config, sort_keys=True, default=repr))
-        status, payload = pickle.loads(_generated(key, pickle.dumps(self.config)))
+        config = json.dumps(self.config, sort_keys=True)
+        status, payload = pickle.loads(_generated(self.gym_name, seed, size, config))
         if status == "config":
             raise self._config_error(payload)
         return payload

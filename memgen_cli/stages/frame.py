@@ -181,8 +181,8 @@ class Run:
     ) -> Run:
         """The run of a validated ``cfg`` (``RunOptions``: ``overwrite``, ``console``,
         ``callbacks``). An artifact already at ``cfg.output`` is replaced only with
-        ``overwrite`` or a ``resume``; anything else there is refused now, before any model is
-        loaded."""
+        ``overwrite`` or a resume that continues a checkpoint; anything else there is refused
+        now, before any model is loaded."""
         if resume == "auto" and resume_from is None and not overwrite:
             refuse_a_fresh_start_over(cfg)
         check_output(cfg.output, kind="artifact", overwrite=overwrite or resume_from is not None)
