@@ -40,27 +40,30 @@ from memgen_cli.generation import generate
 from memgen_cli.generation.sampling import encode_prompts
 
 
-def prompt_latents(model, manifest: dict, spec: str, n: int) -> torch.Tensor:
-    """(n, K * D): the prompt latents the artifact weaves for the first n held-out problems."""
+def task_for(manifest: dict, spec: str):
+    """The task ``spec``, with the options the artifact recorded when it is its own task."""
     training = manifest.get("training") or {}
     own = training.get("task") == spec
-    options = (training.get("task_options") or {}) if own else {}
-    task = get_task(spec, **options)
+    return get_task(spec, **((training.get("task_options") or {}) if own else {}))
+
+
+def ask(model, manifest: dict, examples, max_new_tokens: int):
+    """Greedy generation with memory for ``examples``, asked as ``memgen eval`` asks them."""
     prompt = manifest.get("prompt") or {}
     messages = [
-        to_messages(example, prompt.get("prompt_suffix", ""), prompt.get("system"))
-        for example in task.load(task.default_split, limit=n)
+        to_messages(e, prompt.get("prompt_suffix", ""), prompt.get("system")) for e in examples
     ]
     enc = encode_prompts(model.tokenizer, messages, "cpu")
-    cfg = GenerationConfig(max_new_tokens=1, memory="weaver", temperature=0.0)
-    out = generate(model, enc["input_ids"], enc["attention_mask"], cfg)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, memory="weaver", temperature=0.0)
+    return generate(model, enc["input_ids"], enc["attention_mask"], cfg)
+
+
+def prompt_latents(model, manifest: dict, spec: str, n: int) -> torch.Tensor:
+    """(n, K * D): the prompt latents the artifact weaves for the first n held-out problems."""
+    task = task_for(manifest, spec)
+    out = ask(model, manifest, task.load(task.default_split, limit=n), 1)
     woven = sorted((i for i in out.trace.insertions if i.kind == "prompt"), key=lambda i: i.row)
     return torch.stack([i.latents.flatten() for i in woven])
-
-
-def own_task(manifest: dict) -> tuple[str, dict]:
-    training = manifest.get("training") or {}
-    return training["task"], training.get("task_options") or {}
 
 
 @contextlib.contextmanager
@@ -84,22 +87,16 @@ def first_row_latents(model):
 
 def swap_accuracy(model, manifest: dict, n: int, batch: int, max_new_tokens: int) -> dict:
     """Accuracy on the artifact's own task with own and with row 0's prompt latents, paired."""
-    spec, options = own_task(manifest)
-    task = get_task(spec, **options)
-    prompt = manifest.get("prompt") or {}
+    spec = (manifest.get("training") or {})["task"]
+    task = task_for(manifest, spec)
     examples = task.load(task.default_split, limit=n)
     solved = {}
     for name in ("own", "swapped"):
         right = []
         for start in range(0, len(examples), batch):
             chunk = examples[start : start + batch]
-            messages = [
-                to_messages(e, prompt.get("prompt_suffix", ""), prompt.get("system")) for e in chunk
-            ]
-            enc = encode_prompts(model.tokenizer, messages, "cpu")
-            cfg = GenerationConfig(max_new_tokens=max_new_tokens, memory="weaver", temperature=0.0)
             with first_row_latents(model) if name == "swapped" else contextlib.nullcontext():
-                out = generate(model, enc["input_ids"], enc["attention_mask"], cfg)
+                out = ask(model, manifest, chunk, max_new_tokens)
             texts = model.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
             right += [task.grade(t, e) >= 1.0 for t, e in zip(texts, chunk, strict=True)]
         solved[name] = right
