@@ -89,6 +89,9 @@ class Method:
     prefix: bool = False
     """``memory.kv_prefix`` too (the LoRA rank lowered to keep the count); without ``kv``, on
     the input weaver (its LoRA on the recipe's targets)."""
+    reads: str = "context"
+    """``memory.weaver_reads``: ``cache`` has the weaver read the reasoner's cached keys and
+    values (no input projection: the LoRA rank is raised to keep the count)."""
 
 
 # Prompt tuning at the weaver's budget is 2,774 virtual tokens on SmolLM2-135M: every training
@@ -107,11 +110,25 @@ METHODS = {
     "weaver-kv": Method("weaver-SFT (kv)", ("sft-weaver",), "weaver", True, kv=True),
     "weaver-kvp": Method("weaver-SFT (kv + prefix)", ("sft-weaver",), "weaver", True, kv=True, prefix=True),
     "weaver-inputp": Method("weaver-SFT (input + prefix)", ("sft-weaver",), "weaver", True, prefix=True),
+    "weaver-inputpc": Method(
+        "weaver-SFT (input + prefix, reads the cache)", ("sft-weaver",), "weaver", True, prefix=True, reads="cache"
+    ),
+    "weaver-kvc": Method("weaver-SFT (kv, reads the cache)", ("sft-weaver",), "weaver", True, kv=True, reads="cache"),
     "lora": Method("LoRA-SFT", ("baseline", "sft"), "off", True),
 }  # fmt: skip
 # Pairs are reported as "a − b" with a the row met first here: the question first (kv against
 # each other row), then input against the rest, and so on.
-ORIENT = ("weaver-inputp", "weaver-kvp", "weaver-kv", "weaver-input", "lora", "prefix", "prompt")
+ORIENT = (
+    "weaver-inputpc",
+    "weaver-kvc",
+    "weaver-inputp",
+    "weaver-kvp",
+    "weaver-kv",
+    "weaver-input",
+    "lora",
+    "prefix",
+    "prompt",
+)
 KV_TARGETS = ("q_proj", "k_proj", "v_proj")
 RECORDS = "deep-runs.json"
 
@@ -164,18 +181,20 @@ def kv_budget(
     targets=KV_TARGETS,
     prefix=False,
     inject="kv",
+    reads="context",
 ) -> dict:
     """The kv weaver's LoRA rank on ``targets`` whose trainable count is closest to the LoRA
     baseline's (its rank matched to the input weaver of ``memory``, as ``baseline sft`` does),
     with both counts; more than 5 % apart is refused. Alpha keeps the recipe's alpha / r.
     ``prefix``: with ``memory.kv_prefix``, whose tensors count towards the weaver's own.
-    ``inject="input"``: the same for the input weaver (``targets`` then the recipe's)."""
+    ``inject="input"``: the same for the input weaver (``targets`` then the recipe's).
+    ``reads``: ``memory.weaver_reads`` (``cache``: no input projection)."""
     weaver = weaver_trainable_params(model, memory)
     lora_rank = lora.r or matched_rank(model, lora.targets, weaver)
     lora_count = lora_rank * lora_params_per_rank(model, lora.targets)
     targets = list(targets) if inject == "kv" else list(memory.lora_targets)
     kv = dataclasses.replace(
-        memory, inject=inject, kv_prefix=prefix, lora_targets=targets, lora_r=0
+        memory, inject=inject, kv_prefix=prefix, lora_targets=targets, lora_r=0, weaver_reads=reads
     )
     own = weaver_trainable_params(model, kv)  # queries, norms, scales: kv has no projections
     unit = lora_params_per_rank(model, list(targets))
@@ -195,6 +214,7 @@ def kv_budget(
         "kv_trainable_params": count,
         "kv_prefix": prefix,
         "inject": inject,
+        "weaver_reads": reads,
         "lora_rank": lora_rank,
         "lora_trainable_params": lora_count,
         "input_trainable_params": weaver,
@@ -211,7 +231,17 @@ def kv_sets(budget: dict) -> list[str]:
         f"memory.lora_r={budget['kv_rank']}",
         f"memory.lora_alpha={budget['kv_alpha']}",
         *(["memory.kv_prefix=true"] if budget.get("kv_prefix") else []),
+        *(["memory.weaver_reads=cache"] if budget.get("weaver_reads") == "cache" else []),
     ]
+
+
+def row_sets(method: Method, budgets: dict) -> list[str]:
+    """The ``--set`` items of a weaver row (none for the recipe's own weaver and the arms)."""
+    if method.reads != "context":
+        return kv_sets(budgets[method.kv, method.prefix, method.reads])
+    if method.kv or method.prefix:
+        return kv_sets(budgets[method.kv, method.prefix])
+    return []
 
 
 # --------------------------------------------------------------------------- sweep and seeds
@@ -442,15 +472,19 @@ def run(args) -> dict:
         f"{budgets[False, True]['kv_trainable_params']:,} (r {budgets[False, True]['kv_rank']}, "
         f"{100 * budgets[False, True]['gap']:+.1f} %)"
     )
-    sets = {
-        row: args.overrides
-        + (
-            kv_sets(budgets[METHODS[row].kv, METHODS[row].prefix])
-            if METHODS[row].kv or METHODS[row].prefix
-            else []
-        )
-        for row in rows
-    }
+    for row in rows:  # the rows that read the cache: their own budgets
+        m = METHODS[row]
+        if m.reads != "context" and (m.kv, m.prefix, m.reads) not in budgets:
+            budgets[m.kv, m.prefix, m.reads] = kv_budget(
+                meta, cfg.memory, BaselineLoraConfig(), prefix=m.prefix,
+                inject="kv" if m.kv else "input", reads=m.reads,
+            )  # fmt: skip
+            b = budgets[m.kv, m.prefix, m.reads]
+            quiet.print(
+                f"{m.label}: {b['kv_trainable_params']:,} trainable (r {b['kv_rank']}, "
+                f"{100 * b['gap']:+.1f} %)"
+            )
+    sets = {row: args.overrides + row_sets(METHODS[row], budgets) for row in rows}
 
     path = out / RECORDS
     records = json.loads(path.read_text()) if args.reuse and path.is_file() else {}

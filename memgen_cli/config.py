@@ -63,6 +63,13 @@ class MemoryConfig:
     keys and values at K slots, at every layer, written into the reasoner's cache (shared
     backbone and full-attention models only; no projections; LoRA on k_proj / v_proj acts
     directly on what is written). See models/memgen.py. Artifacts without it are input."""
+    weaver_reads: str = "context"
+    """context | cache. What the weaver reads the context as. context (the paper): the weaver
+    runs over the context itself, its adapter on every position (a second pass over each
+    prompt and clause). cache: its K query latents, adapter on, attend to the reasoner's own
+    cached keys and values of the context, so a weave runs over K positions only and nothing
+    is read twice (as Activated LoRA does). Shared backbone only. Artifacts without it are
+    context."""
     kv_prefix: bool = False
     """A learned key and value per layer and memory slot (prefix tuning's parameters), added at
     every layer to the keys and values at the memory's slots: with kv, to the weaver's own;

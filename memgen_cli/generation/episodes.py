@@ -377,6 +377,8 @@ def _mark(run: _Run) -> _Mark:
 def _mark_read(run: _Run, mark: _Mark, rows: set[int]) -> None:
     """After the turn's first weave: the rows that wove have read the history up to the turn,
     and keep it (the rewind cuts their weaver caches to it, not to before the weave)."""
+    if run.model.reads_cache:  # no weaver caches: the weaver reads the reasoner's
+        return
     queries = run.model.weaver.num_latents("prompt") if run.kv else 0  # kv keeps its slots
     for r in rows:
         mark.weaver[r] = run.weaver_caches[r].length - queries

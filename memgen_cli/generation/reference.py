@@ -91,9 +91,14 @@ class _InputStream:
         """The weaver re-reads the whole prefix from an empty cache; K latents join the stream."""
         mask, pos = _ones_and_positions(self.x.shape[1], self.x.device)
         start = torch.tensor([self.x.shape[1]], device=self.x.device)
-        latents, states = self.model.weave(
-            kind, self.x, mask, pos, self.model.new_weaver_cache(), start
-        )
+        if self.model.reads_cache:  # the reasoner reads the whole stream; the queries its cache
+            cache = DynamicCache(config=self.model.reasoner.config)
+            self.model.reasoner_hidden(self.x, mask, pos, cache, slots=self.slots)
+            latents, states = self.model.weave_on_cache(kind, cache, mask, start)
+        else:
+            latents, states = self.model.weave(
+                kind, self.x, mask, pos, self.model.new_weaver_cache(), start
+            )
         self.x = torch.cat([self.x, latents], dim=1)
         rows = self.model.weaver.prefix_rows(kind, latents.shape[1]).to(self.slots.device)
         self.slots = torch.cat([self.slots, rows[None]], 1)
@@ -112,6 +117,10 @@ class _KVStream:
     def hidden(self) -> torch.Tensor:
         """The reasoner from scratch, part by part: token segments run through it, memory slots
         appended to its (ordinary) cache between them; the last token's hidden state (1, D)."""
+        return self._run()[2]
+
+    def _run(self) -> tuple[DynamicCache, int, torch.Tensor]:
+        """``hidden``'s pass: (the reasoner's cache, its length, the last hidden state)."""
         cache = DynamicCache(config=self.model.reasoner.config)
         length, hidden = 0, None
         for part in self.parts:
@@ -127,7 +136,7 @@ class _KVStream:
             mask, pos = _ones_and_positions(part.shape[1], part.device, length)
             hidden = self.model.reasoner_hidden(part, mask, pos, cache)[:, -1]
             length += part.shape[1]
-        return hidden
+        return cache, length, hidden
 
     def append(self, token: int) -> None:
         embed = self.model.embed(torch.tensor([[token]], device=self.seen.device))
@@ -140,9 +149,14 @@ class _KVStream:
         n = self.seen.shape[1]
         mask, pos = _ones_and_positions(n, self.seen.device)
         start = torch.tensor([n], device=self.seen.device)
-        slots, states = self.model.weave_kv(
-            kind, self.seen, mask, pos, self.model.new_weaver_cache(), start
-        )
+        if self.model.reads_cache:  # the queries read the reasoner's cache of everything so far
+            cache, length, _ = self._run()
+            mask = torch.ones(1, length, dtype=torch.long, device=self.seen.device)
+            slots, states = self.model.weave_on_cache(kind, cache, mask, start)
+        else:
+            slots, states = self.model.weave_kv(
+                kind, self.seen, mask, pos, self.model.new_weaver_cache(), start
+            )
         queries = self.model.weaver.query_embeds(kind, 1).to(self.seen.dtype)
         self.seen = torch.cat([self.seen, queries], 1)
         self.parts.append(slots)

@@ -73,7 +73,7 @@ class _Run:
         self._remember(embeds, attention_mask, positions)
 
     def _remember(self, embeds, mask, positions) -> None:
-        if self.memory:
+        if self.memory and not self.model.reads_cache:  # a weaver that reads the cache needs none
             self.pieces.append((embeds, mask, positions))
 
     def _feed(self, embeds, chunk, positions, slots=None) -> torch.Tensor:
@@ -120,6 +120,16 @@ class _Run:
         """One weave: (latents (B, K, D), states) or, with kv, (SlotKV, states)."""
         weave = self.model.weave_kv if self.kv else self.model.weave
         return weave(kind, ctx, ctx_mask, ctx_pos, state, start)
+
+    def _weave_on_cache(self, kind: str, index: list[int]):
+        """``memory.weaver_reads: cache``: the rows' query latents read the reasoner's own cache
+        (a copy of their rows, unless every row weaves), in one pass over K positions; (memory
+        of those rows, their states (len(index), K, D))."""
+        rows = torch.tensor(index, device=self.mask.device)
+        cache = self.cache
+        if len(index) < self.batch:
+            cache = take_rows(self.cache, self.model.reasoner.config, rows)
+        return self.model.weave_on_cache(kind, cache, self.mask[rows], self.next_pos[rows])
 
     def _split_weaver_cache(self, state: WeaverCache, index: list[int]) -> None:
         """Row i of a batch weaver cache becomes row ``index[i]``'s own, masked slots dropped."""
@@ -258,7 +268,12 @@ class _Run:
         index = rows.nonzero().flatten().tolist()
         k = self.model.weaver.num_latents(kind)
         first = all(c is None for c in self.weaver_caches)  # a run's prompt; not a later turn's
-        if kind == "prompt" and first and len(index) == self.batch:
+        if self.model.reads_cache:
+            memory, states = self._weave_on_cache(kind, index)
+            where = torch.tensor(index, device=rows.device)
+            states = self._scatter(states, where)
+            memory = memory if self.kv else self._scatter(memory, where)
+        elif kind == "prompt" and first and len(index) == self.batch:
             memory, states = self._weave_all(kind)
         else:
             woven = self._weave_rows(kind, index)
@@ -282,7 +297,7 @@ class _Run:
             for ins in events:
                 ins.inserted = bool(self.keep(ins))
                 rows[ins.row] = ins.inserted
-                if self.kv and not ins.inserted:
+                if self.kv and not ins.inserted and not self.model.reads_cache:
                     self._unweave(ins.row, k)
         if rows.any() and self.kv:
             kept = torch.tensor([i for i, r in enumerate(index) if rows[r]], device=rows.device)

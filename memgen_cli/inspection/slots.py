@@ -67,20 +67,53 @@ def weave(model: MemGenModel, stream: Stream) -> SlotMemory:
         chunk = stream.chunk(i)
         slots[0, chunk.start : chunk.stop] = True
     cache = DynamicCache(config=model.weaver_lm.config)
-    with model.weaver_adapter():
-        out = over_stream(
-            model.weaver_lm.get_decoder(), stream, past_key_values=cache, use_cache=True
-        )
+    if model.reads_cache:
+        states = _over_stream_on_cache(model, stream, cache)
+    else:
+        with model.weaver_adapter():
+            out = over_stream(
+                model.weaver_lm.get_decoder(), stream, past_key_values=cache, use_cache=True
+            )
+        states = out.last_hidden_state[0].float()
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
-    if model.weaver.prefix_keys is not None:  # memory.kv_prefix: what the reasoner reads
+    if model.weaver.prefix_keys is not None and not model.reads_cache:  # already added there
         index = torch.full_like(slots, -1, dtype=torch.long)
         for i, ins in enumerate(stream.insertions):
             chunk = stream.chunk(i)
             index[0, chunk.start : chunk.stop] = model.weaver.prefix_rows(ins.kind, len(chunk))
         _, positions = stream.mask_and_positions()
         keys, values = model.add_prefix(keys, values, index, positions.to(index.device))
-    return SlotMemory(stream, keys, values, out.last_hidden_state[0].float(), slots)
+    return SlotMemory(stream, keys, values, states, slots)
+
+
+def _over_stream_on_cache(model: MemGenModel, stream: Stream, cache) -> torch.Tensor:
+    """``memory.weaver_reads: cache``, as generation weaves: the reasoner over each run of
+    tokens into ``cache``, and at each insertion the query latents read it
+    (``MemGenModel.weave_on_cache``) and their keys and values, prefix added, are appended;
+    the last hidden states of every column (S, D): the weaver's at the slots."""
+    mask, positions = stream.mask_and_positions()
+    states, at = [], 0
+    for i, ins in enumerate(stream.insertions):
+        chunk = stream.chunk(i)
+        if chunk.start > at:
+            states.append(_tokens(model, stream, at, chunk.start, cache))
+        memory, hidden = model.weave_on_cache(
+            ins.kind, cache, mask[:, : chunk.start], positions[:, chunk.start]
+        )
+        for layer, (keys, values) in enumerate(zip(memory.keys, memory.values, strict=True)):
+            cache.update(keys, values, layer)
+        states.append(hidden[0])
+        at = chunk.stop
+    if stream.embeds.shape[1] > at:
+        states.append(_tokens(model, stream, at, stream.embeds.shape[1], cache))
+    return torch.cat(states)
+
+
+def _tokens(model: MemGenModel, stream: Stream, a: int, b: int, cache) -> torch.Tensor:
+    """The reasoner over the stream's columns [a, b) into ``cache``: (b - a, D)."""
+    mask, positions = stream.mask_and_positions()
+    return model.reasoner_hidden(stream.embeds[:, a:b], mask[:, :b], positions[:, a:b], cache)[0]
 
 
 @dataclass

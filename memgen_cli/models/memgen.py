@@ -28,6 +28,17 @@ Where the memory enters the reasoner (``memory.inject``):
   There are no projections, and the last layer's LoRA other than k_proj / v_proj gets no
   gradient (nothing reads that layer's output at the slots).
 
+What the weaver reads the context as (``memory.weaver_reads``):
+
+- ``context`` (the paper): the weaver runs over the context itself, its adapter on at every
+  position, keeping its own cache (``WeaverCache``): a second pass over every prompt and clause.
+- ``cache`` (``weave_on_cache``): the K query latents, adapter on, attend to the reasoner's own
+  cached keys and values of the context (earlier memory included) and are dropped from that
+  cache again, so a weave runs over K positions and nothing is read twice; the adapter acts only
+  at the query positions, as Activated LoRA's does (Greenewald et al. 2025). With ``input`` the
+  weaver's last states there become the latents (``weaver_to_reasoner``); with ``kv`` its keys
+  and values there are the memory. Shared backbone and full attention only.
+
 ``memory.kv_prefix`` adds a learned key and value per layer and slot to what sits at the slots:
 with kv to the weaver's keys and values (``add_prefix``), with input to the keys and values the
 reasoner computes over the latents (``input_prefix``); either way before the rotary embedding.
@@ -74,6 +85,7 @@ class MemGenModel(nn.Module):
         self.tokenizer = tokenizer
         self.shared = weaver_backbone is None
         self.kv = cfg.inject == "kv"
+        self.reads_cache = cfg.weaver_reads == "cache"
         for p in reasoner.parameters():
             p.requires_grad_(False)
         check_lora_targets(cfg.lora_targets, reasoner if self.shared else weaver_backbone)
@@ -111,6 +123,7 @@ class MemGenModel(nn.Module):
             hidden_rms=1.0 if self.kv else self._final_hidden_rms(),
             neutral_embedding=None if self.kv else self._neutral_embedding(tokenizer),
             projections=not self.kv,
+            reads_context=not self.reads_cache,
             prefix=cache_geometry(reasoner.config) if cfg.kv_prefix else None,
             prefix_rate=cfg.kv_prefix_rate,
         ).to(reasoner.device)
@@ -253,8 +266,10 @@ class MemGenModel(nn.Module):
         whole causal LM with ``output_hidden_states``, so vocabulary logits are computed for
         every position and thrown away. The latents are the same either way.
         """
-        if self.kv:
-            raise RuntimeError("memory.inject is kv: the weaver writes keys and values (weave_kv)")
+        if self.kv or self.reads_cache:
+            raise RuntimeError(
+                "memory.inject is kv or memory.weaver_reads is cache: use weave_kv / weave_on_cache"
+            )
         w_dtype = self.weaver_lm.get_input_embeddings().weight.dtype
         ctx = self.weaver.reasoner_to_weaver(context.float())
         queries = self.weaver.query_embeds(kind, context.shape[0])
@@ -305,6 +320,44 @@ class MemGenModel(nn.Module):
             index = self.weaver.prefix_rows(kind, k).to(positions.device).expand_as(positions)
             keys, values = self.add_prefix(keys, values, index, positions)
         return SlotKV(keys, values, positions), out.last_hidden_state[:, -k:].float()
+
+    def weave_on_cache(
+        self, kind: str, cache, mask: torch.Tensor, start: torch.Tensor
+    ) -> tuple[torch.Tensor | SlotKV, torch.Tensor]:
+        """``memory.weaver_reads: cache``: K query latents of ``kind`` at positions ``start + [0,
+        K)``, the adapter on, attend to the reasoner's own ``cache`` (``mask`` (B, T): the 2-D
+        mask of what it holds) and are dropped from it again, so the caller's cache is as it
+        was. Returns what ``weave`` / ``weave_kv`` return: the latents (B, K, D) or, with kv,
+        the keys and values at those K positions (``SlotKV``, the kv prefix added), and the
+        weaver's last hidden states there (B, K, D)."""
+        queries = self.weaver.query_embeds(kind, mask.shape[0]).to(self.dtype)
+        k = queries.shape[1]
+        positions = latent_positions(start, k)
+        if k == 0:  # nothing to run (and crop(-0) would empty the cache)
+            hidden = queries.new_zeros(mask.shape[0], 0, queries.shape[-1]).float()
+            memory = SlotKV([], [], positions) if self.kv else queries
+            return memory, hidden
+        with self.weaver_adapter():
+            out = self.weaver_lm.get_decoder()(
+                inputs_embeds=queries,
+                attention_mask=torch.cat([mask, mask.new_ones(mask.shape[0], k)], 1),
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        hidden = out.last_hidden_state.float()
+        memory = None
+        if self.kv:  # copies: the cache's buffers are written again once it is cropped
+            keys = [layer.keys[:, :, -k:].clone() for layer in cache.layers]
+            values = [layer.values[:, :, -k:].clone() for layer in cache.layers]
+            if self.weaver.prefix_keys is not None:
+                index = self.weaver.prefix_rows(kind, k).to(positions.device).expand_as(positions)
+                keys, values = self.add_prefix(keys, values, index, positions)
+            memory = SlotKV(keys, values, positions)
+        cache.crop(-k)
+        if memory is None:
+            memory = self.weaver.weaver_to_reasoner(hidden).to(self.dtype)
+        return memory, hidden
 
     def add_prefix(self, keys: list, values: list, index: torch.Tensor, positions: torch.Tensor):
         """``memory.kv_prefix``: per layer, the weaver's ``keys`` / ``values`` (B, kv_heads, T,
@@ -365,6 +418,20 @@ def check_inject(cfg: MemoryConfig, config, separate_weaver: bool) -> None:
     """Refuse memory settings the model cannot honour, saying what to use instead."""
     if cfg.inject not in INJECTS:
         raise MemgenError(f'memory.inject must be input or kv, not "{cfg.inject}".')
+    if cfg.weaver_reads == "cache":
+        if separate_weaver:
+            raise MemgenError(
+                "memory.weaver_reads: cache has the weaver read the reasoner's own cached keys "
+                "and values, so the weaver must be the reasoner's own backbone; "
+                "model.weaver_base sets a separate one. Drop model.weaver_base, or use "
+                "memory.weaver_reads: context with it."
+            )
+        if not reusable(config):
+            raise MemgenError(
+                f"memory.weaver_reads: cache is not supported on models with sliding-window "
+                f"attention (this one has sliding_window {config.sliding_window}). Use "
+                "memory.weaver_reads: context."
+            )
     if cfg.inject != "kv":
         return
     if separate_weaver:

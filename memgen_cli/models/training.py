@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from memgen_cli.models.kv import check_positions, slot_cache
+from memgen_cli.models.kv import append_slots, check_positions, slot_cache
 from memgen_cli.models.latents import (
     align_offsets,
     chunk_mask,
@@ -168,6 +168,8 @@ def weave_forward(
 def weave_hidden(model: MemGenModel, input_ids, attention_mask, points: Points) -> torch.Tensor:
     """The reasoner's last hidden states over the woven stream, aligned with the tokens:
     ``hidden[:, i]`` predicts token ``i + 1`` (B, T, D). The loss and GRPO's log-probs read it."""
+    if model.reads_cache:
+        return _weave_hidden_on_cache(model, input_ids, attention_mask, points)
     if model.kv:
         return _weave_hidden_kv(model, input_ids, attention_mask, points)
     batch, length = input_ids.shape
@@ -179,15 +181,9 @@ def weave_hidden(model: MemGenModel, input_ids, attention_mask, points: Points) 
     carry = None  # the previous round's latents, which the weaver reads as context next
     woven: list[torch.Tensor] = []
     for kind, row_points in points.rounds():
-        has = torch.tensor([p is not None for p in row_points], device=device)
-        target = torch.tensor([p if p is not None else -1 for p in row_points], device=device)
-        lengths = torch.where(has, target - consumed, 0)
-        span = int(lengths.max())
-        offsets = torch.arange(span, device=device)[None]
-        index = (consumed[:, None] + 1 + offsets).clamp(0, length - 1)
-        valid = (offsets < lengths[:, None]).long() * attention_mask.gather(1, index)
-        ctx = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
-        ctx_pos = next_pos[:, None] + valid.cumsum(1) - 1
+        has, target, lengths, index, valid, ctx, ctx_pos = _chunk(
+            embeds, attention_mask, row_points, consumed, next_pos
+        )
         if carry is not None:
             ctx = torch.cat([carry[0], ctx], 1)
             valid = torch.cat([carry[1], valid], 1)
@@ -208,6 +204,84 @@ def weave_hidden(model: MemGenModel, input_ids, attention_mask, points: Points) 
     # Padding tokens are not placed in the stream; their (ignored) predictions read its end.
     pred = prediction_positions(token_pos, pts, ks).clamp(max=stream.shape[1] - 1).to(device)
     return hidden.gather(1, pred[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def _chunk(embeds, attention_mask, row_points: list[int | None], consumed, next_pos):
+    """One round's new context: each row's tokens after ``consumed`` up to its point (inclusive;
+    None: none), right-padded to the longest with masked slots. Returns (has a point, the
+    points (-1: none), lengths, token index (B, S), mask (B, S), embeddings, positions)."""
+    device, length = embeds.device, embeds.shape[1]
+    has = torch.tensor([p is not None for p in row_points], device=device)
+    target = torch.tensor([p if p is not None else -1 for p in row_points], device=device)
+    lengths = torch.where(has, target - consumed, 0)
+    offsets = torch.arange(int(lengths.max()), device=device)[None]
+    index = (consumed[:, None] + 1 + offsets).clamp(0, length - 1)
+    valid = (offsets < lengths[:, None]).long() * attention_mask.gather(1, index)
+    ctx = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
+    ctx_pos = next_pos[:, None] + valid.cumsum(1) - 1
+    return has, target, lengths, index, valid, ctx, ctx_pos
+
+
+def _weave_hidden_on_cache(model: MemGenModel, input_ids, attention_mask, points: Points):
+    """``weave_hidden`` for ``memory.weaver_reads: cache``: the reasoner reads each row's
+    stream in rounds, one per insertion, into one cache (rows' chunks right-padded with masked
+    slots, positions explicit), and at the end of each round the K query latents read that
+    cache (``MemGenModel.weave_on_cache``). With input their latents open the next round's
+    chunk; with kv their keys and values are appended to the cache. A last round reads what
+    is left. The first chunk depends on nothing the weaver does, so it runs without autograd.
+    Each token's hidden state is gathered from the round that read it; the token at an input
+    insertion point is predicted from the last latent after it, as in the stream."""
+    batch, length = input_ids.shape
+    device = input_ids.device
+    embeds = model.embed(input_ids)
+    cache = DynamicCache(config=model.reasoner.config)
+    mask = attention_mask[:, :0]
+    consumed = torch.full((batch,), -1, device=device)
+    next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+    where = torch.zeros(batch, length, dtype=torch.long, device=device)  # column per token
+    rows = torch.arange(batch, device=device)
+    carry, pieces, read = None, [], 0  # read: columns of hidden states so far
+    rounds = [*points.rounds(), (None, [length - 1] * batch)]  # the last: the rest of each row
+    for r, (kind, row_points) in enumerate(rounds):
+        has, target, lengths, index, valid, ctx, ctx_pos = _chunk(
+            embeds, attention_mask, row_points, consumed, next_pos
+        )
+        real = (torch.arange(index.shape[1], device=device)[None] < lengths[:, None]) & has[:, None]
+        slots = None
+        if carry is not None:
+            latents, carry_mask, carry_pos, carry_slots, carry_points = carry
+            k = latents.shape[1]
+            ctx = torch.cat([latents, ctx], 1)
+            valid = torch.cat([carry_mask, valid], 1)
+            ctx_pos = torch.cat([carry_pos, ctx_pos], 1)
+            slots = torch.cat([carry_slots, torch.full_like(index, -1)], 1)
+            woven = carry_mask[:, -1].bool()  # the point token is predicted after its latents
+            where[rows[woven], carry_points[woven]] = read + k - 1
+            index = torch.cat([index.new_zeros(batch, k), index], 1)
+            real = torch.cat([real.new_zeros(batch, k), real], 1)
+        cols = torch.arange(index.shape[1], device=device).expand_as(index)
+        where[rows[:, None].expand_as(index)[real], index[real]] = read + cols[real]
+        mask = torch.cat([mask, valid], 1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and r > 0):
+            pieces.append(model.reasoner_hidden(ctx, mask, ctx_pos, cache, slots))
+        read += ctx.shape[1]
+        if kind is None:
+            break
+        start = next_pos + lengths
+        memory, _ = model.weave_on_cache(kind, cache, mask, start)
+        k = model.weaver.num_latents(kind)
+        if model.kv:
+            append_slots(cache, memory.select(rows[has]), rows[has], memory.positions[has], batch)
+            mask = torch.cat([mask, chunk_mask(has, k)], 1)
+            carry = None
+        else:
+            prefix = model.weaver.prefix_rows(kind, k).to(device)
+            carry_slots = torch.where(has[:, None], prefix[None], -1)
+            carry = (memory, chunk_mask(has, k), latent_positions(start, k), carry_slots, target)
+        next_pos = start + has.long() * k
+        consumed = torch.where(has, target, consumed)
+    hidden = torch.cat(pieces, 1)
+    return hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
 def _reasoner_pass(
@@ -344,7 +418,7 @@ def reference_weave_forward(
     pts, ks = points.per_row(
         model.weaver.num_latents("prompt"), model.weaver.num_latents("inference")
     )
-    official = official and not model.kv  # the official code has no kv injection
+    official = official and not (model.kv or model.reads_cache)  # not the official code's modes
     aligned_rows, logit_rows, total, count = [], [], 0.0, 0
     for b in range(input_ids.shape[0]):
         real = attention_mask[b].bool()
@@ -352,7 +426,8 @@ def reference_weave_forward(
         kinds = [kind for _, kind in points.row(b)]
         if model.kv:
             row = tokens.new_zeros(input_ids.shape[1], tokens.shape[-1])
-            row[real] = _reference_hidden_kv(model, tokens, pts[b], kinds)
+            hidden_kv = _reference_hidden_kv_on_cache if model.reads_cache else _reference_hidden_kv
+            row[real] = hidden_kv(model, tokens, pts[b], kinds)
             aligned_rows.append(row)
             continue
         pieces, rows, prev = [], [], -1  # rows: each column's kv-prefix row (-1: a token)
@@ -363,9 +438,15 @@ def reference_weave_forward(
             ones = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
             pos = torch.arange(prefix.shape[1], device=prefix.device)[None]
             start = torch.tensor([prefix.shape[1]], device=prefix.device)
-            latents, _ = model.weave(
-                kind, prefix, ones, pos, model.new_weaver_cache(), start, official=official
-            )
+            if model.reads_cache:  # the reasoner reads the whole prefix, then the queries
+                cache = DynamicCache(config=model.reasoner.config)
+                seen = torch.cat(rows)[None].to(prefix.device)
+                model.reasoner_hidden(prefix, ones, pos, cache, slots=seen)
+                latents, _ = model.weave_on_cache(kind, cache, ones, start)
+            else:
+                latents, _ = model.weave(
+                    kind, prefix, ones, pos, model.new_weaver_cache(), start, official=official
+                )
             pieces.append(latents)
             rows.append(model.weaver.prefix_rows(kind, latents.shape[1]))
             prev = point
@@ -428,6 +509,32 @@ def _reference_hidden_kv(model: MemGenModel, tokens, row_points: list[int], kind
             length += segment.shape[1]
         if i < len(row_points):
             slots = memory[i]
+            k = slots.positions.shape[1]
+            check_positions(slots, latent_positions(torch.tensor([length]), k).to(slots.positions))
+            for layer, (keys, values) in enumerate(zip(slots.keys, slots.values, strict=True)):
+                cache.update(keys, values, layer)
+            length += k
+        prev = point
+    return torch.cat(hidden)
+
+
+def _reference_hidden_kv_on_cache(model: MemGenModel, tokens, row_points, kinds) -> torch.Tensor:
+    """One sample with ``memory.inject: kv`` and ``memory.weaver_reads: cache``: the reasoner
+    runs segment by segment into one ordinary cache, and at each point the query latents read
+    it and their keys and values are appended to it; its hidden state at every token (n, D)."""
+    cache = DynamicCache(config=model.reasoner.config)
+    hidden, prev, length = [], -1, 0
+    kinds = [*kinds, None]
+    for point, kind in zip([*row_points, tokens.shape[1] - 1], kinds, strict=True):
+        segment = tokens[:, prev + 1 : point + 1]
+        if segment.shape[1]:
+            pos = torch.arange(length, length + segment.shape[1], device=tokens.device)[None]
+            ones = torch.ones(1, length + segment.shape[1], dtype=torch.long, device=tokens.device)
+            hidden.append(model.reasoner_hidden(segment, ones, pos, cache)[0])
+            length += segment.shape[1]
+        if kind is not None:
+            ones = torch.ones(1, length, dtype=torch.long, device=tokens.device)
+            slots, _ = model.weave_on_cache(kind, cache, ones, torch.tensor([length]))
             k = slots.positions.shape[1]
             check_positions(slots, latent_positions(torch.tensor([length]), k).to(slots.positions))
             for layer, (keys, values) in enumerate(zip(slots.keys, slots.values, strict=True)):

@@ -22,6 +22,8 @@ Projection initialisation (``projection_init``):
 With ``memory.inject: kv`` (``projections=False``) there are no projections: the weaver reads
 the reasoner's embeddings as they are (the backbone is shared) and what it writes is its own
 keys and values, so the two hidden x hidden maps would be parameters that get no gradient.
+With ``memory.weaver_reads: cache`` the weaver reads the context as the reasoner's cached keys and
+values (its adapter acts at its K query positions only), so ``reasoner_to_weaver`` is not made.
 ``memory.kv_prefix`` adds a learned key and value per layer and slot (``prefix_keys`` /
 ``prefix_values``) that the weaver's own at that slot add to (kv), or that the reasoner's own
 over the latents add to (input: ``MemGenModel.input_prefix``).
@@ -35,6 +37,7 @@ from torch import nn
 KINDS = ("prompt", "inference")
 INITS = ("identity", "neutral", "random")
 INJECTS = ("input", "kv")  # memory.inject: where the memory enters the reasoner (memgen.py)
+READS = ("context", "cache")  # memory.weaver_reads: what the weaver reads the context as
 
 
 class Weaver(nn.Module):
@@ -49,6 +52,7 @@ class Weaver(nn.Module):
         hidden_rms: float = 1.0,
         neutral_embedding: torch.Tensor | None = None,
         projections: bool = True,
+        reads_context: bool = True,
         prefix: tuple[int, int, int] | None = None,
         prefix_rate: float = 1.0,
     ):
@@ -89,10 +93,14 @@ class Weaver(nn.Module):
         self.weaver_to_reasoner: nn.Linear | None = None
         if not projections:
             return
-        self.reasoner_to_weaver = nn.Linear(reasoner_hidden, weaver_hidden)
+        # memory.weaver_reads: cache: the weaver reads the reasoner's keys and values, not its
+        # embeddings, so there is nothing to map into the weaver.
+        if reads_context:
+            self.reasoner_to_weaver = nn.Linear(reasoner_hidden, weaver_hidden)
         self.weaver_to_reasoner = nn.Linear(weaver_hidden, reasoner_hidden)
         if projection_init in ("identity", "neutral"):
-            _identity_(self.reasoner_to_weaver, 1.0)
+            if self.reasoner_to_weaver is not None:
+                _identity_(self.reasoner_to_weaver, 1.0)
             _identity_(self.weaver_to_reasoner, embedding_rms / max(hidden_rms, 1e-6))
         if projection_init == "neutral":
             with torch.no_grad():

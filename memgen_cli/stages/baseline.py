@@ -193,7 +193,8 @@ def lora_params_per_rank(model, targets: list[str]) -> int:
 def weaver_trainable_params(model, memory: MemoryConfig) -> int:
     """What ``sft-weaver`` trains with this memory config on ``model`` (shared backbone): its
     LoRA plus the weaver's own tensors (queries, norms, scales, both projections unless
-    ``memory.inject`` is kv, which has none, and the kv prefix with ``memory.kv_prefix``)."""
+    ``memory.inject`` is kv, which has none, or only the read-out with ``memory.weaver_reads:
+    cache``, and the kv prefix with ``memory.kv_prefix``)."""
     hidden = model.get_input_embeddings().weight.shape[1]
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         own = Weaver(
@@ -202,6 +203,7 @@ def weaver_trainable_params(model, memory: MemoryConfig) -> int:
             memory.prompt_latents,
             memory.inference_latents,
             projections=memory.inject != "kv",
+            reads_context=memory.weaver_reads != "cache",
             prefix=cache_geometry(model.config) if memory.kv_prefix else None,
         )
     lora = memory.lora_r * lora_params_per_rank(model, memory.lora_targets)

@@ -40,7 +40,7 @@ from memgen_cli.config import (
 )
 from memgen_cli.data import Example, Task, get_task
 from memgen_cli.errors import MemgenError, require
-from memgen_cli.models.weaver import INITS, INJECTS
+from memgen_cli.models.weaver import INITS, INJECTS, READS
 
 REPORTERS = ("none", "tensorboard", "wandb")
 MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
@@ -133,6 +133,7 @@ def validate_memory(m: MemoryConfig) -> None:
         (bool(m.lora_targets), "lora_targets needs at least one module name (e.g. q_proj,v_proj)"),
         (m.projection_init in INITS, f"projection_init must be one of {', '.join(INITS)}"),
         (m.inject in INJECTS, f"inject must be one of {', '.join(INJECTS)}"),
+        (m.weaver_reads in READS, f"weaver_reads must be one of {', '.join(READS)}"),
         (
             m.kv_prefix_rate > 0,
             "kv_prefix_rate must be > 0 (how many times faster the prefix learns)",
