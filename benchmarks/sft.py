@@ -26,6 +26,10 @@ the same memory settings otherwise; its trainable count, without the projections
 with the LoRA rank that would match it); ``inputp_over_lora_step`` the same for the input weaver
 with ``memory.kv_prefix`` (a learned key and value per layer at the latents' slots, the weaver's
 LoRA rank lowered from 16 to 13 to pay for it, as the results table's recipe does).
+``kvc_over_lora_step`` and ``inputpc_over_lora_step``: the kv weaver and the input + prefix
+weaver with ``memory.weaver_reads: cache`` (its query latents read the reasoner's own cache, so
+the context runs through the model once; the input weaver's LoRA rank raised to 19 to pay for
+the input projection it no longer has, as the deep table's row does).
 ``memory_mb`` is each step's peak: on CUDA the allocator's peak during the step; everywhere the
 tensors autograd saves for the backward (activations, not weights), which is what differs
 between the paths. On a CPU, where a
@@ -34,6 +38,7 @@ exceed ``token_pass_ratio_without_padding`` by more than what the no-grad prompt
 the backward.
 
     .venv/bin/python benchmarks/sft.py [--steps 3] [--batch 4] [--ungrouped] [--device cuda]
+        [--skip-reference] [--skip-kv] [--skip-inputp] [--skip-cache]
 """
 
 from __future__ import annotations
@@ -214,6 +219,11 @@ def main() -> None:
         "--skip-inputp", action="store_true", help="leave out the input + prefix weaver step"
     )
     parser.add_argument(
+        "--skip-cache",
+        action="store_true",
+        help="leave out the two weaver steps that read the cache (memory.weaver_reads: cache)",
+    )
+    parser.add_argument(
         "--skip-reference",
         action="store_true",
         help="time only the batched weaver step and the LoRA step (the cost of memory)",
@@ -258,6 +268,14 @@ def main() -> None:
             load_base("smollm2-135m", device=args.device), inputp_cfg
         )
         inputp = steps["batched_inputp"][1]
+    cached = {
+        "batched_kvc": dataclasses.replace(cfg, inject="kv", weaver_reads="cache"),
+        "batched_inputpc": dataclasses.replace(
+            cfg, kv_prefix=True, lora_r=19, lora_alpha=38, weaver_reads="cache"
+        ),
+    }
+    for name, c in {} if args.skip_cache else cached.items():
+        steps[name] = weaver_step(load_base("smollm2-135m", device=args.device), c)
     seconds = dict.fromkeys(steps, 0.0)
     for fn, m, o in steps.values():
         train_step(fn, m, o, data[0])  # warm-up
@@ -309,6 +327,18 @@ def main() -> None:
                 "inputp_trainable_params": None
                 if args.skip_inputp
                 else sum(p.numel() for p in inputp.trainable_parameters()),
+                **{
+                    f"{name[len('batched_') :]}_over_lora_step": None
+                    if name not in seconds
+                    else round(seconds[name] / seconds["lora"], 2)
+                    for name in cached
+                },
+                **{
+                    f"{name[len('batched_') :]}_trainable_params": None
+                    if name not in steps
+                    else sum(p.numel() for p in steps[name][1].trainable_parameters())
+                    for name in cached
+                },
                 "lora": {
                     "rank": rank,
                     "trainable_params": sum(

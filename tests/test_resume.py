@@ -16,6 +16,8 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from helpers import files, tiny_artifact
@@ -224,6 +226,29 @@ def test_a_resumed_run_records_what_an_uninterrupted_one_does(name, tiny, tmp_pa
     assert (straight / "recipe.yaml").read_text().replace(str(tmp_path / "a"), "") == (
         resumed / "recipe.yaml"
     ).read_text().replace(str(tmp_path / "b"), "")
+
+
+def test_grpo_resumed_between_the_steps_of_one_generation_is_the_uninterrupted_run(tiny, tmp_path):
+    """With ``num_iterations: 2`` a Ctrl-C after step 3 leaves a checkpoint inside a generation
+    (steps 3 and 4 train on step 3's rollouts): it holds them, and the resumed run trains on
+    them, so it ends where the uninterrupted one does, to the last bit of every tensor."""
+    stage = STAGES["grpo-weaver"]
+    # A reward that differs within every group, so every step moves the weaver (the task's
+    # own is 0 for every completion of the tiny model, and nothing would move).
+    sets = ["training.num_iterations=2", "reward.functions=[test_grpo:even_token_reward]"]
+    straight = stage.module.run(config(stage, tiny, tmp_path / "a", "training.max_steps=5", *sets))
+    cfg = config(stage, tiny, tmp_path / "b", "training.max_steps=5", *sets)
+    with pytest.raises(stage.module.TrainingInterrupted) as stop:  # the step after it ends
+        stage.module.run(cfg, callbacks=ctrl_c_at(stage, 2))
+    assert stop.value.checkpoint.name == "checkpoint-3"
+    assert (stop.value.checkpoint / "rollouts-0.pt").is_file()
+    resumed = stage.module.run(cfg, resume="auto")
+    a, b = (load_file(out / "weaver.safetensors") for out in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    manifests = (json.loads((out / "memgen.json").read_text()) for out in (straight, resumed))
+    assert without(next(manifests), sft_run.EXECUTION_FIELDS) == without(
+        next(manifests), sft_run.EXECUTION_FIELDS
+    )
 
 
 def test_sft_weaver_logs_at_every_checkpoint_and_takes_a_new_logging_interval(tiny, tmp_path):

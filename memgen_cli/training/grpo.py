@@ -7,8 +7,9 @@ One optimizer step, on each process (each process owns whole groups of G complet
    (``training/rollouts.py``), rewards (``rl.score``), group-normalised advantages
    (``rl.group_advantages``), and, when ``num_iterations`` > 1 or ``beta`` > 0, the old and
    reference log-probs. The rollouts of one generation are reused for ``num_iterations``
-   consecutive steps (the prompts drawn for those steps are skipped). Rollouts are never
-   checkpointed: a resumed run regenerates them (TRL #3247).
+   consecutive steps (the prompts drawn for those steps are skipped). A checkpoint taken
+   between those steps holds them (``rollouts-<rank>.pt``, ``SaveRollouts``) and a run resumed
+   from it trains on them, so it is the uninterrupted run (TRL regenerates them: #3247).
 2. ``compute_loss`` (public): the policy's log-probs of the sampled tokens from the batched
    training forward at the trace's exact insertion points, then ``rl.policy_loss``; already
    normalised for gradient accumulation (``loss_is_scaled_for_ga``). With ``beta`` = 0 a
@@ -42,7 +43,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from rich.console import Console
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from memgen_cli.config import GenerationConfig
 from memgen_cli.data import Example, to_messages
@@ -163,6 +165,27 @@ def _gather_list(values: list) -> list:
     return [v for part in out for v in part]
 
 
+def rollouts_file(rank: int) -> str:
+    return f"rollouts-{rank}.pt"
+
+
+class SaveRollouts(TrainerCallback):
+    """Writes the generation being trained on into a checkpoint taken before its last step
+    (``num_iterations`` > 1), so that a resumed run trains on the same rollouts."""
+
+    def __init__(self, trainer: GRPOTrainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        t = self.trainer
+        if t._buffer is None or state.global_step % t.s.num_iterations == 0:
+            return  # the next step generates anew
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if folder.is_dir():
+            saved = {"buffer": t._buffer, "items": t._buffer_items, "metrics": t._rollout_metrics}
+            torch.save(saved, folder / rollouts_file(args.process_index))
+
+
 class GRPOTrainer(Trainer):
     loss_is_scaled_for_ga = True  # compute_loss applies TRL's normalisers itself
 
@@ -192,6 +215,21 @@ class GRPOTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._clipped_runs = 0
         self._warned = False
+        self.add_callback(SaveRollouts(self))
+
+    # ------------------------------------------------------------------- 0. resume
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """``Trainer.train``; resumed from a checkpoint taken between the steps of one
+        generation, it first takes back that generation's rollouts (``SaveRollouts``)."""
+        if resume_from_checkpoint:
+            path = Path(resume_from_checkpoint) / rollouts_file(self.args.process_index)
+            if path.is_file():
+                # Our own file in the run's checkpoint: the stage's objects (an episode batch
+                # is a dataclass), so not weights_only.
+                saved = torch.load(path, map_location=self.policy.device, weights_only=False)
+                self._buffer, self._buffer_items = saved["buffer"], saved["items"]
+                self._rollout_metrics = saved["metrics"]
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # ------------------------------------------------------------------------ 1. rollouts
     def get_batch_samples(self, epoch_iterator, num_batches, device):
