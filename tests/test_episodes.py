@@ -111,6 +111,9 @@ CASES = {
     "kv-keep": (dict(kind="llama", inject="kv"), "weaver", True),
     "kv-drop": (dict(kind="llama", inject="kv"), "weaver", False),
     "full-keep": (dict(kind="llama"), "full", True),
+    "cache-keep": (dict(kind="llama", weaver_reads="cache", kv_prefix=True), "weaver", True),
+    "cache-drop": (dict(kind="qwen2", weaver_reads="cache"), "weaver", False),
+    "kv-cache-drop": (dict(kind="llama", inject="kv", weaver_reads="cache"), "weaver", False),
 }
 
 
