@@ -162,9 +162,13 @@ def assert_training_equals_reference(mg, batch) -> None:
     fast, g_fast = forward_and_grads(mg, weave_forward, batch)
     ref, g_ref = forward_and_grads(mg, reference_weave_forward, batch)
     assert abs(fast.loss.item() - ref.loss.item()) < 1e-4
-    assert g_fast.keys() == g_ref.keys()
-    for name, grad in g_ref.items():
-        torch.testing.assert_close(g_fast[name], grad, atol=1e-4, rtol=0, msg=name)
+    # A tensor that one path's graph reaches and the other's does not (with memory.weaver_reads
+    # cache, the fast path's one pass runs the slots' last layer, which no later token reads)
+    # must get a zero gradient there.
+    for name in g_fast.keys() ^ g_ref.keys():
+        assert {**g_fast, **g_ref}[name].abs().max() == 0, name
+    for name in g_fast.keys() & g_ref.keys():
+        torch.testing.assert_close(g_fast[name], g_ref[name], atol=1e-4, rtol=0, msg=name)
     for table in ("prefix_keys", "prefix_values"):
         for kind in ("prompt", "inference"):
             grad = g_ref[f"weaver.{table}.{kind}"]

@@ -168,14 +168,17 @@ class MemGenModel(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.reasoner.get_input_embeddings()(ids)
 
-    def reasoner_hidden(self, embeds, mask, positions, cache=None, slots=None) -> torch.Tensor:
+    def reasoner_hidden(
+        self, embeds, mask, positions, cache=None, slots=None, adapter=None
+    ) -> torch.Tensor:
         """Last-layer hidden states of the frozen reasoner (adapters off): (B, T, D).
 
-        ``slots`` (B, T), with ``memory.inject: input`` and ``memory.kv_prefix``: each column's
-        row of ``Weaver.prefix_table`` where ``embeds`` holds a latent (-1 elsewhere); the
-        reasoner's keys and values there get the learned prefix (``input_prefix``)."""
+        ``slots`` (B, T), with ``memory.kv_prefix``: each column's row of
+        ``Weaver.prefix_table`` where ``embeds`` holds a memory slot (-1 elsewhere); the keys
+        and values there get the learned prefix (``input_prefix``). ``adapter`` (B, T) bool:
+        columns where the weaver's adapter is on in this pass (``adapter_at``)."""
         self._set_adapter(False)
-        with self.input_prefix(slots):
+        with self.input_prefix(slots), self.adapter_at(adapter):
             out = self.reasoner.get_decoder()(
                 inputs_embeds=embeds.to(self.dtype),
                 attention_mask=mask,
@@ -184,6 +187,33 @@ class MemGenModel(nn.Module):
                 use_cache=cache is not None,
             )
         return out.last_hidden_state
+
+    @contextmanager
+    def adapter_at(self, columns: torch.Tensor | None):
+        """The weaver's adapter on at ``columns`` (B, T) of the next pass only, off elsewhere
+        (``memory.weaver_reads: cache``: its query latents in the same pass as the reasoner's
+        context): each adapted layer's LoRA update is multiplied by the column mask, so every
+        other column gets exactly the frozen layer's output (x + 0). None: no change."""
+        if columns is None or not self.shared:
+            yield
+            return
+        scale = columns[..., None]
+
+        def hook(module, args, out):
+            return out * scale.to(out.dtype)
+
+        handles = [
+            layer.lora_B[ADAPTER].register_forward_hook(hook)
+            for layer in self._lora_layers
+            if ADAPTER in getattr(layer, "lora_B", {})
+        ]
+        self._set_adapter(True)
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._set_adapter(False)
 
     @contextmanager
     def input_prefix(self, slots: torch.Tensor | None):
@@ -197,7 +227,7 @@ class MemGenModel(nn.Module):
         (shared) modules never see them."""
         if (
             slots is None
-            or self.kv
+            or (self.kv and not self.reads_cache)  # kv slots get theirs in add_prefix
             or self.weaver.prefix_keys is None
             or not bool((slots >= 0).any())
         ):
@@ -337,7 +367,12 @@ class MemGenModel(nn.Module):
             hidden = queries.new_zeros(mask.shape[0], 0, queries.shape[-1]).float()
             memory = SlotKV([], [], positions) if self.kv else queries
             return memory, hidden
-        with self.weaver_adapter():
+        # kv: the slots' prefix is added as their keys and values are made, so the K slots
+        # read each other's as the reasoner will (as the training pass adds it).
+        slots = None
+        if self.kv and self.weaver.prefix_keys is not None:
+            slots = self.weaver.prefix_rows(kind, k).to(positions.device).expand_as(positions)
+        with self.weaver_adapter(), self.input_prefix(slots):
             out = self.weaver_lm.get_decoder()(
                 inputs_embeds=queries,
                 attention_mask=torch.cat([mask, mask.new_ones(mask.shape[0], k)], 1),
@@ -350,9 +385,6 @@ class MemGenModel(nn.Module):
         if self.kv:  # copies: the cache's buffers are written again once it is cropped
             keys = [layer.keys[:, :, -k:].clone() for layer in cache.layers]
             values = [layer.values[:, :, -k:].clone() for layer in cache.layers]
-            if self.weaver.prefix_keys is not None:
-                index = self.weaver.prefix_rows(kind, k).to(positions.device).expand_as(positions)
-                keys, values = self.add_prefix(keys, values, index, positions)
             memory = SlotKV(keys, values, positions)
         cache.crop(-k)
         if memory is None:

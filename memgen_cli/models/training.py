@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from memgen_cli.models.kv import append_slots, check_positions, slot_cache
+from memgen_cli.models.kv import check_positions, slot_cache
 from memgen_cli.models.latents import (
     align_offsets,
     chunk_mask,
@@ -223,14 +223,18 @@ def _chunk(embeds, attention_mask, row_points: list[int | None], consumed, next_
 
 
 def _weave_hidden_on_cache(model: MemGenModel, input_ids, attention_mask, points: Points):
-    """``weave_hidden`` for ``memory.weaver_reads: cache``: the reasoner reads each row's
-    stream in rounds, one per insertion, into one cache (rows' chunks right-padded with masked
-    slots, positions explicit), and at the end of each round the K query latents read that
-    cache (``MemGenModel.weave_on_cache``). With input their latents open the next round's
-    chunk; with kv their keys and values are appended to the cache. A last round reads what
-    is left. The first chunk depends on nothing the weaver does, so it runs without autograd.
-    Each token's hidden state is gathered from the round that read it; the token at an input
-    insertion point is predicted from the last latent after it, as in the stream."""
+    """``weave_hidden`` for ``memory.weaver_reads: cache``, with ``memory.inject: input``: the
+    reasoner reads each row's stream in rounds, one per insertion, into one cache (rows' chunks
+    right-padded with masked slots, positions explicit). A round's chunk and the K query
+    latents after it run as *one* pass, the weaver's adapter on at the queries' columns only
+    (``MemGenModel.adapter_at``): the queries read the chunk as the reasoner makes it, and are
+    cropped from the cache afterwards; their last states become the latents that open the next
+    round's chunk. A last round reads what is left. The first chunk depends on nothing the
+    weaver does: it runs without autograd, its queries in a pass of their own. Each token's
+    hidden state is gathered from the round that read it; the token at an insertion point is
+    predicted from the last latent after it, as in the stream."""
+    if model.kv:
+        return _weave_hidden_kv_on_cache(model, input_ids, attention_mask, points)
     batch, length = input_ids.shape
     device = input_ids.device
     embeds = model.embed(input_ids)
@@ -247,14 +251,14 @@ def _weave_hidden_on_cache(model: MemGenModel, input_ids, attention_mask, points
             embeds, attention_mask, row_points, consumed, next_pos
         )
         real = (torch.arange(index.shape[1], device=device)[None] < lengths[:, None]) & has[:, None]
-        slots = None
+        slots = torch.full_like(index, -1)
         if carry is not None:
             latents, carry_mask, carry_pos, carry_slots, carry_points = carry
             k = latents.shape[1]
             ctx = torch.cat([latents, ctx], 1)
             valid = torch.cat([carry_mask, valid], 1)
             ctx_pos = torch.cat([carry_pos, ctx_pos], 1)
-            slots = torch.cat([carry_slots, torch.full_like(index, -1)], 1)
+            slots = torch.cat([carry_slots, slots], 1)
             woven = carry_mask[:, -1].bool()  # the point token is predicted after its latents
             where[rows[woven], carry_points[woven]] = read + k - 1
             index = torch.cat([index.new_zeros(batch, k), index], 1)
@@ -262,30 +266,61 @@ def _weave_hidden_on_cache(model: MemGenModel, input_ids, attention_mask, points
         cols = torch.arange(index.shape[1], device=device).expand_as(index)
         where[rows[:, None].expand_as(index)[real], index[real]] = read + cols[real]
         mask = torch.cat([mask, valid], 1)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and r > 0):
-            pieces.append(model.reasoner_hidden(ctx, mask, ctx_pos, cache, slots))
-        read += ctx.shape[1]
-        if kind is None:
-            break
+        size = ctx.shape[1]
+        read += size
+        if kind is None or r == 0:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and r > 0):
+                pieces.append(model.reasoner_hidden(ctx, mask, ctx_pos, cache, slots))
+            if kind is None:
+                break
         start = next_pos + lengths
-        memory, _ = model.weave_on_cache(kind, cache, mask, start)
         k = model.weaver.num_latents(kind)
-        if model.kv:
-            append_slots(cache, memory.select(rows[has]), rows[has], memory.positions[has], batch)
-            mask = torch.cat([mask, chunk_mask(has, k)], 1)
-            carry = None
-        else:
-            prefix = model.weaver.prefix_rows(kind, k).to(device)
-            carry_slots = torch.where(has[:, None], prefix[None], -1)
-            carry = (memory, chunk_mask(has, k), latent_positions(start, k), carry_slots, target)
+        if r == 0:
+            latents, _ = model.weave_on_cache(kind, cache, mask, start)
+        else:  # the chunk and the queries in one pass
+            queries = model.weaver.query_embeds(kind, batch).to(ctx.dtype)
+            inputs = torch.cat([ctx, queries], 1)
+            full = torch.cat([mask, mask.new_ones(batch, k)], 1)
+            positions = torch.cat([ctx_pos, latent_positions(start, k)], 1)
+            at = torch.cat([torch.zeros_like(valid), torch.ones_like(valid[:, :k])], 1).bool()
+            slots = torch.cat([slots, slots.new_full((batch, k), -1)], 1)
+            hidden = model.reasoner_hidden(inputs, full, positions, cache, slots, adapter=at)
+            cache.crop(-k)
+            pieces.append(hidden[:, :size])
+            states = hidden[:, size:].float()
+            latents = model.weaver.weaver_to_reasoner(states).to(model.dtype)
+        prefix = model.weaver.prefix_rows(kind, k).to(device)
+        carry_slots = torch.where(has[:, None], prefix[None], -1)
+        carry = (latents, chunk_mask(has, k), latent_positions(start, k), carry_slots, target)
         next_pos = start + has.long() * k
         consumed = torch.where(has, target, consumed)
     hidden = torch.cat(pieces, 1)
     return hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
+def _weave_hidden_kv_on_cache(model: MemGenModel, input_ids, attention_mask, points: Points):
+    """``memory.weaver_reads: cache`` with ``memory.inject: kv``: the stream with the query
+    latents at their slots runs through the reasoner *once*, the weaver's adapter on at the
+    slot columns only (``MemGenModel.adapter_at``) and the kv prefix added there as the keys and
+    values are made: each slot reads the context as the reasoner makes it, and every later
+    token reads the slots' keys and values, at every layer, through attention (gradients too).
+    That is what generation does weave by weave. Tokens are predicted from their own columns
+    (the token after a point from the boundary token, which precedes the memory)."""
+    batch, length = input_ids.shape
+    embeds = model.embed(input_ids)
+    _, ks, token_pos, starts, frozen = _layout(model, points, length)
+    queries = [
+        model.weaver.query_embeds(kind, batch).to(embeds.dtype) for kind, _ in points.rounds()
+    ]
+    stream, mask = _assemble(embeds, attention_mask, queries, points, token_pos, starts, ks)
+    index = _slot_index(model, points, starts, ks, mask.shape).to(stream.device)
+    hidden = _reasoner_pass(model, stream, mask, frozen, slots=index, adapter=index >= 0)
+    pred = token_pos.clamp(max=stream.shape[1] - 1).to(stream.device)
+    return hidden.gather(1, pred[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
 def _reasoner_pass(
-    model: MemGenModel, stream, mask, frozen: int, cache=None, slots=None
+    model: MemGenModel, stream, mask, frozen: int, cache=None, slots=None, adapter=None
 ) -> torch.Tensor:
     """The reasoner over the woven stream; its first ``frozen`` positions without autograd.
 
@@ -293,11 +328,13 @@ def _reasoner_pass(
     pure waste: that prefix (the prompt, ~40% of a GSM8K sample) runs under ``no_grad`` into
     a KV cache and the rest attends to it, which saves its share of the backward pass.
     ``cache``: the (empty) cache to run into, e.g. a ``kv.slot_cache``. ``slots``: each
-    column's kv-prefix row (``MemGenModel.input_prefix``), or None.
+    column's kv-prefix row (``MemGenModel.input_prefix``), or None. ``adapter``: the columns
+    where the weaver's adapter is on (``MemGenModel.adapter_at``), or None; nothing before the
+    first chunk is one of them.
     """
     positions = positions_from_mask(mask)
     if not (torch.is_grad_enabled() and 0 < frozen < stream.shape[1]):
-        return model.reasoner_hidden(stream, mask, positions, cache, slots)
+        return model.reasoner_hidden(stream, mask, positions, cache, slots, adapter)
     cache = cache if cache is not None else DynamicCache(config=model.reasoner.config)
     head_slots, tail_slots = (
         (None, None) if slots is None else (slots[:, :frozen], slots[:, frozen:])
@@ -306,7 +343,10 @@ def _reasoner_pass(
         head = model.reasoner_hidden(
             stream[:, :frozen], mask[:, :frozen], positions[:, :frozen], cache, head_slots
         )
-    tail = model.reasoner_hidden(stream[:, frozen:], mask, positions[:, frozen:], cache, tail_slots)
+    tail_adapter = None if adapter is None else adapter[:, frozen:]
+    tail = model.reasoner_hidden(
+        stream[:, frozen:], mask, positions[:, frozen:], cache, tail_slots, tail_adapter
+    )
     return torch.cat([head, tail], 1)
 
 
