@@ -147,6 +147,7 @@ def test_kv_rank_for_the_lora_baselines_budget_matches_a_hand_count(deep):
         "kv_trainable_params": own_kv + kv_rank * 2 * (q + k + v),
         "kv_prefix": False,
         "inject": "kv",
+        "weaver_reads": "context",
         "lora_rank": lora_rank,
         "lora_trainable_params": lora,
         "input_trainable_params": weaver,
@@ -213,6 +214,32 @@ def test_input_prefix_budget_lowers_the_input_weavers_rank(deep):
     mg = MemGenModel(reasoner, tok, memory)
     mg.set_trainable(weaver=True, trigger=False)
     assert sum(p.numel() for p in mg.trainable_parameters()) == budget["kv_trainable_params"]
+
+
+def test_a_weaver_that_reads_the_cache_raises_its_rank_for_the_projection_it_lacks(deep):
+    """``memory.weaver_reads: cache`` has no ``reasoner_to_weaver``: its own tensors are the
+    input weaver's less that map, so its LoRA rank rises to meet the same count."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(tiny_config("llama", 300))
+    q, v = 32 + 32, 32 + 16
+    own = (8 + 8) * 32 + 2 * (32 + 32) + 2 + (32 * 32 + 32) + 2 * 2 * 2 * 8 * (8 + 8)
+    budget = deep.kv_budget(
+        model, MemoryConfig(), BaselineLoraConfig(), prefix=True, inject="input", reads="cache"
+    )
+    rank = round((6272 - own) / (2 * (q + v)))
+    assert (rank, budget["kv_rank"], budget["kv_trainable_params"]) == (
+        16,
+        rank,
+        own + rank * 2 * (q + v),
+    )
+    assert deep.kv_sets(budget)[-1] == "memory.weaver_reads=cache"
+    reasoner, tok = make_model()
+    memory = MemoryConfig(kv_prefix=True, lora_r=rank, lora_alpha=2 * rank, weaver_reads="cache")
+    mg = MemGenModel(reasoner, tok, memory)
+    mg.set_trainable(weaver=True, trigger=False)
+    assert sum(p.numel() for p in mg.trainable_parameters()) == budget["kv_trainable_params"]
+    rows = deep.row_sets(deep.METHODS["weaver-inputpc"], {(False, True, "cache"): budget})
+    assert rows == deep.kv_sets(budget)
 
 
 def test_a_budget_kv_cannot_meet_is_refused(deep):
