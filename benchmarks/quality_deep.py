@@ -230,7 +230,8 @@ def kv_sets(budget: dict) -> list[str]:
         *([f"memory.lora_targets=[{','.join(budget['kv_targets'])}]"] if kv else []),
         f"memory.lora_r={budget['kv_rank']}",
         f"memory.lora_alpha={budget['kv_alpha']}",
-        *(["memory.kv_prefix=true"] if budget.get("kv_prefix") else []),
+        # Always said: the recipe may have its own (the table's has the prefix on).
+        f"memory.kv_prefix={'true' if budget.get('kv_prefix') else 'false'}",
         *(["memory.weaver_reads=cache"] if budget.get("weaver_reads") == "cache" else []),
     ]
 

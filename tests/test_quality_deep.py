@@ -154,6 +154,8 @@ def test_kv_rank_for_the_lora_baselines_budget_matches_a_hand_count(deep):
         "gap": round((own_kv + kv_rank * 2 * (q + k + v)) / lora - 1, 4),
     }
     assert (lora_rank, lora, kv_rank, budget["kv_trainable_params"]) == (28, 6272, 18, 6402)
+    # said, not left to the recipe (the table's has memory.kv_prefix: true)
+    assert deep.kv_sets(budget)[-1] == "memory.kv_prefix=false"
     assert abs(budget["gap"]) <= 0.05
 
     # ... and the kv weaver built with those settings trains exactly that many parameters.
