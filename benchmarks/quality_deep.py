@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -365,7 +366,7 @@ def train(runs: list[Run], args, sets: dict[str, list[str]], out: Path, records:
             continue
         cmd = train_command(run, METHODS[run.row], args.recipe, sets[run.row], target)
         shown = "memgen " + shlex.join(cmd[3:])
-        quiet.print(f"[bold]{run.name}[/]: {shown}", highlight=False)
+        quiet.print(f"[bold]{run.name}[/]: {escape(shown)}", highlight=False)  # [q_proj,...]
         before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         code = subprocess.run(cmd, stdout=2).returncode  # stdout stays this script's JSON
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
