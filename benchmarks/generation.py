@@ -20,17 +20,22 @@ weaver: its values do not change the cost). Prints one JSON object:
   memory settings otherwise): ``fast_kv_s``, ``ratio_kv_vs_hf_generate``, ``kv_over_input``
   (kv weaver time / input weaver time), ``kv_over_lora``, ``kv_insertions`` and, unless
   ``--skip-reference``, ``kv_tokens_identical`` (its fast and reference paths agree);
+- a weaver that reads the reasoner's cache (``memory.weaver_reads: cache``: a weave runs over
+  its K queries only; a copy of the reasoner each): ``input_cache_over_input``,
+  ``input_cache_over_lora``, ``kv_cache_over_kv``, ``kv_cache_over_lora`` and, unless
+  ``--skip-reference``, ``input_cache_tokens_identical`` / ``kv_cache_tokens_identical``;
 - answers_per_s: rows finished per second by HF generate and by our path with memory off,
-  ``input`` and ``kv`` (every row makes ``--tokens`` tokens);
+  ``input``, ``kv``, ``input_cache`` and ``kv_cache`` (every row makes ``--tokens`` tokens);
 - peak_memory_ratio: peak RSS of a process running our generation / one running HF generate
   (each measured in its own child process, model loading included); ``peak_memory_ratio_kv``
   the same for the kv weaver.
 
 HF generate, memory off, the input weaver, the kv weaver and both LoRA paths are timed in
 ``--repeats`` interleaved rounds (each path once per round, in turn, so a slow spell of a shared
-machine hits every path alike), and each keeps its best round. Four copies of the reasoner are
+machine hits every path alike), and each keeps its best round. Six copies of the reasoner are
 in memory: HF generate, memory off and the input weaver share one (the weaver's adapter is off
-outside its passes); the kv weaver and the two LoRA paths have one each.
+outside its passes); the kv weaver, the two weavers that read the cache and the two LoRA paths
+have one each.
 
 With ``--artifact DIR`` it instead compares memory modes on a trained artifact (issue 12: is
 ``full``, the trained trigger, faster than ``weaver``, inserting at every clause boundary?):
@@ -228,6 +233,10 @@ def synthetic(tokens: int, batch: int, repeats: int, skip_reference: bool) -> di
     base, enc = build(batch)
     mg = MemGenModel(base.model, base.tokenizer, MEMORY).eval()
     kv = memgen_model(dataclasses.replace(MEMORY, inject="kv"))
+    cached = {  # memory.weaver_reads: cache, input and kv
+        name: memgen_model(dataclasses.replace(MEMORY, inject=inject, weaver_reads="cache"))
+        for name, inject in (("input_cache", "input"), ("kv_cache", "kv"))
+    }
     ids, mask = enc["input_ids"], enc["attention_mask"]
     weaver = GenerationConfig(tokens, memory="weaver", ignore_eos=True)
     off = GenerationConfig(tokens, memory="off", ignore_eos=True)
@@ -242,6 +251,7 @@ def synthetic(tokens: int, batch: int, repeats: int, skip_reference: bool) -> di
         "off": ours("off", mg, off),
         "input": ours("input", mg, weaver),
         "kv": ours("kv", kv, weaver),
+        **{name: ours(name, model, weaver) for name, model in cached.items()},
         **lora,
     }
     with torch.no_grad():
@@ -269,6 +279,11 @@ def synthetic(tokens: int, batch: int, repeats: int, skip_reference: bool) -> di
         "lora_merged_s": round(best["lora_merged"], 3),
         "weaver_over_lora": round(best["input"] / best["lora_merged"], 3),
         "kv_over_lora": round(best["kv"] / best["lora_merged"], 3),
+        "input_cache_insertions": len(outs["input_cache"].trace.insertions),
+        "input_cache_over_input": round(best["input_cache"] / best["input"], 3),
+        "input_cache_over_lora": round(best["input_cache"] / best["lora_merged"], 3),
+        "kv_cache_over_kv": round(best["kv_cache"] / best["kv"], 3),
+        "kv_cache_over_lora": round(best["kv_cache"] / best["lora_merged"], 3),
     }
     if not skip_reference:
         with torch.no_grad():
@@ -278,6 +293,10 @@ def synthetic(tokens: int, batch: int, repeats: int, skip_reference: bool) -> di
         result["ratio_reference_vs_hf_generate"] = round(t_ref / t_hf, 3)
         result["tokens_identical"] = ref.tokens == outs["input"].tokens
         result["kv_tokens_identical"] = ref_kv.tokens == outs["kv"].tokens
+        for name, model in cached.items():
+            with torch.no_grad():
+                ref_cached = reference_generate(model, ids, mask, weaver)
+            result[f"{name}_tokens_identical"] = ref_cached.tokens == outs[name].tokens
     rss = {kind: peak_rss(kind, tokens, batch) for kind in ("hf", *INJECT)}
     result["peak_rss_hf_mb"] = round(rss["hf"] / 1024, 1)
     result["peak_rss_memgen_mb"] = round(rss["memgen"] / 1024, 1)
