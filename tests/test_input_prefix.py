@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import PROMPTS, _compare, _diverse, _training_batch
+from test_model import PROMPTS, _compare, _diverse, _training_batch, embedded_paths_agree
 
 from conftest import make_memgen, make_model
 from helpers import assert_training_equals_reference, tiny_artifact
@@ -19,7 +19,7 @@ from memgen_cli.artifacts import load_artifact
 from memgen_cli.config import GenerationConfig
 from memgen_cli.generation import encode_prompts, generate
 from memgen_cli.inspection import probe as P
-from memgen_cli.models.training import reference_weave_forward, weave_forward
+from memgen_cli.models.training import weave_forward
 from memgen_cli.stages.baseline import weaver_trainable_params
 
 KINDS = ["llama", "qwen2"]
@@ -204,7 +204,6 @@ def test_generation_and_training_on_the_embedded_model():
     """SmolLM2 (30 layers, GQA 9/3 heads) with a non-zero prefix: cached generation gives the
     reference's tokens, training loss equals the reference's, and the prefix moves the logits."""
     from memgen_cli.config import MemoryConfig
-    from memgen_cli.generation import reference_generate
     from memgen_cli.models.base import load_base
     from memgen_cli.models.memgen import MemGenModel
 
@@ -217,24 +216,8 @@ def test_generation_and_training_on_the_embedded_model():
         for table in (mg.weaver.prefix_keys, mg.weaver.prefix_values):
             for p in table.values():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1 / mg.weaver.prefix_rate)
-    prompts = [[{"role": "user", "content": "Tom has 3 apples, and buys 4 more. How many?"}]]
-    enc = encode_prompts(mg.tokenizer, prompts, "cpu")
-    gen = GenerationConfig(max_new_tokens=16, memory="weaver")
-    fast = generate(mg, enc["input_ids"], enc["attention_mask"], gen, keep_logits=True)
-    ref = reference_generate(mg, enc["input_ids"], enc["attention_mask"], gen)
-    assert fast.tokens == ref.tokens and len(fast.trace.insertions) >= 2
-    for step, logits in enumerate(ref.step_logits[0]):
-        torch.testing.assert_close(fast.step_logits[step][0], logits, atol=1e-3, rtol=0)
-    batch = _training_batch(
-        mg,
-        ["Tom has 3 apples and buys 4 more. How many?", "What is 2 + 2?"],
-        ["3 plus 4 is 7, so Tom has 7 apples. The answer is 7.", "2 + 2 = 4. So 4."],
-        last=(3,),
-    )
+    a, batch = embedded_paths_agree(mg)
     with torch.no_grad():
-        a = weave_forward(mg, *batch)
-        b = reference_weave_forward(mg, *batch, official=False)
-        assert abs(float(a.loss) - float(b.loss)) < 1e-3
         mg.weaver.prefix_keys = mg.weaver.prefix_values = None
         assert abs(float(weave_forward(mg, *batch).loss) - float(a.loss)) > 1e-3
 

@@ -246,3 +246,28 @@ def test_zero_prompt_latents_turns_the_prompt_insertion_off():
     mg = _diverse(make_memgen("llama", prompt_latents=0))
     out = _compare(mg, GenerationConfig(max_new_tokens=16, memory="weaver"))
     assert out.trace.insertions and all(i.kind == "inference" for i in out.trace.insertions)
+
+
+def embedded_paths_agree(mg):
+    """On the embedded model: cached generation gives the reference's tokens (logits 1e-3, 30
+    layers in float32) with at least two weaves, and the training forward's loss the
+    reference's (1e-3); returns that loss."""
+    prompts = [[{"role": "user", "content": "Tom has 3 apples, and buys 4 more. How many?"}]]
+    enc = encode_prompts(mg.tokenizer, prompts, "cpu")
+    gen = GenerationConfig(max_new_tokens=16, memory="weaver")
+    fast = generate(mg, enc["input_ids"], enc["attention_mask"], gen, keep_logits=True)
+    ref = reference_generate(mg, enc["input_ids"], enc["attention_mask"], gen)
+    assert fast.tokens == ref.tokens and len(fast.trace.insertions) >= 2
+    for step, logits in enumerate(ref.step_logits[0]):
+        torch.testing.assert_close(fast.step_logits[step][0], logits, atol=1e-3, rtol=0)
+    batch = _training_batch(
+        mg,
+        ["Tom has 3 apples and buys 4 more. How many?", "What is 2 + 2?"],
+        ["3 plus 4 is 7, so Tom has 7 apples. The answer is 7.", "2 + 2 = 4. So 4."],
+        last=(3,),
+    )
+    with torch.no_grad():
+        a = weave_forward(mg, *batch)
+        b = reference_weave_forward(mg, *batch, official=False)
+    assert abs(float(a.loss) - float(b.loss)) < 1e-3
+    return a, batch

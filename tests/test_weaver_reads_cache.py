@@ -17,7 +17,14 @@ import json
 import pytest
 import torch
 from test_inject_kv import _generation_against_plain, plain_logits
-from test_model import PROMPTS, _compare, _diverse, _training_batch, _undecided_trigger
+from test_model import (
+    PROMPTS,
+    _compare,
+    _diverse,
+    _training_batch,
+    _undecided_trigger,
+    embedded_paths_agree,
+)
 from transformers import LlamaConfig
 
 from conftest import make_memgen, make_model
@@ -27,7 +34,7 @@ from memgen_cli.config import GenerationConfig, MemoryConfig
 from memgen_cli.errors import MemgenError
 from memgen_cli.generation import encode_prompts, generate
 from memgen_cli.models.memgen import check_inject
-from memgen_cli.models.training import reference_weave_forward, weave_forward
+from memgen_cli.models.training import weave_forward
 from memgen_cli.stages.baseline import weaver_trainable_params
 
 KINDS = ["llama", "qwen2"]
@@ -322,7 +329,6 @@ def test_every_stage_runs_a_weaver_that_reads_the_cache(chain, tmp_path):
 def test_generation_and_training_on_the_embedded_model(inject):
     """SmolLM2 (30 layers, GQA 9/3 heads), a weaver that reads the cache with a LoRA that moves
     it: cached generation gives the reference's tokens, and the training loss the reference's."""
-    from memgen_cli.generation import reference_generate
     from memgen_cli.models.base import load_base
     from memgen_cli.models.memgen import MemGenModel
 
@@ -334,21 +340,4 @@ def test_generation_and_training_on_the_embedded_model(inject):
         for name, p in mg.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
-    prompts = [[{"role": "user", "content": "Tom has 3 apples, and buys 4 more. How many?"}]]
-    enc = encode_prompts(mg.tokenizer, prompts, "cpu")
-    gen = GenerationConfig(max_new_tokens=16, memory="weaver")
-    fast = generate(mg, enc["input_ids"], enc["attention_mask"], gen, keep_logits=True)
-    ref = reference_generate(mg, enc["input_ids"], enc["attention_mask"], gen)
-    assert fast.tokens == ref.tokens and len(fast.trace.insertions) >= 2
-    for step, logits in enumerate(ref.step_logits[0]):
-        torch.testing.assert_close(fast.step_logits[step][0], logits, atol=1e-3, rtol=0)
-    batch = _training_batch(
-        mg,
-        ["Tom has 3 apples and buys 4 more. How many?", "What is 2 + 2?"],
-        ["3 plus 4 is 7, so Tom has 7 apples. The answer is 7.", "2 + 2 = 4. So 4."],
-        last=(3,),
-    )
-    with torch.no_grad():
-        a = weave_forward(mg, *batch)
-        b = reference_weave_forward(mg, *batch, official=False)
-    assert abs(float(a.loss) - float(b.loss)) < 1e-3
+    embedded_paths_agree(mg)

@@ -306,6 +306,15 @@ def _weave_hidden_kv_on_cache(model: MemGenModel, input_ids, attention_mask, poi
     token reads the slots' keys and values, at every layer, through attention (gradients too).
     That is what generation does weave by weave. Tokens are predicted from their own columns
     (the token after a point from the boundary token, which precedes the memory)."""
+    stream, mask, index, token_pos, frozen = _query_stream(model, input_ids, attention_mask, points)
+    hidden = _reasoner_pass(model, stream, mask, frozen, slots=index, adapter=index >= 0)
+    return _at_tokens(hidden, token_pos)
+
+
+def _query_stream(model: MemGenModel, input_ids, attention_mask, points: Points):
+    """The kv stream: token embeddings with each round's query latents at its slot columns.
+    Returns (stream, its mask, each column's kv-prefix row (-1 off the slots), each token's
+    column, how many leading columns come before any slot)."""
     batch, length = input_ids.shape
     embeds = model.embed(input_ids)
     _, ks, token_pos, starts, frozen = _layout(model, points, length)
@@ -314,8 +323,12 @@ def _weave_hidden_kv_on_cache(model: MemGenModel, input_ids, attention_mask, poi
     ]
     stream, mask = _assemble(embeds, attention_mask, queries, points, token_pos, starts, ks)
     index = _slot_index(model, points, starts, ks, mask.shape).to(stream.device)
-    hidden = _reasoner_pass(model, stream, mask, frozen, slots=index, adapter=index >= 0)
-    pred = token_pos.clamp(max=stream.shape[1] - 1).to(stream.device)
+    return stream, mask, index, token_pos, frozen
+
+
+def _at_tokens(hidden: torch.Tensor, token_pos: torch.Tensor) -> torch.Tensor:
+    """``hidden`` (B, S, D) at each token's own column (padding reads the stream's end)."""
+    pred = token_pos.clamp(max=hidden.shape[1] - 1).to(hidden.device)
     return hidden.gather(1, pred[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
@@ -366,14 +379,7 @@ def _layout(model: MemGenModel, points: Points, length: int):
 
 def _weave_hidden_kv(model: MemGenModel, input_ids, attention_mask, points: Points):
     """``weave_hidden`` for ``memory.inject: kv`` (the mechanism is in the module docstring)."""
-    batch, length = input_ids.shape
-    embeds = model.embed(input_ids)
-    _, ks, token_pos, starts, frozen = _layout(model, points, length)
-    queries = [
-        model.weaver.query_embeds(kind, batch).to(embeds.dtype) for kind, _ in points.rounds()
-    ]
-    stream, mask = _assemble(embeds, attention_mask, queries, points, token_pos, starts, ks)
-    index = _slot_index(model, points, starts, ks, mask.shape).to(stream.device)
+    stream, mask, index, token_pos, frozen = _query_stream(model, input_ids, attention_mask, points)
     slots = index >= 0
     positions = positions_from_mask(mask)  # one tensor for both passes: the slots' positions
     keys, values = [], []
@@ -398,8 +404,7 @@ def _weave_hidden_kv(model: MemGenModel, input_ids, attention_mask, points: Poin
         hidden = _reasoner_pass(model, placeholders, mask, frozen, cache)
     else:
         hidden = _reasoner_pass(model, placeholders, mask, frozen)
-    pred = token_pos.clamp(max=stream.shape[1] - 1).to(stream.device)
-    return hidden.gather(1, pred[..., None].expand(-1, -1, hidden.shape[-1]))
+    return _at_tokens(hidden, token_pos)
 
 
 def _slot_index(model: MemGenModel, points: Points, starts, ks, shape) -> torch.Tensor:
