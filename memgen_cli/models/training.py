@@ -543,6 +543,25 @@ def _reference_hidden_kv(model: MemGenModel, tokens, row_points: list[int], kind
         memory.append(slots)
         seen = torch.cat([seen, model.weaver.query_embeds(kind, 1).to(seen.dtype)], 1)
         prev = point
+    return _reference_segments(model, tokens, row_points, lambda i, cache, length: memory[i])
+
+
+def _reference_hidden_kv_on_cache(model: MemGenModel, tokens, row_points, kinds) -> torch.Tensor:
+    """One sample with ``memory.inject: kv`` and ``memory.weaver_reads: cache``: at each point
+    the query latents read the reasoner's cache of everything before them, and their keys and
+    values join it; the reasoner's hidden state at every token (n, D)."""
+
+    def weave(i: int, cache, length: int):
+        ones = torch.ones(1, length, dtype=torch.long, device=tokens.device)
+        return model.weave_on_cache(kinds[i], cache, ones, torch.tensor([length]))[0]
+
+    return _reference_segments(model, tokens, row_points, weave)
+
+
+def _reference_segments(model: MemGenModel, tokens, row_points, slots_at) -> torch.Tensor:
+    """The reasoner over one sample segment by segment into an ordinary cache, point i's
+    memory (``slots_at(i, cache, length)``, a ``SlotKV``) appended after its segment, as
+    generation would; its hidden state at every token (n, D)."""
     cache = DynamicCache(config=model.reasoner.config)
     hidden, prev, length = [], -1, 0
     for i, point in enumerate([*row_points, tokens.shape[1] - 1]):
@@ -553,33 +572,7 @@ def _reference_hidden_kv(model: MemGenModel, tokens, row_points: list[int], kind
             hidden.append(model.reasoner_hidden(segment, ones, pos, cache)[0])
             length += segment.shape[1]
         if i < len(row_points):
-            slots = memory[i]
-            k = slots.positions.shape[1]
-            check_positions(slots, latent_positions(torch.tensor([length]), k).to(slots.positions))
-            for layer, (keys, values) in enumerate(zip(slots.keys, slots.values, strict=True)):
-                cache.update(keys, values, layer)
-            length += k
-        prev = point
-    return torch.cat(hidden)
-
-
-def _reference_hidden_kv_on_cache(model: MemGenModel, tokens, row_points, kinds) -> torch.Tensor:
-    """One sample with ``memory.inject: kv`` and ``memory.weaver_reads: cache``: the reasoner
-    runs segment by segment into one ordinary cache, and at each point the query latents read
-    it and their keys and values are appended to it; its hidden state at every token (n, D)."""
-    cache = DynamicCache(config=model.reasoner.config)
-    hidden, prev, length = [], -1, 0
-    kinds = [*kinds, None]
-    for point, kind in zip([*row_points, tokens.shape[1] - 1], kinds, strict=True):
-        segment = tokens[:, prev + 1 : point + 1]
-        if segment.shape[1]:
-            pos = torch.arange(length, length + segment.shape[1], device=tokens.device)[None]
-            ones = torch.ones(1, length + segment.shape[1], dtype=torch.long, device=tokens.device)
-            hidden.append(model.reasoner_hidden(segment, ones, pos, cache)[0])
-            length += segment.shape[1]
-        if kind is not None:
-            ones = torch.ones(1, length, dtype=torch.long, device=tokens.device)
-            slots, _ = model.weave_on_cache(kind, cache, ones, torch.tensor([length]))
+            slots = slots_at(i, cache, length)
             k = slots.positions.shape[1]
             check_positions(slots, latent_positions(torch.tensor([length]), k).to(slots.positions))
             for layer, (keys, values) in enumerate(zip(slots.keys, slots.values, strict=True)):
