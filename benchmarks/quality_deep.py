@@ -238,12 +238,12 @@ def kv_sets(budget: dict) -> list[str]:
 
 
 def row_sets(method: Method, budgets: dict) -> list[str]:
-    """The ``--set`` items of a weaver row (none for the recipe's own weaver and the arms)."""
-    if method.reads != "context":
-        return kv_sets(budgets[method.kv, method.prefix, method.reads])
-    if method.kv or method.prefix:
-        return kv_sets(budgets[method.kv, method.prefix])
-    return []
+    """The ``--set`` items of a row: a weaver row's memory settings at its budget
+    (``budgets[kv, prefix, reads]``), every one said (the recipe may carry others, e.g. the
+    table's prefix); none for the baselines, which take the recipe's and match their rank."""
+    if method.command != ("sft-weaver",):
+        return []
+    return kv_sets(budgets[method.kv, method.prefix, method.reads])
 
 
 # --------------------------------------------------------------------------- sweep and seeds
@@ -474,19 +474,23 @@ def run(args) -> dict:
         f"{budgets[False, True]['kv_trainable_params']:,} (r {budgets[False, True]['kv_rank']}, "
         f"{100 * budgets[False, True]['gap']:+.1f} %)"
     )
-    for row in rows:  # the rows that read the cache: their own budgets
+    keyed = {}  # every weaver row's budget, by (kv, prefix, reads)
+    for row in rows:
         m = METHODS[row]
-        if m.reads != "context" and (m.kv, m.prefix, m.reads) not in budgets:
-            budgets[m.kv, m.prefix, m.reads] = kv_budget(
-                meta, cfg.memory, BaselineLoraConfig(), prefix=m.prefix,
-                inject="kv" if m.kv else "input", reads=m.reads,
-            )  # fmt: skip
-            b = budgets[m.kv, m.prefix, m.reads]
+        key = (m.kv, m.prefix, m.reads)
+        if m.command != ("sft-weaver",) or key in keyed:
+            continue
+        keyed[key] = kv_budget(
+            meta, cfg.memory, BaselineLoraConfig(), prefix=m.prefix,
+            inject="kv" if m.kv else "input", reads=m.reads,
+        )  # fmt: skip
+        if m.reads != "context":
+            b = keyed[key]
             quiet.print(
                 f"{m.label}: {b['kv_trainable_params']:,} trainable (r {b['kv_rank']}, "
                 f"{100 * b['gap']:+.1f} %)"
             )
-    sets = {row: args.overrides + row_sets(METHODS[row], budgets) for row in rows}
+    sets = {row: args.overrides + row_sets(METHODS[row], keyed) for row in rows}
 
     path = out / RECORDS
     records = json.loads(path.read_text()) if args.reuse and path.is_file() else {}

@@ -244,6 +244,27 @@ def test_a_weaver_that_reads_the_cache_raises_its_rank_for_the_projection_it_lac
     assert rows == deep.kv_sets(budget)
 
 
+def test_every_weaver_row_says_its_memory_and_the_baselines_take_the_recipes(deep):
+    """A recipe with the prefix on (the table's) must not give it to the rows without one."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(tiny_config("llama", 300))
+    recipe = MemoryConfig(kv_prefix=True, lora_r=11, lora_alpha=22)
+    for row, method in deep.METHODS.items():
+        key = (method.kv, method.prefix, method.reads)
+        weaver = method.command == ("sft-weaver",)
+        budgets = {}
+        if weaver:
+            inject = "kv" if method.kv else "input"
+            budgets[key] = deep.kv_budget(
+                model, recipe, BaselineLoraConfig(), prefix=method.prefix, inject=inject,
+                reads=method.reads,
+            )  # fmt: skip
+        sets = deep.row_sets(method, budgets)
+        prefix = f"memory.kv_prefix={'true' if method.prefix else 'false'}"
+        assert (prefix in sets) if weaver else sets == [], row
+        assert ("memory.weaver_reads=cache" in sets) == (method.reads == "cache"), row
+
+
 def test_a_budget_kv_cannot_meet_is_refused(deep):
     with torch.device("meta"):
         model = LlamaForCausalLM(tiny_config("llama", 300))
