@@ -351,11 +351,8 @@ def test_rollout_logprobs_equal_the_training_forwards():
     assert mg.weaver.queries["inference"].grad.abs().sum() > 0
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """A tiny base, a small GSM8K-format file, and a kv weaver trained on it by sft-weaver."""
-    tmp = tmp_path_factory.mktemp("kv-stages")
-    base = save_tiny_base(tmp / "base")
+def sums_file(path: Path) -> Path:
+    """Ten GSM8K-format sums (``question``, ``answer`` ending ``#### N``) at ``path``."""
     rows = [
         {
             "question": f"What is {a} + {a + 1}?",
@@ -363,8 +360,16 @@ def chain(tmp_path_factory):
         }
         for a in range(10)
     ]
-    data = tmp / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """A tiny base, a small GSM8K-format file, and a kv weaver trained on it by sft-weaver."""
+    tmp = tmp_path_factory.mktemp("kv-stages")
+    base = save_tiny_base(tmp / "base")
+    data = sums_file(tmp / "train.jsonl")
     out = tmp / "sft"
     sets = ["--set", "memory.inject=kv", "--set", "data.heldout=2"]
     result = train("sft-weaver", base, data, out, *sets)

@@ -267,21 +267,13 @@ def test_inspect_memory_recomputes_the_memory_generation_wove(kind):
 def chain(request, tmp_path_factory):
     """A tiny base, a small GSM8K-format file, and a weaver that reads the cache, trained on it
     by sft-weaver (with the kv prefix)."""
-    from test_inject_kv import train
+    from test_inject_kv import sums_file, train
 
     from helpers import save_tiny_base
 
     tmp = tmp_path_factory.mktemp(f"cache-{request.param}")
     base = save_tiny_base(tmp / "base")
-    rows = [
-        {
-            "question": f"What is {a} + {a + 1}?",
-            "answer": f"Add {a}, then {a + 1}.\n#### {2 * a + 1}",
-        }
-        for a in range(10)
-    ]
-    data = tmp / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = sums_file(tmp / "train.jsonl")
     out = tmp / "sft"
     sets = ["memory.weaver_reads=cache", f"memory.inject={request.param}", "memory.kv_prefix=true"]
     result = train("sft-weaver", base, data, out, *(x for s in sets for x in ("--set", s)))
