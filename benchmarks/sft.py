@@ -59,7 +59,8 @@ from memgen_cli.data import get_task
 from memgen_cli.models.base import load_base
 from memgen_cli.models.latents import align_offsets
 from memgen_cli.models.memgen import MemGenModel
-from memgen_cli.models.training import Points, reference_weave_forward, weave_forward
+from memgen_cli.models.training import Points, weave_forward
+from memgen_cli.models.training_reference import reference_weave_forward
 from memgen_cli.stages.baseline import matched_rank, weaver_trainable_params
 from memgen_cli.training.sft_data import SFTCollator, encode_examples
 

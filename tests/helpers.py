@@ -156,7 +156,8 @@ def forward_and_grads(mg, forward, batch) -> tuple:
 def assert_training_equals_reference(mg, batch) -> None:
     """The fast training forward's loss and every weaver gradient equal the reference's (1e-4),
     and every layer's kv prefix learns, for both kinds of slot (the batch must have both)."""
-    from memgen_cli.models.training import reference_weave_forward, weave_forward
+    from memgen_cli.models.training import weave_forward
+    from memgen_cli.models.training_reference import reference_weave_forward
 
     mg.set_trainable(weaver=True, trigger=False)
     fast, g_fast = forward_and_grads(mg, weave_forward, batch)

@@ -27,10 +27,11 @@ from memgen_cli.cli import app
 from memgen_cli.config import GenerationConfig, MemoryConfig
 from memgen_cli.errors import MemgenError
 from memgen_cli.generation import encode_prompts, generate
-from memgen_cli.models import kv, training
+from memgen_cli.models import kv, training_reference
 from memgen_cli.models import memgen as memgen_module
 from memgen_cli.models.memgen import MemGenModel, check_inject
-from memgen_cli.models.training import IGNORE, Points, reference_weave_forward, weave_forward
+from memgen_cli.models.training import IGNORE, Points, weave_forward
+from memgen_cli.models.training_reference import reference_weave_forward
 from memgen_cli.training.rollouts import policy_inputs, policy_logprobs, rollout
 
 KINDS = ["llama", "qwen2"]
@@ -215,7 +216,7 @@ def test_slots_at_shifted_positions_are_refused_and_would_change_the_result(monk
     def reference_logits():
         tokens = mg.embed(ids[0, real][None])
         with torch.no_grad():
-            hidden = training._reference_hidden_kv(mg, tokens, sorted(after), kinds)
+            hidden = training_reference._reference_hidden_kv(mg, tokens, sorted(after), kinds)
         return mg.lm_head(hidden)
 
     torch.testing.assert_close(reference_logits(), want, atol=1e-5, rtol=0)
@@ -227,7 +228,7 @@ def test_slots_at_shifted_positions_are_refused_and_would_change_the_result(monk
         generate(mg, enc["input_ids"], enc["attention_mask"], GenerationConfig(max_new_tokens=4))
     # ... and the check is what stands between a shift and a wrong answer: unchecked, the
     # shifted keys give other logits.
-    monkeypatch.setattr(training, "check_positions", lambda *a: None)
+    monkeypatch.setattr(training_reference, "check_positions", lambda *a: None)
     assert (reference_logits() - want).abs().max() > 1e-3
 
 

@@ -16,7 +16,8 @@ from memgen_cli.generation import (
     sample,
 )
 from memgen_cli.models import kv
-from memgen_cli.models.training import Points, reference_weave_forward, weave_forward
+from memgen_cli.models.training import Points, weave_forward
+from memgen_cli.models.training_reference import reference_weave_forward
 
 PROMPTS = chats("Hi there, what is 2+2?", "x", "Tell me a story about cats.", "List three primes.")
 

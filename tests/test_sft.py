@@ -295,7 +295,7 @@ def test_training_forward_equals_reference_on_collated_batches(prompt):
     """Collated SFT batches (right padding, uneven lengths), with and without the prompt
     insertion: the frozen-prefix reasoner pass must not change loss or gradients."""
     from conftest import make_memgen
-    from memgen_cli.models.training import reference_weave_forward
+    from memgen_cli.models.training_reference import reference_weave_forward
 
     mg = make_memgen("llama")
     mg.set_trainable(weaver=True, trigger=False)

@@ -50,17 +50,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import DynamicCache
 
 from memgen_cli.config import MemoryConfig
-from memgen_cli.errors import MemgenError
-from memgen_cli.models.kv import SlotKV, reusable
+from memgen_cli.models.compat import cache_geometry, check_inject, check_lora_targets
+from memgen_cli.models.kv import SlotKV
 from memgen_cli.models.latents import delimiter_table, latent_positions
 from memgen_cli.models.trigger import Trigger
-from memgen_cli.models.weaver import INJECTS, Weaver
+from memgen_cli.models.weaver import Weaver
 
 ADAPTER = "weaver"
 
@@ -446,60 +446,6 @@ class MemGenModel(nn.Module):
         return _rms(out.last_hidden_state[0, 4:])  # skip the first, atypical positions
 
 
-def check_inject(cfg: MemoryConfig, config, separate_weaver: bool) -> None:
-    """Refuse memory settings the model cannot honour, saying what to use instead."""
-    if cfg.inject not in INJECTS:
-        raise MemgenError(f'memory.inject must be input or kv, not "{cfg.inject}".')
-    if cfg.weaver_reads == "cache":
-        if separate_weaver:
-            raise MemgenError(
-                "memory.weaver_reads: cache has the weaver read the reasoner's own cached keys "
-                "and values, so the weaver must be the reasoner's own backbone; "
-                "model.weaver_base sets a separate one. Drop model.weaver_base, or use "
-                "memory.weaver_reads: context with it."
-            )
-        if not reusable(config):
-            raise MemgenError(
-                f"memory.weaver_reads: cache is not supported on models with sliding-window "
-                f"attention (this one has sliding_window {config.sliding_window}). Use "
-                "memory.weaver_reads: context."
-            )
-    if cfg.inject != "kv":
-        return
-    if separate_weaver:
-        raise MemgenError(
-            "memory.inject: kv writes the weaver's keys and values into the reasoner's cache, so "
-            "the weaver must be the reasoner's own backbone; model.weaver_base sets a separate "
-            "one. Drop model.weaver_base, or use memory.inject: input with it."
-        )
-    if not reusable(config):
-        raise MemgenError(
-            f"memory.inject: kv is not supported on models with sliding-window attention "
-            f"(this one has sliding_window {config.sliding_window}): memory written into the "
-            "cache would age out of the window like any old token. Use memory.inject: input."
-        )
-
-
-def check_lora_targets(targets: list[str], model) -> None:
-    """Refuse LoRA target names that match no linear layer of ``model`` (PEFT's suffix match):
-    PEFT raises only when none match, and says nothing of a misspelt one among others."""
-    names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        raise MemgenError(
-            f"memory.lora_targets {missing} match no linear layer of "
-            f"{type(model).__name__}; its linear layers are named {', '.join(sorted(names))}. "
-            "Name some of those, e.g. --set memory.lora_targets=[q_proj,v_proj]."
-        )
-
-
-def cache_geometry(config) -> tuple[int, int, int]:
-    """(layers, kv_heads, head_dim) of ``config``'s KV cache."""
-    heads = config.num_attention_heads
-    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, dim
-
-
 def _adds_prefix(table: torch.Tensor, at: torch.Tensor, on: torch.Tensor):
     """A forward hook adding ``table`` (kv_heads, slots, dim) rows ``at`` (B, T) to a k_proj or
     v_proj output (B, T, kv_heads x dim) where ``on`` (B, T, 1)."""
@@ -530,7 +476,3 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def _rms(x: torch.Tensor) -> float:
     return float(x.detach().float().pow(2).mean().sqrt())
-
-
-def is_peft_model(model) -> bool:
-    return isinstance(model, PeftModel)

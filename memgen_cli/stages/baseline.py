@@ -51,7 +51,7 @@ from memgen_cli.data.environment import EnvironmentTask
 from memgen_cli.errors import MemgenError, did_you_mean
 from memgen_cli.generation import prompt_learning
 from memgen_cli.models.base import LoadedBase
-from memgen_cli.models.memgen import cache_geometry
+from memgen_cli.models.compat import cache_geometry
 from memgen_cli.models.weaver import Weaver
 from memgen_cli.stages import frame
 from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted

@@ -66,7 +66,7 @@ from memgen_cli.stages.baseline import (
 from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
 from memgen_cli.stages.frame import checkpoint_dir as checkpoint_dir
 from memgen_cli.training import episode_data, rl, sft_run
-from memgen_cli.training.grpo import GRPOProgress
+from memgen_cli.training.grpo_parts import GRPOProgress
 from memgen_cli.training.lora_episodes import EpisodeRollout, on_episodes, player_for
 
 

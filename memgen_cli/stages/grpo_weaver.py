@@ -36,7 +36,8 @@ from memgen_cli.stages.frame import TrainingInterrupted as TrainingInterrupted
 from memgen_cli.stages.frame import checkpoint_dir as checkpoint_dir
 from memgen_cli.training import episode_data, episode_grpo, rl, sft_run
 from memgen_cli.training.episode_rollouts import episode_logprobs
-from memgen_cli.training.grpo import GRPOProgress, GRPOSettings, GRPOTrainer, PolicyObjective
+from memgen_cli.training.grpo import GRPOSettings, GRPOTrainer, PolicyObjective
+from memgen_cli.training.grpo_parts import GRPOProgress
 from memgen_cli.training.rollouts import policy_logprobs, rollout
 
 MEMORY = ("weaver", "full")

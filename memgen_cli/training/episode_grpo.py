@@ -32,7 +32,8 @@ from memgen_cli.generation.episodes import Episode, EpisodeConfig, environments,
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.training import rl
 from memgen_cli.training.episode_rollouts import EpisodeRollouts, episode_inputs
-from memgen_cli.training.grpo import GRPOTrainer, _gather_list
+from memgen_cli.training.grpo import GRPOTrainer
+from memgen_cli.training.grpo_parts import gather_list
 
 
 def split_episode(ep: Episode) -> tuple[list[dict], list[dict]]:
@@ -110,7 +111,7 @@ class EpisodeGRPOTrainer(GRPOTrainer):
     def _record_rollouts(self, rolls, tables, rewards, all_rewards, flat, rollout_s, score_s):
         super()._record_rollouts(rolls, tables, rewards, all_rewards, flat, rollout_s, score_s)
         eps = [ep for r in rolls for ep in r.episodes]
-        figures = _gather_list([(ep.won, ep.turns, ep.invalid, ep.weaves) for ep in eps])
+        figures = gather_list([(ep.won, ep.turns, ep.invalid, ep.weaves) for ep in eps])
         sums = (sum(x) for x in zip(*figures, strict=True))
         for key, value in episode_means(len(figures), *sums).items():
             self._metrics[key].append(value)

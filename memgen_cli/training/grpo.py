@@ -36,23 +36,32 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from rich.console import Console
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import Trainer
 
 from memgen_cli.config import GenerationConfig
 from memgen_cli.data import Example, to_messages
 from memgen_cli.models.memgen import MemGenModel
 from memgen_cli.rendering import segments
 from memgen_cli.training import rl
+from memgen_cli.training.grpo_parts import (
+    POLICY_KEYS,
+    Mark,
+    SaveRollouts,
+    gather_list,
+    rollouts_file,
+    rounded,
+    scored_rows,
+    take_policy_rows,
+    weaver_weights,
+)
 from memgen_cli.training.rollouts import Rollouts, policy_inputs, policy_logprobs, rollout
-from memgen_cli.training.trainer_parts import RichProgress, WeaverObjective, world_size
+from memgen_cli.training.trainer_parts import WeaverObjective, world_size
 
 CLIPPED_WARN = 0.9  # completions/clipped_ratio at or above this, three logs running: warn
 
@@ -97,93 +106,6 @@ class PolicyObjective(WeaverObjective):
         if self.training:
             self.samples_seen += logps.shape[0]
         return {"logps": logps, "entropy": entropy}
-
-
-POLICY_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "completion_index",
-    "completion_mask",
-    "prompt_points",
-    "inference_points",
-)
-
-
-@contextmanager
-def weaver_weights(model: MemGenModel, state: dict[str, torch.Tensor]):
-    """Temporarily load ``state`` into the weaver (the reference policy for ``beta`` > 0)."""
-    params = model.weaver_parameters()
-    saved = {n: p.detach().clone() for n, p in params.items()}
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(state[n])
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n])
-
-
-def scored_rows(advantages: torch.Tensor, beta: float) -> torch.Tensor:
-    """The rows the loss must run: all with ``beta`` > 0 (the KL term needs every row), else
-    those with a non-zero advantage, or the first row when none has one (a step still needs
-    a graph to back-propagate, and every process must take part in it).
-
-    >>> scored_rows(torch.tensor([0.0, 0.5, 0.0, -0.5]), 0.0).tolist()
-    [1, 3]
-    >>> scored_rows(torch.tensor([0.0, 0.0]), 0.0).tolist(), scored_rows(torch.zeros(2), 0.1).tolist()
-    ([0], [0, 1])
-    """
-    if beta > 0:
-        return torch.arange(len(advantages), device=advantages.device)
-    rows = (advantages != 0).nonzero().flatten()
-    return rows if len(rows) else rows.new_zeros(1)
-
-
-def take_policy_rows(inputs: dict, rows: torch.Tensor) -> dict:
-    """``POLICY_KEYS`` of ``inputs`` for ``rows`` only (all of them: the same dict's values)."""
-    if len(rows) == len(inputs["advantages"]):
-        return {k: inputs[k] for k in POLICY_KEYS}
-    picked = rows.tolist()
-    out = {}
-    for key in POLICY_KEYS:
-        value = inputs[key]
-        if torch.is_tensor(value):
-            out[key] = value[rows]
-        else:  # per-row lists (insertion points), or None when there are no prompt latents
-            out[key] = None if value is None else [value[i] for i in picked]
-    return out
-
-
-def _gather_list(values: list) -> list:
-    """Every process's list, concatenated in rank order (the list itself on one process)."""
-    if world_size() == 1:
-        return list(values)
-    out: list = [None] * world_size()
-    dist.all_gather_object(out, values)
-    return [v for part in out for v in part]
-
-
-def rollouts_file(rank: int) -> str:
-    return f"rollouts-{rank}.pt"
-
-
-class SaveRollouts(TrainerCallback):
-    """Writes the generation being trained on into a checkpoint taken before its last step
-    (``num_iterations`` > 1), so that a resumed run trains on the same rollouts."""
-
-    def __init__(self, trainer: GRPOTrainer):
-        self.trainer = trainer
-
-    def on_save(self, args, state, control, **kwargs):
-        t = self.trainer
-        if t._buffer is None or state.global_step % t.s.num_iterations == 0:
-            return  # the next step generates anew
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if folder.is_dir():
-            saved = {"buffer": t._buffer, "items": t._buffer_items, "metrics": t._rollout_metrics}
-            torch.save(saved, folder / rollouts_file(args.process_index))
 
 
 class GRPOTrainer(Trainer):
@@ -289,7 +211,7 @@ class GRPOTrainer(Trainer):
             totals.append(total)
             rows.append(group)
         rewards = torch.cat(totals)
-        all_rewards = torch.tensor(_gather_list(rewards.tolist()))
+        all_rewards = torch.tensor(gather_list(rewards.tolist()))
         batch_std = rl.nanstd(all_rewards) if s.scale_rewards == "batch" else None
         adv, flat = rl.group_advantages(rewards, G, s.scale_rewards, batch_std)
         score_s = time.perf_counter() - started
@@ -347,7 +269,7 @@ class GRPOTrainer(Trainer):
         """Rollout ``r``'s own part of its completions-log record (``ex`` its example): the
         prompt and the completion, ⟨mem K⟩ where memory went in; and its insertion count."""
         ids, points = roll.texts_ids[r], roll.inference_points[r]
-        marks = [_Mark(t, self.policy.cfg.inference_latents) for t in points]
+        marks = [Mark(t, self.policy.cfg.inference_latents) for t in points]
         text = "".join(p for _, p in segments(self.policy.tokenizer, ids, marks))
         return {"prompt": ex.question, "completion": text}, len(points)
 
@@ -420,9 +342,9 @@ class GRPOTrainer(Trainer):
         lengths = [len(c) for r in rolls for c in r.completion_ids]
         clipped = [not f for r in rolls for f in r.finished]
         inserts = [len(p) for r in rolls for p in r.inference_points]
-        lengths, clipped, inserts = map(_gather_list, (lengths, clipped, inserts))
-        flat = _gather_list(flat.tolist())
-        table = torch.tensor(_gather_list(torch.cat(tables).tolist()))
+        lengths, clipped, inserts = map(gather_list, (lengths, clipped, inserts))
+        flat = gather_list(flat.tolist())
+        table = torch.tensor(gather_list(torch.cat(tables).tolist()))
         m["reward"].append(float(torch.nanmean(all_rewards)))
         m["reward_std"].append(float(rl.nanstd(all_rewards)))
         for j, fn in enumerate(self.reward_funcs):
@@ -430,7 +352,7 @@ class GRPOTrainer(Trainer):
             m[f"rewards/{name}/mean"].append(float(torch.nanmean(table[:, j])))
             m[f"rewards/{name}/std"].append(float(rl.nanstd(table[:, j])))
             if (tally := getattr(fn, "grader_errors", None)) is not None:  # so far, all ranks
-                m[f"rewards/{name}/grader_errors"].append(sum(_gather_list([len(tally.errors)])))
+                m[f"rewards/{name}/grader_errors"].append(sum(gather_list([len(tally.errors)])))
         m["frac_reward_zero_std"].append(sum(flat) / len(flat))
         m["completions/mean_length"].append(sum(lengths) / len(lengths))
         m["completions/min_length"].append(min(lengths))
@@ -477,55 +399,16 @@ class GRPOTrainer(Trainer):
                     {
                         "id": ex.id,
                         **fields,
-                        "rewards": {n: _num(table[r, j]) for j, n in enumerate(names)},
-                        "reward": _num(rewards[i]),
+                        "rewards": {n: rounded(table[r, j]) for j, n in enumerate(names)},
+                        "reward": rounded(rewards[i]),
                         "advantage": round(float(adv[i]), 4),
                         "insertions": insertions,
                         "finished": roll.finished[r],
                     }
                 )
                 i += 1
-        records = _gather_list(records)
+        records = gather_list(records)
         if self.args.process_index == 0:
             self.completions_dir.mkdir(parents=True, exist_ok=True)
             path = self.completions_dir / f"step_{step:05d}.jsonl"
             path.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-@dataclass
-class _Mark:
-    """The two fields of an Insertion that marker rendering reads."""
-
-    token_index: int
-    k: int
-
-    @property
-    def latents(self) -> torch.Tensor:
-        return torch.empty(self.k, 0)
-
-
-def _num(x) -> float | None:
-    x = float(x)
-    return None if x != x else round(x, 4)
-
-
-class GRPOProgress(RichProgress):
-    """The progress line: step, reward ± std, loss, insertions (when logged: not by TRL's
-    trainer, as ``baseline grpo`` uses) and length per completion, samples/s, ETA."""
-
-    def __init__(self, clock, console=None):
-        super().__init__(clock, console)
-        self.last: dict[str, float] = {}
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.last.update({k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))})
-        super().on_log(args, state, control, logs=logs, **kwargs)
-
-    def _info(self, state) -> str:
-        g = lambda key: self.last.get(key, float("nan"))  # noqa: E731
-        rate = self.clock.rate(state.global_step)
-        ins = f"ins {g('insertions/mean'):.1f}  " if "insertions/mean" in self.last else ""
-        return (
-            f"reward {g('reward'):.3f}±{g('reward_std'):.3f}  loss {self.loss:.4f}  {ins}"
-            f"len {g('completions/mean_length'):.0f}  " + (f"{rate:.2f} samples/s" if rate else "")
-        )
