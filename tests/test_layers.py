@@ -1,4 +1,5 @@
-"""The import graph runs one way: no module of memgen_cli imports from a layer above its own.
+"""The import graph runs one way: no module of memgen_cli imports from a layer above its own;
+and no module passes 500 lines.
 
 Layers, lowest first; a module may import from its own layer and the layers below it:
 
@@ -132,3 +133,13 @@ def test_the_check_sees_lazy_relative_and_package_imports():
         "memgen_cli/training/grpo.py:4 (layer 3) imports memgen_cli.stages.common (layer 4)",
         "memgen_cli/training/grpo.py:5 (layer 3) imports memgen_cli.commands.evaluate (layer 5)",
     ]
+
+
+MAX_LINES = 500  # issue 27: a module past this has more than one job; split it by job
+
+
+def test_no_module_passes_500_lines():
+    long = {
+        module_name(p): n for p in MODULES if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
