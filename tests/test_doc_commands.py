@@ -407,6 +407,18 @@ def test_the_ledger_records_runs_and_lists_what_has_not_run(monkeypatch, tmp_pat
         DOC.read_ledger(ledger)
 
 
+def test_the_projects_ledger_reads_and_each_record_says_where_it_came_from():
+    """benchmarks/doc_commands_ledger.jsonl: every line a record; a command that ran names its
+    place, class and source, and one entered by hand (not by ``--run``) names the note that holds it."""
+    ledger = DOC.ROOT / "benchmarks" / "doc_commands_ledger.jsonl"
+    records = [r for rs in DOC.read_ledger(ledger).values() for r in rs]
+    assert records
+    for r in records:
+        assert r["where"] and r["class"] in DOC.HEAVY and r["source"], r
+        if not r["source"].startswith("doc_commands.py --run"):
+            assert "note" in r["source"], r
+
+
 def test_a_benchmark_runs_in_the_scratch_folder_and_finds_its_linked_input(monkeypatch, tmp_path):
     # A python command used to run in the checkout, where the artifact linked into the scratch
     # folder is not: `benchmarks/generation.py --artifact runs/...` exited 2 for that reason.
