@@ -38,12 +38,7 @@ KINDS = ["llama", "qwen2"]
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def kv_memgen(kind="llama", zero_b=False, **memory) -> MemGenModel:
@@ -71,32 +66,40 @@ def plain_logits(mg: MemGenModel, ids: list[int], after: dict[int, str]) -> torc
 
 
 # ------------------------------------------------------------------ the golden relation
-@pytest.mark.parametrize("kind", KINDS)
-def test_zero_lora_b_training_forward_equals_queries_as_ordinary_inputs(kind):
-    mg = kv_memgen(kind, zero_b=True)
+def training_against(mg, golden=plain_logits, atol=1e-5) -> list[tuple]:
+    """The training forward's logits on ``_training_batch`` against ``golden(mg, ids, after)``
+    for every row (``atol``); each row's (ids, after, golden logits), for further checks."""
     ids, mask, labels, points = _training_batch(mg)
     with torch.no_grad():
         out = weave_forward(mg, ids, mask, labels, points, return_logits=True)
+    rows = []
     for b in range(ids.shape[0]):
         real = mask[b].bool()
         after = {points.prompt[b]: "prompt", **{p: "inference" for p in points.inference[b]}}
-        want = plain_logits(mg, ids[b, real].tolist(), after)
-        torch.testing.assert_close(out.logits[b, real], want, atol=1e-5, rtol=0)
+        want = golden(mg, ids[b, real].tolist(), after)
+        torch.testing.assert_close(out.logits[b, real], want, atol=atol, rtol=0)
+        rows.append((ids[b, real].tolist(), after, want))
+    return rows
 
 
-def _generation_against_plain(mg, cfg, keep=None):
-    """Cached kv generation against the plain reasoner over prompt, tokens and the query
-    latents of every insertion that was inserted (1e-5); returns the generation."""
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_lora_b_training_forward_equals_queries_as_ordinary_inputs(kind):
+    training_against(kv_memgen(kind, zero_b=True))
+
+
+def _generation_against_plain(mg, cfg, keep=None, golden=plain_logits, atol=1e-5):
+    """Cached generation against ``golden`` (by default the plain reasoner over prompt, tokens
+    and the query latents of every insertion that was inserted, 1e-5); returns the generation."""
     enc = encode_prompts(mg.tokenizer, PROMPTS, "cpu")
     out = generate(mg, enc["input_ids"], enc["attention_mask"], cfg, keep_logits=True, keep=keep)
     for row in range(len(PROMPTS)):
         prompt = enc["input_ids"][row, enc["attention_mask"][row].bool()].tolist()
         ids = prompt + out.tokens[row]
         after = {len(prompt) - 1 + i.token_index: i.kind for i in out.trace.for_row(row)}
-        want = plain_logits(mg, ids, after)
+        want = golden(mg, ids, after)
         for step in range(len(out.tokens[row])):  # token `step` is predicted at column before
             got = out.step_logits[step][row]
-            torch.testing.assert_close(got, want[len(prompt) - 1 + step], atol=1e-5, rtol=0)
+            torch.testing.assert_close(got, want[len(prompt) - 1 + step], atol=atol, rtol=0)
     return out
 
 

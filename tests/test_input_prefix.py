@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import PROMPTS, _compare, _diverse, _training_batch, embedded_paths_agree
+from test_model import (
+    PROMPTS,
+    _diverse,
+    _training_batch,
+    embedded_paths_agree,
+    weaving_generation_equals_reference,
+)
 
 from conftest import make_memgen, make_model
 from helpers import assert_training_equals_reference, tiny_artifact
@@ -138,15 +144,12 @@ def test_cached_generation_equals_the_prefix_added_by_hand(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_forward_and_gradients_equal_the_reference(kind):
     mg = input_prefix_memgen(kind)
-    batch = _training_batch(mg)
-    assert_training_equals_reference(mg, batch)
+    assert_training_equals_reference(mg, _training_batch(mg))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_generation_equals_the_reference(kind):
-    mg = _diverse(input_prefix_memgen(kind))
-    out = _compare(mg, GenerationConfig(max_new_tokens=24, memory="weaver"))
-    assert sum(i.kind == "inference" for i in out.trace.insertions) >= 3
+    weaving_generation_equals_reference(input_prefix_memgen(kind))
 
 
 def test_inspect_memory_reads_the_generators_logprobs():

@@ -14,8 +14,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_inject_kv import plain_logits
-from test_model import PROMPTS, _compare, _diverse, _training_batch
+from test_inject_kv import _generation_against_plain, plain_logits, training_against
+from test_model import _diverse, _training_batch, weaving_generation_equals_reference
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import conftest
@@ -23,19 +23,13 @@ from conftest import make_memgen, make_model
 from helpers import assert_training_equals_reference, checked_kv, forward_and_grads, tiny_artifact
 from memgen_cli.artifacts import load_artifact
 from memgen_cli.config import GenerationConfig, MemoryConfig
-from memgen_cli.generation import encode_prompts, generate
 from memgen_cli.models.training import weave_forward
 from memgen_cli.stages.baseline import weaver_trainable_params
 
 KINDS = ["llama", "qwen2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prefix_memgen(kind="llama", zero_b=False, seed=0, **memory):
@@ -104,32 +98,17 @@ def hooked_logits(mg, ids: list[int], after: dict[int, str]) -> torch.Tensor:
 def test_one_layer_training_forward_equals_the_prefix_added_before_rotation(kind, one_layer):
     mg = prefix_memgen(kind, zero_b=True)
     assert mg.reasoner.config.num_hidden_layers == 1
-    ids, mask, labels, points = _training_batch(mg)
-    with torch.no_grad():
-        out = weave_forward(mg, ids, mask, labels, points, return_logits=True)
-    for b in range(ids.shape[0]):
-        real = mask[b].bool()
-        after = {points.prompt[b]: "prompt", **{p: "inference" for p in points.inference[b]}}
-        want = hooked_logits(mg, ids[b, real].tolist(), after)
-        torch.testing.assert_close(out.logits[b, real], want, atol=1e-5, rtol=0)
+    for ids, after, want in training_against(mg, hooked_logits):
         # ... and the prefix matters: without it the logits are the plain queries' ones
-        assert (plain_logits(mg, ids[b, real].tolist(), after) - want).abs().max() > 1e-3
+        assert (plain_logits(mg, ids, after) - want).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_layer_generation_equals_the_prefix_added_before_rotation(kind, one_layer):
     mg = _diverse(prefix_memgen(kind, zero_b=True))
-    enc = encode_prompts(mg.tokenizer, PROMPTS, "cpu")
     cfg = GenerationConfig(max_new_tokens=20, memory="weaver")
-    out = generate(mg, enc["input_ids"], enc["attention_mask"], cfg, keep_logits=True)
+    out = _generation_against_plain(mg, cfg, golden=hooked_logits)
     assert sum(i.kind == "inference" for i in out.trace.insertions) >= 3
-    for row in range(len(PROMPTS)):
-        prompt = enc["input_ids"][row, enc["attention_mask"][row].bool()].tolist()
-        after = {len(prompt) - 1 + i.token_index: i.kind for i in out.trace.for_row(row)}
-        want = hooked_logits(mg, prompt + out.tokens[row], after)
-        for step in range(len(out.tokens[row])):
-            got = out.step_logits[step][row]
-            torch.testing.assert_close(got, want[len(prompt) - 1 + step], atol=1e-5, rtol=0)
 
 
 def test_the_prefix_key_is_rotated_as_the_model_rotates_its_own():
@@ -165,15 +144,12 @@ def test_the_prefix_key_is_rotated_as_the_model_rotates_its_own():
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_forward_and_gradients_equal_the_reference(kind):
     mg = prefix_memgen(kind, lora_targets=["q_proj", "k_proj", "v_proj"])
-    batch = _training_batch(mg)
-    assert_training_equals_reference(mg, batch)
+    assert_training_equals_reference(mg, _training_batch(mg))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_generation_equals_the_reference(kind):
-    mg = _diverse(prefix_memgen(kind))
-    out = _compare(mg, GenerationConfig(max_new_tokens=24, memory="weaver"))
-    assert sum(i.kind == "inference" for i in out.trace.insertions) >= 3
+    weaving_generation_equals_reference(prefix_memgen(kind))
 
 
 # --------------------------------------------------------------- start, rate, count, files

@@ -72,6 +72,14 @@ def _compare(mg, cfg):
     return fast
 
 
+def weaving_generation_equals_reference(mg, min_inference: int = 3):
+    """``_compare`` on a diversified ``mg`` weaving at every boundary, with at least
+    ``min_inference`` inference insertions (so that the comparison covers them)."""
+    out = _compare(_diverse(mg), GenerationConfig(max_new_tokens=24, memory="weaver"))
+    assert sum(i.kind == "inference" for i in out.trace.insertions) >= min_inference
+    return out
+
+
 @pytest.mark.parametrize("kind,weaver_kind", [("llama", None), ("qwen2", None), ("llama", "qwen2")])
 @pytest.mark.parametrize("reuse,defer", [(True, True), (False, True), (True, False)])
 def test_cached_generation_equals_reference(kind, weaver_kind, reuse, defer, monkeypatch):

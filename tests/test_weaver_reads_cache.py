@@ -16,7 +16,7 @@ import json
 
 import pytest
 import torch
-from test_inject_kv import _generation_against_plain, plain_logits
+from test_inject_kv import _generation_against_plain, plain_logits, training_against
 from test_model import (
     PROMPTS,
     _compare,
@@ -82,18 +82,12 @@ def plain_input_logits(mg, ids: list[int], after: dict[int, str]) -> torch.Tenso
 @pytest.mark.parametrize("inject", ["input", "kv"])
 def test_zero_lora_b_training_forward_equals_the_plain_reasoner(kind, inject):
     mg = cache_memgen(kind, inject, zero_b=True)
-    ids, mask, labels, points = _training_batch(mg)
-    with torch.no_grad():
-        out = weave_forward(mg, ids, mask, labels, points, return_logits=True)
-    golden = plain_logits if inject == "kv" else plain_input_logits
-    for b in range(ids.shape[0]):
-        real = mask[b].bool()
-        after = {points.prompt[b]: "prompt", **{p: "inference" for p in points.inference[b]}}
-        want = golden(mg, ids[b, real].tolist(), after)
-        # input: the latents go through the read-out and the reasoner again (1e-4, as the
-        # references); kv: the query latents' keys and values are the memory itself.
-        atol = 1e-5 if inject == "kv" else 1e-4
-        torch.testing.assert_close(out.logits[b, real], want, atol=atol, rtol=0)
+    # input: the latents go through the read-out and the reasoner again (1e-4, as the
+    # references); kv: the query latents' keys and values are the memory itself.
+    if inject == "kv":
+        training_against(mg, plain_logits, atol=1e-5)
+    else:
+        training_against(mg, plain_input_logits, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -105,17 +99,9 @@ def test_zero_lora_b_kv_generation_equals_the_plain_reasoner(kind):
 
 def test_zero_lora_b_input_generation_equals_the_plain_reasoner():
     mg = _diverse(cache_memgen("qwen2", "input", zero_b=True))
-    enc = encode_prompts(mg.tokenizer, PROMPTS, "cpu")
     cfg = GenerationConfig(max_new_tokens=20, memory="weaver")
-    out = generate(mg, enc["input_ids"], enc["attention_mask"], cfg, keep_logits=True)
+    out = _generation_against_plain(mg, cfg, golden=plain_input_logits, atol=1e-4)
     assert sum(i.kind == "inference" for i in out.trace.insertions) >= 4
-    for row in range(len(PROMPTS)):
-        prompt = enc["input_ids"][row, enc["attention_mask"][row].bool()].tolist()
-        after = {len(prompt) - 1 + i.token_index: i.kind for i in out.trace.for_row(row)}
-        want = plain_input_logits(mg, prompt + out.tokens[row], after)
-        for step in range(len(out.tokens[row])):
-            got = out.step_logits[step][row]
-            torch.testing.assert_close(got, want[len(prompt) - 1 + step], atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------ fast paths equal references
