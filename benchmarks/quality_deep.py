@@ -456,41 +456,37 @@ def run(args) -> dict:
     lrs = parse_lrs(args.lr, rows, cfg.training.learning_rate)
     seeds = parse_seeds(args.seeds, cfg.training.seed)
     meta = meta_model(cfg.model)
-    budget = kv_budget(meta, cfg.memory, BaselineLoraConfig())
-    budgets = {
-        (True, False): budget,
-        (True, True): kv_budget(meta, cfg.memory, BaselineLoraConfig(), prefix=True),
-        (False, True): kv_budget(
-            meta, cfg.memory, BaselineLoraConfig(), prefix=True, inject="input"
-        ),
-    }
+    budgets = {}  # every weaver's budget, by (kv, prefix, reads), each computed once
+
+    def budget_of(kv: bool, prefix: bool, reads: str = "context") -> dict:
+        if (kv, prefix, reads) not in budgets:
+            budgets[kv, prefix, reads] = kv_budget(
+                meta, cfg.memory, BaselineLoraConfig(), prefix=prefix,
+                inject="kv" if kv else "input", reads=reads,
+            )  # fmt: skip
+        return budgets[kv, prefix, reads]
+
+    budget = budget_of(True, False)
+    kv_prefix, input_prefix = budget_of(True, True), budget_of(False, True)
     quiet.print(
         f"trainable parameters: LoRA-SFT {budget['lora_trainable_params']:,} (r "
         f"{budget['lora_rank']}), weaver-SFT (kv) {budget['kv_trainable_params']:,} (r "
         f"{budget['kv_rank']} on {', '.join(KV_TARGETS)}, {100 * budget['gap']:+.1f} %), "
         f"weaver-SFT (input) {budget['input_trainable_params']:,}, weaver-SFT (kv + prefix) "
-        f"{budgets[True, True]['kv_trainable_params']:,} (r {budgets[True, True]['kv_rank']}, "
-        f"{100 * budgets[True, True]['gap']:+.1f} %), weaver-SFT (input + prefix) "
-        f"{budgets[False, True]['kv_trainable_params']:,} (r {budgets[False, True]['kv_rank']}, "
-        f"{100 * budgets[False, True]['gap']:+.1f} %)"
+        f"{kv_prefix['kv_trainable_params']:,} (r {kv_prefix['kv_rank']}, "
+        f"{100 * kv_prefix['gap']:+.1f} %), weaver-SFT (input + prefix) "
+        f"{input_prefix['kv_trainable_params']:,} (r {input_prefix['kv_rank']}, "
+        f"{100 * input_prefix['gap']:+.1f} %)"
     )
-    keyed = {}  # every weaver row's budget, by (kv, prefix, reads)
-    for row in rows:
-        m = METHODS[row]
-        key = (m.kv, m.prefix, m.reads)
-        if m.command != ("sft-weaver",) or key in keyed:
-            continue
-        keyed[key] = kv_budget(
-            meta, cfg.memory, BaselineLoraConfig(), prefix=m.prefix,
-            inject="kv" if m.kv else "input", reads=m.reads,
-        )  # fmt: skip
-        if m.reads != "context":
-            b = keyed[key]
+    for m in (METHODS[row] for row in rows if METHODS[row].command == ("sft-weaver",)):
+        seen = (m.kv, m.prefix, m.reads) in budgets
+        b = budget_of(m.kv, m.prefix, m.reads)
+        if m.reads != "context" and not seen:
             quiet.print(
                 f"{m.label}: {b['kv_trainable_params']:,} trainable (r {b['kv_rank']}, "
                 f"{100 * b['gap']:+.1f} %)"
             )
-    sets = {row: args.overrides + row_sets(METHODS[row], keyed) for row in rows}
+    sets = {row: args.overrides + row_sets(METHODS[row], budgets) for row in rows}
 
     path = out / RECORDS
     records = json.loads(path.read_text()) if args.reuse and path.is_file() else {}
@@ -529,8 +525,8 @@ def run(args) -> dict:
             sweep_entry(r, r.lr == chosen[r.row], losses, records, paths, evals) for r in sweep
         ],
         "budget": budget,
-        "budget_prefix": budgets[True, True],
-        "budget_input_prefix": budgets[False, True],
+        "budget_prefix": kv_prefix,
+        "budget_input_prefix": input_prefix,
         "lrs": lrs,
         "selection": f"lowest held-out loss ({cfg.data.heldout} samples) at seed {seeds[0]}",
         "seeds": {"train": seeds, "sweep": seeds[0]},
