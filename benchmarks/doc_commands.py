@@ -356,7 +356,8 @@ def run_class(
     rc, seconds, stderr tail. ``base``: a ``--base`` to add to each memgen command
     (``tiny_base`` builds the 2-layer model in the scratch folder; None adds none). ``only``:
     just the commands whose place or text matches this regular expression. ``keep``: this
-    folder is the scratch folder and stays (a later run finds what this one made)."""
+    folder is the scratch folder and stays (a later run finds what this one made, and each
+    command's stdout and stderr are in its ``logs/<file>_<line>.out`` and ``.err``)."""
     results = []
     with tempfile.TemporaryDirectory(prefix="memgen-doc-commands-") as temporary:
         scratch = Path(keep or temporary)
@@ -380,23 +381,30 @@ def run_class(
                 result["base"] = base
             if cmd.program == "make":
                 cwd = ROOT  # make lint and the listing read the checkout itself
+            log = scratch / "logs" / re.sub(r"[^\w.-]", "_", cmd.where)
+            log.parent.mkdir(exist_ok=True)
             started = time.perf_counter()
-            try:
-                done = subprocess.run(
-                    argv,
-                    cwd=cwd,
-                    env=env | cmd.env,
-                    input="/exit\n",  # generate --interactive: leave at once
-                    capture_output=True,
-                    text=True,
-                    timeout=timeout,
-                )
-                rc, tail = done.returncode, done.stderr[-600:]
-            except subprocess.TimeoutExpired:
-                rc, tail = None, f"timed out after {timeout:.0f} s"
+            with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+                try:  # to files as it runs: a long command's progress can be followed there
+                    rc = subprocess.run(
+                        argv,
+                        cwd=cwd,
+                        env=env | cmd.env,
+                        input="/exit\n",  # generate --interactive: leave at once
+                        stdout=out,
+                        stderr=err,
+                        text=True,
+                        timeout=timeout,
+                    ).returncode
+                    tail = None
+                except subprocess.TimeoutExpired:
+                    rc, tail = None, f"timed out after {timeout:.0f} s"
             seconds = round(time.perf_counter() - started, 1)
-            results.append(result | {"rc": rc, "seconds": seconds, "stderr_tail": tail})
-            print(f"{cmd.where}: rc {rc} in {seconds} s", file=sys.stderr)
+            tail = tail or Path(f"{log}.err").read_text(errors="replace")[-600:]
+            results.append(
+                result | {"rc": rc, "seconds": seconds, "stderr_tail": tail, "log": f"{log}.out"}
+            )
+            print(f"{cmd.where}: rc {rc} in {seconds} s (output: {log}.out, .err)", file=sys.stderr)
     return results
 
 

@@ -440,3 +440,27 @@ def test_a_benchmark_runs_in_the_scratch_folder_and_finds_its_linked_input(monke
     (result,) = DOC.run_class([cmd], "slow", runs, timeout=60, keep=tmp_path / "kept")
     assert result["rc"] == 0
     assert result["stderr_tail"].split() == ["True", "True", "True", "False"]  # README a copy
+
+
+def test_a_kept_run_keeps_each_commands_output_and_times_out_with_its_partial_output(
+    monkeypatch, tmp_path
+):
+    # A benchmark's figures are its stdout: a run that threw it away could say only "rc 0".
+    found = DOC.commands_in(
+        "```bash\n.venv/bin/python benchmarks/a.py --n 500\n"
+        ".venv/bin/python benchmarks/b.py --n 500\n```\n",
+        "docs/x.md",
+    )
+    programs = {
+        "benchmarks/a.py": "import sys; print('{\"ratio\": 1.5}'); print('progress', file=sys.stderr)",
+        "benchmarks/b.py": "import time; print('step 1', flush=True); time.sleep(30)",
+    }
+    monkeypatch.setattr(DOC, "launch", lambda c: [sys.executable, "-c", programs[c.args[0]]])
+    keep = tmp_path / "kept"
+    first, second = DOC.run_class(found, "slow", None, timeout=3, keep=keep)
+    assert first["rc"] == 0 and first["log"] == f"{keep}/logs/docs_x.md_2.out"
+    assert json.loads(Path(first["log"]).read_text()) == {"ratio": 1.5}
+    assert (keep / "logs/docs_x.md_2.err").read_text() == "progress\n"
+    assert first["stderr_tail"] == "progress\n"
+    assert second["rc"] is None and second["stderr_tail"] == "timed out after 3 s"
+    assert (keep / "logs/docs_x.md_3.out").read_text() == "step 1\n"
