@@ -242,3 +242,30 @@ def test_a_first_long_generation_says_what_it_makes(empty_home, monkeypatch, cap
     (task.cache_dir() / "1.meta.json").write_text("{}")  # a cache already there: no note
     task.load("train", 30)
     assert capsys.readouterr().err == ""
+
+
+@needs_textworld
+def test_a_long_search_for_held_out_games_logs_a_line_per_so_many_games_made(
+    empty_home, monkeypatch, capsys
+):
+    # Every fourth seed has a route of its own; the others repeat the training games' route.
+    task = TextWorldTask("coin_collector", level=7, exclude_train=2)
+    route = lambda seed: [f"go {seed}"] if seed % 4 == 0 else ["go home"]  # noqa: E731
+    monkeypatch.setattr(task, "game", lambda seed: {"walkthrough": route(seed), "objective": "o"})
+    monkeypatch.setattr(tw_task, "PROGRESS_EVERY", 5)
+    seeds = [e.meta["seed"] for e in task.load("test", 5)]
+    assert seeds == [1_000_000 + 4 * k for k in range(5)]
+    lines = [line for line in capsys.readouterr().err.splitlines() if "games made" in line]
+    assert lines == [
+        "textworld:coin_collector: 5 games made, 2 of 5 held-out games found (seeds "
+        "1000000-1000004)",
+        "textworld:coin_collector: 10 games made, 3 of 5 held-out games found (seeds "
+        "1000000-1000009)",
+        "textworld:coin_collector: 15 games made, 4 of 5 held-out games found (seeds "
+        "1000000-1000014)",
+    ]
+    task.cache_dir().mkdir(parents=True)
+    for seed in range(1_000_000, 1_000_017):  # all cached now: nothing made, nothing said
+        (task.cache_dir() / f"{seed}.meta.json").write_text("{}")
+    assert len(task.load("test", 5)) == 5
+    assert capsys.readouterr().err == ""

@@ -72,6 +72,9 @@ EVAL_SEED = 1_000_000
 DEFAULT_SIZE = {"train": 1000, "eval": 200}
 # Held-out games tried per game asked for before giving up: at low levels most routes repeat.
 TRIES_PER_GAME = 10
+# Games made (not found in the cache) between progress lines while held-out games are sought:
+# at a level with few routes, hundreds are made (about a second each) before a game is played.
+PROGRESS_EVERY = 100
 INSTRUCTION = "Reply with one of the available commands and nothing else."
 INVALID = "That is not one of the available commands."
 # The example game of the ``shots`` option: (what the agent sees, the commands, its reply).
@@ -269,12 +272,21 @@ class TextWorldTask(EnvironmentTask):
         ``exclude_train`` training seeds, with a walkthrough none of those games has."""
         train = range(self.train_seed, self.train_seed + self.exclude_train)
         routes = {tuple(self.game(s)["walkthrough"]) for s in train}
-        seeds, tries = [], TRIES_PER_GAME * n + 100
+        seeds, tries, made = [], TRIES_PER_GAME * n + 100, 0
         for seed in range(start, start + tries):
             if len(seeds) == n:
                 break
-            if seed not in train and tuple(self.game(seed)["walkthrough"]) not in routes:
+            if seed in train:
+                continue
+            new = not (self.cache_dir() / f"{seed}.meta.json").is_file()
+            if tuple(self.game(seed)["walkthrough"]) not in routes:
                 seeds.append(seed)
+            made += new
+            if new and made % PROGRESS_EVERY == 0:  # a log's line while the search is long
+                self._say(
+                    f"{self.name}: {made} games made, {len(seeds)} of {n} held-out games "
+                    f"found (seeds {start}-{seed})"
+                )
         if len(seeds) < n:
             raise MemgenError(
                 f"{self.name} level {self.level}: only {len(seeds)} of {tries} held-out games "
@@ -287,13 +299,16 @@ class TextWorldTask(EnvironmentTask):
     def _note(self, what: str) -> None:
         """Say once, before a first long generation, what is being made and where it goes."""
         if not any(self.cache_dir().glob("*.meta.json")):
-            from memgen_cli.console import make_console
-
-            make_console(stderr=True).print(
+            self._say(
                 f"{self.name}: making up to {what} (about a second each, cached in "
-                f"{self.cache_dir()})",
-                highlight=False,
+                f"{self.cache_dir()})"
             )
+
+    @staticmethod
+    def _say(text: str) -> None:
+        from memgen_cli.console import make_console
+
+        make_console(stderr=True).print(text, highlight=False)
 
     def example(self, seed: int, split: str) -> Example:
         info = self.game(seed)
