@@ -4,6 +4,7 @@ and a two-process run that reproduces the single-process one exactly."""
 from __future__ import annotations
 
 import doctest
+import io
 import json
 import math
 import os
@@ -107,6 +108,21 @@ def test_task_options_come_from_the_artifact_for_its_own_task_only():
     given = {"config": {"min_terms": 2}}  # what the user asks for wins
     assert ev.task_options("gym:basic_arithmetic", given, manifests, quiet) == given
     assert ev.task_options("gym:basic_arithmetic", {}, [{"training": {}}], quiet) == {}
+
+
+def test_a_task_option_given_replaces_only_its_own_key_of_the_recorded_ones():
+    out = io.StringIO()
+    notes = Console(file=out, width=200)
+    recorded = {"level": 105, "objective": "brief", "max_turns": 12, "shots": 2}
+    manifests = [{"training": {"task": "textworld:coin_collector", "task_options": recorded}}]
+    got = ev.task_options("textworld:coin_collector", {"level": 110}, manifests, notes)
+    assert got == {"level": 110, "objective": "brief", "max_turns": 12, "shots": 2}
+    assert recorded["level"] == 105  # the manifest's own record is left as it was
+    assert "(from the artifact: objective, max_turns, shots)" in out.getvalue()
+    # another task, or no recorded options: only what was given
+    assert ev.task_options("textworld:treasure_hunter", {"level": 3}, manifests, notes) == {
+        "level": 3
+    }
 
 
 def test_task_options_nest_and_read_yaml_values():

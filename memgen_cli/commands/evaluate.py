@@ -85,7 +85,8 @@ def command(
         typer.Option(
             "--task-option",
             help="KEY=VALUE for the task "
-            "(e.g. grader=numeric, columns.prompt=problem, path=file.jsonl). Repeatable.",
+            "(e.g. grader=numeric, columns.prompt=problem, path=file.jsonl). Repeatable. "
+            "Merged over the options an artifact recorded for its own task, key by key.",
         ),
     ] = None,
     show: Annotated[

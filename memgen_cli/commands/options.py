@@ -83,8 +83,8 @@ PromptSuffix = option(
 TaskOption = option(
     list[str],
     "--task-option",
-    "A task option KEY=VALUE (repeatable), as `memgen eval` takes it, e.g. level=105 "
-    "(default: the options the artifact recorded for this task).",
+    "A task option KEY=VALUE (repeatable), as `memgen eval` takes it, e.g. level=105: it "
+    "replaces that key of the options the artifact recorded for this task; the others stay.",
 )
 Json = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON object.")]
 Overwrite = Annotated[

@@ -173,18 +173,26 @@ def parse_specs(data: list[str]) -> list[str]:
 
 
 def task_options(label: str, given: dict, manifests: list[dict], notes: Console) -> dict:
-    """Options for one task: those given with --task-option, else, for the task an artifact
-    trained on, the options it recorded (its difficulty, say), so that it is evaluated on the
-    same kind of problem it learned from, on held-out seeds."""
-    if given:
-        return given
+    """Options for one task: for the task an artifact trained on, the options it recorded (its
+    difficulty, its turn limit, say), so that it is evaluated on the same kind of problem it
+    learned from, on held-out seeds; those given with --task-option are merged over them key by
+    key, as training merges them over a recipe's (a given key replaces the recorded one, the
+    others stay). Another task gets only the given options."""
     for manifest in manifests:
         training = manifest.get("training") or {}
         recorded = training.get("task_options")
         if recorded and training.get("task") in (label, f"gym:{label}"):
-            notes.print(f"{display_name(label)}: task options from the artifact: {recorded}")
-            return dict(recorded)
-    return {}
+            merged = {**recorded, **given}
+            kept = {k: v for k, v in recorded.items() if k not in given}
+            if not given:
+                notes.print(f"{display_name(label)}: task options from the artifact: {recorded}")
+            elif kept:
+                notes.print(
+                    f"{display_name(label)}: task options {merged} "
+                    f"(from the artifact: {', '.join(kept)})"
+                )
+            return merged
+    return given
 
 
 def parse_task_options(items: list[str]) -> dict:
