@@ -193,10 +193,14 @@ class TextWorldTask(EnvironmentTask):
             / f"level{self.level}-{self.objective}"
         )
 
+    def _meta(self, seed: int) -> Path:
+        """Where the description of the game of ``seed`` is cached."""
+        return self.cache_dir() / f"{seed}.meta.json"
+
     def game(self, seed: int) -> dict:
         """The cached description of the game of ``seed`` (made now if not cached): its
         walkthrough and objective."""
-        meta = self.cache_dir() / f"{seed}.meta.json"
+        meta = self._meta(seed)
         if meta.is_file():
             return json.loads(meta.read_text())
         return self._describe(self._make(seed), seed)
@@ -210,7 +214,7 @@ class TextWorldTask(EnvironmentTask):
             "walkthrough": list(game.walkthrough),
             "uuid": game.metadata["uuid"],
         }
-        meta = self.cache_dir() / f"{seed}.meta.json"
+        meta = self._meta(seed)
         meta.parent.mkdir(parents=True, exist_ok=True)
         write_file(meta, json.dumps(info, indent=1))
         return info
@@ -236,7 +240,7 @@ class TextWorldTask(EnvironmentTask):
             return target
         tw = require_textworld()
         game = self._make(seed)
-        if not (folder / f"{seed}.meta.json").is_file():
+        if not self._meta(seed).is_file():
             self._describe(game, seed)
         with tempfile.TemporaryDirectory(dir=folder, prefix=".compile-") as tmp:
             options = tw.GameOptions()
@@ -278,7 +282,7 @@ class TextWorldTask(EnvironmentTask):
                 break
             if seed in train:
                 continue
-            new = not (self.cache_dir() / f"{seed}.meta.json").is_file()
+            new = not self._meta(seed).is_file()
             if tuple(self.game(seed)["walkthrough"]) not in routes:
                 seeds.append(seed)
             made += new
