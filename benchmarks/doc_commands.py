@@ -370,7 +370,9 @@ def run_class(
         if base == "tiny_base" and chosen:
             base = str(tiny_base(scratch / "tiny-base"))
         for cmd in chosen:
-            result = {"where": cmd.where, "command": cmd.text}
+            # The commit and date as it starts: the checkout may move on during an hours-long run.
+            result = {"where": cmd.where, "command": cmd.text, "commit": head_commit()}
+            result["date"] = time.strftime("%Y-%m-%d")
             missing = [p for p in needs(cmd) if not link_input(p, scratch, runs)]
             if missing:
                 results.append(result | {"rc": None, "skipped": f"needs {', '.join(missing)}"})
@@ -460,16 +462,24 @@ def launch(cmd: DocCommand) -> list[str]:
 HEAVY = ("train", "slow", "gpu")
 
 
+def head_commit() -> str | None:
+    """The checkout's commit (short), None outside git."""
+    return (
+        subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        or None
+    )
+
+
 def record(results: list[dict], ledger: Path, kind: str) -> None:
     """Append each command that ran (skipped ones did not) to the JSON-lines ``ledger`` with
-    its class, the date, the checkout's commit and the thread count it ran at."""
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    its class, the date and the checkout's commit when it started (``run_class`` notes them;
+    else now) and the thread count it ran at."""
     stamp = {
         "class": kind,
         "date": time.strftime("%Y-%m-%d"),
-        "commit": commit or None,
+        "commit": head_commit(),
         "threads": os.environ.get("OMP_NUM_THREADS"),
         "source": "doc_commands.py --run",
     }
@@ -478,7 +488,8 @@ def record(results: list[dict], ledger: Path, kind: str) -> None:
         for result in results:
             if "skipped" not in result:
                 row = {k: result.get(k) for k in ("where", "command", "rc", "seconds")}
-                out.write(json.dumps(row | stamp, ensure_ascii=False) + "\n")
+                started = {k: result[k] for k in ("date", "commit") if result.get(k)}
+                out.write(json.dumps(row | stamp | started, ensure_ascii=False) + "\n")
 
 
 def read_ledger(ledger: Path) -> dict[str, list[dict]]:

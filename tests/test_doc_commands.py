@@ -378,8 +378,10 @@ def test_the_ledger_records_runs_and_lists_what_has_not_run(monkeypatch, tmp_pat
     monkeypatch.setattr(DOC, "launch", lambda cmd: [sys.executable, "-c", fails, *cmd.args])
     ledger = tmp_path / "ledger.jsonl"
     assert DOC.unrun(found, ledger)["left"] == {"train": 2, "slow": 2, "gpu": 1}  # no file yet
+    monkeypatch.setattr(DOC, "head_commit", lambda: "abc1234")
     results = DOC.run_class(found, "train", None, timeout=60)
     assert [r["rc"] for r in results] == [0, 1, 0]
+    monkeypatch.setattr(DOC, "head_commit", lambda: "def5678")  # committed during the runs
     DOC.record(results, ledger, "train")
     slow = DOC.run_class(found, "slow", None, timeout=60)
     assert slow[1]["skipped"] == "needs runs/absent"
@@ -392,6 +394,8 @@ def test_the_ledger_records_runs_and_lists_what_has_not_run(monkeypatch, tmp_pat
         ("x.md:4", 0, "slow"),  # the skipped one is not recorded
     ]
     assert all(r["date"] and r["source"] == "doc_commands.py --run" for r in lines)
+    # the commit each command ran at, not the one the ledger was written at
+    assert [r["commit"] for r in lines] == ["abc1234"] * 3 + ["def5678"]
     report = DOC.unrun(found, ledger)
     assert report["ran"] == {"train": 1, "slow": 1, "gpu": 0}  # one text, shown twice
     assert report["left"] == {"train": 1, "slow": 1, "gpu": 1}
