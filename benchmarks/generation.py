@@ -125,12 +125,19 @@ def best_of(repeats: int, fns: list) -> list[float]:
     """Each function's best time over ``repeats`` rounds; a round runs each once, in turn, so
     a slow spell of this shared machine hits every path alike rather than one path's block."""
     times = [[] for _ in fns]
-    for _ in range(repeats):
+    for round_ in range(repeats):
         for fn, out in zip(fns, times, strict=True):
             start = time.perf_counter()
             fn()
             out.append(time.perf_counter() - start)
+        say(f"round {round_ + 1}/{repeats}: {sum(t[-1] for t in times):.1f} s")
     return [min(t) for t in times]
+
+
+def say(line: str) -> None:
+    """A progress line on stderr (stdout holds only the JSON), flushed: a run sent to a log
+    shows where it is."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def memgen_model(memory: MemoryConfig) -> MemGenModel:
@@ -286,6 +293,7 @@ def synthetic(tokens: int, batch: int, repeats: int, skip_reference: bool) -> di
         "kv_cache_over_lora": round(best["kv_cache"] / best["lora_merged"], 3),
     }
     if not skip_reference:
+        say("the reference paths (one token at a time, the whole stream recomputed)")
         with torch.no_grad():
             ref, t_ref = timed(lambda: reference_generate(mg, ids, mask, weaver))
             ref_kv = reference_generate(kv, ids, mask, weaver)
@@ -297,6 +305,7 @@ def synthetic(tokens: int, batch: int, repeats: int, skip_reference: bool) -> di
             with torch.no_grad():
                 ref_cached = reference_generate(model, ids, mask, weaver)
             result[f"{name}_tokens_identical"] = ref_cached.tokens == outs[name].tokens
+    say("peak memory, one process per path")
     rss = {kind: peak_rss(kind, tokens, batch) for kind in ("hf", *INJECT)}
     result["peak_rss_hf_mb"] = round(rss["hf"] / 1024, 1)
     result["peak_rss_memgen_mb"] = round(rss["memgen"] / 1024, 1)

@@ -80,10 +80,17 @@ def test_a_kv_artifact_is_timed_and_says_so(tmp_path):
     assert result["weaver_insertions_per_row"] > 0
 
 
-def test_best_of_runs_the_paths_in_interleaved_rounds():
+def test_best_of_runs_the_paths_in_interleaved_rounds(capsys):
     bench = load_benchmark()
     calls = []
     fns = [lambda name=name: calls.append(name) for name in ("hf", "off", "input", "kv")]
     times = bench.best_of(3, fns)
     assert calls == ["hf", "off", "input", "kv"] * 3  # each round runs every path once
     assert len(times) == 4 and all(t >= 0 for t in times)
+    out, err = capsys.readouterr()
+    assert out == ""  # stdout is the JSON's
+    assert [line.split(":")[0] for line in err.splitlines()] == [
+        "round 1/3",
+        "round 2/3",
+        "round 3/3",
+    ]  # a line per round for a log
