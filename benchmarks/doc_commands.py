@@ -76,6 +76,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -387,20 +388,9 @@ def run_class(
             log.parent.mkdir(exist_ok=True)
             started = time.perf_counter()
             with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
-                try:  # to files as it runs: a long command's progress can be followed there
-                    rc = subprocess.run(
-                        argv,
-                        cwd=cwd,
-                        env=env | cmd.env,
-                        input="/exit\n",  # generate --interactive: leave at once
-                        stdout=out,
-                        stderr=err,
-                        text=True,
-                        timeout=timeout,
-                    ).returncode
-                    tail = None
-                except subprocess.TimeoutExpired:
-                    rc, tail = None, f"timed out after {timeout:.0f} s"
+                # to files as it runs: a long command's progress can be followed there
+                rc = run_group(argv, cwd, env | cmd.env, out, err, timeout)
+                tail = None if rc is not None else f"timed out after {timeout:.0f} s"
             seconds = round(time.perf_counter() - started, 1)
             tail = tail or Path(f"{log}.err").read_text(errors="replace")[-600:]
             results.append(
@@ -408,6 +398,29 @@ def run_class(
             )
             print(f"{cmd.where}: rc {rc} in {seconds} s (output: {log}.out, .err)", file=sys.stderr)
     return results
+
+
+def run_group(argv: list[str], cwd: Path, env: dict, out, err, timeout: float) -> int | None:
+    """Run ``argv`` in its own process group, "/exit" on its stdin (generate --interactive:
+    leave at once); its exit code, or None when it ran past ``timeout``, and then the whole
+    group is killed: `make bench`'s Python, or a torchrun's workers, do not outlive it."""
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=out,
+        stderr=err,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        proc.communicate("/exit\n", timeout=timeout)
+        return proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
 
 
 def furnish(scratch: Path) -> None:

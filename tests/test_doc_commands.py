@@ -23,6 +23,7 @@ import importlib.util
 import json
 import re
 import sys
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -444,6 +445,32 @@ def test_a_benchmark_runs_in_the_scratch_folder_and_finds_its_linked_input(monke
     (result,) = DOC.run_class([cmd], "slow", runs, timeout=60, keep=tmp_path / "kept")
     assert result["rc"] == 0
     assert result["stderr_tail"].split() == ["True", "True", "True", "False"]  # README a copy
+
+
+def test_a_command_past_its_timeout_is_killed_with_the_processes_it_started(monkeypatch, tmp_path):
+    # `make bench` timed out and make was killed, but its Python ran on for minutes.
+    found = DOC.commands_in("```bash\nmake bench\n```\n", "docs/x.md")
+    spawns = (
+        "import subprocess, sys; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        "print(p.pid, flush=True); p.wait()"
+    )
+    monkeypatch.setattr(DOC, "launch", lambda c: [sys.executable, "-c", spawns])
+    (result,) = DOC.run_class(found, "slow", None, timeout=3, keep=tmp_path / "kept")
+    assert result["rc"] is None and result["stderr_tail"] == "timed out after 3 s"
+    child = int(Path(result["log"]).read_text())
+
+    def running(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        return state != "Z"  # a zombie is dead, waiting for its new parent to reap it
+
+    deadline = time.monotonic() + 10
+    while running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(child)
 
 
 def test_a_kept_run_keeps_each_commands_output_and_times_out_with_its_partial_output(
