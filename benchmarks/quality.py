@@ -153,7 +153,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[],
         metavar="PATH",
         help="with --table: write the table and its settings as Markdown into the marked "
-        "block of PATH (replaced if present, appended otherwise; repeatable)",
+        "block of PATH (replaced if present, appended otherwise; repeatable); with --kept the "
+        "kept block too, appended only where PATH has no table block yet",
     )
     p.add_argument(
         "--kept", action="store_true", help="with --table: the kept block (quality_kept.py)"
@@ -544,10 +545,13 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(settings) + "\n"
 
 
-def write_markdown(path: Path, result: dict, render=None, markers=(BEGIN, END)) -> None:
+def write_markdown(
+    path: Path, result: dict, render=None, markers=(BEGIN, END), append: bool = True
+) -> bool:
     """Put the table (``render(result)``, default ``markdown_table``) between ``markers`` in
-    ``path``: replace that block if present, else append it (creating the file). Nothing
-    outside the block changes; the write is atomic."""
+    ``path``: replace that block if present, else append it (creating the file), unless
+    ``append`` is false; whether it was written. Nothing outside the block changes; the write
+    is atomic."""
     begin, close = markers
     block = (
         f"{begin}\n<!-- written by benchmarks/quality.py --table --markdown; "
@@ -564,6 +568,8 @@ def write_markdown(path: Path, result: dict, render=None, markers=(BEGIN, END)) 
         if end < 0:
             raise SystemExit(f"{path}: {begin} without {close} after it; fix the file by hand")
         text = text[:start] + block + text[end + len(close) :]
+    elif not append:
+        return False
     else:
         sep = "" if not text or text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
         text = text + sep + block + "\n"
@@ -571,6 +577,27 @@ def write_markdown(path: Path, result: dict, render=None, markers=(BEGIN, END)) 
     with open(tmp, "w", encoding="utf-8", newline="") as f:
         f.write(text)
     os.replace(tmp, path)
+    return True
+
+
+def write_blocks(paths: list[str], result: dict, kept: bool, say=print) -> None:
+    """``--markdown``: the table's block into each file, and with ``--kept`` the kept block.
+    A file whose author placed the table's block but no kept block's markers (the README,
+    which links to the kept block in docs/results.md) does not get it appended at its end:
+    ``say`` tells where to put the markers."""
+    for name in paths:
+        path = Path(name)
+        placed = path.exists() and BEGIN in path.read_text(encoding="utf-8")
+        write_markdown(path, result)
+        if not kept:
+            continue
+        block = (result["kept"], quality_kept.markdown_table, quality_kept.MARKERS)
+        if not write_markdown(path, *block, append=not placed):
+            say(
+                f"{path}: has the table's block but no {quality_kept.MARKERS[0]} ... "
+                f"{quality_kept.MARKERS[1]}: the kept block is not written there (put those "
+                "two lines where it belongs to have it)"
+            )
 
 
 def main(argv=None) -> None:
@@ -592,10 +619,7 @@ def main(argv=None) -> None:
         result = table(args, cfg, Path(args.output), Console(file=sys.stderr))
         if args.kept:
             result["kept"] = quality_kept.run(args, result["table"], Path(args.output), Console(file=sys.stderr))  # fmt: skip
-        for path in args.markdown:
-            write_markdown(Path(path), result)
-            if args.kept:
-                write_markdown(Path(path), result["kept"], quality_kept.markdown_table, quality_kept.MARKERS)  # fmt: skip
+        write_blocks(args.markdown, result, args.kept, lambda line: print(line, file=sys.stderr))
         print(json.dumps(result))
         return
     torch_threads = os.environ.get("OMP_NUM_THREADS")

@@ -182,3 +182,54 @@ def test_provenance_names_commit_date_machine_torch(quality):
     m = quality.provenance()
     assert set(m) == {"commit", "date", "machine", "torch"}
     assert "cores" in m["machine"] and m["torch"]
+
+
+def kept_block() -> dict:
+    """What ``quality_kept.run`` returns, for one row and one task."""
+    c = {"accuracy": 12.0, "stderr": 3.3, "vs_off": None}
+    return {
+        "tasks": {"gym:letter_counting": {"n": 100}},
+        "rows": [{"row": "vanilla", "mode": "off", "gym:letter_counting": c}],
+        "reference": "vanilla",
+        "choice": {"by": "given"},
+    }
+
+
+def test_kept_block_goes_where_its_markers_are_or_into_a_new_file_never_below_a_placed_table(
+    quality, tmp_path
+):
+    kept_begin, kept_end = quality.quality_kept.MARKERS
+    both = {**result(), "kept": kept_block()}
+    # The README: the table placed by hand in the middle, no kept markers.
+    readme = tmp_path / "README.md"
+    readme.write_text(BEFORE + quality.BEGIN + "\nold\n" + quality.END + "\n" + AFTER)
+    # docs/results.md: both blocks placed.
+    results = tmp_path / "results.md"
+    results.write_text(
+        BEFORE
+        + f"{quality.BEGIN}\n{quality.END}\n\nReading it.\n\n{kept_begin}\n{kept_end}\n"
+        + AFTER
+    )
+    fresh = tmp_path / "new.md"
+    said = []
+    quality.write_blocks([str(readme), str(results), str(fresh)], both, True, said.append)
+
+    text = readme.read_text()
+    assert kept_begin not in text and "letter_counting" not in text
+    assert text.endswith(quality.END + "\n" + AFTER) and "30.8 ± 2.3 %" in text
+    assert len(said) == 1 and said[0].startswith(f"{readme}: has the table's block but no ")
+    assert kept_begin in said[0]
+
+    text = results.read_text()
+    assert text.count(kept_begin) == 1 and "| vanilla | off | 12.0 ± 3.3 % |" in text
+    assert text.index(quality.END) < text.index("Reading it.") < text.index(kept_begin)
+    assert text.endswith(kept_end + "\n" + AFTER) and "30.8 ± 2.3 %" in text
+
+    text = fresh.read_text()
+    assert text.index(quality.BEGIN) < text.index(quality.END) < text.index(kept_begin)
+    assert "| vanilla | off | 12.0 ± 3.3 % |" in text
+
+    # Without --kept nothing of the kept block is written, and nothing said.
+    plain = tmp_path / "plain.md"
+    quality.write_blocks([str(plain)], result(), False, said.append)
+    assert kept_begin not in plain.read_text() and len(said) == 1
